@@ -1,0 +1,112 @@
+"""``megascope train``: flags, their validation, and the launch. Importing this module stays cheap."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+HELP = "train a model with data parallelism (torch elastic: the same flags as torchrun scale to many nodes)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_argument_group("model")
+    model.add_argument("--preset", default="tiny", help="model size: tiny, small, 125m, 350m, 1b (default: tiny)")
+    model.add_argument("--norm", choices=["rmsnorm", "layernorm"], help="override the preset's normalisation")
+    model.add_argument("--activation", choices=["swiglu", "gelu"], help="override the preset's MLP activation")
+    model.add_argument("--max-seq-len", type=int, help="override the preset's longest document segment")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", help="a directory or text file (default: the Python standard library's source)")
+    data.add_argument("--batch-tokens", type=int, default=2048, help="tokens per micro-batch per rank (default: 2048)")
+    data.add_argument("--val-fraction", type=float, default=0.02, help="share of documents held out (default: 0.02)")
+    data.add_argument("--seed", type=int, default=0, help="seeds weights and data order (default: 0)")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--steps", type=int, default=100, help="optimizer steps (default: 100)")
+    train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step per rank (default: 1)")
+    train.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: 3e-3)")
+    train.add_argument("--warmup-steps", type=int, default=20, help="linear warmup steps (default: 20)")
+    train.add_argument("--decay-steps", type=int, default=0, help="linear decay over the last N steps (default: 0)")
+    train.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: 0.1)")
+    train.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm; 0 disables (default: 1)")
+    train.add_argument("--val-every", type=int, default=50, help="validation every N steps (default: 50)")
+    train.add_argument("--val-batches", type=int, default=4, help="validation micro-batches per rank (default: 4)")
+    train.add_argument("--log-every", type=int, default=1, help="console line every N steps (default: 1)")
+    train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
+    train.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: table, or measured on CPU)")
+    train.add_argument("--run-dir", help="config, telemetry and logs go here (default: runs/train-TIMESTAMP)")
+
+    launch = parser.add_argument_group("launch (as torchrun)")
+    launch.add_argument("--nproc-per-node", type=int, default=1, help="ranks on this node (default: 1)")
+    launch.add_argument("--nnodes", default="1", help="N or MIN:MAX nodes (default: 1)")
+    launch.add_argument("--rdzv-endpoint", help="HOST:PORT of the c10d rendezvous (needed for more than one node)")
+    launch.add_argument("--rdzv-id", help="job id shared by all nodes (default: random)")
+    launch.add_argument("--max-restarts", type=int, default=0, help="restarts after a rank fails (default: 0)")
+
+
+def run(args: argparse.Namespace) -> int:
+    # Heavy imports here, not at module level: `megascope --help` must not wait for torch.
+    from megascope.engine.config import ConfigError, OptimConfig, TrainConfig
+    from megascope.engine.data import DataConfig, DataError, load_corpus, split_train_val
+    from megascope.engine.launch import LaunchFailed, LaunchOptions, launch
+    from megascope.engine.model import PRESETS, preset
+
+    try:
+        if args.preset not in PRESETS:
+            raise ConfigError(f"--preset: unknown preset {args.preset!r}; choose one of: {', '.join(PRESETS)}")
+        overrides = {
+            name: value
+            for name, value in (("norm", args.norm), ("activation", args.activation), ("max_seq_len", args.max_seq_len))
+            if value is not None
+        }
+        if args.max_seq_len is not None and args.max_seq_len < 1:
+            raise ConfigError(f"--max-seq-len must be at least 1, got {args.max_seq_len}")
+        config = TrainConfig(
+            model=preset(args.preset, **overrides),
+            data=DataConfig(
+                path=args.data, batch_tokens=args.batch_tokens, val_fraction=args.val_fraction, seed=args.seed
+            ),
+            optim=OptimConfig(
+                lr=args.lr,
+                warmup_steps=args.warmup_steps,
+                decay_steps=args.decay_steps,
+                weight_decay=args.weight_decay,
+                grad_clip=args.grad_clip,
+            ),
+            preset=args.preset,
+            steps=args.steps,
+            grad_accum=args.grad_accum,
+            val_every=args.val_every,
+            val_batches=args.val_batches,
+            log_every=args.log_every,
+            device=args.device,
+            peak_tflops=args.peak_tflops,
+            run_dir=args.run_dir or time.strftime("runs/train-%Y%m%d-%H%M%S"),
+        )
+        options = LaunchOptions(
+            nproc_per_node=args.nproc_per_node,
+            nnodes=args.nnodes,
+            rdzv_endpoint=args.rdzv_endpoint,
+            rdzv_id=args.rdzv_id,
+            max_restarts=args.max_restarts,
+        )
+        options.validate()
+        # Read the data once here so a bad --data fails now, with a clear message, not in every rank.
+        train_docs, _ = split_train_val(load_corpus(config.data.path), config.data.val_fraction)
+        if train_docs.num_tokens < config.data.batch_tokens:
+            raise DataError(
+                f"--batch-tokens {config.data.batch_tokens} exceeds the training text ({train_docs.num_tokens} "
+                "tokens); lower --batch-tokens or give more --data"
+            )
+    except (ConfigError, DataError) as error:
+        print(f"megascope train: error: {error}", file=sys.stderr)
+        return 2
+
+    print(f"megascope train: {config.preset} on {options.nproc_per_node} rank(s) per node, run dir {config.run_dir}")
+    try:
+        launch(config, options)
+    except LaunchFailed as error:
+        print(f"megascope train: failed: {error}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,282 @@
+"""One training rank: DDP over torch.distributed, every phase of every step timed.
+
+Run by the launcher as ``python -m megascope.engine.trainer CONFIG_JSON`` in each rank's process, with the
+torch elastic environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT, ...) already set.
+
+A step is: wait for data, forward, backward, wait for gradient communication, optimizer. DDP all-reduces
+gradient buckets while backward still runs; :class:`CollectiveTimer` marks when the last bucket launched,
+which splits ``backward()`` into compute and the time blocked on communication. The phases are measured
+back to back, so they add up to the step time; ``other_seconds`` holds what falls between them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import os
+import socket
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from megascope.engine.collectives import CollectiveTimer
+from megascope.engine.config import TrainConfig
+from megascope.engine.data import PackedBatches, Prefetcher, load_corpus, split_train_val
+from megascope.engine.mfu import PeakFlops, device_peak
+from megascope.engine.model import Transformer, cross_entropy
+from megascope.engine.telemetry import ConsoleSink, Event, JsonlSink, Sink, StepReport, Telemetry
+
+
+class _GcPauses:
+    """Total time spent in garbage collection, from ``gc.callbacks`` (a host stall the step pays for)."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self._started = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.total += time.perf_counter() - self._started
+
+    def close(self) -> None:
+        gc.callbacks.remove(self._callback)
+
+
+def _pick_device(config: TrainConfig, local_rank: int) -> torch.device:
+    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was given but CUDA is not available; use --device cpu")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def parameter_digest(model: torch.nn.Module) -> str:
+    """sha256 over every parameter's bytes in name order: equal digests mean identical weights."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        digest.update(name.encode())
+        digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.rank = int(os.environ.get("RANK", 0))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.restart_count = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+        self.node = os.environ.get("MEGASCOPE_NODE", socket.gethostname())
+        self.device = _pick_device(config, self.local_rank)
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=config.dist_timeout_seconds))
+
+        run_dir = Path(config.run_dir)
+        sinks: list[Sink] = [JsonlSink(run_dir / "telemetry" / f"rank{self.rank}.jsonl")]
+        if self.rank == 0:
+            sinks.append(ConsoleSink(every=config.log_every))
+        self.telemetry = Telemetry(sinks)
+
+        torch.manual_seed(config.data.seed)  # every rank builds identical initial weights
+        self.model = Transformer(config.model).to(self.device)
+        self.collectives = CollectiveTimer()
+        self.ddp = DistributedDataParallel(
+            self.model, device_ids=[self.local_rank] if self.device.type == "cuda" else None
+        )
+        self.ddp.register_comm_hook(None, self.collectives.hook)
+        self.optimizer = torch.optim.AdamW(
+            self._param_groups(),
+            lr=config.optim.lr,
+            betas=(config.optim.beta1, config.optim.beta2),
+            fused=self.device.type == "cuda",
+        )
+        self.autocast = self.device.type == "cuda"
+
+        corpus = load_corpus(config.data.path)
+        train_docs, val_docs = split_train_val(corpus, config.data.val_fraction)
+        seq = config.model.max_seq_len
+        batch = config.data.batch_tokens
+        self.train_batches = PackedBatches(train_docs, batch, seq, config.data.seed, self.rank, self.world_size)
+        self.val_batches = (
+            PackedBatches(val_docs, batch, seq, config.data.seed, self.rank, self.world_size, shuffle=False)
+            if len(val_docs) and val_docs.num_tokens >= batch
+            else None
+        )
+        self.peak: PeakFlops | None = device_peak(self.device, self.autocast, config.peak_tflops)
+        self.step = 0
+
+    def _param_groups(self) -> list[dict[str, object]]:
+        # No weight decay on norms' gains (1-D): decaying them towards 0 only fights the normalisation.
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        return [
+            {"params": decay, "weight_decay": self.config.optim.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def _sync(self) -> None:
+        # Host timers only mean something once the GPU has caught up.
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _event(self, kind: str, text: str, **attributes: str) -> None:
+        self.telemetry.event(
+            Event(kind=kind, text=text, rank=self.rank, step=self.step, attributes=attributes, node=self.node)
+        )
+
+    def train(self) -> None:
+        config = self.config
+        params = config.model.num_params()
+        peak = f"{self.peak.flops_per_second / 1e12:.2f} TFLOPS ({self.peak.source})" if self.peak else "unknown"
+        self._event(
+            "started",
+            f"rank {self.rank}/{self.world_size} on {self.device}, {params / 1e6:.2f}M params, "
+            f"preset {config.preset}, {config.steps} steps, peak {peak}",
+            device=str(self.device),
+            params=str(params),
+        )
+        gc_pauses = _GcPauses()
+        prefetch = Prefetcher(self.train_batches, self.device)
+        try:
+            while self.step < config.steps:
+                self.step += 1
+                report = self._train_step(prefetch, gc_pauses)
+                if (config.val_every and self.step % config.val_every == 0) or self.step == config.steps:
+                    report.val_loss = self.validate()
+                self.telemetry.step(report)
+        finally:
+            prefetch.close()
+            gc_pauses.close()
+        self._event(
+            "finished",
+            f"trained {self.step} steps",
+            param_digest=parameter_digest(self.model),
+            telemetry_dropped=str(self.telemetry.dropped),
+        )
+
+    def _train_step(self, prefetch: Prefetcher, gc_pauses: _GcPauses) -> StepReport:
+        config = self.config
+        lr = config.optim.lr_at(self.step, config.steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        gc_before = gc_pauses.total
+        self.collectives.begin_step()
+
+        step_start = time.perf_counter()
+        data_wait = forward = backward = comm_wait = 0.0
+        loss_sum = torch.zeros((), device=self.device)
+        tokens = 0
+        flops = 0.0
+        compute_end = step_start
+        for micro in range(config.grad_accum):
+            t0 = time.perf_counter()
+            batch = prefetch.next()
+            t1 = time.perf_counter()
+            last = micro == config.grad_accum - 1
+            # Gradients are all-reduced only on the last micro-batch; the others accumulate locally.
+            sync = contextlib.nullcontext() if last else self.ddp.no_sync()
+            with sync:
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    logits = self.ddp(batch.tokens, batch.cu_seqlens, batch.max_seqlen)
+                    loss = cross_entropy(logits, batch.targets) / config.grad_accum
+                self._sync()
+                t2 = time.perf_counter()
+                loss.backward()
+                self._sync()
+                t3 = time.perf_counter()
+            launched = self.collectives.last_launch() if last else None
+            compute_end = launched if launched is not None and t2 <= launched <= t3 else t3
+            data_wait += t1 - t0
+            forward += t2 - t1
+            backward += compute_end - t2
+            comm_wait += t3 - compute_end
+            loss_sum += loss.detach()
+            tokens += batch.tokens.numel()
+            flops += config.model.flops_per_step(batch.segment_lengths)
+
+        t4 = time.perf_counter()
+        clip = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_value = loss_sum.item()  # also waits for the device
+        grad_norm_value = grad_norm.item()
+        t5 = time.perf_counter()
+
+        step_seconds = t5 - step_start
+        optimizer = t5 - t4
+        named = data_wait + forward + backward + comm_wait + optimizer
+        return StepReport(
+            rank=self.rank,
+            local_rank=self.local_rank,
+            world_size=self.world_size,
+            step=self.step,
+            loss=loss_value,
+            lr=lr,
+            grad_norm=grad_norm_value,
+            tokens=tokens,
+            step_seconds=step_seconds,
+            data_wait_seconds=data_wait,
+            forward_seconds=forward,
+            backward_seconds=backward,
+            comm_wait_seconds=comm_wait,
+            optimizer_seconds=optimizer,
+            other_seconds=max(0.0, step_seconds - named),
+            tokens_per_second=tokens / step_seconds,
+            model_flops=flops,
+            mfu=flops / step_seconds / self.peak.flops_per_second if self.peak else None,
+            gc_pause_seconds=gc_pauses.total - gc_before,
+            collectives=self.collectives.timings(step_start, compute_end),
+            collectives_issued=self.collectives.issued,
+            restart_count=self.restart_count,
+            node=self.node,
+        )
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """Mean validation loss over every rank's validation batches (the same batches each time)."""
+        if self.val_batches is None or self.config.val_batches == 0:
+            return None
+        self.model.eval()
+        total = torch.zeros(2, device=self.device)
+        for i in range(self.config.val_batches):
+            batch = self.val_batches.batch_at(i * self.world_size + self.rank).to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                logits = self.model(batch.tokens, batch.cu_seqlens, batch.max_seqlen)
+            total[0] += cross_entropy(logits, batch.targets)
+            total[1] += 1
+        self.model.train()
+        dist.all_reduce(total)
+        return (total[0] / total[1]).item()
+
+    def close(self) -> None:
+        self.telemetry.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m megascope.engine.trainer CONFIG_JSON", file=sys.stderr)
+        return 2
+    trainer = Trainer(TrainConfig.load(args[0]))
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

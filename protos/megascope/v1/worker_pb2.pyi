@@ -1,0 +1,83 @@
+from megascope.protos.megascope.v1 import telemetry_pb2 as _telemetry_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class CommandKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    COMMAND_KIND_UNSPECIFIED: _ClassVar[CommandKind]
+    COMMAND_KIND_DUMP_STACKS: _ClassVar[CommandKind]
+    COMMAND_KIND_CHECKPOINT: _ClassVar[CommandKind]
+    COMMAND_KIND_STOP: _ClassVar[CommandKind]
+COMMAND_KIND_UNSPECIFIED: CommandKind
+COMMAND_KIND_DUMP_STACKS: CommandKind
+COMMAND_KIND_CHECKPOINT: CommandKind
+COMMAND_KIND_STOP: CommandKind
+
+class Hello(_message.Message):
+    __slots__ = ("rank", "local_rank", "world_size", "pid", "node", "restart_count", "run_id")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_RANK_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    RESTART_COUNT_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    local_rank: int
+    world_size: int
+    pid: int
+    node: str
+    restart_count: int
+    run_id: str
+    def __init__(self, rank: _Optional[int] = ..., local_rank: _Optional[int] = ..., world_size: _Optional[int] = ..., pid: _Optional[int] = ..., node: _Optional[str] = ..., restart_count: _Optional[int] = ..., run_id: _Optional[str] = ...) -> None: ...
+
+class AttachRequest(_message.Message):
+    __slots__ = ("hello", "step_report", "heartbeat", "event")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    STEP_REPORT_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    hello: Hello
+    step_report: _telemetry_pb2.StepReport
+    heartbeat: _telemetry_pb2.Heartbeat
+    event: _telemetry_pb2.Event
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., step_report: _Optional[_Union[_telemetry_pb2.StepReport, _Mapping]] = ..., heartbeat: _Optional[_Union[_telemetry_pb2.Heartbeat, _Mapping]] = ..., event: _Optional[_Union[_telemetry_pb2.Event, _Mapping]] = ...) -> None: ...
+
+class Command(_message.Message):
+    __slots__ = ("id", "kind", "arguments")
+    class ArgumentsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ARGUMENTS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    kind: CommandKind
+    arguments: _containers.ScalarMap[str, str]
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[CommandKind, str]] = ..., arguments: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class Ack(_message.Message):
+    __slots__ = ("node", "agent_version")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    agent_version: str
+    def __init__(self, node: _Optional[str] = ..., agent_version: _Optional[str] = ...) -> None: ...
+
+class AttachResponse(_message.Message):
+    __slots__ = ("ack", "command")
+    ACK_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    ack: Ack
+    command: Command
+    def __init__(self, ack: _Optional[_Union[Ack, _Mapping]] = ..., command: _Optional[_Union[Command, _Mapping]] = ...) -> None: ...
