@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 HELP = "train a model with data parallelism (torch elastic: the same flags as torchrun scale to many nodes)"
 
@@ -109,4 +110,18 @@ def run(args: argparse.Namespace) -> int:
     except LaunchFailed as error:
         print(f"megascope train: failed: {error}", file=sys.stderr)
         return 1
+    _print_summary(Path(config.run_dir))
     return 0
+
+
+def _print_summary(run_dir: Path) -> None:
+    from megascope.engine.summary import summarize
+
+    s = summarize(run_dir)
+    if not s["steps"]:
+        return
+    val = f", validation loss {s['last_val_loss']:.4f}" if s["last_val_loss"] is not None else ""
+    print(
+        f"megascope train: done: {s['steps']} steps on {s['ranks']} rank(s), loss {s['first_loss']:.4f} -> "
+        f"{s['last_loss']:.4f}{val}, {s['tokens_per_s']:,.0f} tokens/s (median); telemetry in {run_dir / 'telemetry'}"
+    )

@@ -144,6 +144,7 @@ class Trainer:
             f"preset {config.preset}, {config.steps} steps, peak {peak}",
             device=str(self.device),
             params=str(params),
+            param_digest=parameter_digest(self.model),
         )
         gc_pauses = _GcPauses()
         prefetch = Prefetcher(self.train_batches, self.device)
