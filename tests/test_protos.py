@@ -190,7 +190,7 @@ def test_enum_zero_values_are_unspecified() -> None:
         assert zero == f"{_upper_snake(enum.name)}_UNSPECIFIED", enum.full_name
     # Unset enum fields read as the zero value.
     assert telemetry_pb2.Event().severity == telemetry_pb2.Event.SEVERITY_UNSPECIFIED
-    assert agent_pb2.RankStatus().state == agent_pb2.RANK_STATE_UNSPECIFIED
+    assert telemetry_pb2.RankStatus().state == telemetry_pb2.RANK_STATE_UNSPECIFIED
     assert worker_pb2.Command().kind == worker_pb2.COMMAND_KIND_UNSPECIFIED
 
 

@@ -25,29 +25,25 @@ _sym_db = _symbol_database.Default()
 from megascope.protos.megascope.v1 import telemetry_pb2 as megascope_dot_protos_dot_megascope_dot_v1_dot_telemetry__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)megascope/protos/megascope/v1/agent.proto\x12\x0cmegascope.v1\x1a-megascope/protos/megascope/v1/telemetry.proto\"S\n\x0cWatchRequest\x12\x18\n\x10\x62\x61\x63kfill_seconds\x18\x01 \x01(\x01\x12\x14\n\x0cinclude_host\x18\x02 \x01(\x08\x12\x13\n\x0binclude_gpu\x18\x03 \x01(\x08\";\n\rWatchResponse\x12*\n\ttelemetry\x18\x01 \x01(\x0b\x32\x17.megascope.v1.Telemetry\"\x14\n\x12GetSnapshotRequest\"\x97\x01\n\nRankStatus\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.megascope.v1.RankState\x12\x16\n\tlast_step\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12 \n\x18last_heartbeat_wall_time\x18\x05 \x01(\x01\x42\x0c\n\n_last_step\"\xa3\x02\n\x13GetSnapshotResponse\x12)\n\tnode_info\x18\x01 \x01(\x0b\x32\x16.megascope.v1.NodeInfo\x12.\n\x0cstep_reports\x18\x02 \x03(\x0b\x32\x18.megascope.v1.StepReport\x12-\n\x0bhost_sample\x18\x03 \x01(\x0b\x32\x18.megascope.v1.HostSample\x12,\n\x0bgpu_samples\x18\x04 \x03(\x0b\x32\x17.megascope.v1.GpuSample\x12#\n\x06\x65vents\x18\x05 \x03(\x0b\x32\x13.megascope.v1.Event\x12/\n\rrank_statuses\x18\x06 \x03(\x0b\x32\x18.megascope.v1.RankStatus\"I\n\x10GetEventsRequest\x12\x17\n\x0fsince_wall_time\x18\x01 \x01(\x01\x12\r\n\x05limit\x18\x02 \x01(\x05\x12\r\n\x05kinds\x18\x03 \x03(\t\"8\n\x11GetEventsResponse\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x13.megascope.v1.Event*\x9b\x01\n\tRankState\x12\x1a\n\x16RANK_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13RANK_STATE_STARTING\x10\x01\x12\x16\n\x12RANK_STATE_RUNNING\x10\x02\x12\x15\n\x11RANK_STATE_EXITED\x10\x03\x12\x15\n\x11RANK_STATE_FAILED\x10\x04\x12\x13\n\x0fRANK_STATE_HUNG\x10\x05\x32\xf4\x01\n\x0c\x41gentService\x12\x42\n\x05Watch\x12\x1a.megascope.v1.WatchRequest\x1a\x1b.megascope.v1.WatchResponse0\x01\x12R\n\x0bGetSnapshot\x12 .megascope.v1.GetSnapshotRequest\x1a!.megascope.v1.GetSnapshotResponse\x12L\n\tGetEvents\x12\x1e.megascope.v1.GetEventsRequest\x1a\x1f.megascope.v1.GetEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)megascope/protos/megascope/v1/agent.proto\x12\x0cmegascope.v1\x1a-megascope/protos/megascope/v1/telemetry.proto\"(\n\x0cWatchRequest\x12\x18\n\x10\x62\x61\x63kfill_seconds\x18\x01 \x01(\x01\";\n\rWatchResponse\x12*\n\ttelemetry\x18\x01 \x01(\x0b\x32\x17.megascope.v1.Telemetry\"\x14\n\x12GetSnapshotRequest\"\xa3\x02\n\x13GetSnapshotResponse\x12)\n\tnode_info\x18\x01 \x01(\x0b\x32\x16.megascope.v1.NodeInfo\x12.\n\x0cstep_reports\x18\x02 \x03(\x0b\x32\x18.megascope.v1.StepReport\x12-\n\x0bhost_sample\x18\x03 \x01(\x0b\x32\x18.megascope.v1.HostSample\x12,\n\x0bgpu_samples\x18\x04 \x03(\x0b\x32\x17.megascope.v1.GpuSample\x12#\n\x06\x65vents\x18\x05 \x03(\x0b\x32\x13.megascope.v1.Event\x12/\n\rrank_statuses\x18\x06 \x03(\x0b\x32\x18.megascope.v1.RankStatus\"I\n\x10GetEventsRequest\x12\x17\n\x0fsince_wall_time\x18\x01 \x01(\x01\x12\r\n\x05limit\x18\x02 \x01(\x05\x12\r\n\x05kinds\x18\x03 \x03(\t\"8\n\x11GetEventsResponse\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x13.megascope.v1.Event2\xf4\x01\n\x0c\x41gentService\x12\x42\n\x05Watch\x12\x1a.megascope.v1.WatchRequest\x1a\x1b.megascope.v1.WatchResponse0\x01\x12R\n\x0bGetSnapshot\x12 .megascope.v1.GetSnapshotRequest\x1a!.megascope.v1.GetSnapshotResponse\x12L\n\tGetEvents\x12\x1e.megascope.v1.GetEventsRequest\x1a\x1f.megascope.v1.GetEventsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'megascope.protos.megascope.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RANKSTATE']._serialized_start=856
-  _globals['_RANKSTATE']._serialized_end=1011
   _globals['_WATCHREQUEST']._serialized_start=106
-  _globals['_WATCHREQUEST']._serialized_end=189
-  _globals['_WATCHRESPONSE']._serialized_start=191
-  _globals['_WATCHRESPONSE']._serialized_end=250
-  _globals['_GETSNAPSHOTREQUEST']._serialized_start=252
-  _globals['_GETSNAPSHOTREQUEST']._serialized_end=272
-  _globals['_RANKSTATUS']._serialized_start=275
-  _globals['_RANKSTATUS']._serialized_end=426
-  _globals['_GETSNAPSHOTRESPONSE']._serialized_start=429
-  _globals['_GETSNAPSHOTRESPONSE']._serialized_end=720
-  _globals['_GETEVENTSREQUEST']._serialized_start=722
-  _globals['_GETEVENTSREQUEST']._serialized_end=795
-  _globals['_GETEVENTSRESPONSE']._serialized_start=797
-  _globals['_GETEVENTSRESPONSE']._serialized_end=853
-  _globals['_AGENTSERVICE']._serialized_start=1014
-  _globals['_AGENTSERVICE']._serialized_end=1258
+  _globals['_WATCHREQUEST']._serialized_end=146
+  _globals['_WATCHRESPONSE']._serialized_start=148
+  _globals['_WATCHRESPONSE']._serialized_end=207
+  _globals['_GETSNAPSHOTREQUEST']._serialized_start=209
+  _globals['_GETSNAPSHOTREQUEST']._serialized_end=229
+  _globals['_GETSNAPSHOTRESPONSE']._serialized_start=232
+  _globals['_GETSNAPSHOTRESPONSE']._serialized_end=523
+  _globals['_GETEVENTSREQUEST']._serialized_start=525
+  _globals['_GETEVENTSREQUEST']._serialized_end=598
+  _globals['_GETEVENTSRESPONSE']._serialized_start=600
+  _globals['_GETEVENTSRESPONSE']._serialized_end=656
+  _globals['_AGENTSERVICE']._serialized_start=659
+  _globals['_AGENTSERVICE']._serialized_end=903
 # @@protoc_insertion_point(module_scope)

@@ -1,6 +1,5 @@
 from megascope.protos.megascope.v1 import telemetry_pb2 as _telemetry_pb2
 from google.protobuf.internal import containers as _containers
-from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -8,30 +7,11 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class RankState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
-    __slots__ = ()
-    RANK_STATE_UNSPECIFIED: _ClassVar[RankState]
-    RANK_STATE_STARTING: _ClassVar[RankState]
-    RANK_STATE_RUNNING: _ClassVar[RankState]
-    RANK_STATE_EXITED: _ClassVar[RankState]
-    RANK_STATE_FAILED: _ClassVar[RankState]
-    RANK_STATE_HUNG: _ClassVar[RankState]
-RANK_STATE_UNSPECIFIED: RankState
-RANK_STATE_STARTING: RankState
-RANK_STATE_RUNNING: RankState
-RANK_STATE_EXITED: RankState
-RANK_STATE_FAILED: RankState
-RANK_STATE_HUNG: RankState
-
 class WatchRequest(_message.Message):
-    __slots__ = ("backfill_seconds", "include_host", "include_gpu")
+    __slots__ = ("backfill_seconds",)
     BACKFILL_SECONDS_FIELD_NUMBER: _ClassVar[int]
-    INCLUDE_HOST_FIELD_NUMBER: _ClassVar[int]
-    INCLUDE_GPU_FIELD_NUMBER: _ClassVar[int]
     backfill_seconds: float
-    include_host: bool
-    include_gpu: bool
-    def __init__(self, backfill_seconds: _Optional[float] = ..., include_host: _Optional[bool] = ..., include_gpu: _Optional[bool] = ...) -> None: ...
+    def __init__(self, backfill_seconds: _Optional[float] = ...) -> None: ...
 
 class WatchResponse(_message.Message):
     __slots__ = ("telemetry",)
@@ -42,20 +22,6 @@ class WatchResponse(_message.Message):
 class GetSnapshotRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
-
-class RankStatus(_message.Message):
-    __slots__ = ("rank", "pid", "state", "last_step", "last_heartbeat_wall_time")
-    RANK_FIELD_NUMBER: _ClassVar[int]
-    PID_FIELD_NUMBER: _ClassVar[int]
-    STATE_FIELD_NUMBER: _ClassVar[int]
-    LAST_STEP_FIELD_NUMBER: _ClassVar[int]
-    LAST_HEARTBEAT_WALL_TIME_FIELD_NUMBER: _ClassVar[int]
-    rank: int
-    pid: int
-    state: RankState
-    last_step: int
-    last_heartbeat_wall_time: float
-    def __init__(self, rank: _Optional[int] = ..., pid: _Optional[int] = ..., state: _Optional[_Union[RankState, str]] = ..., last_step: _Optional[int] = ..., last_heartbeat_wall_time: _Optional[float] = ...) -> None: ...
 
 class GetSnapshotResponse(_message.Message):
     __slots__ = ("node_info", "step_reports", "host_sample", "gpu_samples", "events", "rank_statuses")
@@ -70,8 +36,8 @@ class GetSnapshotResponse(_message.Message):
     host_sample: _telemetry_pb2.HostSample
     gpu_samples: _containers.RepeatedCompositeFieldContainer[_telemetry_pb2.GpuSample]
     events: _containers.RepeatedCompositeFieldContainer[_telemetry_pb2.Event]
-    rank_statuses: _containers.RepeatedCompositeFieldContainer[RankStatus]
-    def __init__(self, node_info: _Optional[_Union[_telemetry_pb2.NodeInfo, _Mapping]] = ..., step_reports: _Optional[_Iterable[_Union[_telemetry_pb2.StepReport, _Mapping]]] = ..., host_sample: _Optional[_Union[_telemetry_pb2.HostSample, _Mapping]] = ..., gpu_samples: _Optional[_Iterable[_Union[_telemetry_pb2.GpuSample, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[_telemetry_pb2.Event, _Mapping]]] = ..., rank_statuses: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ...) -> None: ...
+    rank_statuses: _containers.RepeatedCompositeFieldContainer[_telemetry_pb2.RankStatus]
+    def __init__(self, node_info: _Optional[_Union[_telemetry_pb2.NodeInfo, _Mapping]] = ..., step_reports: _Optional[_Iterable[_Union[_telemetry_pb2.StepReport, _Mapping]]] = ..., host_sample: _Optional[_Union[_telemetry_pb2.HostSample, _Mapping]] = ..., gpu_samples: _Optional[_Iterable[_Union[_telemetry_pb2.GpuSample, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[_telemetry_pb2.Event, _Mapping]]] = ..., rank_statuses: _Optional[_Iterable[_Union[_telemetry_pb2.RankStatus, _Mapping]]] = ...) -> None: ...
 
 class GetEventsRequest(_message.Message):
     __slots__ = ("since_wall_time", "limit", "kinds")

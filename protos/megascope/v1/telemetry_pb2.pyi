@@ -7,6 +7,21 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class RankState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RANK_STATE_UNSPECIFIED: _ClassVar[RankState]
+    RANK_STATE_STARTING: _ClassVar[RankState]
+    RANK_STATE_RUNNING: _ClassVar[RankState]
+    RANK_STATE_EXITED: _ClassVar[RankState]
+    RANK_STATE_FAILED: _ClassVar[RankState]
+    RANK_STATE_HUNG: _ClassVar[RankState]
+RANK_STATE_UNSPECIFIED: RankState
+RANK_STATE_STARTING: RankState
+RANK_STATE_RUNNING: RankState
+RANK_STATE_EXITED: RankState
+RANK_STATE_FAILED: RankState
+RANK_STATE_HUNG: RankState
+
 class CollectiveTiming(_message.Message):
     __slots__ = ("name", "bucket_index", "bytes", "start_offset_seconds", "duration_seconds", "blocked_seconds")
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -195,7 +210,7 @@ class Heartbeat(_message.Message):
     def __init__(self, node: _Optional[str] = ..., rank: _Optional[int] = ..., wall_time: _Optional[float] = ..., step: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node", "hostname", "agent_address", "pid", "ranks", "world_size", "gpu_available", "gpu_status", "start_wall_time", "agent_version")
+    __slots__ = ("node", "hostname", "agent_address", "pid", "ranks", "world_size", "gpu_available", "gpu_status", "start_wall_time", "agent_version", "total_steps", "run_id")
     NODE_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     AGENT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -206,6 +221,8 @@ class NodeInfo(_message.Message):
     GPU_STATUS_FIELD_NUMBER: _ClassVar[int]
     START_WALL_TIME_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
     node: str
     hostname: str
     agent_address: str
@@ -216,20 +233,38 @@ class NodeInfo(_message.Message):
     gpu_status: str
     start_wall_time: float
     agent_version: str
-    def __init__(self, node: _Optional[str] = ..., hostname: _Optional[str] = ..., agent_address: _Optional[str] = ..., pid: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ..., world_size: _Optional[int] = ..., gpu_available: _Optional[bool] = ..., gpu_status: _Optional[str] = ..., start_wall_time: _Optional[float] = ..., agent_version: _Optional[str] = ...) -> None: ...
+    total_steps: int
+    run_id: str
+    def __init__(self, node: _Optional[str] = ..., hostname: _Optional[str] = ..., agent_address: _Optional[str] = ..., pid: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ..., world_size: _Optional[int] = ..., gpu_available: _Optional[bool] = ..., gpu_status: _Optional[str] = ..., start_wall_time: _Optional[float] = ..., agent_version: _Optional[str] = ..., total_steps: _Optional[int] = ..., run_id: _Optional[str] = ...) -> None: ...
+
+class RankStatus(_message.Message):
+    __slots__ = ("rank", "pid", "state", "last_step", "last_heartbeat_wall_time")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LAST_STEP_FIELD_NUMBER: _ClassVar[int]
+    LAST_HEARTBEAT_WALL_TIME_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    pid: int
+    state: RankState
+    last_step: int
+    last_heartbeat_wall_time: float
+    def __init__(self, rank: _Optional[int] = ..., pid: _Optional[int] = ..., state: _Optional[_Union[RankState, str]] = ..., last_step: _Optional[int] = ..., last_heartbeat_wall_time: _Optional[float] = ...) -> None: ...
 
 class Telemetry(_message.Message):
-    __slots__ = ("step_reports", "host_samples", "gpu_samples", "events", "backfill", "node_info")
+    __slots__ = ("step_reports", "host_samples", "gpu_samples", "events", "backfill", "node_info", "rank_statuses")
     STEP_REPORTS_FIELD_NUMBER: _ClassVar[int]
     HOST_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     GPU_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     BACKFILL_FIELD_NUMBER: _ClassVar[int]
     NODE_INFO_FIELD_NUMBER: _ClassVar[int]
+    RANK_STATUSES_FIELD_NUMBER: _ClassVar[int]
     step_reports: _containers.RepeatedCompositeFieldContainer[StepReport]
     host_samples: _containers.RepeatedCompositeFieldContainer[HostSample]
     gpu_samples: _containers.RepeatedCompositeFieldContainer[GpuSample]
     events: _containers.RepeatedCompositeFieldContainer[Event]
     backfill: bool
     node_info: NodeInfo
-    def __init__(self, step_reports: _Optional[_Iterable[_Union[StepReport, _Mapping]]] = ..., host_samples: _Optional[_Iterable[_Union[HostSample, _Mapping]]] = ..., gpu_samples: _Optional[_Iterable[_Union[GpuSample, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., backfill: _Optional[bool] = ..., node_info: _Optional[_Union[NodeInfo, _Mapping]] = ...) -> None: ...
+    rank_statuses: _containers.RepeatedCompositeFieldContainer[RankStatus]
+    def __init__(self, step_reports: _Optional[_Iterable[_Union[StepReport, _Mapping]]] = ..., host_samples: _Optional[_Iterable[_Union[HostSample, _Mapping]]] = ..., gpu_samples: _Optional[_Iterable[_Union[GpuSample, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., backfill: _Optional[bool] = ..., node_info: _Optional[_Union[NodeInfo, _Mapping]] = ..., rank_statuses: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ...) -> None: ...
