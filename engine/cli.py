@@ -6,6 +6,11 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from megascope.engine.config import TrainConfig
+    from megascope.engine.launch import LaunchOptions
 
 HELP = "train a model with data parallelism (torch elastic: the same flags as torchrun scale to many nodes)"
 
@@ -46,64 +51,70 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     launch.add_argument("--max-restarts", type=int, default=0, help="restarts after a rank fails (default: 0)")
 
 
-def run(args: argparse.Namespace) -> int:
-    # Heavy imports here, not at module level: `megascope --help` must not wait for torch.
+def build(args: argparse.Namespace) -> tuple[TrainConfig, LaunchOptions]:
+    """The run's config and launch options from the flags; raises ConfigError/DataError naming a flag."""
     from megascope.engine.config import ConfigError, OptimConfig, TrainConfig
     from megascope.engine.data import DataConfig, DataError, load_corpus, split_train_val
-    from megascope.engine.launch import LaunchFailed, LaunchOptions, launch
+    from megascope.engine.launch import LaunchOptions
     from megascope.engine.model import PRESETS, preset
 
+    if args.preset not in PRESETS:
+        raise ConfigError(f"--preset: unknown preset {args.preset!r}; choose one of: {', '.join(PRESETS)}")
+    if args.max_seq_len is not None and args.max_seq_len < 1:
+        raise ConfigError(f"--max-seq-len must be at least 1, got {args.max_seq_len}")
+    overrides = {
+        name: value
+        for name, value in (("norm", args.norm), ("activation", args.activation), ("max_seq_len", args.max_seq_len))
+        if value is not None
+    }
+    config = TrainConfig(
+        model=preset(args.preset, **overrides),
+        data=DataConfig(path=args.data, batch_tokens=args.batch_tokens, val_fraction=args.val_fraction, seed=args.seed),
+        optim=OptimConfig(
+            lr=args.lr,
+            warmup_steps=args.warmup_steps,
+            decay_steps=args.decay_steps,
+            weight_decay=args.weight_decay,
+            grad_clip=args.grad_clip,
+        ),
+        preset=args.preset,
+        steps=args.steps,
+        grad_accum=args.grad_accum,
+        val_every=args.val_every,
+        val_batches=args.val_batches,
+        log_every=args.log_every,
+        device=args.device,
+        peak_tflops=args.peak_tflops,
+        run_dir=args.run_dir or time.strftime("runs/train-%Y%m%d-%H%M%S"),
+    )
+    options = LaunchOptions(
+        nproc_per_node=args.nproc_per_node,
+        nnodes=args.nnodes,
+        rdzv_endpoint=args.rdzv_endpoint,
+        rdzv_id=args.rdzv_id,
+        max_restarts=args.max_restarts,
+    )
+    options.validate()
+    # Read the data once here so a bad --data fails now, with a clear message, not in every rank.
+    train_docs, _ = split_train_val(load_corpus(config.data.path), config.data.val_fraction)
+    if train_docs.num_tokens < config.data.batch_tokens:
+        raise DataError(
+            f"--batch-tokens {config.data.batch_tokens} exceeds the training text ({train_docs.num_tokens} "
+            "tokens); lower --batch-tokens or give more --data"
+        )
+    return config, options
+
+
+def run(args: argparse.Namespace) -> int:
+    from megascope.engine.config import ConfigError
+    from megascope.engine.data import DataError
+    from megascope.engine.launch import LaunchFailed, launch
+
     try:
-        if args.preset not in PRESETS:
-            raise ConfigError(f"--preset: unknown preset {args.preset!r}; choose one of: {', '.join(PRESETS)}")
-        overrides = {
-            name: value
-            for name, value in (("norm", args.norm), ("activation", args.activation), ("max_seq_len", args.max_seq_len))
-            if value is not None
-        }
-        if args.max_seq_len is not None and args.max_seq_len < 1:
-            raise ConfigError(f"--max-seq-len must be at least 1, got {args.max_seq_len}")
-        config = TrainConfig(
-            model=preset(args.preset, **overrides),
-            data=DataConfig(
-                path=args.data, batch_tokens=args.batch_tokens, val_fraction=args.val_fraction, seed=args.seed
-            ),
-            optim=OptimConfig(
-                lr=args.lr,
-                warmup_steps=args.warmup_steps,
-                decay_steps=args.decay_steps,
-                weight_decay=args.weight_decay,
-                grad_clip=args.grad_clip,
-            ),
-            preset=args.preset,
-            steps=args.steps,
-            grad_accum=args.grad_accum,
-            val_every=args.val_every,
-            val_batches=args.val_batches,
-            log_every=args.log_every,
-            device=args.device,
-            peak_tflops=args.peak_tflops,
-            run_dir=args.run_dir or time.strftime("runs/train-%Y%m%d-%H%M%S"),
-        )
-        options = LaunchOptions(
-            nproc_per_node=args.nproc_per_node,
-            nnodes=args.nnodes,
-            rdzv_endpoint=args.rdzv_endpoint,
-            rdzv_id=args.rdzv_id,
-            max_restarts=args.max_restarts,
-        )
-        options.validate()
-        # Read the data once here so a bad --data fails now, with a clear message, not in every rank.
-        train_docs, _ = split_train_val(load_corpus(config.data.path), config.data.val_fraction)
-        if train_docs.num_tokens < config.data.batch_tokens:
-            raise DataError(
-                f"--batch-tokens {config.data.batch_tokens} exceeds the training text ({train_docs.num_tokens} "
-                "tokens); lower --batch-tokens or give more --data"
-            )
+        config, options = build(args)
     except (ConfigError, DataError) as error:
         print(f"megascope train: error: {error}", file=sys.stderr)
         return 2
-
     print(f"megascope train: {config.preset} on {options.nproc_per_node} rank(s) per node, run dir {config.run_dir}")
     try:
         launch(config, options)

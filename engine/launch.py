@@ -1,24 +1,29 @@
-"""Launch a node's training ranks through torch elastic, the machinery behind ``torchrun``.
+"""Launch a node's training ranks through torch elastic, exactly as ``torchrun`` does (it *is* torchrun).
 
-Rendezvous is c10d (single node: an ephemeral store on 127.0.0.1; many nodes: the same ``--rdzv-endpoint``
-and ``--rdzv-id`` on every node). ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` makes each restart attempt build a
-fresh store for its process group: with the store shared, restarted workers can read the previous
+Both ``megascope train`` and the agent start ``python -m torch.distributed.run`` as a child process: one
+launch path, and the elastic agent (rendezvous, restarts) lives in its own process, so the megascope agent
+stays responsive and can stop the whole process group on shutdown.
+
+Rendezvous is c10d: a single node uses an ephemeral store on 127.0.0.1; many nodes pass the same
+``--rdzv-endpoint`` and ``--rdzv-id``. ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` makes every restart attempt
+build a fresh store for its process group: with the store shared, restarted workers can read the previous
 attempt's gloo addresses and fail or hang (pytorch/pytorch#135712).
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
 from megascope.engine.config import ConfigError, TrainConfig
+
+_STOP_GRACE_SECONDS = 15.0
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,7 @@ class LaunchOptions:
 
 
 class LaunchFailed(RuntimeError):
-    """A rank failed after the allowed restarts; the message says which and how."""
+    """The ranks failed after the allowed restarts."""
 
 
 def write_config(config: TrainConfig) -> Path:
@@ -64,29 +69,82 @@ def write_config(config: TrainConfig) -> Path:
     return path
 
 
-def launch(config: TrainConfig, options: LaunchOptions) -> None:
-    """Run the ranks of this node until training ends; raises LaunchFailed when a rank fails for good."""
+def trainer_entry(config: TrainConfig) -> list[str]:
+    """torchrun's entry point for our trainer: writes the config every rank will read."""
+    return ["-m", "megascope.engine.trainer", str(write_config(config).resolve())]
+
+
+def torchrun_command(options: LaunchOptions, entry: Sequence[str], log_dir: Path, run_id: str) -> list[str]:
+    """The ``torchrun`` command line for ``entry`` (``-m module args`` or ``script.py args``)."""
     options.validate()
-    min_nodes, max_nodes = options.node_range()
-    config_path = write_config(config)
-    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
-    # As torchrun does: without it every rank starts one BLAS thread per core and they fight for the cores.
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // options.nproc_per_node)))
-    launch_config = LaunchConfig(
-        min_nodes=min_nodes,
-        max_nodes=max_nodes,
-        nproc_per_node=options.nproc_per_node,
-        run_id=options.rdzv_id or uuid.uuid4().hex,
-        rdzv_backend="c10d",
-        rdzv_endpoint=options.rdzv_endpoint or "127.0.0.1:0",
-        max_restarts=options.max_restarts,
-        monitor_interval=options.monitor_interval,
-        logs_specs=DefaultLogsSpecs(log_dir=str(Path(config.run_dir) / "logs")),
-    )
+    low, high = options.node_range()
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nnodes={low}" if low == high else f"--nnodes={low}:{high}",
+        f"--nproc-per-node={options.nproc_per_node}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={options.rdzv_endpoint or '127.0.0.1:0'}",
+        f"--rdzv-id={run_id}",
+        f"--max-restarts={options.max_restarts}",
+        f"--monitor-interval={options.monitor_interval}",
+        f"--log-dir={log_dir}",
+        *entry,
+    ]  # fmt: skip
+
+
+def launcher_environment(options: LaunchOptions, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    # As torchrun's own CLI would for several ranks, but a share of the cores rather than one thread each.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // options.nproc_per_node)))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.update(extra or {})
+    return env
+
+
+def start(
+    options: LaunchOptions,
+    entry: Sequence[str],
+    log_dir: Path,
+    extra_env: dict[str, str] | None = None,
+    new_session: bool = False,
+) -> subprocess.Popen[bytes]:
+    """Start torchrun for this node; ``new_session`` puts it in its own process group (see :func:`stop`)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    command = torchrun_command(options, entry, log_dir, options.rdzv_id or uuid.uuid4().hex)
+    return subprocess.Popen(command, env=launcher_environment(options, extra_env), start_new_session=new_session)
+
+
+def stop(process: subprocess.Popen[bytes], grace_seconds: float = _STOP_GRACE_SECONDS) -> int:
+    """SIGTERM torchrun's process group (it stops its workers), SIGKILL whatever is left after the grace."""
+    if process.poll() is None:
+        _signal_group(process, signal.SIGTERM)
+        try:
+            process.wait(timeout=grace_seconds)
+        except subprocess.TimeoutExpired:
+            _signal_group(process, signal.SIGKILL)
+            process.wait()
+    return process.returncode
+
+
+def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
     try:
-        elastic_launch(launch_config, sys.executable)("-m", "megascope.engine.trainer", str(config_path.resolve()))
-    except ChildFailedError as error:
-        lines = []
-        for rank, failure in sorted(error.failures.items()):
-            lines.append(f"rank {rank} (pid {failure.pid}) exited with code {failure.exitcode}")
-        raise LaunchFailed("; ".join(lines) + f"; logs under {Path(config.run_dir) / 'logs'}") from None
+        if os.getpgid(process.pid) == process.pid:
+            os.killpg(process.pid, sig)
+        else:
+            process.send_signal(sig)
+    except ProcessLookupError:
+        pass
+
+
+def launch(config: TrainConfig, options: LaunchOptions) -> None:
+    """Run this node's ranks until training ends (foreground); raises LaunchFailed if they fail for good."""
+    process = start(options, trainer_entry(config), Path(config.run_dir) / "logs")
+    try:
+        code = process.wait()
+    except KeyboardInterrupt:
+        # Ctrl-C reached torchrun too (same process group); give it the time to stop its workers.
+        stop(process)
+        raise
+    if code != 0:
+        raise LaunchFailed(f"torchrun exited with code {code}; its report is above, logs under {config.run_dir}/logs")

@@ -44,7 +44,9 @@ class ModelConfig:
         if self.dim % self.n_heads != 0:
             raise ValueError(f"model.dim ({self.dim}) must be a multiple of model.n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads != 0:
-            raise ValueError(f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({self.n_kv_heads})")
+            raise ValueError(
+                f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({self.n_kv_heads})"
+            )
         if (self.dim // self.n_heads) % 2 != 0:
             raise ValueError("model head_dim (dim / n_heads) must be even for rotary embeddings")
         if self.norm not in ("rmsnorm", "layernorm"):
@@ -183,10 +185,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation == "swiglu":
-            hidden = F.silu(self.w_gate(x)) * self.w_up(x)
-        else:
-            hidden = F.gelu(self.w_up(x))
-        return self.w_down(hidden)
+            return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        return self.w_down(F.gelu(self.w_up(x)))
 
 
 class Block(nn.Module):
@@ -235,7 +235,9 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
         """Logits ``(total_tokens, vocab_size)`` for a packed ``tokens`` ``(total_tokens,)``."""
         if max_seqlen > self.config.max_seq_len:
-            raise ValueError(f"a document segment of {max_seqlen} tokens exceeds model.max_seq_len={self.config.max_seq_len}")
+            raise ValueError(
+                f"a document segment of {max_seqlen} tokens exceeds model.max_seq_len={self.config.max_seq_len}"
+            )
         positions = positions_in_documents(cu_seqlens, tokens.shape[0])
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         x = self.embedding(tokens)

@@ -8,6 +8,7 @@ rank 0, and later the agent). A sink that raises is counted and skipped; it cann
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import sys
@@ -86,7 +87,7 @@ class JsonlSink:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "a", encoding="utf-8")
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (open for the sink's lifetime)
 
     def write_step(self, report: StepReport) -> None:
         self._write({"type": "step", **asdict(report)})
@@ -183,10 +184,8 @@ class Telemetry:
 
     def close(self, timeout: float = 10.0) -> None:
         """Deliver what is queued (up to ``timeout``), then close the sinks."""
-        try:
+        with contextlib.suppress(queue.Full):
             self._queue.put(None, timeout=timeout)
-        except queue.Full:
-            pass
         self._thread.join(timeout=timeout)
         for sink in self._sinks:
             try:

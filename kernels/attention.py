@@ -64,9 +64,11 @@ def _reference_varlen_attention(
     # computed across a document boundary (a block-diagonal mask over all tokens would be O(total^2)).
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != q.shape[0]:
-        raise ValueError(f"cu_seqlens must start at 0 and end at total_tokens={q.shape[0]}; got {bounds[0]}..{bounds[-1]}")
+        raise ValueError(
+            f"cu_seqlens must start at 0 and end at total_tokens={q.shape[0]}; got {bounds[0]}..{bounds[-1]}"
+        )
     starts_by_length: dict[int, list[int]] = {}
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         if end < start:
             raise ValueError("cu_seqlens must be non-decreasing")
         if end > start:
