@@ -150,9 +150,9 @@ def _split_file(path: Path) -> Iterator[tuple[str, bytes]]:
 def split_train_val(corpus: Corpus, val_fraction: float) -> tuple[Corpus, Corpus]:
     """Disjoint training and validation documents, chosen by a stable hash of each document's name."""
     threshold = int(val_fraction * 10_000)
+    # Only the name's hash decides, never the position or the other documents: a corpus that grows keeps
+    # every existing document on its side. A tiny corpus may so have no validation documents at all.
     val = [i for i, name in enumerate(corpus.names) if zlib.crc32(name.encode()) % 10_000 < threshold]
-    if val_fraction > 0 and not val and len(corpus) > 1:
-        val = [len(corpus) - 1]  # a tiny corpus still gets a held-out document
     held_out = set(val)
     train = [i for i in range(len(corpus)) if i not in held_out]
     if not train:

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from megascope.engine.agent_sink import connect_from_environment
 from megascope.engine.collectives import CollectiveTimer
 from megascope.engine.config import TrainConfig
 from megascope.engine.data import PackedBatches, Prefetcher, load_corpus, split_train_val
@@ -85,6 +86,11 @@ class Trainer:
         sinks: list[Sink] = [JsonlSink(run_dir / "telemetry" / f"rank{self.rank}.jsonl")]
         if self.rank == 0:
             sinks.append(ConsoleSink(every=config.log_every))
+        agent = connect_from_environment(
+            self.rank, self.local_rank, self.world_size, self.node, self.restart_count
+        )
+        if agent is not None:
+            sinks.append(agent)
         self.telemetry = Telemetry(sinks)
 
         torch.manual_seed(config.data.seed)  # every rank builds identical initial weights
@@ -146,6 +152,9 @@ class Trainer:
             params=str(params),
             param_digest=parameter_digest(self.model),
         )
+        if self.val_batches is None and config.val_batches:
+            self._event("no_validation", "no validation loss: the held-out documents are fewer than one "
+                        "micro-batch; raise --val-fraction or give more --data")
         gc_pauses = _GcPauses()
         prefetch = Prefetcher(self.train_batches, self.device)
         try:

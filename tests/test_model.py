@@ -6,7 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from megascope.engine.model import PRESETS, ModelConfig, Transformer, cross_entropy, preset
+from megascope.engine.model import (
+    PRESETS,
+    ModelConfig,
+    Transformer,
+    cross_entropy,
+    positions_in_documents,
+    preset,
+)
 from megascope.kernels import varlen_attention
 
 TINY = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
@@ -85,12 +92,19 @@ def test_changing_an_earlier_token_changes_logits_at_later_positions() -> None:
 
 def test_document_logits_are_the_same_whether_packed_first_or_after_another_document() -> None:
     model = _model()
-    doc, other = _tokens(17, seed=6), _tokens(29, seed=7)
+    # Together longer than max_seq_len: only restarting positions keep every position in the rotary table.
+    doc, other = _tokens(30, seed=6), _tokens(50, seed=7)
+    assert len(doc) + len(other) > TINY.max_seq_len
     alone = _logits_of_packed(model, doc)[0]
     first = _logits_of_packed(model, doc, other)[0]
     after = _logits_of_packed(model, other, doc)[1]
     torch.testing.assert_close(first, alone)
     torch.testing.assert_close(after, alone)
+
+
+def test_positions_restart_at_zero_in_every_document() -> None:
+    positions = positions_in_documents(_cu(3, 1, 4), 8)
+    assert positions.tolist() == [0, 1, 2, 0, 0, 1, 2, 3]
 
 
 def test_forward_raises_when_max_seqlen_exceeds_config_max_seq_len() -> None:
