@@ -14,7 +14,9 @@ from importlib.metadata import version
 
 # name -> module defining ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``.
 _COMMANDS: dict[str, str] = {
+    "demo": "megascope.dashboard.demo",
     "train": "megascope.engine.cli",
+    "agent": "megascope.agent.main",
 }
 
 

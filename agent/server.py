@@ -1,0 +1,218 @@
+"""The agent's gRPC services: ``AgentService`` for dashboards, ``WorkerService`` for the node's ranks.
+
+Input from the wire is never trusted: a malformed worker message ends that worker's stream with
+``INVALID_ARGUMENT`` and a message naming the field; an oversized one gets ``RESOURCE_EXHAUSTED`` from gRPC
+itself (``max_receive_message_length``). Either way the agent keeps serving everyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections.abc import AsyncIterator
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from megascope.agent.state import NodeState
+from megascope.protos.megascope.v1 import agent_pb2, agent_pb2_grpc, telemetry_pb2, worker_pb2, worker_pb2_grpc
+
+MAX_MESSAGE_BYTES = 1 << 20
+"""A step report is a few hundred bytes; anything near this is garbage or an attack."""
+WATCH_TICK_SECONDS = 0.25
+AGENT_SERVICE = "megascope.v1.AgentService"
+
+
+class InvalidMessage(ValueError):
+    """A message from the wire that breaks the contract; the text names the field."""
+
+
+def _check_finite_non_negative(message: object, prefix: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(message, name)
+        if not math.isfinite(value) or value < 0:
+            raise InvalidMessage(f"{prefix}.{name}: must be a finite number >= 0, got {value}")
+
+
+def validate_hello(hello: worker_pb2.Hello) -> None:
+    if hello.world_size < 1:
+        raise InvalidMessage(f"hello.world_size: must be at least 1, got {hello.world_size}")
+    if not 0 <= hello.rank < hello.world_size:
+        raise InvalidMessage(f"hello.rank: {hello.rank} is outside [0, world_size={hello.world_size})")
+    if hello.local_rank < 0 or hello.pid < 0:
+        raise InvalidMessage("hello.local_rank and hello.pid must be >= 0")
+
+
+def validate_step_report(report: telemetry_pb2.StepReport, rank: int) -> None:
+    if report.rank != rank:
+        raise InvalidMessage(f"step_report.rank: {report.rank} does not match this stream's rank {rank}")
+    if report.step < 0 or report.tokens < 0:
+        raise InvalidMessage(f"step_report.step and .tokens must be >= 0, got {report.step} and {report.tokens}")
+    _check_finite_non_negative(
+        report,
+        "step_report",
+        ("step_seconds", "data_wait_seconds", "forward_seconds", "backward_seconds", "comm_wait_seconds",
+         "optimizer_seconds", "other_seconds", "tokens_per_second", "model_flops", "gc_pause_seconds"),
+    )  # fmt: skip
+    for index, collective in enumerate(report.collectives):
+        _check_finite_non_negative(
+            collective, f"step_report.collectives[{index}]", ("duration_seconds", "blocked_seconds")
+        )
+
+
+def validate_event(event: telemetry_pb2.Event) -> None:
+    if event.severity not in telemetry_pb2.Event.Severity.values():
+        raise InvalidMessage(f"event.severity: unknown value {event.severity}")
+    if not event.kind:
+        raise InvalidMessage("event.kind: must not be empty")
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
+    """One ``Attach`` stream per rank: Hello first, then step reports, heartbeats and events."""
+
+    def __init__(self, state: NodeState) -> None:
+        self._state = state
+        self.commands: dict[int, asyncio.Queue[worker_pb2.Command]] = {}
+
+    async def Attach(  # noqa: N802 (gRPC method name)
+        self, request_iterator: AsyncIterator[worker_pb2.AttachRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.AttachResponse]:
+        requests = request_iterator.__aiter__()
+        try:
+            first = await requests.__anext__()
+        except StopAsyncIteration:
+            return
+        if first.WhichOneof("payload") != "hello":
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"AttachRequest: the first message must be hello, got {first.WhichOneof('payload') or 'nothing'}",
+            )
+        try:
+            validate_hello(first.hello)
+        except InvalidMessage as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        rank = first.hello.rank
+        self._state.rank_attached(first.hello)
+        commands: asyncio.Queue[worker_pb2.Command] = asyncio.Queue()
+        self.commands[rank] = commands
+        yield worker_pb2.AttachResponse(ack=worker_pb2.Ack(node=self._state.node_info.node,
+                                                           agent_version=self._state.node_info.agent_version))
+        reader = asyncio.ensure_future(self._read(requests, rank))
+        try:
+            while True:
+                command = asyncio.ensure_future(commands.get())
+                done, _ = await asyncio.wait({reader, command}, return_when=asyncio.FIRST_COMPLETED)
+                if command in done:
+                    yield worker_pb2.AttachResponse(command=command.result())
+                else:
+                    command.cancel()
+                if reader in done:
+                    break
+            error = reader.result()
+        finally:
+            reader.cancel()
+            if self.commands.get(rank) is commands:
+                del self.commands[rank]
+            self._state.rank_detached(rank)
+        if error is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
+
+    async def _read(self, requests: AsyncIterator[worker_pb2.AttachRequest], rank: int) -> str | None:
+        """Apply the worker's messages until its stream ends; the error text if it sent something invalid."""
+        try:
+            async for request in requests:
+                kind = request.WhichOneof("payload")
+                if kind == "step_report":
+                    validate_step_report(request.step_report, rank)
+                    self._state.add_step(request.step_report)
+                elif kind == "heartbeat":
+                    self._state.rank_heartbeat(request.heartbeat)
+                elif kind == "event":
+                    validate_event(request.event)
+                    if request.event.kind == "finished":
+                        self._state.rank_finished(rank)
+                    self._state.add_event(request.event)
+                elif kind == "hello":
+                    raise InvalidMessage("hello: sent twice on one stream")
+                else:
+                    raise InvalidMessage("AttachRequest.payload: empty message")
+        except InvalidMessage as error:
+            return str(error)
+        except (grpc.aio.AioRpcError, asyncio.CancelledError):
+            pass  # the worker went away mid-stream
+        return None
+
+
+class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
+    def __init__(self, state: NodeState, stopping: asyncio.Event) -> None:
+        self._state = state
+        self._stopping = stopping
+
+    async def Watch(  # noqa: N802
+        self, request: agent_pb2.WatchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[agent_pb2.WatchResponse]:
+        seconds = request.backfill_seconds
+        if not math.isfinite(seconds) or seconds < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"backfill_seconds: must be >= 0, got {seconds}")
+        sub, backfill = self._state.subscribe(seconds)
+        try:
+            for batch in backfill:
+                yield agent_pb2.WatchResponse(telemetry=batch)
+            while not self._stopping.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), WATCH_TICK_SECONDS)
+                yield agent_pb2.WatchResponse(telemetry=self._state.take(sub))
+        finally:
+            self._state.unsubscribe(sub)
+
+    async def GetSnapshot(  # noqa: N802
+        self, request: agent_pb2.GetSnapshotRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.GetSnapshotResponse:
+        return self._state.snapshot()
+
+    async def GetEvents(  # noqa: N802
+        self, request: agent_pb2.GetEventsRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.GetEventsResponse:
+        if request.limit < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"limit: must be >= 0, got {request.limit}")
+        if not math.isfinite(request.since_wall_time):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "since_wall_time: must be a finite number")
+        events = self._state.events_since(request.since_wall_time, request.limit, set(request.kinds))
+        return agent_pb2.GetEventsResponse(events=events)
+
+
+class AgentServer:
+    """The gRPC server with both services and the standard health service, bound to ``host:port``."""
+
+    def __init__(self, state: NodeState, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.state = state
+        self.stopping = asyncio.Event()
+        self.health = health.aio.HealthServicer()
+        self.workers = WorkerServicer(state)
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(state, self.stopping), self._server)
+        worker_pb2_grpc.add_WorkerServiceServicer_to_server(self.workers, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"could not bind the agent to {host}:{port}; is the port taken? Use --port 0 for any")
+        self.address = f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        await self._server.start()
+        for service in ("", AGENT_SERVICE):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace_seconds: float = 2.0) -> None:
+        """Health NOT_SERVING, end the Watch streams with a last batch, then stop the server."""
+        for service in ("", AGENT_SERVICE):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.stopping.set()
+        await asyncio.sleep(0.05)  # let each Watch stream send its final batch
+        await self._server.stop(grace_seconds)

@@ -1,0 +1,72 @@
+"""``megascope demo``: a whole local cluster in one command, and the dashboard on it.
+
+Starts ``--nodes`` agents on 127.0.0.1 (free ports), each launching ``--ranks-per-node`` training ranks of
+the tiny model; all ranks meet in one c10d rendezvous, as the nodes of a real job would. Then either opens
+the dashboard on every agent or, with ``--headless``, prints one status line a second and a final summary
+(``--json``: the last stdout line is one JSON object; scripts rely on its keys).
+
+Everything the demo starts is stopped when it ends, on ``q``, Ctrl-C and SIGTERM: each agent is asked to stop
+(it stops its ranks), and any process of the demo's tree still alive after the grace period is killed.
+The dashboard side never imports torch: the agents are separate processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "start a local cluster (agents + training ranks of the tiny model) and open the dashboard on it"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nodes", type=int, default=2, help="local agents, one per pretend node (default: 2)")
+    parser.add_argument("--ranks-per-node", type=int, default=2, help="training ranks per node (default: 2)")
+    parser.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
+    parser.add_argument("--preset", default="tiny", help="model preset (default: tiny)")
+    parser.add_argument("--batch-tokens", type=int, default=1024, help="tokens per micro-batch per rank (default: 1024)")
+    parser.add_argument("--run-dir", help="config, telemetry and logs (default: runs/demo-TIMESTAMP)")
+    parser.add_argument("--headless", action="store_true", help="no TUI: a status line a second, then a summary")
+    parser.add_argument("--json", action="store_true", help="with --headless: end stdout with one JSON summary")
+    parser.add_argument("--readonly", action="store_true", help="dashboard refuses control actions")
+
+
+def run(args: argparse.Namespace) -> int:
+    from megascope.dashboard.local_cluster import LocalCluster, LocalClusterError
+
+    errors = [
+        f"--{name.replace('_', '-')} must be at least 1, got {value}"
+        for name, value in (("nodes", args.nodes), ("ranks_per_node", args.ranks_per_node), ("steps", args.steps))
+        if value < 1
+    ]
+    if args.json and not args.headless:
+        errors.append("--json needs --headless (the TUI owns the terminal)")
+    if errors:
+        print(f"megascope demo: error: {'; '.join(errors)}", file=sys.stderr)
+        return 2
+
+    cluster = LocalCluster(
+        nodes=args.nodes,
+        ranks_per_node=args.ranks_per_node,
+        train_args=["--preset", args.preset, "--steps", str(args.steps), "--batch-tokens", str(args.batch_tokens),
+                    "--val-every", "0"],
+        run_dir=args.run_dir,
+        exit_when_done=args.headless,
+    )
+    try:
+        with cluster:
+            print(f"megascope demo: {args.nodes} node(s) x {args.ranks_per_node} rank(s), logs in {cluster.run_dir}",
+                  file=sys.stderr if args.json else sys.stdout, flush=True)
+            cluster.start()
+            if args.headless:
+                from megascope.dashboard.headless import run_headless
+
+                return run_headless(cluster, args.steps, as_json=args.json)
+            from megascope.dashboard.cli import run_dashboard
+
+            return run_dashboard(cluster.addresses, readonly=args.readonly)
+    except LocalClusterError as error:
+        print(f"megascope demo: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("megascope demo: interrupted; everything it started is stopped", file=sys.stderr)
+        return 130

@@ -1,0 +1,169 @@
+"""A cluster of agents on this machine, started as child processes: what ``megascope demo`` runs on.
+
+Each agent is ``megascope agent --port 0 ...`` in its own session (so a Ctrl-C in the terminal reaches the
+demo, which then stops them in order, rather than killing them mid-write). Its first stdout line gives its
+address; the rest of its output goes to ``<run_dir>/agent-<node>.log``. On exit every agent gets SIGTERM
+(it stops its ranks gracefully); whatever of the process tree is still alive after the grace is killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from types import FrameType, TracebackType
+
+import psutil
+
+_STARTUP_SECONDS = 60.0
+_STOP_GRACE_SECONDS = 20.0
+_LISTENING = "megascope agent: listening on "
+
+
+class LocalClusterError(RuntimeError):
+    """An agent could not start; the message says which and where its log is."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LocalCluster:
+    def __init__(
+        self,
+        nodes: int,
+        ranks_per_node: int,
+        train_args: list[str],
+        run_dir: str | None = None,
+        exit_when_done: bool = False,
+    ) -> None:
+        self.nodes = nodes
+        self.ranks_per_node = ranks_per_node
+        self.train_args = train_args
+        self.run_dir = Path(run_dir or time.strftime("runs/demo-%Y%m%d-%H%M%S"))
+        self.exit_when_done = exit_when_done
+        self.agents: list[subprocess.Popen[str]] = []
+        self.addresses: list[str] = []
+        self._known: dict[int, psutil.Process] = {}
+        """Every process of the tree seen so far, by pid, so that none outlives the demo."""
+        self._previous_sigterm: object = None
+
+    def __enter__(self) -> LocalCluster:
+        # SIGTERM becomes KeyboardInterrupt, so one path (unwinding through __exit__) cleans up after both.
+        self._previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        try:
+            self.stop()
+        finally:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)  # type: ignore[arg-type]
+
+    def start(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        rendezvous = f"127.0.0.1:{free_port()}"
+        run_id = f"demo-{uuid.uuid4().hex[:8]}"
+        for index in range(self.nodes):
+            node = f"node{index}"
+            command = [
+                sys.executable, "-m", "megascope.agent.cli", "agent", "--port", "0", "--node", node,
+                "--nproc-per-node", str(self.ranks_per_node), "--nnodes", str(self.nodes),
+                "--rdzv-endpoint", rendezvous, "--rdzv-id", run_id, "--run-dir", str(self.run_dir),
+                *self.train_args, *(["--exit-when-done"] if self.exit_when_done else []),
+            ]  # fmt: skip
+            log = open(self.run_dir / f"agent-{node}.log", "w")  # noqa: SIM115 (handed to the child)
+            process = subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True,
+                env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            )  # fmt: skip
+            log.close()
+            self.agents.append(process)
+            self._remember_tree()
+            self.addresses.append(self._read_address(process, node))
+            threading.Thread(target=_copy_rest, args=(process, self.run_dir / f"agent-{node}.out"),
+                             daemon=True).start()
+
+    def _read_address(self, process: subprocess.Popen[str], node: str) -> str:
+        assert process.stdout is not None
+        deadline = time.monotonic() + _STARTUP_SECONDS
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break  # it exited
+            if line.startswith(_LISTENING):
+                return line[len(_LISTENING) :].strip()
+        raise LocalClusterError(
+            f"agent for {node} did not start (exit code {process.poll()}); see {self.run_dir}/agent-{node}.log"
+        )
+
+    def _remember_tree(self) -> None:
+        for agent in self.agents:
+            with contextlib.suppress(psutil.Error):
+                root = psutil.Process(agent.pid)
+                self._known.setdefault(root.pid, root)
+                for child in root.children(recursive=True):
+                    self._known.setdefault(child.pid, child)
+
+    def remember_processes(self) -> None:
+        """Record the agents' current descendants (torchrun and ranks); call now and then while running."""
+        self._remember_tree()
+
+    def wait(self, timeout: float | None = None) -> list[int | None]:
+        """Exit codes of the agents once they all exit (None for any still running at the timeout)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for agent in self.agents:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                agent.wait(remaining)
+        return [agent.poll() for agent in self.agents]
+
+    def stop(self) -> None:
+        """SIGTERM each agent (they stop their ranks), then kill whatever of the tree is still alive."""
+        self._remember_tree()
+        for agent in self.agents:
+            if agent.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    agent.send_signal(signal.SIGTERM)
+        self.wait(_STOP_GRACE_SECONDS)
+        leftovers = [p for p in self._known.values() if _alive(p)]
+        for process in leftovers:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        psutil.wait_procs(leftovers, timeout=5)
+        for agent in self.agents:
+            if agent.poll() is None:
+                agent.kill()
+                agent.wait()
+
+    def pids(self) -> list[int]:
+        """Every pid of the tree seen so far (for tests that check nothing is left behind)."""
+        self._remember_tree()
+        return sorted(self._known)
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _copy_rest(process: subprocess.Popen[str], path: Path) -> None:
+    assert process.stdout is not None
+    with open(path, "w") as out:
+        for line in process.stdout:
+            out.write(line)
+            out.flush()
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
