@@ -23,7 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ranks-per-node", type=int, default=2, help="training ranks per node (default: 2)")
     parser.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
     parser.add_argument("--preset", default="tiny", help="model preset (default: tiny)")
-    parser.add_argument("--batch-tokens", type=int, default=1024, help="tokens per micro-batch per rank (default: 1024)")
+    parser.add_argument(
+        "--batch-tokens", type=int, default=1024, help="tokens per micro-batch per rank (default: 1024)"
+    )
     parser.add_argument("--run-dir", help="config, telemetry and logs (default: runs/demo-TIMESTAMP)")
     parser.add_argument("--headless", action="store_true", help="no TUI: a status line a second, then a summary")
     parser.add_argument("--json", action="store_true", help="with --headless: end stdout with one JSON summary")
@@ -47,15 +49,26 @@ def run(args: argparse.Namespace) -> int:
     cluster = LocalCluster(
         nodes=args.nodes,
         ranks_per_node=args.ranks_per_node,
-        train_args=["--preset", args.preset, "--steps", str(args.steps), "--batch-tokens", str(args.batch_tokens),
-                    "--val-every", "0"],
+        train_args=[
+            "--preset",
+            args.preset,
+            "--steps",
+            str(args.steps),
+            "--batch-tokens",
+            str(args.batch_tokens),
+            "--val-every",
+            "0",
+        ],
         run_dir=args.run_dir,
         exit_when_done=args.headless,
     )
     try:
         with cluster:
-            print(f"megascope demo: {args.nodes} node(s) x {args.ranks_per_node} rank(s), logs in {cluster.run_dir}",
-                  file=sys.stderr if args.json else sys.stdout, flush=True)
+            print(
+                f"megascope demo: {args.nodes} node(s) x {args.ranks_per_node} rank(s), logs in {cluster.run_dir}",
+                file=sys.stderr if args.json else sys.stdout,
+                flush=True,
+            )  # stdout's last line is the JSON
             cluster.start()
             if args.headless:
                 from megascope.dashboard.headless import run_headless
