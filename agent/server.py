@@ -13,6 +13,7 @@ import math
 from collections.abc import AsyncIterator
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from megascope.agent.state import NodeState
@@ -68,6 +69,70 @@ def validate_event(event: telemetry_pb2.Event) -> None:
         raise InvalidMessage("event.kind: must not be empty")
 
 
+class _Undecodable:
+    """Stands in for a request whose bytes are not a valid protobuf message."""
+
+    def __init__(self, type_name: str, error: Exception) -> None:
+        self.text = f"{type_name}: the bytes are not a valid message ({error}); send a serialized {type_name}"
+
+
+class _RejectUndecodable(grpc.aio.ServerInterceptor):
+    """Answers garbage bytes with INVALID_ARGUMENT (gRPC's own default is UNKNOWN, which tells the sender
+    nothing), for every method, before any servicer code sees them."""
+
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+        type_name = handler_call_details.method.rsplit("/", 1)[-1] + "Request"
+
+        def deserialize(data: bytes) -> object:
+            try:
+                return parse(data)
+            except DecodeError as error:
+                return _Undecodable(type_name, error)
+
+        if handler.request_streaming:
+            behavior = handler.stream_stream
+
+            async def checked_stream(requests, context):  # type: ignore[no-untyped-def]
+                async def valid():  # type: ignore[no-untyped-def]
+                    async for request in requests:
+                        if isinstance(request, _Undecodable):
+                            raise InvalidMessage(request.text)
+                        yield request
+
+                async for response in behavior(valid(), context):
+                    yield response
+
+            return grpc.stream_stream_rpc_method_handler(
+                checked_stream, request_deserializer=deserialize, response_serializer=handler.response_serializer
+            )
+        if handler.response_streaming:
+            unary_stream = handler.unary_stream
+
+            async def checked_unary_stream(request, context):  # type: ignore[no-untyped-def]
+                if isinstance(request, _Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.text)
+                async for response in unary_stream(request, context):
+                    yield response
+
+            return grpc.unary_stream_rpc_method_handler(
+                checked_unary_stream, request_deserializer=deserialize, response_serializer=handler.response_serializer
+            )
+        unary_unary = handler.unary_unary
+
+        async def checked_unary(request, context):  # type: ignore[no-untyped-def]
+            if isinstance(request, _Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.text)
+            return await unary_unary(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            checked_unary, request_deserializer=deserialize, response_serializer=handler.response_serializer
+        )
+
+
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     """One ``Attach`` stream per rank: Hello first, then step reports, heartbeats and events."""
 
@@ -83,6 +148,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             first = await requests.__anext__()
         except StopAsyncIteration:
             return
+        except InvalidMessage as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         if first.WhichOneof("payload") != "hello":
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -191,6 +258,7 @@ class AgentServer:
         self.health = health.aio.HealthServicer()
         self.workers = WorkerServicer(state)
         self._server = grpc.aio.server(
+            interceptors=[_RejectUndecodable()],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.so_reuseport", 0),

@@ -188,3 +188,31 @@ async def test_get_events_filters_by_kind(agent: AgentServer) -> None:
             agent_pb2.GetEventsRequest(kinds=["checkpoint"])
         )
     assert [e.text for e in response.events] == ["saved step 10"]
+
+
+GARBAGE = b"\xff\xff\xff"
+
+
+async def test_undecodable_request_bytes_get_invalid_argument_on_unary_and_streaming_methods(
+    agent: AgentServer,
+) -> None:
+    async with grpc.aio.insecure_channel(agent.address) as channel:
+        calls = {
+            "GetEventsRequest": lambda: channel.unary_unary("/megascope.v1.AgentService/GetEvents")(GARBAGE),
+            "WatchRequest": lambda: _drain(channel.unary_stream("/megascope.v1.AgentService/Watch")(GARBAGE)),
+            "AttachRequest": lambda: _drain(
+                channel.stream_stream("/megascope.v1.WorkerService/Attach")(iter([HELLO.SerializeToString(), GARBAGE]))
+            ),
+        }
+        for type_name, call in calls.items():
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await call()
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert type_name in (raised.value.details() or "")
+        snapshot = await agent_pb2_grpc.AgentServiceStub(channel).GetSnapshot(agent_pb2.GetSnapshotRequest())
+    assert snapshot.node_info.node == "node0"
+
+
+async def _drain(call) -> None:  # type: ignore[no-untyped-def]
+    async for _ in call:
+        pass
