@@ -17,6 +17,8 @@ _COMMANDS: dict[str, str] = {
     "demo": "megascope.dashboard.demo",
     "train": "megascope.engine.cli",
     "agent": "megascope.agent.main",
+    "dashboard": "megascope.dashboard.cli",
+    "status": "megascope.dashboard.status",
 }
 
 

@@ -21,15 +21,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     agent.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1)")
     agent.add_argument("--port", type=int, default=50051, help="port to serve on; 0 picks a free one (default: 50051)")
     agent.add_argument("--node", help="this node's name in the dashboard (default: the hostname)")
-    agent.add_argument("--history-seconds", type=float, default=3600.0,
-                       help="how much host/GPU history to keep for late dashboards (default: 3600)")
-    agent.add_argument("--exit-when-done", action="store_true",
-                       help="exit when the ranks finish (default: keep serving until SIGTERM or Ctrl-C)")
-    agent.add_argument("--no-launch", action="store_true",
-                       help="serve only; ranks started elsewhere attach via MEGASCOPE_AGENT_ADDRESS")
+    agent.add_argument(
+        "--history-seconds",
+        type=float,
+        default=3600.0,
+        help="how much host/GPU history to keep for late dashboards (default: 3600)",
+    )
+    agent.add_argument(
+        "--exit-when-done",
+        action="store_true",
+        help="exit when the ranks finish (default: keep serving until SIGTERM or Ctrl-C)",
+    )
+    agent.add_argument(
+        "--no-launch",
+        action="store_true",
+        help="serve only; ranks started elsewhere attach via MEGASCOPE_AGENT_ADDRESS",
+    )
     add_train_arguments(parser)
-    parser.add_argument("script", nargs=argparse.REMAINDER,
-                        help="after --: a training script and its arguments to launch instead of megascope's trainer")
+    parser.add_argument(
+        "script",
+        nargs=argparse.REMAINDER,
+        help="after --: a training script and its arguments to launch instead of megascope's trainer",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -104,17 +104,24 @@ class Agent:
         env = {AGENT_ADDRESS_ENV: address, "MEGASCOPE_NODE": self.state.node_info.node}
         # Its own process group, so that stopping the agent stops torchrun and every rank with it.
         self._process = launcher.start(
-            options.launch, options.entry, Path(options.run_dir) / "logs" / self.state.node_info.node, env,
+            options.launch,
+            options.entry,
+            Path(options.run_dir) / "logs" / self.state.node_info.node,
+            env,
             new_session=True,
         )
-        self.state.event("job_started", f"torchrun (pid {self._process.pid}) launching "
-                         f"{options.launch.nproc_per_node} rank(s): {' '.join(options.entry)}")
+        self.state.event(
+            "job_started",
+            f"torchrun (pid {self._process.pid}) launching "
+            f"{options.launch.nproc_per_node} rank(s): {' '.join(options.entry)}",
+        )
         code = await asyncio.to_thread(self._process.wait)
         if code == 0:
             self.state.event("job_finished", "all ranks on this node finished")
         else:
-            self.state.event("job_failed", f"torchrun exited with code {code}; logs under {options.run_dir}/logs",
-                             _ERROR)
+            self.state.event(
+                "job_failed", f"torchrun exited with code {code}; logs under {options.run_dir}/logs", _ERROR
+            )
             self.exit_code = 1
         if options.exit_when_done:
             await asyncio.sleep(0.5)  # let watchers receive the last reports and the job event

@@ -163,8 +163,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self._state.rank_attached(first.hello)
         commands: asyncio.Queue[worker_pb2.Command] = asyncio.Queue()
         self.commands[rank] = commands
-        yield worker_pb2.AttachResponse(ack=worker_pb2.Ack(node=self._state.node_info.node,
-                                                           agent_version=self._state.node_info.agent_version))
+        yield worker_pb2.AttachResponse(
+            ack=worker_pb2.Ack(node=self._state.node_info.node, agent_version=self._state.node_info.agent_version)
+        )
         reader = asyncio.ensure_future(self._read(requests, rank))
         try:
             while True:
@@ -176,14 +177,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     command.cancel()
                 if reader in done:
                     break
-            error = reader.result()
+            failure = reader.result()
         finally:
             reader.cancel()
             if self.commands.get(rank) is commands:
                 del self.commands[rank]
             self._state.rank_detached(rank)
-        if error is not None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
+        if failure is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, failure)
 
     async def _read(self, requests: AsyncIterator[worker_pb2.AttachRequest], rank: int) -> str | None:
         """Apply the worker's messages until its stream ends; the error text if it sent something invalid."""
@@ -262,7 +263,7 @@ class AgentServer:
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(state, self.stopping), self._server)
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(self.workers, self._server)

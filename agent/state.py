@@ -90,8 +90,14 @@ class NodeState:
         for sub in self._subscribers:
             sub.events.append(event)
 
-    def event(self, kind: str, text: str, severity: int = telemetry_pb2.Event.SEVERITY_INFO,
-              rank: int | None = None, **attributes: str) -> None:
+    def event(
+        self,
+        kind: str,
+        text: str,
+        severity: int = telemetry_pb2.Event.SEVERITY_INFO,
+        rank: int | None = None,
+        **attributes: str,
+    ) -> None:
         """Record an event of the agent's own."""
         message = telemetry_pb2.Event(kind=kind, text=text, severity=severity, attributes=attributes)
         if rank is not None:
@@ -171,8 +177,9 @@ class NodeState:
         gpu = [s for s in self.gpu_samples if s.wall_time >= since]
         events = [e for e in self.events if e.wall_time >= since]
         # Host, GPU and events go in the first batch; step reports, the bulk, in chunks.
-        yield self._telemetry(step_reports=steps[:_BACKFILL_CHUNK], host_samples=host, gpu_samples=gpu,
-                              events=events, backfill=True)
+        yield self._telemetry(
+            step_reports=steps[:_BACKFILL_CHUNK], host_samples=host, gpu_samples=gpu, events=events, backfill=True
+        )
         for start in range(_BACKFILL_CHUNK, len(steps), _BACKFILL_CHUNK):
             yield self._telemetry(step_reports=steps[start : start + _BACKFILL_CHUNK], backfill=True)
 

@@ -61,8 +61,11 @@ def main() -> None:
             for mode in order:
                 median = one_run(mode, args, Path(tmp) / f"{mode}-{repeat}")
                 medians[mode].append(median)
-                print(f"repeat {repeat + 1}/{args.repeats} {mode:>7} agent: median step {median * 1000:.2f} ms",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"repeat {repeat + 1}/{args.repeats} {mode:>7} agent: median step {median * 1000:.2f} ms",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     without, with_agent = statistics.median(medians["without"]), statistics.median(medians["with"])
     overhead = with_agent / without - 1.0

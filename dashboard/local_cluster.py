@@ -19,6 +19,7 @@ import time
 import uuid
 from pathlib import Path
 from types import FrameType, TracebackType
+from typing import Any
 
 import psutil
 
@@ -55,18 +56,21 @@ class LocalCluster:
         self.addresses: list[str] = []
         self._known: dict[int, psutil.Process] = {}
         """Every process of the tree seen so far, by pid, so that none outlives the demo."""
-        self._previous_sigterm: object = None
+        self._previous_handlers: dict[signal.Signals, Any] = {}
 
     def __enter__(self) -> LocalCluster:
-        # SIGTERM becomes KeyboardInterrupt, so one path (unwinding through __exit__) cleans up after both.
-        self._previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)
+        # SIGTERM and SIGHUP (the terminal went away) become KeyboardInterrupt, so one path (unwinding
+        # through __exit__) cleans up after all three: the agents run in their own sessions and would
+        # otherwise outlive the demo.
+        self._previous_handlers = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
         try:
             self.stop()
         finally:
-            signal.signal(signal.SIGTERM, self._previous_sigterm)  # type: ignore[arg-type]
+            for sig, handler in self._previous_handlers.items():
+                signal.signal(sig, handler)
 
     def start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -89,8 +93,7 @@ class LocalCluster:
             self.agents.append(process)
             self._remember_tree()
             self.addresses.append(self._read_address(process, node))
-            threading.Thread(target=_copy_rest, args=(process, self.run_dir / f"agent-{node}.out"),
-                             daemon=True).start()
+            threading.Thread(target=_copy_rest, args=(process, self.run_dir / f"agent-{node}.out"), daemon=True).start()
 
     def _read_address(self, process: subprocess.Popen[str], node: str) -> str:
         assert process.stdout is not None

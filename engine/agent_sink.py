@@ -182,8 +182,14 @@ class AgentSink:
         self._thread.join(timeout=1.0)
 
 
-def connect_from_environment(rank: int, local_rank: int, world_size: int, node: str, restart_count: int,
-                             on_command: Callable[[worker_pb2.Command], None] | None = None) -> AgentSink | None:
+def connect_from_environment(
+    rank: int,
+    local_rank: int,
+    world_size: int,
+    node: str,
+    restart_count: int,
+    on_command: Callable[[worker_pb2.Command], None] | None = None,
+) -> AgentSink | None:
     """An AgentSink when this process was launched by an agent (``MEGASCOPE_AGENT_ADDRESS`` is set)."""
     address = os.environ.get(AGENT_ADDRESS_ENV)
     if not address:

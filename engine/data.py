@@ -112,7 +112,7 @@ def load_corpus(path: str | None) -> Corpus:
 
 
 def _stdlib_sources(root: Path) -> list[Path]:
-    found = []
+    found: list[Path] = []
     for directory, subdirs, files in os.walk(root):
         subdirs[:] = sorted(d for d in subdirs if d not in _SKIPPED_STDLIB_DIRS)
         found.extend(Path(directory) / f for f in sorted(files) if f.endswith(".py"))

@@ -239,7 +239,8 @@ class Transformer(nn.Module):
                 f"a document segment of {max_seqlen} tokens exceeds model.max_seq_len={self.config.max_seq_len}"
             )
         positions = positions_in_documents(cu_seqlens, tokens.shape[0])
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        rope_cos, rope_sin = self.get_buffer("rope_cos"), self.get_buffer("rope_sin")
+        cos, sin = rope_cos[positions], rope_sin[positions]
         x = self.embedding(tokens)
         for layer in self.layers:
             x = layer(x, cos, sin, cu_seqlens, max_seqlen)

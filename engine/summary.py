@@ -37,9 +37,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         return statistics.mean(r["loss"] for r in by_step[step])
 
     # A synchronous job moves at its slowest rank: all ranks' tokens over the longest step time.
-    throughput = [
-        sum(r["tokens"] for r in by_step[s]) / max(r["step_seconds"] for r in by_step[s]) for s in complete
-    ]
+    throughput = [sum(r["tokens"] for r in by_step[s]) / max(r["step_seconds"] for r in by_step[s]) for s in complete]
     steady = throughput[1:] or throughput  # step 1 pays for warm-up
     val = [(s, r["val_loss"]) for s in complete for r in by_step[s][:1] if r.get("val_loss") is not None]
     return {

@@ -86,9 +86,7 @@ class Trainer:
         sinks: list[Sink] = [JsonlSink(run_dir / "telemetry" / f"rank{self.rank}.jsonl")]
         if self.rank == 0:
             sinks.append(ConsoleSink(every=config.log_every))
-        agent = connect_from_environment(
-            self.rank, self.local_rank, self.world_size, self.node, self.restart_count
-        )
+        agent = connect_from_environment(self.rank, self.local_rank, self.world_size, self.node, self.restart_count)
         if agent is not None:
             sinks.append(agent)
         self.telemetry = Telemetry(sinks)
@@ -153,8 +151,11 @@ class Trainer:
             param_digest=parameter_digest(self.model),
         )
         if self.val_batches is None and config.val_batches:
-            self._event("no_validation", "no validation loss: the held-out documents are fewer than one "
-                        "micro-batch; raise --val-fraction or give more --data")
+            self._event(
+                "no_validation",
+                "no validation loss: the held-out documents are fewer than one "
+                "micro-batch; raise --val-fraction or give more --data",
+            )
         gc_pauses = _GcPauses()
         prefetch = Prefetcher(self.train_batches, self.device)
         try:

@@ -130,12 +130,20 @@ def write(root: Path = PROTOS_DIR) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megascope.protos.generate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true",
-                        help="do not write; exit 1 and list the stale files if anything would change")
-    parser.add_argument("--root", type=Path, default=PROTOS_DIR,
-                        help="folder holding megascope/**/*.proto (default: this package's folder)")
+    parser = argparse.ArgumentParser(
+        prog="python -m megascope.protos.generate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="do not write; exit 1 and list the stale files if anything would change"
+    )
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=PROTOS_DIR,
+        help="folder holding megascope/**/*.proto (default: this package's folder)",
+    )
     args = parser.parse_args(argv)
     root: Path = args.root.resolve()
     if args.check:

@@ -82,7 +82,8 @@ async def test_watcher_gets_live_reports_and_a_late_watcher_gets_them_back_fille
     assert steps_in(late, backfill=True) == {(rank, step) for rank in (0, 1) for step in range(1, 6)}
     assert late[0].node_info.node == "node0" and late[0].node_info.total_steps == 100
     assert {s.rank: s.state for s in late[-1].rank_statuses} == {
-        0: telemetry_pb2.RANK_STATE_RUNNING, 1: telemetry_pb2.RANK_STATE_RUNNING
+        0: telemetry_pb2.RANK_STATE_RUNNING,
+        1: telemetry_pb2.RANK_STATE_RUNNING,
     }
     for sink in sinks:
         await asyncio.to_thread(sink.close)  # the server runs on this loop: never block it

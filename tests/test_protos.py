@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FileDescriptor
+
 from megascope.protos import generate
 from megascope.protos.megascope.v1 import agent_pb2, telemetry_pb2, worker_pb2
 
@@ -50,8 +51,9 @@ def test_check_fails_when_a_proto_changes(protos_copy: Path, capsys: pytest.Capt
     # Proves the freshness test can fail: edit a .proto without regenerating.
     proto = protos_copy / "megascope/v1/telemetry.proto"
     source = proto.read_text()
-    proto.write_text(source.replace("  optional double val_loss = 25;\n",
-                                    "  optional double val_loss = 25;\n  double extra = 26;\n"))
+    proto.write_text(
+        source.replace("  optional double val_loss = 25;\n", "  optional double val_loss = 25;\n  double extra = 26;\n")
+    )
     assert proto.read_text() != source, "the edit did not apply; update this test"
 
     stale = generate.stale_files(protos_copy)
@@ -79,18 +81,46 @@ def test_check_flags_leftover_generated_file(protos_copy: Path) -> None:
 
 def _step_report(rank: int = 3) -> telemetry_pb2.StepReport:
     return telemetry_pb2.StepReport(
-        node="node0", rank=rank, local_rank=1, world_size=4, step=120, loss=2.75, lr=3e-4,
-        grad_norm=0.9, tokens=8192, step_seconds=0.5, data_wait_seconds=0.01, forward_seconds=0.12,
-        backward_seconds=0.25, comm_wait_seconds=0.04, optimizer_seconds=0.05, other_seconds=0.03,
-        tokens_per_second=16384.0, mfu=0.41, model_flops=1.2e12, gc_pause_seconds=0.002,
-        wall_time=1_750_000_000.25, restart_count=1, collectives_issued=960,
+        node="node0",
+        rank=rank,
+        local_rank=1,
+        world_size=4,
+        step=120,
+        loss=2.75,
+        lr=3e-4,
+        grad_norm=0.9,
+        tokens=8192,
+        step_seconds=0.5,
+        data_wait_seconds=0.01,
+        forward_seconds=0.12,
+        backward_seconds=0.25,
+        comm_wait_seconds=0.04,
+        optimizer_seconds=0.05,
+        other_seconds=0.03,
+        tokens_per_second=16384.0,
+        mfu=0.41,
+        model_flops=1.2e12,
+        gc_pause_seconds=0.002,
+        wall_time=1_750_000_000.25,
+        restart_count=1,
+        collectives_issued=960,
         collectives=[
-            telemetry_pb2.CollectiveTiming(name="allreduce", bucket_index=0, bytes=25 << 20,
-                                           start_offset_seconds=0.2, duration_seconds=0.06,
-                                           blocked_seconds=0.01),
-            telemetry_pb2.CollectiveTiming(name="allreduce", bucket_index=1, bytes=12 << 20,
-                                           start_offset_seconds=0.3, duration_seconds=0.04,
-                                           blocked_seconds=0.03),
+            telemetry_pb2.CollectiveTiming(
+                name="allreduce",
+                bucket_index=0,
+                bytes=25 << 20,
+                start_offset_seconds=0.2,
+                duration_seconds=0.06,
+                blocked_seconds=0.01,
+            ),
+            telemetry_pb2.CollectiveTiming(
+                name="allreduce",
+                bucket_index=1,
+                bytes=12 << 20,
+                start_offset_seconds=0.3,
+                duration_seconds=0.04,
+                blocked_seconds=0.03,
+            ),
         ],
     )
 
@@ -114,25 +144,67 @@ def test_step_report_round_trip() -> None:
 def test_telemetry_batch_round_trip() -> None:
     batch = telemetry_pb2.Telemetry(
         step_reports=[_step_report(0), _step_report(1)],
-        host_samples=[telemetry_pb2.HostSample(
-            node="node0", wall_time=1.5, cpu_percent=55.0, cpu_percents=[50.0, 60.0],
-            memory_used_bytes=8 << 30, memory_total_bytes=64 << 30, disk_read_bytes_per_second=1e6,
-            disk_write_bytes_per_second=2e6, net_recv_bytes_per_second=3e6, net_sent_bytes_per_second=4e6,
-            load_average_1m=3.5)],
-        gpu_samples=[telemetry_pb2.GpuSample(
-            node="node0", wall_time=1.5, index=0, name="NVIDIA H100", uuid="GPU-0", utilization_percent=97,
-            memory_used_bytes=70 << 30, memory_total_bytes=80 << 30, temperature_celsius=71,
-            power_watts=650, power_limit_watts=700, sm_clock_mhz=1980, mem_clock_mhz=2619,
-            ecc_errors_corrected=2, ecc_errors_uncorrected=0, xid_errors=[79],
-            throttle_reasons=["sw_power_cap"])],
-        events=[telemetry_pb2.Event(
-            wall_time=2.0, node="node0", kind="crash", severity=telemetry_pb2.Event.SEVERITY_ERROR,
-            rank=2, step=121, text="rank 2 exited with code 1", attributes={"exit_code": "1"})],
+        host_samples=[
+            telemetry_pb2.HostSample(
+                node="node0",
+                wall_time=1.5,
+                cpu_percent=55.0,
+                cpu_percents=[50.0, 60.0],
+                memory_used_bytes=8 << 30,
+                memory_total_bytes=64 << 30,
+                disk_read_bytes_per_second=1e6,
+                disk_write_bytes_per_second=2e6,
+                net_recv_bytes_per_second=3e6,
+                net_sent_bytes_per_second=4e6,
+                load_average_1m=3.5,
+            )
+        ],
+        gpu_samples=[
+            telemetry_pb2.GpuSample(
+                node="node0",
+                wall_time=1.5,
+                index=0,
+                name="NVIDIA H100",
+                uuid="GPU-0",
+                utilization_percent=97,
+                memory_used_bytes=70 << 30,
+                memory_total_bytes=80 << 30,
+                temperature_celsius=71,
+                power_watts=650,
+                power_limit_watts=700,
+                sm_clock_mhz=1980,
+                mem_clock_mhz=2619,
+                ecc_errors_corrected=2,
+                ecc_errors_uncorrected=0,
+                xid_errors=[79],
+                throttle_reasons=["sw_power_cap"],
+            )
+        ],
+        events=[
+            telemetry_pb2.Event(
+                wall_time=2.0,
+                node="node0",
+                kind="crash",
+                severity=telemetry_pb2.Event.SEVERITY_ERROR,
+                rank=2,
+                step=121,
+                text="rank 2 exited with code 1",
+                attributes={"exit_code": "1"},
+            )
+        ],
         backfill=True,
         node_info=telemetry_pb2.NodeInfo(
-            node="node0", hostname="host-a", agent_address="127.0.0.1:50051", pid=4242, ranks=[0, 1],
-            world_size=4, gpu_available=False, gpu_status="no GPU: NVML Shared Library Not Found",
-            start_wall_time=1.0, agent_version="0.1.0"),
+            node="node0",
+            hostname="host-a",
+            agent_address="127.0.0.1:50051",
+            pid=4242,
+            ranks=[0, 1],
+            world_size=4,
+            gpu_available=False,
+            gpu_status="no GPU: NVML Shared Library Not Found",
+            start_wall_time=1.0,
+            agent_version="0.1.0",
+        ),
     )
     decoded = telemetry_pb2.Telemetry.FromString(batch.SerializeToString())
     assert decoded == batch
@@ -155,8 +227,9 @@ def test_attach_oneofs_round_trip() -> None:
     hello = worker_pb2.AttachRequest(hello=worker_pb2.Hello(rank=1, world_size=2, pid=7, run_id="r"))
     assert worker_pb2.AttachRequest.FromString(hello.SerializeToString()).WhichOneof("payload") == "hello"
 
-    command = worker_pb2.AttachResponse(command=worker_pb2.Command(
-        id="c1", kind=worker_pb2.COMMAND_KIND_CHECKPOINT, arguments={"path": "/ckpt"}))
+    command = worker_pb2.AttachResponse(
+        command=worker_pb2.Command(id="c1", kind=worker_pb2.COMMAND_KIND_CHECKPOINT, arguments={"path": "/ckpt"})
+    )
     decoded = worker_pb2.AttachResponse.FromString(command.SerializeToString())
     assert decoded.WhichOneof("payload") == "command"
     assert decoded.command.kind == worker_pb2.COMMAND_KIND_CHECKPOINT

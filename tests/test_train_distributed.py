@@ -43,7 +43,9 @@ def test_both_ranks_report_every_step(two_rank_run: dict[int, list[dict[str, Any
 def test_loss_falls(two_rank_run: dict[int, list[dict[str, Any]]]) -> None:
     # Mean over both ranks and a few steps: single micro-batches of source code vary a lot in difficulty.
     def mean_loss(steps: range) -> float:
-        return statistics.mean(r["loss"] for recs in two_rank_run.values() for r in steps_of(recs) if r["step"] in steps)
+        return statistics.mean(
+            r["loss"] for recs in two_rank_run.values() for r in steps_of(recs) if r["step"] in steps
+        )
 
     assert mean_loss(range(STEPS - 4, STEPS + 1)) < mean_loss(range(1, 6)) - 1.0
 

@@ -1,0 +1,171 @@
+"""One asyncio task per agent: watch its telemetry stream and feed the cluster model, forever.
+
+``watch_agent`` opens its gRPC channel inside the running event loop (grpc.aio objects belong to the loop
+that creates them), calls ``AgentService.Watch`` and hands every batch to the model. When the stream ends
+or fails it marks the agent DISCONNECTED and reconnects with exponential backoff plus jitter. It never
+raises into its caller; cancelling the task closes the channel and ends it cleanly.
+
+``collect_once`` is the one-shot variant behind ``megascope status``: read the back-fill, then stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import sys
+import time
+from typing import Any
+
+import grpc
+
+from megascope.dashboard.cluster import ClusterModel
+from megascope.protos.megascope.v1 import agent_pb2, agent_pb2_grpc
+
+INITIAL_BACKOFF = 0.25
+MAX_BACKOFF = 5.0
+STALE_AFTER = 15.0
+"""Seconds without a batch after which a stream is treated as dead."""
+# The dashboard receives one batch every ~250 ms per agent; a reconnect's back-fill can be large.
+_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+
+
+def describe_error(error: BaseException) -> str:
+    """A one-line reason a person can act on, e.g. ``UNAVAILABLE: failed to connect to all addresses``."""
+    if isinstance(error, grpc.aio.AioRpcError):
+        details = (error.details() or "").splitlines()
+        first = details[0] if details else ""
+        return f"{error.code().name}: {first}" if first else error.code().name
+    if isinstance(error, asyncio.TimeoutError):
+        return f"no telemetry for {STALE_AFTER:g}s"
+    return f"{type(error).__name__}: {error}"
+
+
+class _Backoff:
+    """0.25 s doubling up to 5 s, each delay jittered by +-``jitter`` so many dashboards do not retry in step."""
+
+    def __init__(self, initial: float, maximum: float, jitter: float, rng: random.Random) -> None:
+        self.initial, self.maximum, self.jitter, self.rng = initial, maximum, jitter, rng
+        self.current = initial
+
+    def next(self) -> float:
+        delay = self.current * (1.0 + self.rng.uniform(-self.jitter, self.jitter))
+        self.current = min(self.current * 2.0, self.maximum)
+        return delay
+
+    def reset(self) -> None:
+        self.current = self.initial
+
+
+async def _read(call: Any, seconds: float) -> Any:
+    """The stream's next message or EOF; TimeoutError after ``seconds``.
+
+    Not ``asyncio.wait_for``: before Python 3.12 it can swallow a cancellation that lands as the read
+    completes, and a watcher that misses its cancel keeps reconnecting forever.
+    """
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(seconds):
+            return await call.read()
+    return await asyncio.wait_for(call.read(), seconds)  # pragma: no cover - Python 3.10
+
+
+async def watch_agent(
+    model: ClusterModel,
+    address: str,
+    *,
+    backfill_seconds: float = 0.0,
+    initial_backoff: float = INITIAL_BACKOFF,
+    max_backoff: float = MAX_BACKOFF,
+) -> None:
+    """Keep ``model`` fed from the agent at ``address`` until cancelled. Never raises (except cancellation)."""
+    backoff = _Backoff(initial_backoff, max_backoff, 0.2, random.Random())
+    agent = model.add_agent(address)
+    # CONNECTING only before the first answer; after a loss the node stays DISCONNECTED (with the reason and
+    # since when) while retries run, rather than flickering between states.
+    model.set_connecting(address)
+    while True:
+        batches_before = agent.batches
+        try:
+            await _stream_once(model, address, backfill_seconds)
+            error = "stream ended (agent stopped?)"
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # any failure is a disconnect to show, never a crash
+            error = describe_error(exc)
+        model.set_disconnected(address, error)
+        if agent.batches > batches_before:
+            backoff.reset()  # it was up: the first retry after losing it comes quickly
+        await asyncio.sleep(backoff.next())
+
+
+async def _stream_once(model: ClusterModel, address: str, backfill_seconds: float) -> None:
+    """Read one Watch stream until it ends (returns) or fails (raises)."""
+    received = False
+    async with grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS) as channel:
+        stub = agent_pb2_grpc.AgentServiceStub(channel)
+        call = stub.Watch(agent_pb2.WatchRequest(backfill_seconds=backfill_seconds))
+        try:
+            while True:
+                # A live agent sends a batch every ~250 ms; a long silence means it is stuck or unreachable
+                # (a frozen host keeps the TCP connection open), so give up and reconnect.
+                response = await _read(call, STALE_AFTER)
+                if response is grpc.aio.EOF:
+                    break
+                model.ingest(address, response.telemetry)
+                if not received:  # after the first ingest, so the node has its name for the event log
+                    received = True
+                    model.set_connected(address)
+        finally:
+            call.cancel()
+
+
+async def collect_once(model: ClusterModel, address: str, timeout: float) -> None:
+    """Fill ``model`` with what the agent at ``address`` has, within ``timeout`` seconds, then disconnect.
+
+    Reads the Watch back-fill and the first live batch (which carries the current rank statuses). Leaves the
+    agent CONNECTED if it answered at all, DISCONNECTED with the reason if it did not. Never raises.
+    """
+    model.set_connecting(address)
+    deadline = time.monotonic() + timeout
+    answered = False
+    error = f"no answer within {timeout:g}s"
+    try:
+        async with grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS) as channel:
+            stub = agent_pb2_grpc.AgentServiceStub(channel)
+            call = stub.Watch(agent_pb2.WatchRequest())
+            try:
+                while (remaining := deadline - time.monotonic()) > 0:
+                    response = await _read(call, remaining)
+                    if response is grpc.aio.EOF:
+                        error = "stream ended before any telemetry"
+                        break
+                    model.ingest(address, response.telemetry)
+                    if not answered:
+                        answered = True
+                        model.set_connected(address)
+                    if not response.telemetry.backfill:
+                        break  # back-fill done and the current state seen: that is the snapshot
+            finally:
+                call.cancel()
+    except asyncio.CancelledError:
+        raise
+    except asyncio.TimeoutError:
+        pass  # keep "no answer within ..."
+    except Exception as exc:
+        error = describe_error(exc)
+    if not answered:
+        model.set_disconnected(address, error)
+
+
+async def collect_all(model: ClusterModel, addresses: list[str], timeout: float) -> None:
+    """``collect_once`` for every agent, concurrently."""
+    await asyncio.gather(*(collect_once(model, a, timeout) for a in addresses))
+
+
+async def cancel_quietly(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel watcher tasks and wait for them to finish."""
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
