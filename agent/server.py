@@ -54,7 +54,7 @@ def validate_step_report(report: telemetry_pb2.StepReport, rank: int) -> None:
         report,
         "step_report",
         ("step_seconds", "data_wait_seconds", "forward_seconds", "backward_seconds", "comm_wait_seconds",
-         "optimizer_seconds", "other_seconds", "tokens_per_second", "model_flops", "gc_pause_seconds"),
+         "optimizer_seconds", "other_seconds", "tokens_per_second", "model_flops", "gc_pause_seconds", "cpu_seconds"),
     )  # fmt: skip
     for index, collective in enumerate(report.collectives):
         _check_finite_non_negative(

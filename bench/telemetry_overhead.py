@@ -1,12 +1,16 @@
-"""What attaching the agent costs training: the same run with and without it, interleaved, median step time.
+"""What streaming telemetry to the agent costs training, measured inside one run.
 
-    python bench/telemetry_overhead.py [--repeats 5] [--steps 80] [--ranks 2] [--json]
+    python bench/telemetry_overhead.py [--steps 400] [--block 10] [--ranks 2] [--json]
 
-"without": `megascope train` (ranks write JSONL telemetry only). "with": `megascope agent --exit-when-done`
-launching the same ranks, which then also stream every step report, heartbeats and events to the agent over
-gRPC, while the agent samples the host once a second and serves its history. Both modes run in alternation
-(ABAB..., the order flipped each repeat) so drift in the machine's speed hits both alike. Per run: the median
-step time over both ranks after a warm-up; per mode: the median over runs. The overhead is their ratio - 1.
+Whole runs with and without the agent differ by more than the effect on a shared 2-core VM (the machine's
+speed drifts 10-20% between runs), so the comparison is made within one run: the agent launches the ranks
+with MEGASCOPE_AGENT_SINK_AB_STEPS=BLOCK, and the ranks stream their step reports to it in even blocks of
+BLOCK steps and not in odd ones (heartbeats and events always). Each pair of neighbouring blocks gives a
+ratio of median step times (the first step of each block is left out: a report is sent after its step, so
+its cost lands in the next one); the overhead is the median ratio - 1 over all pairs, both orders.
+
+The agent process's own cost (sampling the host, storing reports) also falls on these cores; it is reported
+as its CPU time over the measured steps as a share of the ranks' CPU time in the same steps.
 """
 
 from __future__ import annotations
@@ -18,69 +22,91 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+import psutil
+
+from megascope.engine.agent_sink import AB_STEPS_ENV
 from megascope.engine.summary import read_step_reports
 
-WARMUP_STEPS = 10
+WARMUP_STEPS = 20
 
 
-def one_run(mode: str, args: argparse.Namespace, run_dir: Path) -> float:
-    common = ["--nproc-per-node", str(args.ranks), "--preset", "tiny", "--steps", str(args.steps),
-              "--batch-tokens", str(args.batch_tokens), "--val-every", "0", "--log-every", "1000",
-              "--run-dir", str(run_dir)]  # fmt: skip
-    if mode == "without":
-        command = [sys.executable, "-m", "megascope.agent.cli", "train", *common]
-    else:
-        command = [sys.executable, "-m", "megascope.agent.cli", "agent", "--port", "0", "--exit-when-done", *common]
-    result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    if result.returncode != 0:
-        raise SystemExit(f"{mode} run failed:\n{result.stderr[-2000:]}")
-    by_step = read_step_reports(run_dir)
-    times = [r["step_seconds"] for step, reports in by_step.items() if step > WARMUP_STEPS for r in reports]
-    if len(times) < args.ranks * (args.steps - WARMUP_STEPS):
-        raise SystemExit(f"{mode} run reported {len(times)} step times, expected {args.ranks * (args.steps - 10)}")
-    return statistics.median(times)
+def _steps_done(run_dir: Path) -> int:
+    path = run_dir / "telemetry" / "rank0.jsonl"
+    return path.read_text().count('"type": "step"') if path.exists() else 0
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--block", type=int, default=10, help="steps per block (default: 10)")
     parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--batch-tokens", type=int, default=1024)
+    parser.add_argument("--batch-tokens", type=int, default=2048, help="as megascope train (default: 2048)")
     parser.add_argument("--json", action="store_true", help="end stdout with one JSON object of the figures")
     args = parser.parse_args()
-    if args.steps <= WARMUP_STEPS:
-        parser.error(f"--steps must exceed the {WARMUP_STEPS} warm-up steps")
+    if args.block < 3 or args.steps < WARMUP_STEPS + 4 * args.block:
+        parser.error("need --block >= 3 and --steps >= 20 + 4 blocks")
 
-    medians: dict[str, list[float]] = {"without": [], "with": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for repeat in range(args.repeats):
-            order = ("without", "with") if repeat % 2 == 0 else ("with", "without")
-            for mode in order:
-                median = one_run(mode, args, Path(tmp) / f"{mode}-{repeat}")
-                medians[mode].append(median)
-                print(
-                    f"repeat {repeat + 1}/{args.repeats} {mode:>7} agent: median step {median * 1000:.2f} ms",
-                    file=sys.stderr,
-                    flush=True,
-                )
+        run_dir = Path(tmp)
+        command = [sys.executable, "-m", "megascope.agent.cli", "agent", "--port", "0", "--exit-when-done",
+                   "--nproc-per-node", str(args.ranks), "--preset", "tiny", "--steps", str(args.steps),
+                   "--batch-tokens", str(args.batch_tokens), "--val-every", "0", "--log-every", "100000",
+                   "--run-dir", str(run_dir)]  # fmt: skip
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **{AB_STEPS_ENV: str(args.block)})
+        print(f"$ {AB_STEPS_ENV}={args.block} megascope {' '.join(command[3:])}", file=sys.stderr, flush=True)
+        agent = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        watched = psutil.Process(agent.pid)
+        agent_cpu_at: dict[int, float] = {}  # steps done -> agent CPU seconds then
+        while agent.poll() is None:
+            try:
+                times = watched.cpu_times()
+            except psutil.Error:
+                break
+            agent_cpu_at.setdefault(_steps_done(run_dir), times.user + times.system)
+            time.sleep(0.1)
+        _, stderr = agent.communicate()
+        if agent.returncode != 0:
+            raise SystemExit(f"the run failed:\n{stderr[-2000:]}")
+        by_step = read_step_reports(run_dir)
 
-    without, with_agent = statistics.median(medians["without"]), statistics.median(medians["with"])
-    overhead = with_agent / without - 1.0
-    print(f"\ntiny model, {args.ranks} ranks, {args.steps} steps x {args.repeats} repeats, interleaved")
-    print(f"{'mode':<16}{'median step (ms)':>18}{'runs (ms)':>40}")
-    for mode, label in (("without", "without agent"), ("with", "with agent")):
-        runs = " ".join(f"{m * 1000:.1f}" for m in medians[mode])
-        print(f"{label:<16}{statistics.median(medians[mode]) * 1000:>18.2f}{runs:>40}")
-    print(f"overhead: {overhead * 100:+.2f}% (goal: <= 1%)")
+    def block_median(block: int) -> float:
+        steps = range(block * args.block + 1, (block + 1) * args.block)  # skip each block's first step
+        return statistics.median(r["step_seconds"] for s in steps for r in by_step[s])
+
+    first_block = -(-WARMUP_STEPS // args.block)
+    blocks = list(range(first_block, args.steps // args.block))
+    medians = {
+        b: block_median(b) for b in blocks if all(s in by_step for s in range(b * args.block, (b + 1) * args.block))
+    }
+    # Even blocks stream (on), odd blocks do not (off); compare each block with its neighbour.
+    ratios = [
+        (medians[a] / medians[b]) if a % 2 == 0 else (medians[b] / medians[a])
+        for a, b in zip(sorted(medians), sorted(medians)[1:], strict=False)
+    ]
+    on = statistics.median(m for b, m in medians.items() if b % 2 == 0)
+    off = statistics.median(m for b, m in medians.items() if b % 2 == 1)
+    overhead = (statistics.median(ratios) - 1) * 100
+
+    measured = [s for s in agent_cpu_at if s >= WARMUP_STEPS]
+    first, last = min(measured), max(measured)
+    agent_cpu = agent_cpu_at[last] - agent_cpu_at[first]
+    ranks_cpu = sum(r["cpu_seconds"] for s in range(first + 1, last + 1) for r in by_step.get(s, []))
+    agent_share = agent_cpu / ranks_cpu * 100
+
+    print(f"\ntiny model, {args.ranks} ranks, {args.steps} steps, blocks of {args.block} alternating, one run")
+    print(f"{'':<34}{'median step (ms)':>18}")
+    print(f"{'streaming to the agent':<34}{on * 1e3:>18.2f}")
+    print(f"{'not streaming (agent idle)':<34}{off * 1e3:>18.2f}")
+    print(f"streaming overhead (median of {len(ratios)} neighbouring-block ratios): {overhead:+.2f}% (goal: <= 1%)")
+    print(f"agent process CPU: {agent_share:.2f}% of the ranks' CPU over the same steps")
     if args.json:
         print(json.dumps({
-            "ranks": args.ranks, "steps": args.steps, "repeats": args.repeats,
-            "median_step_seconds_without_agent": without, "median_step_seconds_with_agent": with_agent,
-            "runs_without_agent": medians["without"], "runs_with_agent": medians["with"],
-            "overhead_percent": overhead * 100,
+            "ranks": args.ranks, "steps": args.steps, "block_steps": args.block, "block_pairs": len(ratios),
+            "overhead_percent": overhead, "median_step_seconds_streaming": on,
+            "median_step_seconds_not_streaming": off, "agent_cpu_percent_of_ranks": agent_share,
         }))  # fmt: skip
 
 

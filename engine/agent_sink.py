@@ -23,6 +23,9 @@ from megascope.engine.telemetry import Event, StepReport
 from megascope.protos.megascope.v1 import telemetry_pb2, worker_pb2, worker_pb2_grpc
 
 AGENT_ADDRESS_ENV = "MEGASCOPE_AGENT_ADDRESS"
+AB_STEPS_ENV = "MEGASCOPE_AGENT_SINK_AB_STEPS"
+"""For measuring this sink's cost (bench/telemetry_overhead.py): with N set, step reports of steps in odd
+blocks of N steps (N..2N-1, 3N..4N-1, ...) are not sent, so one run holds both conditions, interleaved."""
 _HEARTBEAT_SECONDS = 1.0
 _BACKOFF_START_SECONDS = 0.25
 _BACKOFF_MAX_SECONDS = 5.0
@@ -81,10 +84,15 @@ class AgentSink:
         hello: worker_pb2.Hello,
         on_command: Callable[[worker_pb2.Command], None] | None = None,
         capacity: int = 1024,
+        ab_block_steps: int = 0,
     ) -> None:
         self._address = address
+        self._ab_block_steps = ab_block_steps
         self._hello = hello
         self._on_command = on_command
+        self._capacity = capacity
+        # One queue per connection attempt: a request generator of a dead stream may linger on gRPC's
+        # thread, and must not take messages meant for the live one.
         self._outbox: queue.Queue[worker_pb2.AttachRequest] = queue.Queue(maxsize=capacity)
         self._connected = threading.Event()
         self._closing = threading.Event()
@@ -102,6 +110,8 @@ class AgentSink:
 
     def write_step(self, report: StepReport) -> None:
         self._last_step = report.step
+        if self._ab_block_steps and (report.step // self._ab_block_steps) % 2 == 1:
+            return
         self._offer(worker_pb2.AttachRequest(step_report=step_to_proto(report)))
 
     def write_event(self, event: Event) -> None:
@@ -116,14 +126,14 @@ class AgentSink:
         except queue.Full:
             self.dropped += 1
 
-    def _requests(self) -> Iterator[worker_pb2.AttachRequest]:
+    def _requests(self, outbox: queue.Queue[worker_pb2.AttachRequest]) -> Iterator[worker_pb2.AttachRequest]:
         # Runs on gRPC's thread: Hello first, then queued messages, a heartbeat whenever idle for a second.
         yield worker_pb2.AttachRequest(hello=self._hello)
-        while not self._closing.is_set() or not self._outbox.empty():
+        while outbox is self._outbox and (not self._closing.is_set() or not outbox.empty()):
             try:
-                yield self._outbox.get(timeout=_HEARTBEAT_SECONDS)
+                yield outbox.get(timeout=_HEARTBEAT_SECONDS)
             except queue.Empty:
-                if self._closing.is_set():
+                if self._closing.is_set() or outbox is not self._outbox:
                     return
                 yield worker_pb2.AttachRequest(
                     heartbeat=telemetry_pb2.Heartbeat(
@@ -139,8 +149,9 @@ class AgentSink:
         backoff = _BACKOFF_START_SECONDS
         while not self._closing.is_set():
             channel = grpc.insecure_channel(self._address)
+            self._outbox = queue.Queue(maxsize=self._capacity)
             try:
-                call = worker_pb2_grpc.WorkerServiceStub(channel).Attach(self._requests())
+                call = worker_pb2_grpc.WorkerServiceStub(channel).Attach(self._requests(self._outbox))
                 self._call = call
                 for response in call:
                     if response.HasField("ack"):
@@ -203,4 +214,4 @@ def connect_from_environment(
         restart_count=restart_count,
         run_id=os.environ.get("TORCHELASTIC_RUN_ID", ""),
     )
-    return AgentSink(address, hello, on_command)
+    return AgentSink(address, hello, on_command, ab_block_steps=int(os.environ.get(AB_STEPS_ENV, "0")))

@@ -56,6 +56,8 @@ class StepReport:
     model_flops: float
     mfu: float | None
     gc_pause_seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    """CPU time of the whole process (every thread) during the step: telemetry threads included."""
     collectives: list[CollectiveTiming] = field(default_factory=list)
     collectives_issued: int = 0
     val_loss: float | None = None

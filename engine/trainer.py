@@ -183,6 +183,7 @@ class Trainer:
         gc_before = gc_pauses.total
         self.collectives.begin_step()
 
+        cpu_start = time.process_time()
         step_start = time.perf_counter()
         data_wait = forward = backward = comm_wait = 0.0
         loss_sum = torch.zeros((), device=self.device)
@@ -247,6 +248,7 @@ class Trainer:
             model_flops=flops,
             mfu=flops / step_seconds / self.peak.flops_per_second if self.peak else None,
             gc_pause_seconds=gc_pauses.total - gc_before,
+            cpu_seconds=time.process_time() - cpu_start,
             collectives=self.collectives.timings(step_start, compute_end),
             collectives_issued=self.collectives.issued,
             restart_count=self.restart_count,

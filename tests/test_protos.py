@@ -51,9 +51,7 @@ def test_check_fails_when_a_proto_changes(protos_copy: Path, capsys: pytest.Capt
     # Proves the freshness test can fail: edit a .proto without regenerating.
     proto = protos_copy / "megascope/v1/telemetry.proto"
     source = proto.read_text()
-    proto.write_text(
-        source.replace("  optional double val_loss = 25;\n", "  optional double val_loss = 25;\n  double extra = 26;\n")
-    )
+    proto.write_text(source + "\nmessage ExtraForTheFreshnessTest {\n  int32 extra = 1;\n}\n")
     assert proto.read_text() != source, "the edit did not apply; update this test"
 
     stale = generate.stale_files(protos_copy)
