@@ -43,6 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: table, or measured on CPU)")
     train.add_argument("--run-dir", help="config, telemetry and logs go here (default: runs/train-TIMESTAMP)")
 
+    ckpt = parser.add_argument_group("checkpoints")
+    ckpt.add_argument("--ckpt-dir", help="save checkpoints here, and resume from the newest one found there")
+    ckpt.add_argument("--ckpt-every", type=int, default=0, help="save every N steps (default: 0, only at the end)")
+    ckpt.add_argument("--ckpt-keep", type=int, default=3, help="keep the newest N; 0 keeps all (default: 3)")
+    ckpt.add_argument("--ckpt-keep-every", type=int, default=0, help="also keep every step divisible by N (default: 0)")
+    ckpt.add_argument("--no-resume", action="store_true", help="start from scratch even if --ckpt-dir has checkpoints")
+
     launch = parser.add_argument_group("launch (as torchrun)")
     launch.add_argument("--nproc-per-node", type=int, default=1, help="ranks on this node (default: 1)")
     launch.add_argument("--nnodes", default="1", help="N or MIN:MAX nodes (default: 1)")
@@ -53,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build(args: argparse.Namespace) -> tuple[TrainConfig, LaunchOptions]:
     """The run's config and launch options from the flags; raises ConfigError/DataError naming a flag."""
-    from megascope.engine.config import ConfigError, OptimConfig, TrainConfig
+    from megascope.engine.config import CheckpointConfig, ConfigError, OptimConfig, TrainConfig
     from megascope.engine.data import DataConfig, DataError, load_corpus, split_train_val
     from megascope.engine.launch import LaunchOptions
     from megascope.engine.model import PRESETS, preset
@@ -76,6 +83,13 @@ def build(args: argparse.Namespace) -> tuple[TrainConfig, LaunchOptions]:
             decay_steps=args.decay_steps,
             weight_decay=args.weight_decay,
             grad_clip=args.grad_clip,
+        ),
+        checkpoint=CheckpointConfig(
+            dir=args.ckpt_dir,
+            every=args.ckpt_every,
+            keep_last=args.ckpt_keep,
+            keep_every=args.ckpt_keep_every,
+            resume=not args.no_resume,
         ),
         preset=args.preset,
         steps=args.steps,

@@ -53,10 +53,29 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    dir: str | None = None
+    """Where checkpoints go; None saves none. A run given a directory with checkpoints resumes from the newest."""
+    every: int = 0
+    """Save every this-many steps (0: only at the end of training)."""
+    keep_last: int = 3
+    """Keep the newest this-many checkpoints (0: keep all)."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of this (0: none extra)."""
+    resume: bool = True
+    """Resume from the newest complete checkpoint in ``dir`` when there is one."""
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.keep_last < 0 or self.keep_every < 0:
+            raise ConfigError("--ckpt-every, --ckpt-keep and --ckpt-keep-every must be >= 0")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     preset: str = "tiny"
     steps: int = 100
     """Optimizer steps to train for."""
@@ -97,6 +116,7 @@ class TrainConfig:
             model=ModelConfig.from_dict(values.pop("model")),
             data=DataConfig(**values.pop("data")),
             optim=OptimConfig(**values.pop("optim")),
+            checkpoint=CheckpointConfig(**values.pop("checkpoint", {})),
             **values,
         )
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import json
 import os
 import socket
 import sys
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from megascope.engine.agent_sink import connect_from_environment
+from megascope.engine.checkpoint import Checkpointer, committed_steps, load, remove_unfinished
 from megascope.engine.collectives import CollectiveTimer
 from megascope.engine.config import TrainConfig
 from megascope.engine.data import PackedBatches, Prefetcher, load_corpus, split_train_val
@@ -81,6 +83,9 @@ class Trainer:
         self.device = _pick_device(config, self.local_rank)
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=config.dist_timeout_seconds))
+        # Checkpoint coordination gets its own gloo group, so a save's commit (on a background thread)
+        # can never interleave with, or wait behind, the training group's gradient all-reduces.
+        self.ckpt_group = dist.new_group(backend="gloo") if config.checkpoint.dir else None
 
         run_dir = Path(config.run_dir)
         sinks: list[Sink] = [JsonlSink(run_dir / "telemetry" / f"rank{self.rank}.jsonl")]
@@ -118,6 +123,64 @@ class Trainer:
         )
         self.peak: PeakFlops | None = device_peak(self.device, self.autocast, config.peak_tflops)
         self.step = 0
+        self.checkpointer: Checkpointer | None = None
+        self.resumed_from: int | None = None
+        if config.checkpoint.dir:
+            self._set_up_checkpoints(Path(config.checkpoint.dir))
+
+    def _set_up_checkpoints(self, directory: Path) -> None:
+        ckpt = self.config.checkpoint
+        if ckpt.resume and committed_steps(directory):
+            self._resume(directory)
+        if self.rank == 0:
+            for path in remove_unfinished(directory):
+                self._event("checkpoint_cleanup", f"removed the unfinished save {path.name}")
+        self.checkpointer = Checkpointer(
+            directory, self.rank, self.world_size, self.ckpt_group, layout="ddp", keep_last=ckpt.keep_last,
+            keep_every=ckpt.keep_every, on_event=lambda kind, text, attributes: self._event(kind, text, **attributes),
+        )  # fmt: skip
+
+    def _checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """Model and optimizer tensors by stable names (parameter names, not optimizer indices)."""
+        state = {f"model/{name}": tensor for name, tensor in self.model.state_dict().items()}
+        for name, param in self.model.named_parameters():
+            for key, value in self.optimizer.state.get(param, {}).items():
+                state[f"optim/{name}/{key}"] = value
+        return state
+
+    def _ensure_optimizer_state(self) -> None:
+        # AdamW creates its state lazily at the first step; a resume fills it in before that step.
+        fused = self.device.type == "cuda"
+        for param in self.model.parameters():
+            if not self.optimizer.state.get(param):
+                self.optimizer.state[param] = {
+                    "step": torch.zeros((), dtype=torch.float32, device=param.device if fused else "cpu"),
+                    "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+                }
+
+    def _resume(self, directory: Path) -> None:
+        self._ensure_optimizer_state()
+        targets = self._checkpoint_state()
+        rng = torch.get_rng_state()
+        targets_local = {f"rng/rank{self.rank}/cpu": rng}
+        metadata, _ = load(directory, targets)
+        # A rank that did not exist in the saving job keeps its own seed-derived RNG state.
+        load(directory, targets_local, strict=False)
+        torch.set_rng_state(rng)
+        self.train_batches.load_state_dict(metadata.extra["data"])
+        self.step = self.resumed_from = int(metadata.extra["step"])
+        self._event("resumed", f"resumed from step {self.step} ({directory})", path=str(directory))
+
+    def _save_checkpoint(self, prefetch: Prefetcher) -> None:
+        assert self.checkpointer is not None
+        self.checkpointer.save(
+            self.step,
+            self._checkpoint_state(),
+            extra={"step": self.step, "data": prefetch.position, "world_size": self.world_size,
+                   "config": json.loads(self.config.to_json())},
+            local={f"rng/rank{self.rank}/cpu": torch.get_rng_state()},
+        )  # fmt: skip
 
     def _param_groups(self) -> list[dict[str, object]]:
         # No weight decay on norms' gains (1-D): decaying them towards 0 only fights the normalisation.
@@ -162,12 +225,17 @@ class Trainer:
             while self.step < config.steps:
                 self.step += 1
                 report = self._train_step(prefetch, gc_pauses)
+                every = config.checkpoint.every
+                if self.checkpointer and (self.step == config.steps or (every and self.step % every == 0)):
+                    self._save_checkpoint(prefetch)
                 if (config.val_every and self.step % config.val_every == 0) or self.step == config.steps:
                     report.val_loss = self.validate()
                 self.telemetry.step(report)
         finally:
             prefetch.close()
             gc_pauses.close()
+            if self.checkpointer is not None:
+                self.checkpointer.close()
         self._event(
             "finished",
             f"trained {self.step} steps",
@@ -219,6 +287,8 @@ class Trainer:
         t4 = time.perf_counter()
         clip = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if self.checkpointer is not None:
+            self.checkpointer.before_optimizer_step()  # a save's staging must finish before weights change
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss_value = loss_sum.item()  # also waits for the device

@@ -1,0 +1,298 @@
+"""Asynchronous sharded saves: the training thread pays for almost nothing.
+
+A save runs as a job on one background thread per rank, in three stages:
+
+1. stage: copy the tensors this rank writes (see plan.py) into a reusable host buffer pool (pinned memory
+   on GPU). This runs while the next forward and backward run, which read the weights but do not change
+   them; the training thread waits only in :meth:`Checkpointer.before_optimizer_step` if staging is
+   still going when the optimizer is about to change them.
+2. write: serialise the staged buffers to ``<step>.tmp/rank<R>.safetensors``, fsync.
+3. commit: every rank reports what it wrote (or its error) to rank 0 over the checkpoint's own gloo
+   process group (never the training group, so it cannot deadlock with gradient all-reduces). Rank 0
+   writes ``metadata.json``, fsyncs, renames the directory to its final name, then moves ``latest``.
+   Any rank's failure (disk full, unwritable directory) aborts the commit: the save is reported as failed,
+   the unfinished directory is removed, ``latest`` is untouched, and training goes on.
+
+At most one save is in flight: a new save waits for the previous one to finish before staging.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megascope.engine.checkpoint.format import (
+    DTYPES,
+    LATEST,
+    METADATA,
+    Metadata,
+    Shard,
+    TensorMeta,
+    committed_steps,
+    fsync_dir,
+    step_dir_name,
+    write_atomically,
+)
+from megascope.engine.checkpoint.plan import Item, plan
+from megascope.engine.checkpoint.safetensors_io import write_file
+
+EventCallback = Callable[[str, str, dict[str, str]], None]
+"""(kind, text, attributes): how the checkpointer reports saves ("checkpoint", "checkpoint_failed")."""
+
+
+@dataclass
+class SaveFigures:
+    step: int
+    block_seconds: float = 0.0
+    """Training thread blocked: the save call plus any wait before the next optimizer step."""
+    stage_seconds: float = 0.0
+    write_seconds: float = 0.0
+    commit_seconds: float = 0.0
+    total_seconds: float = 0.0
+    """From the save call to the committed checkpoint (on rank 0; on other ranks, to their part written)."""
+    bytes_written: int = 0
+    error: str | None = None
+
+
+@dataclass
+class _Job:
+    step: int
+    items: list[Item]
+    extra: dict[str, Any]
+    started: float
+    figures: SaveFigures
+    staged: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class Checkpointer:
+    def __init__(
+        self,
+        directory: str | Path,
+        rank: int = 0,
+        world_size: int = 1,
+        group: dist.ProcessGroup | None = None,
+        layout: str = "ddp",
+        keep_last: int = 3,
+        keep_every: int = 0,
+        on_event: EventCallback | None = None,
+    ) -> None:
+        """``group``: a gloo group used only for checkpoint coordination (None with one process)."""
+        self.directory = Path(directory)
+        self.rank = rank
+        self.world_size = world_size
+        self.group = group
+        self.layout = layout
+        self.keep_last = keep_last
+        self.keep_every = keep_every
+        self.on_event = on_event
+        self.pinned = torch.cuda.is_available()
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._job: _Job | None = None
+        self._wakeup = threading.Condition()
+        self._pending: _Job | None = None
+        self._closed = False
+        self.history: list[SaveFigures] = []
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._thread = threading.Thread(target=self._work, name="megascope-checkpoint", daemon=True)
+        self._thread.start()
+
+    # --- training thread ---------------------------------------------------------------------------------
+
+    def save(
+        self,
+        step: int,
+        state: dict[str, torch.Tensor],
+        extra: dict[str, Any] | None = None,
+        local: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Start saving ``state`` as step ``step``; returns once the job is queued (after any previous save).
+
+        ``state`` must hold the same names on every rank (plain tensors are replicated, DTensors sharded);
+        ``local`` holds this rank's own tensors; ``extra`` (JSON) is stored by rank 0.
+        """
+        start = time.perf_counter()
+        self.wait()  # at most one save in flight
+        figures = SaveFigures(step=step)
+        job = _Job(step, plan(state, self.rank, self.world_size, local), extra or {}, start, figures)
+        with self._wakeup:
+            self._job = self._pending = job
+            self._wakeup.notify()
+        figures.block_seconds += time.perf_counter() - start
+
+    def before_optimizer_step(self) -> None:
+        """Wait until the in-flight save has copied the weights; call right before ``optimizer.step()``."""
+        job = self._job
+        if job is not None and not job.staged.is_set():
+            start = time.perf_counter()
+            job.staged.wait()
+            job.figures.block_seconds += time.perf_counter() - start
+
+    def wait(self) -> SaveFigures | None:
+        """Wait for the in-flight save to finish (committed or failed); its figures."""
+        job = self._job
+        if job is None:
+            return None
+        job.done.wait()
+        return job.figures
+
+    def close(self) -> None:
+        self.wait()
+        with self._wakeup:
+            self._closed = True
+            self._wakeup.notify()
+        self._thread.join(timeout=10)
+
+    # --- background thread ----------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            with self._wakeup:
+                while self._pending is None and not self._closed:
+                    self._wakeup.wait()
+                if self._pending is None:
+                    return
+                job, self._pending = self._pending, None
+            try:
+                self._run(job)
+            finally:
+                job.staged.set()
+                job.done.set()
+                self.history.append(job.figures)
+
+    def _run(self, job: _Job) -> None:
+        figures = job.figures
+        t0 = time.perf_counter()
+        staged = {f"{item.name}": self._stage(item) for item in job.items}
+        job.staged.set()
+        t1 = time.perf_counter()
+        figures.stage_seconds = t1 - t0
+        tmp = self.directory / (step_dir_name(job.step) + ".tmp")
+        report: dict[str, Any]
+        try:
+            tmp.mkdir(parents=True, exist_ok=True)
+            file = f"rank{self.rank}.safetensors"
+            written = write_file(tmp / file, staged, {"step": str(job.step), "rank": str(self.rank)}) if staged else {}
+            size = (tmp / file).stat().st_size if staged else 0
+            shards = [
+                (item.name, item.global_shape, DTYPES[item.data.dtype],
+                 Shard(file, item.name, item.offset, item.rows, w.byte_start, w.byte_end, w.crc32))
+                for item, w in ((item, written[item.name]) for item in job.items)
+            ]  # fmt: skip
+            report = {"rank": self.rank, "file": file if staged else None, "size": size, "shards": shards}
+            figures.bytes_written = size
+        except OSError as error:
+            report = {"rank": self.rank, "error": f"rank {self.rank} could not write {tmp}: {error}"}
+        t2 = time.perf_counter()
+        figures.write_seconds = t2 - t1
+        reports = self._gather(report)
+        if self.rank == 0:
+            assert reports is not None
+            self._commit(job, tmp, reports)
+        figures.commit_seconds = time.perf_counter() - t2
+        figures.total_seconds = time.perf_counter() - job.started
+
+    def _stage(self, item: Item) -> torch.Tensor:
+        # Reuse the buffer of the previous save when the shape matches: no allocation on the hot path.
+        buffer = self._buffers.get(item.name)
+        source = item.data.detach()
+        if buffer is None or buffer.shape != source.shape or buffer.dtype != source.dtype:
+            buffer = torch.empty(source.shape, dtype=source.dtype, pin_memory=self.pinned)
+            self._buffers[item.name] = buffer
+        buffer.copy_(source, non_blocking=False)
+        return buffer
+
+    def _gather(self, report: dict[str, Any]) -> list[dict[str, Any]] | None:
+        if self.group is None or self.world_size == 1:
+            return [report]
+        reports: list[dict[str, Any]] | None = [{} for _ in range(self.world_size)] if self.rank == 0 else None
+        dist.gather_object(report, reports, dst=0, group=self.group)
+        return reports
+
+    def _commit(self, job: _Job, tmp: Path, reports: list[dict[str, Any]]) -> None:
+        figures = job.figures
+        errors = [r["error"] for r in reports if "error" in r]
+        if errors:
+            figures.error = "; ".join(errors)
+            shutil.rmtree(tmp, ignore_errors=True)
+            self._event(
+                "checkpoint_failed", f"step {job.step} not saved: {figures.error}; latest unchanged", step=str(job.step)
+            )
+            return
+        tensors: dict[str, TensorMeta] = {}
+        for report in reports:
+            for name, shape, dtype, shard in report["shards"]:
+                tensors.setdefault(name, TensorMeta(shape, dtype, [])).shards.append(shard)
+        for meta in tensors.values():
+            meta.shards.sort(key=lambda s: s.offset)
+        metadata = Metadata(
+            step=job.step,
+            world_size=self.world_size,
+            layout=self.layout,
+            tensors=dict(sorted(tensors.items())),
+            files={r["file"]: r["size"] for r in reports if r["file"]},
+            extra=job.extra,
+            created=time.time(),
+        )
+        final = self.directory / step_dir_name(job.step)
+        try:
+            for stale in tmp.iterdir():  # files a crashed earlier attempt left behind
+                if stale.name not in metadata.files:
+                    stale.unlink()
+            write_atomically(tmp / METADATA, metadata.to_json())
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_dir(self.directory)
+            write_atomically(self.directory / LATEST, final.name + "\n")
+        except OSError as error:
+            figures.error = f"commit of step {job.step} failed: {error}"
+            self._event("checkpoint_failed", f"{figures.error}; latest unchanged", step=str(job.step))
+            return
+        self._retain()
+        seconds = time.perf_counter() - job.started
+        self._event(
+            "checkpoint",
+            f"saved step {job.step}: {metadata.total_bytes / 1e6:.1f} MB in {seconds:.2f}s "
+            f"(training blocked {figures.block_seconds * 1e3:.1f} ms)",
+            step=str(job.step),
+            path=str(final),
+            bytes=str(metadata.total_bytes),
+            block_seconds=f"{figures.block_seconds:.6f}",
+            stage_seconds=f"{figures.stage_seconds:.6f}",
+            write_seconds=f"{figures.write_seconds:.6f}",
+            total_seconds=f"{seconds:.6f}",
+        )
+
+    def _retain(self) -> None:
+        steps = committed_steps(self.directory)
+        keep = set(steps[-self.keep_last :]) if self.keep_last > 0 else set(steps)
+        if self.keep_every > 0:
+            keep |= {s for s in steps if s % self.keep_every == 0}
+        for step in steps:
+            if step not in keep:
+                shutil.rmtree(self.directory / step_dir_name(step), ignore_errors=True)
+
+    def _event(self, kind: str, text: str, **attributes: str) -> None:
+        if self.on_event is not None:
+            self.on_event(kind, text, attributes)
+
+
+def remove_unfinished(directory: Path) -> list[Path]:
+    """Delete ``*.tmp`` step directories (saves that never committed); call before a run's first save."""
+    removed = []
+    if directory.is_dir():
+        for entry in directory.iterdir():
+            if entry.is_dir() and entry.name.startswith("step_") and entry.name.endswith(".tmp"):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+    return removed
