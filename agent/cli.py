@@ -16,6 +16,7 @@ from importlib.metadata import version
 _COMMANDS: dict[str, str] = {
     "demo": "megascope.dashboard.demo",
     "train": "megascope.engine.cli",
+    "ckpt": "megascope.engine.checkpoint.cli",
     "agent": "megascope.agent.main",
     "dashboard": "megascope.dashboard.cli",
     "status": "megascope.dashboard.status",
@@ -44,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"megascope {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`megascope ckpt inspect ... | head`): not an error
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

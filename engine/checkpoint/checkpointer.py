@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +45,11 @@ from megascope.engine.checkpoint.format import (
 )
 from megascope.engine.checkpoint.plan import Item, plan
 from megascope.engine.checkpoint.safetensors_io import write_file
+
+CRASH_POINT_ENV = "MEGASCOPE_CKPT_CRASH_AT"
+"""Fault injection for crash-consistency tests: ``POINT`` or ``POINT:RANK`` SIGKILLs this process when a save
+reaches POINT: stage, write, before_commit, commit (metadata written, not yet renamed) or publish (renamed,
+``latest`` not yet moved)."""
 
 EventCallback = Callable[[str, str, dict[str, str]], None]
 """(kind, text, attributes): how the checkpointer reports saves ("checkpoint", "checkpoint_failed")."""
@@ -169,10 +175,17 @@ class Checkpointer:
                 job.done.set()
                 self.history.append(job.figures)
 
+    def _crash_point(self, point: str) -> None:
+        wanted = os.environ.get(CRASH_POINT_ENV, "")
+        name, _, rank = wanted.partition(":")
+        if name == point and (not rank or int(rank) == self.rank):
+            os.kill(os.getpid(), signal.SIGKILL)
+
     def _run(self, job: _Job) -> None:
         figures = job.figures
         t0 = time.perf_counter()
-        staged = {f"{item.name}": self._stage(item) for item in job.items}
+        self._crash_point("stage")
+        staged = {item.name: self._stage(item) for item in job.items}
         job.staged.set()
         t1 = time.perf_counter()
         figures.stage_seconds = t1 - t0
@@ -180,6 +193,7 @@ class Checkpointer:
         report: dict[str, Any]
         try:
             tmp.mkdir(parents=True, exist_ok=True)
+            self._crash_point("write")
             file = f"rank{self.rank}.safetensors"
             written = write_file(tmp / file, staged, {"step": str(job.step), "rank": str(self.rank)}) if staged else {}
             size = (tmp / file).stat().st_size if staged else 0
@@ -195,6 +209,7 @@ class Checkpointer:
         t2 = time.perf_counter()
         figures.write_seconds = t2 - t1
         reports = self._gather(report)
+        self._crash_point("before_commit")
         if self.rank == 0:
             assert reports is not None
             self._commit(job, tmp, reports)
@@ -249,10 +264,12 @@ class Checkpointer:
                 if stale.name not in metadata.files:
                     stale.unlink()
             write_atomically(tmp / METADATA, metadata.to_json())
+            self._crash_point("commit")
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
             fsync_dir(self.directory)
+            self._crash_point("publish")
             write_atomically(self.directory / LATEST, final.name + "\n")
         except OSError as error:
             figures.error = f"commit of step {job.step} failed: {error}"

@@ -141,6 +141,8 @@ def committed_steps(directory: Path) -> list[int]:
 
 def resolve(path: Path) -> Path:
     """A step directory from either a step directory or a checkpoint root (then its ``latest``)."""
+    if path.name.endswith(".tmp"):  # even with its metadata written, it is not committed until renamed
+        raise CheckpointError(f"{path} is an unfinished save (no commit); it is never loaded")
     if (path / METADATA).is_file():
         return path
     latest = path / LATEST
@@ -149,8 +151,6 @@ def resolve(path: Path) -> Path:
         if not (target / METADATA).is_file():
             raise CheckpointError(f"{latest} points to {target.name}, which is not a committed checkpoint")
         return target
-    if path.is_dir() and path.name.endswith(".tmp"):
-        raise CheckpointError(f"{path} is an unfinished save (no commit); it is never loaded")
     raise CheckpointError(f"{path}: no checkpoint here (no {METADATA} and no {LATEST} pointer)")
 
 

@@ -1,0 +1,98 @@
+"""``megascope ckpt ls|inspect|verify``: look at checkpoints without a training job."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+HELP = "list, describe and check checkpoints (ls DIR, inspect DIR[/STEP], verify DIR[/STEP])"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="ckpt_command", metavar="ACTION", required=True)
+    ls = sub.add_parser("ls", help="every checkpoint in DIR: step, time, size, world size, complete or not")
+    ls.add_argument("dir", type=Path)
+    inspect = sub.add_parser("inspect", help="one checkpoint's tensors: shapes, dtypes, shards")
+    inspect.add_argument("path", type=Path, help="a step directory, or a checkpoint root (its latest)")
+    verify = sub.add_parser("verify", help="read every byte and check it; non-zero exit on any damage")
+    verify.add_argument("path", type=Path, help="a step directory, or a checkpoint root (its latest)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from megascope.engine.checkpoint.format import CheckpointError
+
+    try:
+        return {"ls": _ls, "inspect": _inspect, "verify": _verify}[args.ckpt_command](args)
+    except CheckpointError as error:
+        print(f"megascope ckpt {args.ckpt_command}: error: {error}", file=sys.stderr)
+        return 1
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def _ls(args: argparse.Namespace) -> int:
+    from megascope.engine.checkpoint.format import LATEST, CheckpointError, read_metadata
+
+    directory: Path = args.dir
+    if not directory.is_dir():
+        print(f"megascope ckpt ls: error: {directory}: no such directory", file=sys.stderr)
+        return 1
+    latest = (directory / LATEST).read_text().strip() if (directory / LATEST).is_file() else None
+    rows = []
+    for entry in sorted(directory.iterdir()):
+        if not entry.is_dir() or not entry.name.startswith("step_"):
+            continue
+        size = sum(f.stat().st_size for f in entry.iterdir() if f.is_file())
+        try:
+            if entry.name.endswith(".tmp"):
+                raise CheckpointError("unfinished")
+            meta = read_metadata(entry)
+            status = "complete, latest" if entry.name == latest else "complete"
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(meta.created))
+            rows.append((str(meta.step), when, _size(size), str(meta.world_size), meta.layout, status))
+        except CheckpointError as error:
+            state = "INCOMPLETE: unfinished save, never loaded" if entry.name.endswith(".tmp") else f"DAMAGED: {error}"
+            rows.append((entry.name.removeprefix("step_").removesuffix(".tmp").lstrip("0") or "0", "-", _size(size),
+                         "-", "-", state))  # fmt: skip
+    if not rows:
+        print(f"no checkpoints in {directory}")
+        return 0
+    header = ("step", "saved", "size", "world", "layout", "status")
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    for row in (header, *rows):
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from megascope.engine.checkpoint.loader import open_checkpoint
+
+    step_dir, meta = open_checkpoint(args.path)
+    print(f"{step_dir}: step {meta.step}, saved by {meta.world_size} rank(s) ({meta.layout}), "
+          f"{len(meta.files)} file(s), {_size(meta.total_bytes)}")  # fmt: skip
+    for key in sorted(meta.extra):
+        if key != "config":
+            print(f"  {key}: {meta.extra[key]}")
+    print(f"\n{'tensor':<60}{'shape':<22}{'dtype':<7}{'shards':>7}  files")
+    for name, tensor in meta.tensors.items():
+        files = ",".join(sorted({s.file.removesuffix(".safetensors") for s in tensor.shards}))
+        print(f"{name:<60}{str(tuple(tensor.shape)):<22}{tensor.dtype:<7}{len(tensor.shards):>7}  {files}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from megascope.engine.checkpoint.loader import verify
+
+    start = time.perf_counter()
+    meta = verify(args.path)
+    print(f"OK: step {meta.step}: {len(meta.tensors)} tensors in {len(meta.files)} file(s), "
+          f"{_size(meta.total_bytes)} checked in {time.perf_counter() - start:.2f}s")  # fmt: skip
+    return 0
