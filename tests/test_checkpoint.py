@@ -195,3 +195,16 @@ def test_ckpt_ls_and_inspect_describe_checkpoints(tmp_path: Path) -> None:
     assert inspect.returncode == 0 and "layer/w" in inspect.stdout and "(6, 2)" in inspect.stdout
     missing = run_megascope("ckpt", "inspect", str(tmp_path / "nope"), timeout=60)
     assert missing.returncode == 1 and "no checkpoint here" in missing.stderr
+
+
+def test_a_partial_read_reads_only_the_blocks_holding_the_needed_rows(tmp_path: Path) -> None:
+    from megascope.engine.checkpoint.safetensors_io import read_rows
+
+    tensor = torch.randn(3000, 1000)  # 12 MB: many checksum blocks
+    save(tmp_path, 1, {"w": tensor})
+    meta = read_metadata(tmp_path / "step_00000001")
+    counter = [0]
+    rows = read_rows(tmp_path / "step_00000001", "w", meta.tensors["w"].shards[0], "F32", [1000], 1000, 1000, counter)
+    assert torch.equal(rows, tensor[1000:2000])
+    needed = 1000 * 1000 * 4
+    assert needed <= counter[0] <= needed + 2 * BLOCK_BYTES
