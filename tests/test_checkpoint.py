@@ -142,7 +142,7 @@ def test_disk_full_fails_the_save_with_an_event_and_keeps_latest(tmp_path: Path)
     figures = checkpointer.wait()
     checkpointer.close()
     assert figures is not None and figures.error is not None and "No space left" in figures.error
-    assert events == ["checkpoint", "checkpoint_failed"]
+    assert events == ["checkpoint_started", "checkpoint", "checkpoint_started", "checkpoint_failed"]
     assert (tmp_path / LATEST).read_text().strip() == "step_00000001"
 
 

@@ -133,6 +133,8 @@ class Checkpointer:
         with self._wakeup:
             self._job = self._pending = job
             self._wakeup.notify()
+        if self.rank == 0:
+            self._event("checkpoint_started", f"saving step {step}", step=str(step))
         figures.block_seconds += time.perf_counter() - start
 
     def before_optimizer_step(self) -> None:
