@@ -9,6 +9,7 @@ SIGTERM/SIGINT stops gracefully: health NOT_SERVING, ranks stopped, last batches
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 HELP = "run a node's agent: launch and supervise its training ranks, serve their telemetry over gRPC"
@@ -21,6 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     agent.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1)")
     agent.add_argument("--port", type=int, default=50051, help="port to serve on; 0 picks a free one (default: 50051)")
     agent.add_argument("--node", help="this node's name in the dashboard (default: the hostname)")
+    agent.add_argument(
+        "--token",
+        default=os.environ.get("MEGASCOPE_TOKEN"),
+        help="require this token for control RPCs (default: $MEGASCOPE_TOKEN; none: no check)",
+    )
     agent.add_argument(
         "--history-seconds",
         type=float,
@@ -89,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         entry=entry,
         run_dir=run_dir,
         total_steps=total_steps,
+        token=args.token,
     )
     try:
         return asyncio.run(Agent(agent_options).run())

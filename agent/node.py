@@ -38,6 +38,8 @@ class AgentOptions:
     """torchrun's entry point: ``-m module args`` or ``script.py args``."""
     run_dir: str = "runs/agent"
     total_steps: int = 0
+    token: str | None = None
+    """Required from callers of control RPCs when set."""
 
 
 class Agent:
@@ -66,7 +68,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        server = AgentServer(self.state, self.options.host, self.options.port)
+        server = AgentServer(self.state, self.options.host, self.options.port, self.options.token)
         self.state.node_info.agent_address = server.address
         await server.start()
         print(f"megascope agent: listening on {server.address}", flush=True)

@@ -54,7 +54,8 @@ def validate_step_report(report: telemetry_pb2.StepReport, rank: int) -> None:
         report,
         "step_report",
         ("step_seconds", "data_wait_seconds", "forward_seconds", "backward_seconds", "comm_wait_seconds",
-         "optimizer_seconds", "other_seconds", "tokens_per_second", "model_flops", "gc_pause_seconds", "cpu_seconds"),
+         "optimizer_seconds", "other_seconds", "tokens_per_second", "model_flops", "gc_pause_seconds", "cpu_seconds",
+         "device_compute_seconds"),
     )  # fmt: skip
     for index, collective in enumerate(report.collectives):
         _check_finite_non_negative(
@@ -212,10 +213,55 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         return None
 
 
+SAVE_MARGIN_STEPS = 3
+"""A save asked for "now" happens this many steps past the newest step reported: every rank must still
+be before it when the request arrives, or the ranks would not all save the same step."""
+
+
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
-    def __init__(self, state: NodeState, stopping: asyncio.Event) -> None:
+    def __init__(
+        self, state: NodeState, stopping: asyncio.Event, workers: WorkerServicer, token: str | None = None
+    ) -> None:
         self._state = state
         self._stopping = stopping
+        self._workers = workers
+        self._token = token
+
+    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        """Control RPCs need the agent's token when it has one."""
+        if not self._token:
+            return
+        given = dict(context.invocation_metadata() or ()).get("authorization")
+        if given is None:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "this agent requires a token: send metadata 'authorization: Bearer TOKEN'",
+            )
+        if given != f"Bearer {self._token}":
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong token for this agent")
+
+    async def SaveCheckpoint(  # noqa: N802
+        self, request: agent_pb2.SaveCheckpointRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.SaveCheckpointResponse:
+        await self._authorize(context)
+        if request.step < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"step: must be >= 0, got {request.step}")
+        if not self._workers.commands:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no training rank is attached to this agent")
+        newest = max((s.last_step for s in self._state.ranks.values() if s.HasField("last_step")), default=0)
+        step = request.step or newest + SAVE_MARGIN_STEPS
+        if step <= newest:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"step: {step} is already done (ranks are at step {newest}); ask for a later step",
+            )
+        command = worker_pb2.Command(
+            id=f"checkpoint-{step}", kind=worker_pb2.COMMAND_KIND_CHECKPOINT, arguments={"step": str(step)}
+        )
+        for queue in self._workers.commands.values():
+            queue.put_nowait(command)
+        self._state.event("checkpoint_requested", f"checkpoint requested after step {step}", step=str(step))
+        return agent_pb2.SaveCheckpointResponse(step=step, ranks=len(self._workers.commands))
 
     async def Watch(  # noqa: N802
         self, request: agent_pb2.WatchRequest, context: grpc.aio.ServicerContext
@@ -253,7 +299,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 class AgentServer:
     """The gRPC server with both services and the standard health service, bound to ``host:port``."""
 
-    def __init__(self, state: NodeState, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, state: NodeState, host: str = "127.0.0.1", port: int = 0, token: str | None = None) -> None:
         self.state = state
         self.stopping = asyncio.Event()
         self.health = health.aio.HealthServicer()
@@ -265,7 +311,9 @@ class AgentServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(state, self.stopping), self._server)
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(
+            AgentServicer(state, self.stopping, self.workers, token), self._server
+        )
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(self.workers, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         self.port = self._server.add_insecure_port(f"{host}:{port}")

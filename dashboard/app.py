@@ -17,7 +17,7 @@ from textual.screen import Screen
 
 from megascope.dashboard.cluster import ClusterModel
 from megascope.dashboard.connection import watch_agent
-from megascope.dashboard.screens import HelpScreen, MainScreen, ModelScreen, ViewState
+from megascope.dashboard.screens import HeatMapScreen, HelpScreen, MainScreen, ModelScreen, ViewState
 from megascope.dashboard.widgets import Palette
 
 TICK_SECONDS = 1 / 3
@@ -35,6 +35,7 @@ class DashboardApp(App[int]):
     BINDINGS = [
         Binding("q", "quit", "Quit"),
         Binding("p", "toggle_pause", "Pause"),
+        Binding("s", "stragglers", "Stragglers"),
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("f1", "help", "Help", show=False),
     ]
@@ -110,4 +111,8 @@ class DashboardApp(App[int]):
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
-            self.push_screen(HelpScreen(self.palette))
+            self.push_screen(HelpScreen(self.palette, self.model.stragglers.config))
+
+    def action_stragglers(self) -> None:
+        if not isinstance(self.screen, HeatMapScreen | HelpScreen):
+            self.push_screen(HeatMapScreen())

@@ -2,9 +2,17 @@
 
 Connections feed it ``Telemetry`` batches (``ingest``) and connection changes (``set_connecting`` ...);
 renderers ask it for plain dataclass views (``header``, ``rank_rows``, ``node_rows``, ``events``,
-``loss_history``, ``node_history``). It never blocks and never raises on odd input: batches may come out of
-order, twice (a reconnect replays the agent's back-fill), empty, without node info, or about ranks nobody
-announced. Everything it keeps is bounded.
+``loss_history``, ``node_history``, ``straggler_flags``, ``heat_map``, ``rank_timeline``).
+
+Straggler detection (``dashboard/stragglers.py``) runs here, as reports arrive: once every known rank has
+reported a step (and every agent has spoken: its first batch names its ranks), the step's timings go to the
+detector, and the flags it raises and clears become events of kind ``straggler`` and ``straggler_cleared``
+with their rank. A step does not wait for a rank that already reported a later step (this one's report is
+lost), whose agent has sent ``PENDING_SECONDS`` of batches without a report from it (it is gone), or whose
+agent is disconnected: a vanished rank delays detection for the others by seconds, not forever.
+
+It never blocks and never raises on odd input: batches may come out of order, twice (a reconnect replays the
+agent's back-fill), empty, without node info, or about ranks nobody announced. Everything it keeps is bounded.
 
 Pure Python (no Textual, no gRPC): the TUI and ``megascope status`` share it, and tests drive it directly.
 """
@@ -21,6 +29,7 @@ from typing import Generic, TypeVar
 
 from google.protobuf.message import Message
 
+from megascope.dashboard.stragglers import DEFAULT_CONFIG, HeatMap, StragglerConfig, StragglerDetector, StragglerFlag
 from megascope.protos.megascope.v1 import agent_pb2, telemetry_pb2
 
 K = TypeVar("K", int, float)
@@ -34,6 +43,11 @@ EVENT_HISTORY = 1000
 """Events kept in the merged log."""
 RECENT_STEPS = 10
 """Complete steps the throughput and ETA medians look back over."""
+PENDING_SECONDS = 5.0
+"""A rank whose agent has kept sending for this long without a report from it is not waited for: steps are
+judged without it (it vanished). Neither is a rank whose agent is disconnected."""
+MAX_PENDING = STEP_HISTORY
+"""Steps kept waiting for late reports at most; beyond this the oldest is judged with what it has."""
 
 
 class ConnectionState(enum.Enum):
@@ -151,6 +165,8 @@ class AgentState:
     """Wall time of the last state change."""
     batches: int = 0
     """Telemetry batches received over all connections."""
+    last_batch: float = 0.0
+    """Model clock when the last batch arrived."""
     ever_connected: bool = False
 
 
@@ -177,6 +193,8 @@ class _Rank:
     latest: telemetry_pb2.StepReport | None = None
     history: Bounded[int, telemetry_pb2.StepReport] = field(default_factory=lambda: Bounded(STEP_HISTORY))
     status: telemetry_pb2.RankStatus | None = None
+    heard: float = 0.0
+    """Model clock when this rank was announced or last sent a report."""
 
 
 @dataclass(order=True)
@@ -212,6 +230,8 @@ class HeaderView:
     known_ranks: int
     world_size: int | None
     run_id: str
+    stragglers: int = 0
+    """Straggler flags standing now."""
 
 
 @dataclass(frozen=True)
@@ -230,7 +250,9 @@ class RankRow:
     pid: int | None
     status: RankStatusName
     step_time_ratio: float | None
-    """This rank's latest step time over the median rank's; a straggler shows above 1."""
+    """This rank's latest step time over the median rank's (in a synchronous job all ranks' are about equal)."""
+    straggler: StragglerFlag | None = None
+    """The straggler flag standing on this rank, if any."""
 
 
 @dataclass(frozen=True)
@@ -308,6 +330,44 @@ class NodeHistory:
     """Time the host series covers."""
 
 
+@dataclass(frozen=True)
+class PhaseTimes:
+    """One step's time split into phases, in seconds (they add up to the step time)."""
+
+    data: float
+    forward: float
+    backward: float
+    comm: float
+    """Blocked on communication after the rank's own compute: mostly waiting for slower ranks."""
+    optimizer: float
+    other: float
+
+    @property
+    def total(self) -> float:
+        return self.data + self.forward + self.backward + self.comm + self.optimizer + self.other
+
+    @classmethod
+    def of(cls, report: telemetry_pb2.StepReport) -> PhaseTimes:
+        return cls(
+            data=report.data_wait_seconds, forward=report.forward_seconds, backward=report.backward_seconds,
+            comm=report.comm_wait_seconds, optimizer=report.optimizer_seconds, other=report.other_seconds,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RankTimeline:
+    """A rank's last steps beside the median rank's (each phase's median over the ranks at that step)."""
+
+    rank: int
+    node: str
+    steps: list[int]
+    """Oldest first."""
+    rank_phases: list[PhaseTimes | None]
+    """None where this rank has no report for the step."""
+    median_phases: list[PhaseTimes]
+    straggler: StragglerFlag | None
+
+
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -320,6 +380,7 @@ class ClusterModel:
         *,
         clock: Callable[[], float] = time.time,
         log_connections: bool = True,
+        stragglers: StragglerConfig = DEFAULT_CONFIG,
     ) -> None:
         self.clock = clock
         self.log_connections = log_connections
@@ -334,6 +395,12 @@ class ClusterModel:
         self._next_event_id = 0
         self.version = 0
         """Bumped on every change, so a renderer can skip work when nothing moved."""
+        self.stragglers = StragglerDetector(stragglers)
+        self._pending: dict[int, dict[int, telemetry_pb2.StepReport]] = {}
+        """step -> {rank: report} of steps not yet judged, waiting for every rank's report."""
+        self._judged_step = 0
+        """The last step handed to the straggler detector; later reports of it or earlier steps are not."""
+        self._median_phases: Bounded[int, PhaseTimes] = Bounded(STEP_HISTORY)
         for address in agents:
             self.add_agent(address)
 
@@ -363,6 +430,7 @@ class ClusterModel:
         was_connected = agent.state is ConnectionState.CONNECTED
         if agent.state is not ConnectionState.DISCONNECTED:
             self._set_state(agent, ConnectionState.DISCONNECTED, error)
+            self._judge_steps()  # steps waiting for this agent's ranks wait no more
         elif agent.error != error:
             agent.error = error  # still down, for a new reason: keep "since" at when it went down
             self.version += 1
@@ -393,6 +461,7 @@ class ClusterModel:
         """Merge one batch from the agent at ``address``."""
         agent = self.add_agent(address)
         agent.batches += 1
+        agent.last_batch = self.clock()
         node = self._nodes[address]
         if telemetry.HasField("node_info"):
             node.info = _copy(telemetry.node_info)
@@ -411,6 +480,7 @@ class ClusterModel:
         for status in telemetry.rank_statuses:
             rank = self._rank(status.rank, address, node.name)
             rank.status = _copy(status)
+        self._judge_steps()
         self.version += 1
 
     def ingest_snapshot(self, address: str, snapshot: agent_pb2.GetSnapshotResponse) -> None:
@@ -430,13 +500,14 @@ class ClusterModel:
     def _rank(self, rank: int, address: str, node_name: str) -> _Rank:
         entry = self._ranks.get(rank)
         if entry is None:
-            entry = self._ranks[rank] = _Rank(rank=rank, agent=address, node=node_name)
+            entry = self._ranks[rank] = _Rank(rank=rank, agent=address, node=node_name, heard=self.clock())
         entry.agent = address
         entry.node = node_name
         return entry
 
     def _add_report(self, address: str, node: _Node, report: telemetry_pb2.StepReport) -> None:
         entry = self._rank(report.rank, address, report.node or node.name)
+        entry.heard = self.clock()
         latest = entry.latest
         if latest is not None and report.restart_count < latest.restart_count:
             return  # a late report from before the rank restarted: superseded
@@ -448,6 +519,13 @@ class ClusterModel:
                     losses_at.pop(report.rank, None)
             entry.latest = None
             latest = None
+            # The steps from here on are judged again when redone.
+            self._judged_step = min(self._judged_step, report.step - 1)
+            self.stragglers.restart_from(report.step)
+            for reports in self._pending.values():
+                reports.pop(report.rank, None)
+        if report.step > self._judged_step:
+            self._pending.setdefault(report.step, {})[report.rank] = report
         if entry.history.put(report.step, report):
             losses = self._losses.get(report.step)
             if losses is None:
@@ -458,6 +536,78 @@ class ClusterModel:
         # Out-of-order batches must not move a rank backwards.
         if latest is None or report.step >= latest.step:
             entry.latest = report
+
+    def _judge_steps(self) -> None:
+        """Hand every step that is complete (or waited long enough) to the straggler detector, in order."""
+        if not self._pending:
+            return
+        for step in sorted(self._pending):
+            reports = self._pending[step]
+            # The ranks we know of are those of the agents we watch: a dashboard on some of a job's agents
+            # judges their ranks without waiting for the others.
+            if self._waiting_for(reports, step) and len(self._pending) <= MAX_PENDING:
+                break  # steps are judged in order: later ones wait for this one
+            del self._pending[step]
+            self._judged_step = step
+            self._judge(step, [reports[rank] for rank in sorted(reports)])
+
+    def _waiting_for(self, reports: dict[int, telemetry_pb2.StepReport], step: int) -> bool:
+        """Whether a rank missing from ``reports`` may yet send its report of ``step``."""
+        if any(a.batches == 0 and a.state is not ConnectionState.DISCONNECTED for a in self.agents.values()):
+            return True  # an agent has not spoken yet: its ranks are not even known
+        if len(reports) >= len(self._ranks):
+            return False
+        return any(rank not in reports and self._may_still_report(e, step) for rank, e in self._ranks.items())
+
+    def _may_still_report(self, entry: _Rank, step: int) -> bool:
+        """Whether ``entry`` may yet send its report of ``step``: it has not moved past it and is not silent."""
+        if entry.latest is not None and entry.latest.step > step:
+            return False  # it reported a later step: this one's report is lost
+        agent = self.agents.get(entry.agent)
+        if agent is None or agent.state is ConnectionState.DISCONNECTED:
+            return False
+        # Silent while its own agent keeps talking: gone. (Measured against the agent, not the wall clock, so a
+        # dashboard that stalled for a while does not take every rank for gone when the backlog arrives.)
+        return agent.last_batch - entry.heard < PENDING_SECONDS
+
+    def _judge(self, step: int, reports: list[telemetry_pb2.StepReport]) -> None:
+        devices = [r.device_compute_seconds for r in reports if r.HasField("device_compute_seconds")]
+        wall_time = max(r.wall_time for r in reports)
+        result = self.stragglers.observe_arrays(
+            step,
+            [r.rank for r in reports],
+            [self._ranks[r.rank].node for r in reports],
+            [r.step_seconds for r in reports],
+            [r.forward_seconds + r.backward_seconds for r in reports],
+            [r.data_wait_seconds for r in reports],
+            [r.comm_wait_seconds for r in reports],
+            [r.gc_pause_seconds for r in reports],
+            devices if len(devices) == len(reports) else None,
+            wall_time,
+        )
+        for flag in result.raised:
+            self._straggler_event(flag, "straggler", telemetry_pb2.Event.SEVERITY_WARNING, flag.describe(), wall_time)
+        for flag in result.cleared:
+            text = (
+                f"rank {flag.rank} on {flag.node} is no longer a straggler ({flag.cleared_reason}); "
+                f"flagged at step {flag.flagged_step}, slow since step {flag.since_step}"
+            )
+            self._straggler_event(flag, "straggler_cleared", telemetry_pb2.Event.SEVERITY_INFO, text, wall_time)
+
+    def _straggler_event(self, flag: StragglerFlag, kind: str, severity: int, text: str, wall_time: float) -> None:
+        event = telemetry_pb2.Event(
+            wall_time=wall_time, node=flag.node, kind=kind, severity=severity, rank=flag.rank,
+            step=flag.cleared_step if flag.cleared_step is not None else flag.flagged_step, text=text,
+        )  # fmt: skip
+        event.attributes.update(
+            {
+                "cause": flag.cause.value,
+                "ratio": f"{flag.ratio:.3f}",
+                "cost_seconds": f"{flag.cost_seconds:.6f}",
+                "since_step": str(flag.since_step),
+            }
+        )
+        self._add_event(event, flag.node)
 
     def _add_event(self, event: telemetry_pb2.Event, node_name: str) -> None:
         if not event.node:
@@ -554,9 +704,11 @@ class ClusterModel:
             known_ranks=len(ranks),
             world_size=max(world_sizes) if world_sizes else None,
             run_id=",".join(run_ids),
+            stragglers=len(self.stragglers.active()),
         )
 
     def rank_rows(self) -> list[RankRow]:
+        flags = {flag.rank: flag for flag in self.stragglers.active()}
         latest_times = [r.latest.step_seconds for r in self._ranks.values() if r.latest is not None]
         median_time = statistics.median(latest_times) if latest_times else 0.0
         rows = []
@@ -591,6 +743,7 @@ class ClusterModel:
                     pid=pid,
                     status=self._rank_status(entry),
                     step_time_ratio=ratio,
+                    straggler=flags.get(rank),
                 )
             )
         return rows
@@ -659,6 +812,45 @@ class ClusterModel:
             gpu_memory_percent=[statistics.fmean(gpu_mem[k]) for k in sorted(gpu_mem)],
             span_seconds=samples[-1].wall_time - samples[0].wall_time if samples else 0.0,
         )
+
+    def straggler_flags(self, active_only: bool = False) -> list[StragglerFlag]:
+        """Flags standing now, or (by default) every flag raised, oldest first, cleared ones included."""
+        return self.stragglers.active() if active_only else self.stragglers.history()
+
+    def heat_map(self, steps: int) -> HeatMap:
+        """The last ``steps`` judged steps: every rank's compute time over the median rank's."""
+        return self.stragglers.heat(steps)
+
+    def rank_timeline(self, rank: int, steps: int) -> RankTimeline | None:
+        """``rank``'s phases over its last ``steps`` reported steps beside the median rank's; None if unknown."""
+        entry = self._ranks.get(rank)
+        if entry is None:
+            return None
+        keys = entry.history.keys()[-steps:]
+        medians = [self._median_phases_at(step) for step in keys]
+        flag = next((f for f in self.stragglers.active() if f.rank == rank), None)
+        return RankTimeline(
+            rank=rank,
+            node=entry.node,
+            steps=keys,
+            rank_phases=[PhaseTimes.of(report) if (report := entry.history.get(s)) is not None else None for s in keys],
+            median_phases=medians,
+            straggler=flag,
+        )
+
+    def _median_phases_at(self, step: int) -> PhaseTimes:
+        """Each phase's median over the ranks that reported ``step``; cached once every rank has."""
+        cached = self._median_phases.get(step)
+        if cached is not None:
+            return cached
+        reports = [report for r in self._ranks.values() if (report := r.history.get(step)) is not None]
+        phases = [PhaseTimes.of(report) for report in reports]
+        median = PhaseTimes(
+            *(statistics.median(getattr(p, name) for p in phases) for name in PhaseTimes.__dataclass_fields__)
+        )
+        if len(reports) == len(self._ranks):
+            self._median_phases.put(step, median)
+        return median
 
     def loss_history(self) -> list[tuple[int, float]]:
         """(step, mean loss over the ranks that reported that step), oldest first."""

@@ -30,6 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--headless", action="store_true", help="no TUI: a status line a second, then a summary")
     parser.add_argument("--json", action="store_true", help="with --headless: end stdout with one JSON summary")
     parser.add_argument("--readonly", action="store_true", help="dashboard refuses control actions")
+    parser.add_argument(
+        "--inject",
+        action="append",
+        default=[],
+        metavar="KIND:KEY=VALUE,...",
+        help="inject a fault into the training ranks, e.g. slow:rank=2,factor=1.3 (passed to every agent); repeatable",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
             str(args.batch_tokens),
             "--val-every",
             "0",
+            # Checked by the agents (the engine owns the fault grammar; the dashboard never imports the engine).
+            *(part for spec in args.inject for part in ("--inject", spec)),
         ],
         run_dir=args.run_dir,
         exit_when_done=args.headless,
@@ -79,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
             return run_dashboard(cluster.addresses, readonly=args.readonly)
     except LocalClusterError as error:
         print(f"megascope demo: error: {error}", file=sys.stderr)
-        return 1
+        return 2 if error.usage else 1
     except KeyboardInterrupt:
         print("megascope demo: interrupted; everything it started is stopped", file=sys.stderr)
         return 130

@@ -1,8 +1,11 @@
 """The demo without a TUI: one status line a second while it runs, then a summary (optionally JSON).
 
 The summary's keys are a contract that scripts rely on: ``nodes``, ``ranks``, ``steps`` (the last step every
-rank completed), ``first_loss``, ``last_loss``, ``tokens_per_s``, ``restarts``, ``stragglers`` and ``events``
-(each ``{"kind", "rank", "step", "time", "text"}``). Fields may be added; these are never renamed.
+rank completed), ``first_loss``, ``last_loss``, ``tokens_per_s``, ``restarts``, ``stragglers`` (every rank
+flagged as a straggler during the run, ascending), ``straggler_flags`` (each flag: ``rank``, ``node``,
+``cause``, ``ratio``, ``cost_seconds``, ``since_step``, ``flagged_step``, ``cleared_step`` ...) and ``events``
+(each ``{"kind", "rank", "step", "time", "text"}``; a flag is also an event of kind ``straggler``). Fields may
+be added; these are never renamed.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import contextlib
 import json
 import sys
 import time
+from dataclasses import asdict
 from typing import Any
 
 from megascope.dashboard.cluster import ClusterModel
@@ -75,6 +79,7 @@ def summarize(
     header = model.header()
     rows = model.rank_rows()
     loss_at = dict(model.loss_history())
+    flags = model.straggler_flags()
     return {
         "nodes": cluster.nodes,
         "ranks": len(rows),
@@ -83,7 +88,8 @@ def summarize(
         "last_loss": loss_at.get(header.step) if header.step is not None else None,
         "tokens_per_s": header.tokens_per_second,
         "restarts": max((r.restarts for r in rows), default=0),
-        "stragglers": [],
+        "stragglers": sorted({flag.rank for flag in flags}),
+        "straggler_flags": [{**asdict(flag), "cause": flag.cause.value} for flag in flags],
         "events": [
             {"kind": e.kind, "rank": e.rank, "step": e.step, "time": e.wall_time, "text": e.text, "node": e.node}
             for e in model.events()

@@ -55,8 +55,12 @@ class Threshold:
         return f"green > {self.warn:g}{unit}, yellow {self.bad:g}-{self.warn:g}{unit}, red <= {self.bad:g}{unit}"
 
 
-# A rank is a straggler when its step takes noticeably longer than the typical (median) rank's.
+# In a synchronous job every rank's step lasts about as long (the fast ones wait for the slow one), so a longer
+# step than the median rank's means a rank is behind, not that it is the straggler: COMPUTE_RATIO and the
+# straggler rules (dashboard/stragglers.py) find that one.
 STEP_TIME_RATIO = Threshold("step time / median rank's", "x", 1.10, 1.25)
+# The heat map's colours. Yellow starts at the straggler rules' default threshold (StragglerConfig.threshold).
+COMPUTE_RATIO = Threshold("compute time / median rank's (heat map)", "x", 1.05, 1.25)
 DATA_WAIT = Threshold("data wait (share of step)", "%", 5, 20)
 COMM_WAIT = Threshold("exposed comm wait (share of step)", "%", 10, 30)
 CPU = Threshold("node CPU", "%", 80, 95)
@@ -67,6 +71,7 @@ GPU_TEMPERATURE = Threshold("GPU temperature", " C", 80, 87)
 
 THRESHOLDS: tuple[Threshold, ...] = (
     STEP_TIME_RATIO,
+    COMPUTE_RATIO,
     DATA_WAIT,
     COMM_WAIT,
     CPU,
@@ -82,6 +87,7 @@ STATUS_LEVELS: dict[str, Level] = {
     "EXITED": Level.OK,
     "STARTING": Level.WARN,
     "UNKNOWN": Level.WARN,
+    "SLOW": Level.WARN,  # running, but flagged as a straggler: "SLOW <cause>" in the rank table
     "HUNG": Level.BAD,
     "FAILED": Level.BAD,
     "DISCONNECTED": Level.BAD,

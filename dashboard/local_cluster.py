@@ -31,6 +31,11 @@ _LISTENING = "megascope agent: listening on "
 class LocalClusterError(RuntimeError):
     """An agent could not start; the message says which and where its log is."""
 
+    def __init__(self, message: str, usage: bool = False) -> None:
+        super().__init__(message)
+        self.usage = usage
+        """The agent refused its flags (exit 2): the message is its own error, naming the flag."""
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -104,6 +109,12 @@ class LocalCluster:
                 break  # it exited
             if line.startswith(_LISTENING):
                 return line[len(_LISTENING) :].strip()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=5)
+        refusal = _flag_error(self.run_dir / f"agent-{node}.log") if process.poll() == 2 else None
+        if refusal is not None:
+            # The demo passes its training flags (--inject ...) through: say what the agent said about them.
+            raise LocalClusterError(refusal, usage=True)
         raise LocalClusterError(
             f"agent for {node} did not start (exit code {process.poll()}); see {self.run_dir}/agent-{node}.log"
         )
@@ -151,6 +162,16 @@ class LocalCluster:
         """Every pid of the tree seen so far (for tests that check nothing is left behind)."""
         self._remember_tree()
         return sorted(self._known)
+
+
+def _flag_error(log: Path) -> str | None:
+    """The ``megascope agent: error: ...`` line of an agent that refused its flags, without that prefix."""
+    prefix = "megascope agent: error: "
+    with contextlib.suppress(OSError):
+        for line in reversed(log.read_text().splitlines()):
+            if line.startswith(prefix):
+                return line[len(prefix) :]
+    return None
 
 
 def _alive(process: psutil.Process) -> bool:

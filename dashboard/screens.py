@@ -1,4 +1,5 @@
-"""The dashboard's screens: the cluster overview, one node in detail, and help.
+"""The dashboard's screens: the cluster overview, one node in detail, the straggler heat map, one rank's
+timeline beside the median rank's, and help.
 
 Screens draw a ``ViewState`` the app hands them on its redraw tick (``show``); they never read the network.
 """
@@ -18,21 +19,43 @@ from textual.widgets import DataTable, Footer, Static
 
 from megascope.dashboard import formatting as fmt
 from megascope.dashboard import levels
-from megascope.dashboard.cluster import ClusterModel, ConnectionState
+from megascope.dashboard.cluster import ClusterModel, ConnectionState, RankRow, RankStatusName
 from megascope.dashboard.levels import Level
+from megascope.dashboard.stragglers import DEFAULT_CONFIG, StragglerConfig
 from megascope.dashboard.widgets import (
+    HEAT_FASTER,
+    HEAT_GLYPHS,
+    HEAT_MISSING,
     EventsTable,
     HeaderBar,
+    HeatMapView,
     NodesTable,
     Palette,
     Plot,
     RanksTable,
+    StragglerBar,
     connection_text,
+    timeline_bars,
+    timeline_legend,
+    timeline_scale,
     word,
 )
 
 EVENTS_SHOWN = 200
 """The event table holds the newest this many (the model keeps more, for `megascope status`)."""
+RANK_ROWS_SHOWN = 256
+"""The main screen's rank table holds at most this many ranks, those most worth a look first: a table of
+thousands is unreadable and costs a redraw tick to draw; the heat map (``s``) shows every rank."""
+
+
+def ranks_worth_a_look(rows: list[RankRow], limit: int) -> list[RankRow]:
+    """All ``rows`` when they fit; else flagged and unhealthy ranks first, then the others, ``limit`` in all."""
+    if len(rows) <= limit:
+        return rows
+    notable = [r for r in rows if r.straggler is not None or r.status not in (RankStatusName.RUNNING,
+                                                                             RankStatusName.EXITED)]  # fmt: skip
+    shown = {r.rank for r in notable[:limit]}
+    return notable[:limit] + [r for r in rows if r.rank not in shown][: max(0, limit - len(notable))]
 
 
 @dataclass(frozen=True)
@@ -68,6 +91,7 @@ class MainScreen(ModelScreen):
 
     def compose(self) -> ComposeResult:
         yield HeaderBar(id="header")
+        yield StragglerBar(id="stragglers")
         with Horizontal(id="top"):
             ranks = RanksTable(id="ranks")
             ranks.border_title = "Ranks"
@@ -86,7 +110,16 @@ class MainScreen(ModelScreen):
     def show(self, state: ViewState) -> None:
         model, palette = state.model, state.palette
         self.query_one(HeaderBar).show(model.header(), state.paused, palette, state.title)
-        self.query_one(RanksTable).show(model.rank_rows(), palette)
+        self.query_one(StragglerBar).show(model.straggler_flags(active_only=True), palette)
+        rows = model.rank_rows()
+        shown = ranks_worth_a_look(rows, RANK_ROWS_SHOWN)
+        table = self.query_one(RanksTable)
+        table.border_title = (
+            "Ranks"
+            if len(shown) == len(rows)
+            else f"Ranks: {len(shown)} of {len(rows):,}, flagged and unhealthy first (s: heat map of all)"
+        )
+        table.show(shown, palette)
         self.query_one("#loss", Plot).set_points([(float(s), v) for s, v in model.loss_history()])
         self.query_one(NodesTable).show(model.node_rows(), state.now, palette)
         self.query_one(EventsTable).show(model.events(limit=EVENTS_SHOWN), palette)
@@ -201,13 +234,122 @@ class NodeScreen(ModelScreen):
         self.app.pop_screen()
 
 
+class HeatMapScreen(ModelScreen):
+    """Stragglers at a glance: every rank's compute time over the median rank's, step by step, grouped by node."""
+
+    BINDINGS = [Binding("escape", "back", "Back")]
+
+    def compose(self) -> ComposeResult:
+        yield HeaderBar(id="header")
+        yield Static(id="heat-legend")
+        heat = HeatMapView(id="heat")
+        heat.border_title = "Compute time / median rank's (enter: timeline)"
+        yield heat
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one(HeatMapView).focus()
+
+    def show(self, state: ViewState) -> None:
+        model, palette = state.model, state.palette
+        self.query_one(HeaderBar).show(model.header(), state.paused, palette, state.title)
+        view = self.query_one(HeatMapView)
+        heat = model.heat_map(view.step_columns())
+        flags = {flag.rank: flag for flag in model.straggler_flags(active_only=True)}
+        view.set_data(heat, flags, palette)
+        if heat.steps:
+            view.border_subtitle = f"steps {heat.steps[0]:,} .. {heat.steps[-1]:,} (newest at the right)"
+        legend = Text(no_wrap=True, overflow="ellipsis")
+        ratio = levels.COMPUTE_RATIO
+        for glyph, level, meaning in (
+            (HEAT_GLYPHS[Level.OK], Level.OK, f"< {ratio.warn:g}x"),
+            (HEAT_GLYPHS[Level.WARN], Level.WARN, f"{ratio.warn:g}-{ratio.bad:g}x"),
+            (HEAT_GLYPHS[Level.BAD], Level.BAD, f">= {ratio.bad:g}x"),
+            (HEAT_FASTER, None, f"< {1 / ratio.warn:.2f}x (faster)"),
+            (HEAT_MISSING, None, "no report"),
+        ):
+            legend.append(f" {glyph} ", style=f"reverse {palette.colour(level)}" if level else "reverse")
+            legend.append(f" {meaning}   ")
+        bar = model.stragglers.threshold
+        legend.append(
+            f"| flagged: busy >= {bar:.2f}x the median for {model.stragglers.config.window} steps"
+            if bar != float("inf")
+            else "| flags start once the noise is measured",
+            style="dim",
+        )
+        self.query_one("#heat-legend", Static).update(legend)
+
+    def on_heat_map_view_rank_selected(self, message: HeatMapView.RankSelected) -> None:
+        self.app.push_screen(RankTimelineScreen(message.rank))
+
+    def action_back(self) -> None:
+        self.app.pop_screen()
+
+
+class RankTimelineScreen(ModelScreen):
+    """One rank's last steps as phase bars, beside the median rank's, on one time scale."""
+
+    BINDINGS = [Binding("escape", "back", "Back")]
+
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.rank = rank
+
+    def compose(self) -> ComposeResult:
+        yield HeaderBar(id="header")
+        yield Static(id="timeline-summary")
+        with Horizontal(id="timeline-panels"):
+            rank = Static(id="timeline-rank")
+            rank.border_title = f"rank {self.rank}"
+            yield rank
+            median = Static(id="timeline-median")
+            median.border_title = "median rank (each phase's median over the ranks)"
+            yield median
+        yield Footer()
+
+    def show(self, state: ViewState) -> None:
+        model, palette = state.model, state.palette
+        self.query_one(HeaderBar).show(model.header(), state.paused, palette, state.title)
+        left = self.query_one("#timeline-rank", Static)
+        right = self.query_one("#timeline-median", Static)
+        steps = max(1, left.content_size.height or 20)
+        timeline = model.rank_timeline(self.rank, steps)
+        summary = Text(no_wrap=True, overflow="ellipsis")
+        if timeline is None:
+            summary.append(f"rank {self.rank} is unknown")
+            self.query_one("#timeline-summary", Static).update(summary)
+            return
+        left.border_title = f"rank {timeline.rank} on {timeline.node}"
+        if timeline.straggler is not None:
+            summary.append(f"STRAGGLER{levels.MARKERS[Level.WARN]} ", style=f"bold {palette.warn}")
+            summary.append(timeline.straggler.describe())
+        else:
+            summary.append(f"rank {timeline.rank} is not flagged as a straggler")
+        summary.append("\n")
+        summary.append_text(timeline_legend(palette))
+        self.query_one("#timeline-summary", Static).update(summary)
+        # Both sides share one scale, so equal lengths mean equal times.
+        scale = timeline_scale(timeline)
+        width = max(10, (left.content_size.width or 60) - 19)  # step number and total take 19 columns
+        left.update(timeline_bars(timeline.steps, timeline.rank_phases, scale, width, palette))
+        right.update(timeline_bars(timeline.steps, list(timeline.median_phases), scale, width, palette))
+
+    def action_back(self) -> None:
+        self.app.pop_screen()
+
+
 # Every key the dashboard answers to; the help screen lists exactly these.
 KEYS: tuple[tuple[str, str], ...] = (
     ("q", "quit"),
-    ("esc", "back: close this screen or the node screen"),
+    ("esc", "back: close this screen (node, heat map, timeline)"),
     ("? / F1", "this help"),
     ("p", "pause / resume the view (data keeps being collected; PAUSED shows in the header)"),
-    ("enter", "on a node row (or a rank row): open that node's screen"),
+    ("s", "straggler heat map: ranks x recent steps, by compute time over the median rank's, grouped by node"),
+    (
+        "enter",
+        "on a node row (or a rank row): open that node's screen; "
+        "on a rank in the heat map: its timeline beside the median rank's",
+    ),
     ("up down left right / h j k l", "move in a table"),
     ("PgUp PgDn Home End", "scroll a table"),
     ("tab / shift+tab", "next / previous table"),
@@ -215,7 +357,7 @@ KEYS: tuple[tuple[str, str], ...] = (
 )
 
 
-def help_renderable(palette: Palette) -> Group:
+def help_renderable(palette: Palette, rules: StragglerConfig = DEFAULT_CONFIG) -> Group:
     keys = Table(title="Keys", title_justify="left", show_header=False, box=None, padding=(0, 2))
     keys.add_column(style="bold", no_wrap=True)
     keys.add_column()
@@ -249,7 +391,18 @@ def help_renderable(palette: Palette) -> Group:
     colours.add_row("rank status", by_level(dict(levels.STATUS_LEVELS)))
     colours.add_row("connection", by_level(dict(levels.CONNECTION_LEVELS)))
     colours.add_row("event severity", by_level(levels.SEVERITY_LEVELS))
-    return Group(keys, Text(""), colours)
+
+    stragglers = Table(
+        title="Straggler rules (dashboard/stragglers.py)", title_justify="left", show_header=False, box=None,
+        padding=(0, 2),
+    )  # fmt: skip
+    stragglers.add_column(style="bold", no_wrap=True)
+    stragglers.add_column()
+    for name, meaning in rules.describe():
+        stragglers.add_row(name, meaning)
+    stragglers.add_row("", "A flag names the rank and node, its cost to the job per step, since when, and the likely "
+                       "cause: compute, data, GC, host or link. It clears when the slowdown ends.")  # fmt: skip
+    return Group(keys, Text(""), colours, Text(""), stragglers)
 
 
 class HelpScreen(ModalScreen[None]):
@@ -261,12 +414,13 @@ class HelpScreen(ModalScreen[None]):
         Binding("f1", "dismiss", "Close", show=False),
     ]
 
-    def __init__(self, palette: Palette) -> None:
+    def __init__(self, palette: Palette, rules: StragglerConfig = DEFAULT_CONFIG) -> None:
         super().__init__()
         self.palette = palette
+        self.rules = rules
 
     def compose(self) -> ComposeResult:
         with Vertical(id="help-box"):
             with VerticalScroll():
-                yield Static(help_renderable(self.palette), id="help-text")
+                yield Static(help_renderable(self.palette, self.rules), id="help-text")
             yield Static("esc, ? or F1 closes this help", id="help-hint")

@@ -78,7 +78,11 @@ def _plain(value: Any) -> Any:
 
 
 def snapshot_dict(model: ClusterModel) -> dict[str, Any]:
-    """``{"agents", "header", "ranks", "nodes", "events"}`` from a ClusterModel, JSON-ready."""
+    """``{"agents", "header", "ranks", "nodes", "stragglers", "events"}`` from a ClusterModel, JSON-ready.
+
+    ``stragglers`` holds every straggler flag raised in the history the agents sent (``active``: still standing);
+    each rank's entry also carries its standing flag as ``straggler`` (null when none).
+    """
     from dataclasses import asdict
 
     from megascope.dashboard.cluster import ConnectionState
@@ -99,6 +103,7 @@ def snapshot_dict(model: ClusterModel) -> dict[str, Any]:
             "header": asdict(model.header()),
             "ranks": [asdict(r) for r in model.rank_rows()],
             "nodes": nodes,
+            "stragglers": [{**asdict(flag), "active": flag.active} for flag in model.straggler_flags()],
             "events": [asdict(e) for e in model.events(limit=50)],
         }
     )
@@ -139,10 +144,11 @@ def render_text(model: ClusterModel) -> str:
             fmt.percent(r.comm_wait_percent, 1),
             fmt.loss(r.loss),
             fmt.number(r.tokens_per_second),
+            f"SLOW {r.straggler.cause.value}" if r.straggler is not None else "-",
         ]
         for r in model.rank_rows()
     ]
-    headers = ["rank", "node", "status", "step", "step_ms", "data", "comm", "loss", "tok/s"]
+    headers = ["rank", "node", "status", "step", "step_ms", "data", "comm", "loss", "tok/s", "straggler"]
     out.append(_table(headers, rank_rows) if rank_rows else "(no ranks reported)")
     out.append("")
     node_rows = []
@@ -157,6 +163,10 @@ def render_text(model: ClusterModel) -> str:
             gpu = "no GPU" if n.gpu_available is False else "-"
         node_rows.append([n.node, n.agent, connection, fmt.percent(n.cpu_percent), memory, gpu])
     out.append(_table(["node", "agent", "connection", "cpu", "memory", "gpu"], node_rows))
+    flags = model.straggler_flags(active_only=True)
+    out.append("")
+    out.append(f"stragglers: {len(flags)} (threshold {model.stragglers.config.threshold:g}x the median rank)")
+    out.extend(f"  {flag.describe()}" for flag in flags)
     events = model.events(limit=10)
     if events:
         out.append("")

@@ -7,19 +7,37 @@ dark themes both read well, and every coloured value also carries a text marker 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from rich.segment import Segment
+from rich.style import Style
 from rich.text import Text
+from textual import events
 from textual.app import App
 from textual.binding import Binding
+from textual.geometry import Region, Size
+from textual.message import Message
+from textual.scroll_view import ScrollView
+from textual.strip import Strip
 from textual.widget import Widget
 from textual.widgets import DataTable, Static
 
 from megascope.dashboard import formatting as fmt
 from megascope.dashboard import levels
-from megascope.dashboard.cluster import ConnectionState, EventRow, HeaderView, NodeRow, RankRow
+from megascope.dashboard.cluster import (
+    ConnectionState,
+    EventRow,
+    HeaderView,
+    NodeRow,
+    PhaseTimes,
+    RankRow,
+    RankStatusName,
+    RankTimeline,
+)
 from megascope.dashboard.levels import Level
+from megascope.dashboard.stragglers import HeatMap, StragglerFlag
 
 
 @dataclass(frozen=True)
@@ -103,6 +121,7 @@ class HeaderBar(Static):
         if header.world_size:
             ranks += f"/{header.world_size}"
         fields.append(("ranks", ranks, None))
+        fields.append(("stragglers", str(header.stragglers), Level.WARN if header.stragglers else None))
         for i, (label, value, level) in enumerate(fields):
             if i:
                 text.append(" | ", style="dim")
@@ -173,7 +192,8 @@ class KeyedTable(DataTable[Text]):
                 self._cells.update({(key, c): v for c, v in zip(column_keys, cells, strict=True)})
                 continue
             for column, value in zip(column_keys, cells, strict=True):
-                if self._cells.get((key, column)) != value:
+                current = self._cells.get((key, column))
+                if current is not value and current != value:  # identity first: reused cells cost nothing
                     self.update_cell(key, column, value)
                     self._cells[(key, column)] = value
         self._order = keys
@@ -226,15 +246,27 @@ class RanksTable(KeyedTable):
         ("restarts", "restarts", 8),
     )
 
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self._made: dict[str, tuple[RankRow, Palette, list[Text]]] = {}
+        """Each shown row's cells and what they were made from: an unchanged row reuses its cells."""
+
     def show(self, rows: Sequence[RankRow], palette: Palette) -> None:
-        self.set_rows([(str(r.rank), rank_cells(r, palette)) for r in rows])
+        made: dict[str, tuple[RankRow, Palette, list[Text]]] = {}
+        for row in rows:
+            key = str(row.rank)
+            before = self._made.get(key)
+            same = before is not None and before[0] == row and before[1] == palette
+            made[key] = before if same and before is not None else (row, palette, rank_cells(row, palette))
+        self._made = made
+        self.set_rows([(key, cells) for key, (_, _, cells) in made.items()])
 
 
 def rank_cells(row: RankRow, palette: Palette) -> list[Text]:
     return [
         cell(str(row.rank)),
         cell(row.node, right=False),
-        word(row.status.value, levels.STATUS_LEVELS.get(row.status.value), palette),
+        rank_status_word(row, palette),
         cell(fmt.number(row.step)),
         cell(fmt.number(row.step_ms), levels.STEP_TIME_RATIO.level(row.step_time_ratio), palette),
         cell(fmt.percent(row.data_wait_percent, 1), levels.DATA_WAIT.level(row.data_wait_percent), palette),
@@ -244,6 +276,13 @@ def rank_cells(row: RankRow, palette: Palette) -> list[Text]:
         cell(fmt.percent(None if row.mfu is None else 100 * row.mfu, 1)),
         cell(str(row.restarts)),
     ]
+
+
+def rank_status_word(row: RankRow, palette: Palette) -> Text:
+    """The process state, or ``SLOW <cause>`` for a running rank flagged as a straggler."""
+    if row.straggler is not None and row.status is RankStatusName.RUNNING:
+        return word(f"SLOW {row.straggler.cause.value}", levels.STATUS_LEVELS["SLOW"], palette)
+    return word(row.status.value, levels.STATUS_LEVELS.get(row.status.value), palette)
 
 
 class NodesTable(KeyedTable):
@@ -431,3 +470,248 @@ def _resample(values: list[float], width: int) -> list[float]:
             out.append(sum(bucket) / len(bucket))
         return out
     return [values[c * len(values) // width] for c in range(width)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stragglers: the bar on the main screen, the heat map, the timeline
+
+
+class StragglerBar(Static):
+    """The straggler flags standing now, costliest first, one line each; hidden while there are none."""
+
+    MAX_LINES = 3
+    text: Text = Text()
+    """What the bar shows now (tests read it)."""
+
+    def show(self, flags: Sequence[StragglerFlag], palette: Palette) -> None:
+        self.display = bool(flags)
+        text = Text(no_wrap=True, overflow="ellipsis")
+        ordered = sorted(flags, key=lambda f: (-f.cost_seconds, f.rank))
+        for i, flag in enumerate(ordered[: self.MAX_LINES]):
+            if i:
+                text.append("\n")
+            text.append(f" STRAGGLER{levels.MARKERS[Level.WARN]} ", style=f"bold {palette.warn}")
+            text.append(flag.describe())
+        if len(ordered) > self.MAX_LINES:
+            text.append(f"\n ... and {len(ordered) - self.MAX_LINES} more: s opens the heat map", style="dim")
+        if text.plain != self.text.plain:
+            self.text = text
+            self.update(text)
+
+
+# Heat map cells: a glyph per level, so the map reads without colour too.
+HEAT_MISSING = " "
+HEAT_FASTER = "-"
+"""Compute time below 1 / COMPUTE_RATIO.warn of the median rank's."""
+HEAT_GLYPHS: dict[Level, str] = {Level.OK: "·", Level.WARN: "+", Level.BAD: "#"}
+
+
+def heat_glyph(ratio: float) -> tuple[str, Level | None]:
+    """The cell of one compute-time ratio: its glyph and its level (None: no colour)."""
+    if math.isnan(ratio):
+        return HEAT_MISSING, None
+    if ratio * levels.COMPUTE_RATIO.warn < 1.0:
+        return HEAT_FASTER, None
+    level = levels.COMPUTE_RATIO.level(ratio)
+    assert level is not None
+    return HEAT_GLYPHS[level], level
+
+
+class HeatMapView(ScrollView, can_focus=True):
+    """Ranks (lines, grouped under a line per node) x recent steps (columns, newest at the right).
+
+    Draws only the lines on screen (``render_line``), so thousands of ranks cost what a screenful does. The
+    cursor is on a rank line; ``enter`` posts :class:`RankSelected`.
+    """
+
+    LABEL_WIDTH = 21
+    """``  1234 SLOW compute! `` before the cells."""
+
+    BINDINGS = [
+        Binding("up,k", "move(-1)", "Up", show=False),
+        Binding("down,j", "move(1)", "Down", show=False),
+        Binding("pageup", "move(-20)", "Page up", show=False),
+        Binding("pagedown", "move(20)", "Page down", show=False),
+        Binding("home", "move(-1000000)", "First", show=False),
+        Binding("end", "move(1000000)", "Last", show=False),
+        Binding("enter", "select", "Timeline"),
+    ]
+
+    class RankSelected(Message):
+        def __init__(self, rank: int) -> None:
+            super().__init__()
+            self.rank = rank
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self._heat: HeatMap | None = None
+        self._flags: dict[int, StragglerFlag] = {}
+        self._palette: Palette | None = None
+        self._lines: list[tuple[str, int]] = []
+        """("node", index of its first rank in the heat map) or ("rank", index of the rank in the heat map)."""
+        self._rank_lines: list[int] = []
+        """Line numbers of the rank lines, in order."""
+        self._order_key: tuple[list[int], list[str]] | None = None
+        self._node_sizes: dict[str, int] = {}
+        self._node_flags: dict[str, int] = {}
+        self.cursor = 0
+        """Index into the rank lines."""
+
+    def step_columns(self) -> int:
+        """How many steps fit beside the labels."""
+        return max(1, self.scrollable_content_region.width - self.LABEL_WIDTH)
+
+    def set_data(self, heat: HeatMap, flags: dict[int, StragglerFlag], palette: Palette) -> None:
+        if self._order_key != (heat.ranks, heat.nodes):
+            selected = self.selected_rank()  # before the lines change under the cursor
+            self._order_key = (list(heat.ranks), list(heat.nodes))
+            self._layout(heat, selected)
+        self._heat, self._flags, self._palette = heat, flags, palette
+        self._node_flags = {}
+        for flag in flags.values():
+            self._node_flags[flag.node] = self._node_flags.get(flag.node, 0) + 1
+        self.refresh()
+
+    def _layout(self, heat: HeatMap, selected: int | None) -> None:
+        first_rank: dict[str, int] = {}
+        self._node_sizes = {}
+        for rank, name in zip(heat.ranks, heat.nodes, strict=True):
+            first_rank[name] = min(rank, first_rank.get(name, rank))
+            self._node_sizes[name] = self._node_sizes.get(name, 0) + 1
+        order = sorted(range(len(heat.ranks)), key=lambda i: (first_rank[heat.nodes[i]], heat.nodes[i], heat.ranks[i]))
+        lines: list[tuple[str, int]] = []
+        node: str | None = None
+        for i in order:
+            if heat.nodes[i] != node:
+                node = heat.nodes[i]
+                lines.append(("node", i))
+            lines.append(("rank", i))
+        self._lines = lines
+        self._rank_lines = [n for n, (kind, _) in enumerate(lines) if kind == "rank"]
+        self.virtual_size = Size(1, len(lines))  # lines never scroll sideways: the newest steps are kept
+        if selected is not None and selected in heat.ranks:
+            index = heat.ranks.index(selected)
+            self.cursor = next(k for k, n in enumerate(self._rank_lines) if lines[n][1] == index)
+        self.cursor = max(0, min(self.cursor, len(self._rank_lines) - 1))
+
+    def selected_rank(self) -> int | None:
+        if self._heat is None or not self._rank_lines or self._order_key is None:
+            return None
+        _, index = self._lines[self._rank_lines[self.cursor]]
+        return self._order_key[0][index]
+
+    def action_move(self, delta: int) -> None:
+        if not self._rank_lines:
+            return
+        self.cursor = max(0, min(len(self._rank_lines) - 1, self.cursor + delta))
+        line = self._rank_lines[self.cursor]
+        # Keep the node line above the first rank in view too.
+        self.scroll_to_region(Region(0, max(0, line - 1), 1, 2), animate=False, immediate=True)
+        self.refresh()
+
+    def action_select(self) -> None:
+        rank = self.selected_rank()
+        if rank is not None:
+            self.post_message(self.RankSelected(rank))
+
+    def on_click(self, event: events.Click) -> None:
+        line = event.y + int(self.scroll_offset.y)
+        if line in self._rank_lines:
+            self.cursor = self._rank_lines.index(line)
+            self.refresh()
+
+    def render_line(self, y: int) -> Strip:
+        width = self.scrollable_content_region.width
+        line = y + int(self.scroll_offset.y)
+        heat, palette = self._heat, self._palette
+        if heat is None or palette is None or line >= len(self._lines):
+            return Strip.blank(width)
+        kind, index = self._lines[line]
+        if kind == "node":
+            node = heat.nodes[index]
+            count = self._node_sizes.get(node, 0)
+            flagged = self._node_flags.get(node, 0)
+            title = f"── {node}: {count} rank{'s' if count != 1 else ''}"
+            if flagged:
+                title += f", {flagged} flagged{levels.MARKERS[Level.WARN]}"
+            title += " "
+            return Strip([Segment(title.ljust(width, "─")[:width], Style(bold=True))])
+        rank = heat.ranks[index]
+        flag = self._flags.get(rank)
+        selected = self._rank_lines[self.cursor] == line if self._rank_lines else False
+        label_style = Style(reverse=True) if selected else Style()
+        segments = [Segment(f"{rank:>6} ", label_style)]
+        if flag is not None:
+            tag = f"SLOW {flag.cause.value}{levels.MARKERS[Level.WARN]}"
+            segments.append(Segment(f"{tag:<14}", label_style + Style.parse(f"bold {palette.warn}")))
+        else:
+            segments.append(Segment(" " * 14, label_style))
+        columns = max(0, width - self.LABEL_WIDTH)
+        ratios = heat.ratios[index][-columns:] if columns else heat.ratios[index][:0]
+        # Right-align: the newest step is always in the last column.
+        cells = [Segment(" " * (columns - len(ratios)))]
+        run_glyph, run_level, run_length = "", None, 0
+        for ratio in ratios.tolist():
+            glyph, level = heat_glyph(ratio)
+            if glyph == run_glyph and level == run_level:
+                run_length += 1
+                continue
+            if run_length:
+                cells.append(Segment(run_glyph * run_length, Style.parse(palette.colour(run_level) or "none")))
+            run_glyph, run_level, run_length = glyph, level, 1
+        if run_length:
+            cells.append(Segment(run_glyph * run_length, Style.parse(palette.colour(run_level) or "none")))
+        return Strip(segments + cells).crop(0, width)
+
+
+# Phases of a step in the timeline: a letter each, so the bars read without colour.
+TIMELINE_PHASES: tuple[tuple[str, str, Level | None, str], ...] = (
+    ("data", "D", Level.WARN, "data wait"),
+    ("forward", "F", Level.OK, "forward"),
+    ("backward", "B", Level.OK, "backward compute"),
+    ("comm", "W", Level.BAD, "waiting in collectives"),
+    ("optimizer", "O", None, "optimizer"),
+    ("other", ".", None, "other"),
+)
+
+
+def timeline_legend(palette: Palette) -> Text:
+    text = Text(no_wrap=True)
+    for i, (_, letter, level, what) in enumerate(TIMELINE_PHASES):
+        if i:
+            text.append("  ")
+        text.append(letter, style=f"reverse {palette.colour(level)}" if level else "reverse")
+        text.append(f" {what}")
+    return text
+
+
+def timeline_bars(
+    steps: Sequence[int], phases: Sequence[PhaseTimes | None], scale: float, width: int, palette: Palette
+) -> Text:
+    """One line per step: the step number, a bar of its phases (``scale`` seconds fill ``width`` cells), the total."""
+    text = Text(no_wrap=True)
+    for i, (step, times) in enumerate(zip(steps, phases, strict=True)):
+        if i:
+            text.append("\n")
+        text.append(f"{step:>7} ", style="dim")
+        if times is None:
+            text.append("(no report)", style="dim")
+            continue
+        # Cumulative rounding so the bar's length matches the total even when phases are short.
+        drawn, elapsed = 0, 0.0
+        for name, letter, level, _ in TIMELINE_PHASES:
+            elapsed += getattr(times, name)
+            end = round(elapsed / scale * width) if scale > 0 else 0
+            if end > drawn:
+                style = f"reverse {palette.colour(level)}" if level else "reverse"
+                text.append(letter * (end - drawn), style=style)
+                drawn = end
+        text.append(" " * max(0, width - drawn))
+        text.append(f" {times.total * 1000:>7,.0f} ms")
+    return text
+
+
+def timeline_scale(timeline: RankTimeline) -> float:
+    """Seconds the full bar width stands for: the longest step on either side."""
+    totals = [p.total for p in timeline.rank_phases if p is not None] + [p.total for p in timeline.median_phases]
+    return max(totals, default=0.0)

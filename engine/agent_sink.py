@@ -51,7 +51,7 @@ def step_to_proto(report: StepReport) -> telemetry_pb2.StepReport:
         )
         for c in fields.pop("collectives")
     ]
-    optional = {name: fields.pop(name) for name in ("mfu", "val_loss")}
+    optional = {name: fields.pop(name) for name in ("mfu", "val_loss", "device_compute_seconds")}
     message = telemetry_pb2.StepReport(**fields, collectives=collectives)
     for name, value in optional.items():
         if value is not None:

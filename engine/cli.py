@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from megascope.engine.faults import inject_argument  # pure Python, no torch: the parser stays cheap
+
 if TYPE_CHECKING:
     from megascope.engine.config import TrainConfig
     from megascope.engine.launch import LaunchOptions
@@ -41,7 +43,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--log-every", type=int, default=1, help="console line every N steps (default: 1)")
     train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
     train.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: table, or measured on CPU)")
+    train.add_argument(
+        "--kernels",
+        default="auto",
+        choices=["auto", "triton", "torch"],
+        help="fused Triton kernels or the PyTorch references (default: auto, Triton on CUDA and PyTorch on CPU)",
+    )
     train.add_argument("--run-dir", help="config, telemetry and logs go here (default: runs/train-TIMESTAMP)")
+    train.add_argument(
+        "--inject",
+        type=inject_argument,
+        action="append",
+        default=[],
+        metavar="KIND:KEY=VALUE,...",
+        help="inject a fault to test the diagnosis, e.g. slow:rank=2,factor=1.3 (rank 2 computes 1.3x longer); "
+        "repeatable",
+    )
 
     ckpt = parser.add_argument_group("checkpoints")
     ckpt.add_argument("--ckpt-dir", help="save checkpoints here, and resume from the newest one found there")
@@ -62,6 +79,7 @@ def build(args: argparse.Namespace) -> tuple[TrainConfig, LaunchOptions]:
     """The run's config and launch options from the flags; raises ConfigError/DataError naming a flag."""
     from megascope.engine.config import CheckpointConfig, ConfigError, OptimConfig, TrainConfig
     from megascope.engine.data import DataConfig, DataError, load_corpus, split_train_val
+    from megascope.engine.faults import FaultError, check_ranks
     from megascope.engine.launch import LaunchOptions
     from megascope.engine.model import PRESETS, preset
 
@@ -99,7 +117,9 @@ def build(args: argparse.Namespace) -> tuple[TrainConfig, LaunchOptions]:
         log_every=args.log_every,
         device=args.device,
         peak_tflops=args.peak_tflops,
+        kernels=args.kernels,
         run_dir=args.run_dir or time.strftime("runs/train-%Y%m%d-%H%M%S"),
+        faults=tuple(args.inject),
     )
     options = LaunchOptions(
         nproc_per_node=args.nproc_per_node,
@@ -109,6 +129,10 @@ def build(args: argparse.Namespace) -> tuple[TrainConfig, LaunchOptions]:
         max_restarts=args.max_restarts,
     )
     options.validate()
+    try:  # with --nnodes MIN:MAX the job may grow to MAX nodes
+        check_ranks(config.faults, options.nproc_per_node * options.node_range()[1])
+    except FaultError as error:
+        raise ConfigError(f"--inject: {error}") from None
     # Read the data once here so a bad --data fails now, with a clear message, not in every rank.
     train_docs, _ = split_train_val(load_corpus(config.data.path), config.data.val_fraction)
     if train_docs.num_tokens < config.data.batch_tokens:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from megascope.engine.data import DataConfig
+from megascope.engine.faults import Fault, fault_from_dict
 from megascope.engine.model import ModelConfig
 
 
@@ -89,10 +90,14 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     peak_tflops: float | None = None
     """Override the device peak used for MFU."""
+    kernels: Literal["auto", "triton", "torch"] = "auto"
+    """Fused Triton kernels or the PyTorch references (``--kernels``); auto: Triton on CUDA, PyTorch on CPU."""
     run_dir: str = "runs/latest"
     """Where the config, telemetry (one JSONL file per rank) and logs go."""
     dist_timeout_seconds: float = 300.0
     """Process group timeout; a collective stuck longer than this fails instead of hanging forever."""
+    faults: tuple[Fault, ...] = ()
+    """Injected faults (``--inject``), for testing the diagnosis; empty in a real run."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -105,6 +110,10 @@ class TrainConfig:
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.peak_tflops is not None and self.peak_tflops <= 0:
             raise ConfigError(f"--peak-tflops must be positive, got {self.peak_tflops}")
+        if self.kernels not in ("auto", "triton", "torch"):
+            raise ConfigError(f"--kernels must be auto, triton or torch, got {self.kernels!r}")
+        if self.kernels == "triton" and self.device == "cpu":
+            raise ConfigError("--kernels triton needs a GPU (--device cuda or auto); use --kernels torch on CPU")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -117,6 +126,7 @@ class TrainConfig:
             data=DataConfig(**values.pop("data")),
             optim=OptimConfig(**values.pop("optim")),
             checkpoint=CheckpointConfig(**values.pop("checkpoint", {})),
+            faults=tuple(fault_from_dict(f) for f in values.pop("faults", ())),
             **values,
         )
 

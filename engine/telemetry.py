@@ -27,7 +27,8 @@ class CollectiveTiming:
     bucket: int
     bytes: int
     start_seconds: float
-    """Launch time, measured from the start of the step."""
+    """Launch time, measured from the start of the step. The rank's compute before this collective is
+    ``start_seconds`` minus the step's ``data_wait_seconds`` (the step first waits for its batch)."""
     duration_seconds: float
     blocked_seconds: float
     """How long the training thread waited on this collective after its own compute was done."""
@@ -58,6 +59,8 @@ class StepReport:
     gc_pause_seconds: float = 0.0
     cpu_seconds: float = 0.0
     """CPU time of the whole process (every thread) during the step: telemetry threads included."""
+    device_compute_seconds: float | None = None
+    """GPU only: forward + backward compute on the device, from CUDA events (None on a CPU)."""
     collectives: list[CollectiveTiming] = field(default_factory=list)
     collectives_issued: int = 0
     val_loss: float | None = None

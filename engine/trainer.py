@@ -28,12 +28,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from megascope.engine.agent_sink import connect_from_environment
 from megascope.engine.checkpoint import Checkpointer, committed_steps, load, remove_unfinished
-from megascope.engine.collectives import CollectiveTimer
+from megascope.engine.collectives import CollectiveTimer, DeviceComputeTimer
 from megascope.engine.config import TrainConfig
 from megascope.engine.data import PackedBatches, Prefetcher, load_corpus, split_train_val
+from megascope.engine.faults import SlowFault, faults_for_rank
 from megascope.engine.mfu import PeakFlops, device_peak
 from megascope.engine.model import Transformer, cross_entropy
 from megascope.engine.telemetry import ConsoleSink, Event, JsonlSink, Sink, StepReport, Telemetry
+from megascope.protos.megascope.v1 import worker_pb2
 
 
 class _GcPauses:
@@ -85,24 +87,42 @@ class Trainer:
         dist.init_process_group(backend, timeout=timedelta(seconds=config.dist_timeout_seconds))
         # Checkpoint coordination gets its own gloo group, so a save's commit (on a background thread)
         # can never interleave with, or wait behind, the training group's gradient all-reduces.
-        self.ckpt_group = dist.new_group(backend="gloo") if config.checkpoint.dir else None
+        # Its timeout bounds how long a save waits for a rank that never writes its part (then it fails).
+        self.ckpt_group = (
+            dist.new_group(backend="gloo", timeout=timedelta(seconds=120)) if config.checkpoint.dir else None
+        )
 
         run_dir = Path(config.run_dir)
         sinks: list[Sink] = [JsonlSink(run_dir / "telemetry" / f"rank{self.rank}.jsonl")]
         if self.rank == 0:
             sinks.append(ConsoleSink(every=config.log_every))
-        agent = connect_from_environment(self.rank, self.local_rank, self.world_size, self.node, self.restart_count)
+        self._requested_save_step: int | None = None
+        agent = connect_from_environment(
+            self.rank, self.local_rank, self.world_size, self.node, self.restart_count, self._on_command
+        )
         if agent is not None:
             sinks.append(agent)
         self.telemetry = Telemetry(sinks)
 
         torch.manual_seed(config.data.seed)  # every rank builds identical initial weights
-        self.model = Transformer(config.model).to(self.device)
+        self.model = Transformer(config.model, kernels=config.kernels).to(self.device)
         self.collectives = CollectiveTimer()
         self.ddp = DistributedDataParallel(
             self.model, device_ids=[self.local_rank] if self.device.type == "cuda" else None
         )
         self.ddp.register_comm_hook(None, self.collectives.hook)
+        # CUDA events only on a GPU: a CPU run never touches CUDA.
+        self.device_timer = DeviceComputeTimer() if self.device.type == "cuda" else None
+        self.faults = faults_for_rank(config.faults, self.rank)
+        self._compute_started = 0.0
+        """perf_counter at which this step's compute would have begun had it run without a break (fault timing)."""
+        for fault in self.faults:
+            if isinstance(fault, SlowFault):
+                # Sleep when backward compute is done, before the last bucket's all-reduce launches: the sleep
+                # counts as this rank's compute and the other ranks wait for it inside the collective.
+                self.collectives.before_last_launch = lambda f=fault: time.sleep(
+                    f.extra_seconds(time.perf_counter() - self._compute_started)
+                )
         self.optimizer = torch.optim.AdamW(
             self._param_groups(),
             lr=config.optim.lr,
@@ -127,6 +147,12 @@ class Trainer:
         self.resumed_from: int | None = None
         if config.checkpoint.dir:
             self._set_up_checkpoints(Path(config.checkpoint.dir))
+
+    def _on_command(self, command: worker_pb2.Command) -> None:
+        # Runs on the agent sink's thread: only record the request; the training loop acts on it between
+        # steps, at the step the agent chose, so that every rank saves the same step.
+        if command.kind == worker_pb2.COMMAND_KIND_CHECKPOINT:
+            self._requested_save_step = int(command.arguments.get("step", "0"))
 
     def _set_up_checkpoints(self, directory: Path) -> None:
         ckpt = self.config.checkpoint
@@ -164,13 +190,21 @@ class Trainer:
         targets = self._checkpoint_state()
         rng = torch.get_rng_state()
         targets_local = {f"rng/rank{self.rank}/cpu": rng}
-        metadata, _ = load(directory, targets)
+        started = time.perf_counter()
+        metadata, stats = load(directory, targets)
         # A rank that did not exist in the saving job keeps its own seed-derived RNG state.
         load(directory, targets_local, strict=False)
         torch.set_rng_state(rng)
         self.train_batches.load_state_dict(metadata.extra["data"])
         self.step = self.resumed_from = int(metadata.extra["step"])
-        self._event("resumed", f"resumed from step {self.step} ({directory})", path=str(directory))
+        seconds = time.perf_counter() - started
+        self._event(
+            "resumed",
+            f"resumed from step {self.step} ({directory}): read {stats.bytes_read / 1e6:.1f} MB in {seconds:.2f}s",
+            path=str(directory),
+            load_seconds=f"{seconds:.6f}",
+            bytes_read=str(stats.bytes_read),
+        )
 
     def _save_checkpoint(self, prefetch: Prefetcher) -> None:
         assert self.checkpointer is not None
@@ -219,6 +253,11 @@ class Trainer:
                 "no validation loss: the held-out documents are fewer than one "
                 "micro-batch; raise --val-fraction or give more --data",
             )
+        for fault in self.faults:
+            self.telemetry.event(
+                Event(kind="fault_injected", text=f"--inject {fault.describe()} on this rank", severity="warning",
+                      rank=self.rank, step=self.step, node=self.node, attributes={"fault": fault.describe()})
+            )  # fmt: skip
         gc_pauses = _GcPauses()
         prefetch = Prefetcher(self.train_batches, self.device)
         try:
@@ -226,7 +265,17 @@ class Trainer:
                 self.step += 1
                 report = self._train_step(prefetch, gc_pauses)
                 every = config.checkpoint.every
-                if self.checkpointer and (self.step == config.steps or (every and self.step % every == 0)):
+                scheduled = self.step == config.steps or bool(every and self.step % every == 0)
+                requested = self._requested_save_step
+                if requested is not None and self.step >= requested:
+                    self._requested_save_step = None
+                    if self.checkpointer is None:
+                        self._event("checkpoint_refused", "a checkpoint was requested, but this run has no --ckpt-dir")
+                    elif self.step > requested:
+                        self._event("checkpoint_refused", f"the request to save step {requested} came too late")
+                    else:
+                        scheduled = True
+                if self.checkpointer and scheduled:
                     self._save_checkpoint(prefetch)
                 if (config.val_every and self.step % config.val_every == 0) or self.step == config.steps:
                     report.val_loss = self.validate()
@@ -262,6 +311,9 @@ class Trainer:
             t0 = time.perf_counter()
             batch = prefetch.next()
             t1 = time.perf_counter()
+            self._compute_started = t1 - (forward + backward)
+            if self.device_timer is not None:
+                self.device_timer.start()
             last = micro == config.grad_accum - 1
             # Gradients are all-reduced only on the last micro-batch; the others accumulate locally.
             sync = contextlib.nullcontext() if last else self.ddp.no_sync()
@@ -274,6 +326,8 @@ class Trainer:
                 loss.backward()
                 self._sync()
                 t3 = time.perf_counter()
+            if self.device_timer is not None:
+                self.device_timer.stop(self.collectives.last_ready_event() if last else None)
             launched = self.collectives.last_launch() if last else None
             compute_end = launched if launched is not None and t2 <= launched <= t3 else t3
             data_wait += t1 - t0
@@ -319,6 +373,8 @@ class Trainer:
             mfu=flops / step_seconds / self.peak.flops_per_second if self.peak else None,
             gc_pause_seconds=gc_pauses.total - gc_before,
             cpu_seconds=time.process_time() - cpu_start,
+            # Read after loss.item() above, which waited for the device: the events are complete, no extra sync.
+            device_compute_seconds=self.device_timer.seconds() if self.device_timer is not None else None,
             collectives=self.collectives.timings(step_start, compute_end),
             collectives_issued=self.collectives.issued,
             restart_count=self.restart_count,

@@ -27,6 +27,8 @@ from megascope.dashboard.cluster import ClusterModel
 from megascope.protos.megascope.v1 import agent_pb2, agent_pb2_grpc, telemetry_pb2
 
 GIB = 1024**3
+_BUSY_SHARE = 0.95
+"""Share of a synthetic step a rank spends on its own work when nobody is slow; the rest is communication."""
 
 
 class FakeAgent(agent_pb2_grpc.AgentServiceServicer):
@@ -140,7 +142,8 @@ class SyntheticNode:
     step_seconds: float = 0.31
     tokens_per_step: int = 4096
     slow_rank: int | None = None
-    """A straggler: this rank's compute takes ``slow_factor`` times longer."""
+    """A straggler: this rank's own work takes ``slow_factor`` times longer, and every other rank waits for it in
+    the all-reduce (the same on every node, so each node knows how long the job's step is)."""
     slow_factor: float = 1.3
     checkpoint_every: int = 100
     seed: int = 0
@@ -208,10 +211,11 @@ class SyntheticNode:
             if self.total_steps and self.step >= self.total_steps:
                 break
             self.step += 1
-            times = {r: self._step_time(r) for r in self.ranks}
-            self.now += max(times.values())
+            busy = {r: self._busy_time(r) for r in self.ranks}
+            step_seconds = self._job_step_seconds()
+            self.now += step_seconds
             for rank in self.ranks:
-                batch.step_reports.append(self._report(rank, times[rank]))
+                batch.step_reports.append(self._report(rank, busy[rank], step_seconds))
             while self.now - self._last_host_sample >= 1.0:
                 self._last_host_sample += 1.0
                 batch.host_samples.append(self._host_sample(self._last_host_sample))
@@ -225,32 +229,31 @@ class SyntheticNode:
                     severity=telemetry_pb2.Event.SEVERITY_INFO,
                     text=f"checkpoint step_{self.step} committed (412 MiB, 1.8 s in background)",
                 )
-            if self.slow_rank in self.ranks and self.step % 50 == 0:
-                batch.events.add(
-                    wall_time=self.now,
-                    node=self.node,
-                    kind="straggler",
-                    rank=self.slow_rank,
-                    step=self.step,
-                    severity=telemetry_pb2.Event.SEVERITY_WARNING,
-                    text=f"rank {self.slow_rank} is {self.slow_factor:.2f}x slower than the median rank",
-                )
         return batch
 
-    def _step_time(self, rank: int) -> float:
-        jitter = 1.0 + self._rng.uniform(-0.04, 0.04)
+    def _busy_time(self, rank: int) -> float:
+        """The rank's own work this step (everything but waiting for the others)."""
+        jitter = 1.0 + self._rng.uniform(-0.02, 0.02)
         slow = self.slow_factor if rank == self.slow_rank else 1.0
-        return self.step_seconds * jitter * slow
+        return _BUSY_SHARE * self.step_seconds * jitter * slow
 
-    def _report(self, rank: int, seconds: float) -> telemetry_pb2.StepReport:
+    def _job_step_seconds(self) -> float:
+        """Every rank's step: the slowest rank's work at its worst jitter, plus the exposed communication.
+
+        Deterministic, so every node of one job agrees on it without talking to the others.
+        """
+        slowest = self.slow_factor if self.slow_rank is not None else 1.0
+        return _BUSY_SHARE * self.step_seconds * 1.02 * slowest + (1.0 - _BUSY_SHARE) * self.step_seconds
+
+    def _report(self, rank: int, busy: float, seconds: float) -> telemetry_pb2.StepReport:
         rng = self._rng
         loss = 2.55 + 3.1 * math.exp(-self.step / 70.0) + rng.gauss(0.0, 0.025)
-        data = seconds * rng.uniform(0.003, 0.012)
-        comm = seconds * rng.uniform(0.02, 0.06)
-        forward = seconds * 0.30
-        backward = seconds * 0.50
-        optimizer = seconds * 0.07
-        other = max(0.0, seconds - data - comm - forward - backward - optimizer)
+        data = busy * rng.uniform(0.003, 0.012)
+        forward = busy * 0.33
+        backward = busy * 0.55
+        optimizer = busy * 0.08
+        other = max(0.0, busy - data - forward - backward - optimizer)
+        comm = seconds - busy  # blocked in the all-reduce until the slowest rank is done
         flops = 6.0 * 0.9e6 * self.tokens_per_step
         return telemetry_pb2.StepReport(
             node=self.node,

@@ -31,7 +31,7 @@ class Written:
 
 def _bytes_of(tensor: torch.Tensor) -> memoryview:
     flat = tensor.contiguous().view(-1)
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy().data) if flat.numel() else memoryview(b"")
 
 
 def write_file(

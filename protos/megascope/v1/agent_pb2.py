@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from megascope.protos.megascope.v1 import telemetry_pb2 as megascope_dot_protos_dot_megascope_dot_v1_dot_telemetry__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)megascope/protos/megascope/v1/agent.proto\x12\x0cmegascope.v1\x1a-megascope/protos/megascope/v1/telemetry.proto\"(\n\x0cWatchRequest\x12\x18\n\x10\x62\x61\x63kfill_seconds\x18\x01 \x01(\x01\";\n\rWatchResponse\x12*\n\ttelemetry\x18\x01 \x01(\x0b\x32\x17.megascope.v1.Telemetry\"\x14\n\x12GetSnapshotRequest\"\xa3\x02\n\x13GetSnapshotResponse\x12)\n\tnode_info\x18\x01 \x01(\x0b\x32\x16.megascope.v1.NodeInfo\x12.\n\x0cstep_reports\x18\x02 \x03(\x0b\x32\x18.megascope.v1.StepReport\x12-\n\x0bhost_sample\x18\x03 \x01(\x0b\x32\x18.megascope.v1.HostSample\x12,\n\x0bgpu_samples\x18\x04 \x03(\x0b\x32\x17.megascope.v1.GpuSample\x12#\n\x06\x65vents\x18\x05 \x03(\x0b\x32\x13.megascope.v1.Event\x12/\n\rrank_statuses\x18\x06 \x03(\x0b\x32\x18.megascope.v1.RankStatus\"I\n\x10GetEventsRequest\x12\x17\n\x0fsince_wall_time\x18\x01 \x01(\x01\x12\r\n\x05limit\x18\x02 \x01(\x05\x12\r\n\x05kinds\x18\x03 \x03(\t\"8\n\x11GetEventsResponse\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x13.megascope.v1.Event2\xf4\x01\n\x0c\x41gentService\x12\x42\n\x05Watch\x12\x1a.megascope.v1.WatchRequest\x1a\x1b.megascope.v1.WatchResponse0\x01\x12R\n\x0bGetSnapshot\x12 .megascope.v1.GetSnapshotRequest\x1a!.megascope.v1.GetSnapshotResponse\x12L\n\tGetEvents\x12\x1e.megascope.v1.GetEventsRequest\x1a\x1f.megascope.v1.GetEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)megascope/protos/megascope/v1/agent.proto\x12\x0cmegascope.v1\x1a-megascope/protos/megascope/v1/telemetry.proto\"(\n\x0cWatchRequest\x12\x18\n\x10\x62\x61\x63kfill_seconds\x18\x01 \x01(\x01\";\n\rWatchResponse\x12*\n\ttelemetry\x18\x01 \x01(\x0b\x32\x17.megascope.v1.Telemetry\"\x14\n\x12GetSnapshotRequest\"\xa3\x02\n\x13GetSnapshotResponse\x12)\n\tnode_info\x18\x01 \x01(\x0b\x32\x16.megascope.v1.NodeInfo\x12.\n\x0cstep_reports\x18\x02 \x03(\x0b\x32\x18.megascope.v1.StepReport\x12-\n\x0bhost_sample\x18\x03 \x01(\x0b\x32\x18.megascope.v1.HostSample\x12,\n\x0bgpu_samples\x18\x04 \x03(\x0b\x32\x17.megascope.v1.GpuSample\x12#\n\x06\x65vents\x18\x05 \x03(\x0b\x32\x13.megascope.v1.Event\x12/\n\rrank_statuses\x18\x06 \x03(\x0b\x32\x18.megascope.v1.RankStatus\"I\n\x10GetEventsRequest\x12\x17\n\x0fsince_wall_time\x18\x01 \x01(\x01\x12\r\n\x05limit\x18\x02 \x01(\x05\x12\r\n\x05kinds\x18\x03 \x03(\t\"8\n\x11GetEventsResponse\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x13.megascope.v1.Event\"%\n\x15SaveCheckpointRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\"5\n\x16SaveCheckpointResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\r\n\x05ranks\x18\x02 \x01(\x05\x32\xd1\x02\n\x0c\x41gentService\x12\x42\n\x05Watch\x12\x1a.megascope.v1.WatchRequest\x1a\x1b.megascope.v1.WatchResponse0\x01\x12R\n\x0bGetSnapshot\x12 .megascope.v1.GetSnapshotRequest\x1a!.megascope.v1.GetSnapshotResponse\x12L\n\tGetEvents\x12\x1e.megascope.v1.GetEventsRequest\x1a\x1f.megascope.v1.GetEventsResponse\x12[\n\x0eSaveCheckpoint\x12#.megascope.v1.SaveCheckpointRequest\x1a$.megascope.v1.SaveCheckpointResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,6 +44,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETEVENTSREQUEST']._serialized_end=598
   _globals['_GETEVENTSRESPONSE']._serialized_start=600
   _globals['_GETEVENTSRESPONSE']._serialized_end=656
-  _globals['_AGENTSERVICE']._serialized_start=659
-  _globals['_AGENTSERVICE']._serialized_end=903
+  _globals['_SAVECHECKPOINTREQUEST']._serialized_start=658
+  _globals['_SAVECHECKPOINTREQUEST']._serialized_end=695
+  _globals['_SAVECHECKPOINTRESPONSE']._serialized_start=697
+  _globals['_SAVECHECKPOINTRESPONSE']._serialized_end=750
+  _globals['_AGENTSERVICE']._serialized_start=753
+  _globals['_AGENTSERVICE']._serialized_end=1090
 # @@protoc_insertion_point(module_scope)

@@ -28,9 +28,9 @@ if _version_not_supported:
 class AgentServiceStub:
     """Read-only telemetry RPCs of a per-node agent.
 
-    Control RPCs (SaveCheckpoint, ListCheckpoints, StartMerge with a progress stream, Restart,
-    DumpStacks, RunDiagnostics) will be added to this service later, each with its own
-    XRequest/XResponse. They will be refused when the agent runs with a token and the caller lacks it.
+    Control RPCs change what the job does. When the agent runs with a token they need the metadata
+    "authorization: Bearer TOKEN": without it they get UNAUTHENTICATED, with a wrong one PERMISSION_DENIED.
+    (ListCheckpoints, StartMerge, Restart, DumpStacks and RunDiagnostics will join SaveCheckpoint.)
     """
 
     def __init__(self, channel):
@@ -54,14 +54,19 @@ class AgentServiceStub:
                 request_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.GetEventsRequest.SerializeToString,
                 response_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.GetEventsResponse.FromString,
                 _registered_method=True)
+        self.SaveCheckpoint = channel.unary_unary(
+                '/megascope.v1.AgentService/SaveCheckpoint',
+                request_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.SaveCheckpointRequest.SerializeToString,
+                response_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.SaveCheckpointResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
     """Read-only telemetry RPCs of a per-node agent.
 
-    Control RPCs (SaveCheckpoint, ListCheckpoints, StartMerge with a progress stream, Restart,
-    DumpStacks, RunDiagnostics) will be added to this service later, each with its own
-    XRequest/XResponse. They will be refused when the agent runs with a token and the caller lacks it.
+    Control RPCs change what the job does. When the agent runs with a token they need the metadata
+    "authorization: Bearer TOKEN": without it they get UNAUTHENTICATED, with a wrong one PERMISSION_DENIED.
+    (ListCheckpoints, StartMerge, Restart, DumpStacks and RunDiagnostics will join SaveCheckpoint.)
     """
 
     def Watch(self, request, context):
@@ -86,6 +91,13 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SaveCheckpoint(self, request, context):
+        """Control: ask every rank on this node to save a checkpoint once it completes a given step.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -104,6 +116,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     request_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.GetEventsRequest.FromString,
                     response_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.GetEventsResponse.SerializeToString,
             ),
+            'SaveCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.SaveCheckpoint,
+                    request_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.SaveCheckpointRequest.FromString,
+                    response_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.SaveCheckpointResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'megascope.v1.AgentService', rpc_method_handlers)
@@ -115,9 +132,9 @@ def add_AgentServiceServicer_to_server(servicer, server):
 class AgentService:
     """Read-only telemetry RPCs of a per-node agent.
 
-    Control RPCs (SaveCheckpoint, ListCheckpoints, StartMerge with a progress stream, Restart,
-    DumpStacks, RunDiagnostics) will be added to this service later, each with its own
-    XRequest/XResponse. They will be refused when the agent runs with a token and the caller lacks it.
+    Control RPCs change what the job does. When the agent runs with a token they need the metadata
+    "authorization: Bearer TOKEN": without it they get UNAUTHENTICATED, with a wrong one PERMISSION_DENIED.
+    (ListCheckpoints, StartMerge, Restart, DumpStacks and RunDiagnostics will join SaveCheckpoint.)
     """
 
     @staticmethod
@@ -191,6 +208,33 @@ class AgentService:
             '/megascope.v1.AgentService/GetEvents',
             megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.GetEventsRequest.SerializeToString,
             megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.GetEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaveCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/megascope.v1.AgentService/SaveCheckpoint',
+            megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.SaveCheckpointRequest.SerializeToString,
+            megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.SaveCheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,
