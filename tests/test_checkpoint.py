@@ -208,3 +208,37 @@ def test_a_partial_read_reads_only_the_blocks_holding_the_needed_rows(tmp_path: 
     assert torch.equal(rows, tensor[1000:2000])
     needed = 1000 * 1000 * 4
     assert needed <= counter[0] <= needed + 2 * BLOCK_BYTES
+
+
+def test_an_unexpected_error_in_a_save_is_reported_and_the_next_save_still_works(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from megascope.engine.checkpoint import checkpointer as module
+
+    events: list[str] = []
+    checkpointer = Checkpointer(tmp_path, on_event=lambda kind, text, _: events.append(kind))
+    checkpointer.save(1, {"w": torch.ones(4)})
+    checkpointer.wait()
+    real_write = module.write_file
+
+    def broken_write(*args: object, **kwargs: object) -> object:
+        raise RuntimeError("not an OSError: a bug, or an allocation failure")
+
+    monkeypatch.setattr(module, "write_file", broken_write)
+    checkpointer.save(2, {"w": torch.zeros(4)})
+    figures = checkpointer.wait()
+    assert figures is not None and figures.error is not None and "RuntimeError" in figures.error
+    monkeypatch.setattr(module, "write_file", real_write)
+    checkpointer.save(3, {"w": torch.full((4,), 3.0)})
+    checkpointer.before_optimizer_step()  # would block forever if the thread had died
+    checkpointer.close()
+    assert events == ["checkpoint_started", "checkpoint", "checkpoint_started", "checkpoint_failed",
+                      "checkpoint_started", "checkpoint"]  # fmt: skip
+    assert committed_steps(tmp_path) == [1, 3]
+
+
+def test_save_refuses_extra_that_is_not_json_before_anything_starts(tmp_path: Path) -> None:
+    checkpointer = Checkpointer(tmp_path)
+    with pytest.raises(CheckpointError, match="extra: must be JSON"):
+        checkpointer.save(1, {"w": torch.ones(4)}, extra={"when": {1, 2}})
+    checkpointer.close()

@@ -18,6 +18,7 @@ At most one save is in flight: a new save waits for the previous one to finish b
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -35,6 +36,7 @@ from megascope.engine.checkpoint.format import (
     DTYPES,
     LATEST,
     METADATA,
+    CheckpointError,
     Metadata,
     Shard,
     TensorMeta,
@@ -128,6 +130,14 @@ class Checkpointer:
         """
         start = time.perf_counter()
         self.wait()  # at most one save in flight
+        # Refuse what the background thread could not write, here, where the caller sees the error.
+        for name, tensor in (*state.items(), *(local or {}).items()):
+            if tensor.dtype not in DTYPES:
+                raise CheckpointError(f"{name}: dtype {tensor.dtype} cannot be saved (supported: {list(DTYPES)})")
+        try:
+            json.dumps(extra or {})
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(f"extra: must be JSON-serialisable ({error})") from None
         figures = SaveFigures(step=step)
         job = _Job(step, plan(state, self.rank, self.world_size, local), extra or {}, start, figures)
         with self._wakeup:
@@ -172,6 +182,9 @@ class Checkpointer:
                 job, self._pending = self._pending, None
             try:
                 self._run(job)
+            except Exception as error:  # whatever it is, this save failed; the next one must still work
+                job.figures.error = f"step {job.step} not saved: {type(error).__name__}: {error}"
+                self._event("checkpoint_failed", f"{job.figures.error}; latest unchanged", step=str(job.step))
             finally:
                 job.staged.set()
                 job.done.set()
