@@ -29,6 +29,7 @@ from typing import Generic, TypeVar
 
 from google.protobuf.message import Message
 
+from megascope.dashboard import formatting as fmt
 from megascope.dashboard.stragglers import DEFAULT_CONFIG, HeatMap, StragglerConfig, StragglerDetector, StragglerFlag
 from megascope.protos.megascope.v1 import agent_pb2, telemetry_pb2
 
@@ -232,6 +233,8 @@ class HeaderView:
     run_id: str
     stragglers: int = 0
     """Straggler flags standing now."""
+    checkpoint: str | None = None
+    """The newest checkpoint or the save in progress (see ClusterModel.checkpoint_summary)."""
 
 
 @dataclass(frozen=True)
@@ -393,6 +396,10 @@ class ClusterModel:
         self._events: list[_StoredEvent] = []
         self._event_keys: set[tuple[object, ...]] = set()
         self._next_event_id = 0
+        self._checkpoint_saved: tuple[int, float] | None = None
+        """(step, wall time) of the newest committed checkpoint the agents reported."""
+        self._checkpoint_saving: tuple[int, float] | None = None
+        """(step, wall time started) of a save in progress."""
         self.version = 0
         """Bumped on every change, so a renderer can skip work when nothing moved."""
         self.stragglers = StragglerDetector(stragglers)
@@ -625,9 +632,35 @@ class ClusterModel:
         self._next_event_id += 1
         bisect.insort(self._events, stored)
         self._event_keys.add(dedup_key)
+        self._track_checkpoint(event)
         while len(self._events) > EVENT_HISTORY:
             self._event_keys.discard(self._events.pop(0).dedup_key)
         self.version += 1
+
+    def _track_checkpoint(self, event: telemetry_pb2.Event) -> None:
+        if event.kind not in ("checkpoint_started", "checkpoint", "checkpoint_failed"):
+            return
+        try:
+            step = int(event.attributes.get("step", ""))
+        except ValueError:
+            return  # not one of the engine's checkpoint events
+        if event.kind == "checkpoint_started":
+            if self._checkpoint_saved is None or step > self._checkpoint_saved[0]:
+                self._checkpoint_saving = (step, event.wall_time)
+            return
+        if self._checkpoint_saving is not None and self._checkpoint_saving[0] == step:
+            self._checkpoint_saving = None
+        if event.kind == "checkpoint" and (self._checkpoint_saved is None or step >= self._checkpoint_saved[0]):
+            self._checkpoint_saved = (step, event.wall_time)
+
+    def checkpoint_summary(self) -> str | None:
+        """ "saving step 50" while a save runs, else "step 40, 12s ago"; None before any checkpoint event."""
+        if self._checkpoint_saving is not None:
+            return f"saving step {self._checkpoint_saving[0]}"
+        if self._checkpoint_saved is not None:
+            step, when = self._checkpoint_saved
+            return f"step {step}, {fmt.duration(max(0.0, self.clock() - when))} ago"
+        return None
 
     # -- views --------------------------------------------------------------------------------------------
 
@@ -705,6 +738,7 @@ class ClusterModel:
             world_size=max(world_sizes) if world_sizes else None,
             run_id=",".join(run_ids),
             stragglers=len(self.stragglers.active()),
+            checkpoint=self.checkpoint_summary(),
         )
 
     def rank_rows(self) -> list[RankRow]:

@@ -122,6 +122,8 @@ class HeaderBar(Static):
             ranks += f"/{header.world_size}"
         fields.append(("ranks", ranks, None))
         fields.append(("stragglers", str(header.stragglers), Level.WARN if header.stragglers else None))
+        if header.checkpoint is not None:
+            fields.append(("ckpt", header.checkpoint, None))
         for i, (label, value, level) in enumerate(fields):
             if i:
                 text.append(" | ", style="dim")

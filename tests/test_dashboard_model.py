@@ -264,3 +264,21 @@ def test_bounded_series_keeps_the_newest_keys_and_refuses_older_ones() -> None:
     assert series.keys() == [3, 4, 5]
     assert series.put(2, "2") is False
     assert series.keys() == [3, 4, 5]
+
+
+def _checkpoint_event(kind: str, step: int, wall_time: float) -> telemetry_pb2.Event:
+    return telemetry_pb2.Event(kind=kind, text=kind, wall_time=wall_time, node="node0",
+                               attributes={"step": str(step)})  # fmt: skip
+
+
+def test_header_shows_a_save_in_progress_then_the_last_checkpoint_and_ignores_a_failed_one() -> None:
+    now = [1000.0]
+    model = ClusterModel(["a:1"], clock=lambda: now[0])
+    assert model.header().checkpoint is None
+    model.ingest("a:1", telemetry_pb2.Telemetry(events=[_checkpoint_event("checkpoint_started", 40, 990.0)]))
+    assert model.header().checkpoint == "saving step 40"
+    model.ingest("a:1", telemetry_pb2.Telemetry(events=[_checkpoint_event("checkpoint", 40, 992.0)]))
+    assert model.header().checkpoint is not None and model.header().checkpoint.startswith("step 40, 8")
+    failed = [_checkpoint_event("checkpoint_started", 50, 995.0), _checkpoint_event("checkpoint_failed", 50, 996.0)]
+    model.ingest("a:1", telemetry_pb2.Telemetry(events=failed))
+    assert model.header().checkpoint is not None and model.header().checkpoint.startswith("step 40")
