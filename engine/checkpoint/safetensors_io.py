@@ -90,20 +90,30 @@ def read_rows(
     read_lo = shard.byte_start + block_lo * BLOCK_BYTES
     read_hi = min(shard.byte_end, shard.byte_start + block_hi * BLOCK_BYTES)
     path = step_dir / shard.file
+    # One read into one buffer; the checksums and the returned tensor are views of it (no copies: the
+    # caller's copy into its target is the only one).
+    buffer = bytearray(read_hi - read_lo)
+    memory = memoryview(buffer)
+    filled = 0
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb", buffering=0) as f:
             f.seek(read_lo)
-            data = f.read(read_hi - read_lo)
+            while filled < len(buffer):
+                got = f.readinto(memory[filled:])
+                if not got:
+                    break
+                filled += got
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing file (holds {name} rows {shard.offset}..)") from None
-    if len(data) != read_hi - read_lo:
+    if filled != len(buffer):
         raise CheckpointError(f"{path}: truncated (the data of {name} ends at byte {read_hi}, file is shorter)")
     if counter is not None:
-        counter[0] += len(data)
+        counter[0] += filled
     for i, block in enumerate(range(block_lo, block_hi)):
-        chunk = data[i * BLOCK_BYTES : (i + 1) * BLOCK_BYTES]
+        chunk = memory[i * BLOCK_BYTES : (i + 1) * BLOCK_BYTES]
         if block >= len(shard.crc32) or zlib.crc32(chunk) != shard.crc32[block]:
             raise CheckpointError(f"{path}: checksum mismatch in {name} (block {block}); the file is damaged")
-    view = data[lo - read_lo : hi - read_lo]
-    array = np.frombuffer(view, dtype=np.uint8).copy() if view else np.zeros(0, dtype=np.uint8)
-    return torch.from_numpy(array).view(TORCH_DTYPES[dtype]).reshape([count, *row_shape])
+    if hi == lo:
+        return torch.empty([count, *row_shape], dtype=TORCH_DTYPES[dtype])
+    data = torch.frombuffer(memory[lo - read_lo : hi - read_lo], dtype=torch.uint8)
+    return data.view(TORCH_DTYPES[dtype]).reshape([count, *row_shape])
