@@ -287,6 +287,15 @@ def utc() -> Iterator[None]:
     time.tzset()
 
 
+async def drawn(app: DashboardApp, pilot: object) -> None:
+    """Wait until the top screen has drawn a frame of the model (a loaded machine can take several ticks)."""
+    for _ in range(200):
+        if getattr(app.screen, "frames_drawn", 1) >= 1:
+            break
+        await pilot.pause(0.05)  # type: ignore[attr-defined]
+    await pilot.pause()  # type: ignore[attr-defined]
+
+
 def assert_snapshot(app: DashboardApp, name: str, tmp_path: Path) -> None:
     svg = app.export_screenshot()
     path = SNAPSHOTS / f"{name}.svg"
@@ -309,7 +318,7 @@ def assert_snapshot(app: DashboardApp, name: str, tmp_path: Path) -> None:
 async def test_main_screen_snapshot(utc: None, tmp_path: Path) -> None:
     app = DashboardApp(model=synthetic_model(gpus=2, unreachable=["10.0.0.9:50051"]))
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
+        await drawn(app, pilot)
         assert_snapshot(app, "main_screen", tmp_path)
 
 
@@ -318,7 +327,7 @@ async def test_node_screen_snapshot(utc: None, tmp_path: Path) -> None:
     async with app.run_test(size=SIZE) as pilot:
         app.screen.query_one("#nodes").focus()
         await pilot.press("down", "enter")  # node1, home of the straggler
-        await pilot.pause()
+        await drawn(app, pilot)
         assert isinstance(app.screen, NodeScreen)
         assert_snapshot(app, "node_screen", tmp_path)
 
