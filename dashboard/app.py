@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from textual.app import App
 from textual.binding import Binding
+from textual.css.query import NoMatches
 from textual.reactive import reactive
 from textual.screen import Screen
 
@@ -95,10 +96,13 @@ class DashboardApp(App[int]):
         if not isinstance(screen, ModelScreen) or not screen.is_mounted:
             return
         state = self.view_state()
-        if self.paused and screen.frames_drawn:
-            screen.show_paused(state)
-            return
-        screen.show(state)
+        try:
+            if self.paused and screen.frames_drawn:
+                screen.show_paused(state)
+                return
+            screen.show(state)
+        except NoMatches:
+            return  # a tick that lands while the app tears the screen down (quitting): nothing left to draw
         screen.frames_drawn += 1
         self.frames += 1
 
