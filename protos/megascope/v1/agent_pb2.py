@@ -25,13 +25,17 @@ _sym_db = _symbol_database.Default()
 from megascope.protos.megascope.v1 import telemetry_pb2 as megascope_dot_protos_dot_megascope_dot_v1_dot_telemetry__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)megascope/protos/megascope/v1/agent.proto\x12\x0cmegascope.v1\x1a-megascope/protos/megascope/v1/telemetry.proto\"(\n\x0cWatchRequest\x12\x18\n\x10\x62\x61\x63kfill_seconds\x18\x01 \x01(\x01\";\n\rWatchResponse\x12*\n\ttelemetry\x18\x01 \x01(\x0b\x32\x17.megascope.v1.Telemetry\"\x14\n\x12GetSnapshotRequest\"\xa3\x02\n\x13GetSnapshotResponse\x12)\n\tnode_info\x18\x01 \x01(\x0b\x32\x16.megascope.v1.NodeInfo\x12.\n\x0cstep_reports\x18\x02 \x03(\x0b\x32\x18.megascope.v1.StepReport\x12-\n\x0bhost_sample\x18\x03 \x01(\x0b\x32\x18.megascope.v1.HostSample\x12,\n\x0bgpu_samples\x18\x04 \x03(\x0b\x32\x17.megascope.v1.GpuSample\x12#\n\x06\x65vents\x18\x05 \x03(\x0b\x32\x13.megascope.v1.Event\x12/\n\rrank_statuses\x18\x06 \x03(\x0b\x32\x18.megascope.v1.RankStatus\"I\n\x10GetEventsRequest\x12\x17\n\x0fsince_wall_time\x18\x01 \x01(\x01\x12\r\n\x05limit\x18\x02 \x01(\x05\x12\r\n\x05kinds\x18\x03 \x03(\t\"8\n\x11GetEventsResponse\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x13.megascope.v1.Event\"%\n\x15SaveCheckpointRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\"5\n\x16SaveCheckpointResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\r\n\x05ranks\x18\x02 \x01(\x05\x32\xd1\x02\n\x0c\x41gentService\x12\x42\n\x05Watch\x12\x1a.megascope.v1.WatchRequest\x1a\x1b.megascope.v1.WatchResponse0\x01\x12R\n\x0bGetSnapshot\x12 .megascope.v1.GetSnapshotRequest\x1a!.megascope.v1.GetSnapshotResponse\x12L\n\tGetEvents\x12\x1e.megascope.v1.GetEventsRequest\x1a\x1f.megascope.v1.GetEventsResponse\x12[\n\x0eSaveCheckpoint\x12#.megascope.v1.SaveCheckpointRequest\x1a$.megascope.v1.SaveCheckpointResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)megascope/protos/megascope/v1/agent.proto\x12\x0cmegascope.v1\x1a-megascope/protos/megascope/v1/telemetry.proto\"(\n\x0cWatchRequest\x12\x18\n\x10\x62\x61\x63kfill_seconds\x18\x01 \x01(\x01\";\n\rWatchResponse\x12*\n\ttelemetry\x18\x01 \x01(\x0b\x32\x17.megascope.v1.Telemetry\"\x14\n\x12GetSnapshotRequest\"\xa3\x02\n\x13GetSnapshotResponse\x12)\n\tnode_info\x18\x01 \x01(\x0b\x32\x16.megascope.v1.NodeInfo\x12.\n\x0cstep_reports\x18\x02 \x03(\x0b\x32\x18.megascope.v1.StepReport\x12-\n\x0bhost_sample\x18\x03 \x01(\x0b\x32\x18.megascope.v1.HostSample\x12,\n\x0bgpu_samples\x18\x04 \x03(\x0b\x32\x17.megascope.v1.GpuSample\x12#\n\x06\x65vents\x18\x05 \x03(\x0b\x32\x13.megascope.v1.Event\x12/\n\rrank_statuses\x18\x06 \x03(\x0b\x32\x18.megascope.v1.RankStatus\"I\n\x10GetEventsRequest\x12\x17\n\x0fsince_wall_time\x18\x01 \x01(\x01\x12\r\n\x05limit\x18\x02 \x01(\x05\x12\r\n\x05kinds\x18\x03 \x03(\t\"8\n\x11GetEventsResponse\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x13.megascope.v1.Event\"%\n\x15SaveCheckpointRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\"5\n\x16SaveCheckpointResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\r\n\x05ranks\x18\x02 \x01(\x05\"\x18\n\x16ListCheckpointsRequest\"\x9b\x01\n\x0e\x43heckpointInfo\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x11\n\twall_time\x18\x03 \x01(\x01\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\x12\n\nworld_size\x18\x05 \x01(\x05\x12\x15\n\x08val_loss\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x0e\n\x06merged\x18\x07 \x01(\x08\x42\x0b\n\t_val_loss\"\x8d\x01\n\x17ListCheckpointsResponse\x12\x11\n\tdirectory\x18\x01 \x01(\t\x12\x31\n\x0b\x63heckpoints\x18\x02 \x03(\x0b\x32\x1c.megascope.v1.CheckpointInfo\x12,\n\x06merged\x18\x03 \x03(\x0b\x32\x1c.megascope.v1.CheckpointInfo\"}\n\x11StartMergeRequest\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\r\n\x05\x61lpha\x18\x02 \x01(\x01\x12\x0f\n\x07weights\x18\x03 \x03(\x01\x12\r\n\x05steps\x18\x04 \x03(\x03\x12\x0c\n\x04last\x18\x05 \x01(\x05\x12\r\n\x05\x65very\x18\x06 \x01(\x05\x12\x0c\n\x04\x65val\x18\x07 \x01(\x08\"\xf1\x02\n\rMergeProgress\x12\'\n\x05state\x18\x01 \x01(\x0e\x32\x18.megascope.v1.MergeState\x12\x14\n\x0ctensors_done\x18\x02 \x01(\x03\x12\x15\n\rtensors_total\x18\x03 \x01(\x03\x12\x12\n\nbytes_done\x18\x04 \x01(\x03\x12\x13\n\x0b\x62ytes_total\x18\x05 \x01(\x03\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x0b\n\x03out\x18\x07 \x01(\t\x12\r\n\x05steps\x18\x08 \x03(\x03\x12\x0e\n\x06method\x18\t \x01(\t\x12\x15\n\x08val_loss\x18\n \x01(\x01H\x00\x88\x01\x01\x12I\n\x10input_val_losses\x18\x0b \x03(\x0b\x32/.megascope.v1.MergeProgress.InputValLossesEntry\x1a\x35\n\x13InputValLossesEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x0b\n\t_val_loss\"\x17\n\x15GetMergeStatusRequest\"\x14\n\x12\x43\x61ncelMergeRequest\"(\n\x13\x43\x61ncelMergeResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\".\n\x0eRestartRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x0fRestartResponse\x12\x15\n\rranks_stopped\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x03\",\n\x11\x44umpStacksRequest\x12\x17\n\x0ftimeout_seconds\x18\x01 \x01(\x01\"\x99\x01\n\nRankStacks\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\x10\n\x08\x61nswered\x18\x03 \x01(\x08\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x11\n\tlast_step\x18\x06 \x01(\x03\x12\x1a\n\x12\x63ollectives_issued\x18\x07 \x01(\x03\x12\x11\n\tsignature\x18\x08 \x01(\t\"^\n\x12\x44umpStacksResponse\x12\'\n\x05ranks\x18\x01 \x03(\x0b\x32\x18.megascope.v1.RankStacks\x12\x0f\n\x07\x63ulprit\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t*\x8b\x01\n\nMergeState\x12\x1b\n\x17MERGE_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MERGE_STATE_RUNNING\x10\x01\x12\x14\n\x10MERGE_STATE_DONE\x10\x02\x12\x16\n\x12MERGE_STATE_FAILED\x10\x03\x12\x19\n\x15MERGE_STATE_CANCELLED\x10\x04\x32\xc0\x06\n\x0c\x41gentService\x12\x42\n\x05Watch\x12\x1a.megascope.v1.WatchRequest\x1a\x1b.megascope.v1.WatchResponse0\x01\x12R\n\x0bGetSnapshot\x12 .megascope.v1.GetSnapshotRequest\x1a!.megascope.v1.GetSnapshotResponse\x12L\n\tGetEvents\x12\x1e.megascope.v1.GetEventsRequest\x1a\x1f.megascope.v1.GetEventsResponse\x12[\n\x0eSaveCheckpoint\x12#.megascope.v1.SaveCheckpointRequest\x1a$.megascope.v1.SaveCheckpointResponse\x12^\n\x0fListCheckpoints\x12$.megascope.v1.ListCheckpointsRequest\x1a%.megascope.v1.ListCheckpointsResponse\x12L\n\nStartMerge\x12\x1f.megascope.v1.StartMergeRequest\x1a\x1b.megascope.v1.MergeProgress0\x01\x12R\n\x0eGetMergeStatus\x12#.megascope.v1.GetMergeStatusRequest\x1a\x1b.megascope.v1.MergeProgress\x12R\n\x0b\x43\x61ncelMerge\x12 .megascope.v1.CancelMergeRequest\x1a!.megascope.v1.CancelMergeResponse\x12\x46\n\x07Restart\x12\x1c.megascope.v1.RestartRequest\x1a\x1d.megascope.v1.RestartResponse\x12O\n\nDumpStacks\x12\x1f.megascope.v1.DumpStacksRequest\x1a .megascope.v1.DumpStacksResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'megascope.protos.megascope.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_MERGEPROGRESS_INPUTVALLOSSESENTRY']._loaded_options = None
+  _globals['_MERGEPROGRESS_INPUTVALLOSSESENTRY']._serialized_options = b'8\001'
+  _globals['_MERGESTATE']._serialized_start=2071
+  _globals['_MERGESTATE']._serialized_end=2210
   _globals['_WATCHREQUEST']._serialized_start=106
   _globals['_WATCHREQUEST']._serialized_end=146
   _globals['_WATCHRESPONSE']._serialized_start=148
@@ -48,6 +52,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAVECHECKPOINTREQUEST']._serialized_end=695
   _globals['_SAVECHECKPOINTRESPONSE']._serialized_start=697
   _globals['_SAVECHECKPOINTRESPONSE']._serialized_end=750
-  _globals['_AGENTSERVICE']._serialized_start=753
-  _globals['_AGENTSERVICE']._serialized_end=1090
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=752
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=776
+  _globals['_CHECKPOINTINFO']._serialized_start=779
+  _globals['_CHECKPOINTINFO']._serialized_end=934
+  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_start=937
+  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_end=1078
+  _globals['_STARTMERGEREQUEST']._serialized_start=1080
+  _globals['_STARTMERGEREQUEST']._serialized_end=1205
+  _globals['_MERGEPROGRESS']._serialized_start=1208
+  _globals['_MERGEPROGRESS']._serialized_end=1577
+  _globals['_MERGEPROGRESS_INPUTVALLOSSESENTRY']._serialized_start=1511
+  _globals['_MERGEPROGRESS_INPUTVALLOSSESENTRY']._serialized_end=1564
+  _globals['_GETMERGESTATUSREQUEST']._serialized_start=1579
+  _globals['_GETMERGESTATUSREQUEST']._serialized_end=1602
+  _globals['_CANCELMERGEREQUEST']._serialized_start=1604
+  _globals['_CANCELMERGEREQUEST']._serialized_end=1624
+  _globals['_CANCELMERGERESPONSE']._serialized_start=1626
+  _globals['_CANCELMERGERESPONSE']._serialized_end=1666
+  _globals['_RESTARTREQUEST']._serialized_start=1668
+  _globals['_RESTARTREQUEST']._serialized_end=1714
+  _globals['_RESTARTRESPONSE']._serialized_start=1716
+  _globals['_RESTARTRESPONSE']._serialized_end=1770
+  _globals['_DUMPSTACKSREQUEST']._serialized_start=1772
+  _globals['_DUMPSTACKSREQUEST']._serialized_end=1816
+  _globals['_RANKSTACKS']._serialized_start=1819
+  _globals['_RANKSTACKS']._serialized_end=1972
+  _globals['_DUMPSTACKSRESPONSE']._serialized_start=1974
+  _globals['_DUMPSTACKSRESPONSE']._serialized_end=2068
+  _globals['_AGENTSERVICE']._serialized_start=2213
+  _globals['_AGENTSERVICE']._serialized_end=3045
 # @@protoc_insertion_point(module_scope)

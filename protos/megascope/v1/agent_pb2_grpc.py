@@ -30,7 +30,8 @@ class AgentServiceStub:
 
     Control RPCs change what the job does. When the agent runs with a token they need the metadata
     "authorization: Bearer TOKEN": without it they get UNAUTHENTICATED, with a wrong one PERMISSION_DENIED.
-    (ListCheckpoints, StartMerge, Restart, DumpStacks and RunDiagnostics will join SaveCheckpoint.)
+    SaveCheckpoint, StartMerge, CancelMerge, Restart and DumpStacks are control RPCs; ListCheckpoints
+    and GetMergeStatus only read.
     """
 
     def __init__(self, channel):
@@ -59,6 +60,36 @@ class AgentServiceStub:
                 request_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.SaveCheckpointRequest.SerializeToString,
                 response_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.SaveCheckpointResponse.FromString,
                 _registered_method=True)
+        self.ListCheckpoints = channel.unary_unary(
+                '/megascope.v1.AgentService/ListCheckpoints',
+                request_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.ListCheckpointsResponse.FromString,
+                _registered_method=True)
+        self.StartMerge = channel.unary_stream(
+                '/megascope.v1.AgentService/StartMerge',
+                request_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.StartMergeRequest.SerializeToString,
+                response_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.MergeProgress.FromString,
+                _registered_method=True)
+        self.GetMergeStatus = channel.unary_unary(
+                '/megascope.v1.AgentService/GetMergeStatus',
+                request_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.GetMergeStatusRequest.SerializeToString,
+                response_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.MergeProgress.FromString,
+                _registered_method=True)
+        self.CancelMerge = channel.unary_unary(
+                '/megascope.v1.AgentService/CancelMerge',
+                request_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.CancelMergeRequest.SerializeToString,
+                response_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.CancelMergeResponse.FromString,
+                _registered_method=True)
+        self.Restart = channel.unary_unary(
+                '/megascope.v1.AgentService/Restart',
+                request_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.RestartRequest.SerializeToString,
+                response_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.RestartResponse.FromString,
+                _registered_method=True)
+        self.DumpStacks = channel.unary_unary(
+                '/megascope.v1.AgentService/DumpStacks',
+                request_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.DumpStacksRequest.SerializeToString,
+                response_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.DumpStacksResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -66,7 +97,8 @@ class AgentServiceServicer:
 
     Control RPCs change what the job does. When the agent runs with a token they need the metadata
     "authorization: Bearer TOKEN": without it they get UNAUTHENTICATED, with a wrong one PERMISSION_DENIED.
-    (ListCheckpoints, StartMerge, Restart, DumpStacks and RunDiagnostics will join SaveCheckpoint.)
+    SaveCheckpoint, StartMerge, CancelMerge, Restart and DumpStacks are control RPCs; ListCheckpoints
+    and GetMergeStatus only read.
     """
 
     def Watch(self, request, context):
@@ -98,6 +130,50 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCheckpoints(self, request, context):
+        """The committed checkpoints of this node's run, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartMerge(self, request, context):
+        """Control: merge committed checkpoints (PMA) in the background; streams progress until the merge
+        ends. One merge at a time per agent: a second gets FAILED_PRECONDITION. Cancelling the stream does
+        not cancel the merge (CancelMerge does); a client that reconnects follows it with GetMergeStatus.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMergeStatus(self, request, context):
+        """The running or last merge; state MERGE_STATE_UNSPECIFIED when there has been none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelMerge(self, request, context):
+        """Control: stop the running merge; nothing is published.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Restart(self, request, context):
+        """Control: stop this node's ranks so that torch elastic restarts the job from a checkpoint.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DumpStacks(self, request, context):
+        """Control: collect the Python stacks (all threads) of every rank on this node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +197,36 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     request_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.SaveCheckpointRequest.FromString,
                     response_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.SaveCheckpointResponse.SerializeToString,
             ),
+            'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCheckpoints,
+                    request_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.ListCheckpointsResponse.SerializeToString,
+            ),
+            'StartMerge': grpc.unary_stream_rpc_method_handler(
+                    servicer.StartMerge,
+                    request_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.StartMergeRequest.FromString,
+                    response_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.MergeProgress.SerializeToString,
+            ),
+            'GetMergeStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMergeStatus,
+                    request_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.GetMergeStatusRequest.FromString,
+                    response_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.MergeProgress.SerializeToString,
+            ),
+            'CancelMerge': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelMerge,
+                    request_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.CancelMergeRequest.FromString,
+                    response_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.CancelMergeResponse.SerializeToString,
+            ),
+            'Restart': grpc.unary_unary_rpc_method_handler(
+                    servicer.Restart,
+                    request_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.RestartRequest.FromString,
+                    response_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.RestartResponse.SerializeToString,
+            ),
+            'DumpStacks': grpc.unary_unary_rpc_method_handler(
+                    servicer.DumpStacks,
+                    request_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.DumpStacksRequest.FromString,
+                    response_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.DumpStacksResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'megascope.v1.AgentService', rpc_method_handlers)
@@ -134,7 +240,8 @@ class AgentService:
 
     Control RPCs change what the job does. When the agent runs with a token they need the metadata
     "authorization: Bearer TOKEN": without it they get UNAUTHENTICATED, with a wrong one PERMISSION_DENIED.
-    (ListCheckpoints, StartMerge, Restart, DumpStacks and RunDiagnostics will join SaveCheckpoint.)
+    SaveCheckpoint, StartMerge, CancelMerge, Restart and DumpStacks are control RPCs; ListCheckpoints
+    and GetMergeStatus only read.
     """
 
     @staticmethod
@@ -235,6 +342,168 @@ class AgentService:
             '/megascope.v1.AgentService/SaveCheckpoint',
             megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.SaveCheckpointRequest.SerializeToString,
             megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.SaveCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/megascope.v1.AgentService/ListCheckpoints',
+            megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.ListCheckpointsRequest.SerializeToString,
+            megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.ListCheckpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartMerge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/megascope.v1.AgentService/StartMerge',
+            megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.StartMergeRequest.SerializeToString,
+            megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.MergeProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMergeStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/megascope.v1.AgentService/GetMergeStatus',
+            megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.GetMergeStatusRequest.SerializeToString,
+            megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.MergeProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelMerge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/megascope.v1.AgentService/CancelMerge',
+            megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.CancelMergeRequest.SerializeToString,
+            megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.CancelMergeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Restart(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/megascope.v1.AgentService/Restart',
+            megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.RestartRequest.SerializeToString,
+            megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.RestartResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DumpStacks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/megascope.v1.AgentService/DumpStacks',
+            megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.DumpStacksRequest.SerializeToString,
+            megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.DumpStacksResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -200,18 +200,22 @@ class Event(_message.Message):
     def __init__(self, wall_time: _Optional[float] = ..., node: _Optional[str] = ..., kind: _Optional[str] = ..., severity: _Optional[_Union[Event.Severity, str]] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., text: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("node", "rank", "wall_time", "step", "pid")
+    __slots__ = ("node", "rank", "wall_time", "step", "pid", "completed_step", "collectives_issued")
     NODE_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WALL_TIME_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_STEP_FIELD_NUMBER: _ClassVar[int]
+    COLLECTIVES_ISSUED_FIELD_NUMBER: _ClassVar[int]
     node: str
     rank: int
     wall_time: float
     step: int
     pid: int
-    def __init__(self, node: _Optional[str] = ..., rank: _Optional[int] = ..., wall_time: _Optional[float] = ..., step: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
+    completed_step: int
+    collectives_issued: int
+    def __init__(self, node: _Optional[str] = ..., rank: _Optional[int] = ..., wall_time: _Optional[float] = ..., step: _Optional[int] = ..., pid: _Optional[int] = ..., completed_step: _Optional[int] = ..., collectives_issued: _Optional[int] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
     __slots__ = ("node", "hostname", "agent_address", "pid", "ranks", "world_size", "gpu_available", "gpu_status", "start_wall_time", "agent_version", "total_steps", "run_id")
@@ -242,18 +246,24 @@ class NodeInfo(_message.Message):
     def __init__(self, node: _Optional[str] = ..., hostname: _Optional[str] = ..., agent_address: _Optional[str] = ..., pid: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ..., world_size: _Optional[int] = ..., gpu_available: _Optional[bool] = ..., gpu_status: _Optional[str] = ..., start_wall_time: _Optional[float] = ..., agent_version: _Optional[str] = ..., total_steps: _Optional[int] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class RankStatus(_message.Message):
-    __slots__ = ("rank", "pid", "state", "last_step", "last_heartbeat_wall_time")
+    __slots__ = ("rank", "pid", "state", "last_step", "last_heartbeat_wall_time", "collectives_issued", "restart_count", "exit_reason")
     RANK_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     LAST_STEP_FIELD_NUMBER: _ClassVar[int]
     LAST_HEARTBEAT_WALL_TIME_FIELD_NUMBER: _ClassVar[int]
+    COLLECTIVES_ISSUED_FIELD_NUMBER: _ClassVar[int]
+    RESTART_COUNT_FIELD_NUMBER: _ClassVar[int]
+    EXIT_REASON_FIELD_NUMBER: _ClassVar[int]
     rank: int
     pid: int
     state: RankState
     last_step: int
     last_heartbeat_wall_time: float
-    def __init__(self, rank: _Optional[int] = ..., pid: _Optional[int] = ..., state: _Optional[_Union[RankState, str]] = ..., last_step: _Optional[int] = ..., last_heartbeat_wall_time: _Optional[float] = ...) -> None: ...
+    collectives_issued: int
+    restart_count: int
+    exit_reason: str
+    def __init__(self, rank: _Optional[int] = ..., pid: _Optional[int] = ..., state: _Optional[_Union[RankState, str]] = ..., last_step: _Optional[int] = ..., last_heartbeat_wall_time: _Optional[float] = ..., collectives_issued: _Optional[int] = ..., restart_count: _Optional[int] = ..., exit_reason: _Optional[str] = ...) -> None: ...
 
 class Telemetry(_message.Message):
     __slots__ = ("step_reports", "host_samples", "gpu_samples", "events", "backfill", "node_info", "rank_statuses")

@@ -3,7 +3,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -19,8 +19,32 @@ COMMAND_KIND_DUMP_STACKS: CommandKind
 COMMAND_KIND_CHECKPOINT: CommandKind
 COMMAND_KIND_STOP: CommandKind
 
+class ExitReport(_message.Message):
+    __slots__ = ("rank", "local_rank", "pid", "exit_code", "signal", "wall_time", "log_tail", "restart_count")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_RANK_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    WALL_TIME_FIELD_NUMBER: _ClassVar[int]
+    LOG_TAIL_FIELD_NUMBER: _ClassVar[int]
+    RESTART_COUNT_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    local_rank: int
+    pid: int
+    exit_code: int
+    signal: str
+    wall_time: float
+    log_tail: _containers.RepeatedScalarFieldContainer[str]
+    restart_count: int
+    def __init__(self, rank: _Optional[int] = ..., local_rank: _Optional[int] = ..., pid: _Optional[int] = ..., exit_code: _Optional[int] = ..., signal: _Optional[str] = ..., wall_time: _Optional[float] = ..., log_tail: _Optional[_Iterable[str]] = ..., restart_count: _Optional[int] = ...) -> None: ...
+
+class ExitReportResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class Hello(_message.Message):
-    __slots__ = ("rank", "local_rank", "world_size", "pid", "node", "restart_count", "run_id")
+    __slots__ = ("rank", "local_rank", "world_size", "pid", "node", "restart_count", "run_id", "stack_file")
     RANK_FIELD_NUMBER: _ClassVar[int]
     LOCAL_RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +52,7 @@ class Hello(_message.Message):
     NODE_FIELD_NUMBER: _ClassVar[int]
     RESTART_COUNT_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    STACK_FILE_FIELD_NUMBER: _ClassVar[int]
     rank: int
     local_rank: int
     world_size: int
@@ -35,7 +60,8 @@ class Hello(_message.Message):
     node: str
     restart_count: int
     run_id: str
-    def __init__(self, rank: _Optional[int] = ..., local_rank: _Optional[int] = ..., world_size: _Optional[int] = ..., pid: _Optional[int] = ..., node: _Optional[str] = ..., restart_count: _Optional[int] = ..., run_id: _Optional[str] = ...) -> None: ...
+    stack_file: str
+    def __init__(self, rank: _Optional[int] = ..., local_rank: _Optional[int] = ..., world_size: _Optional[int] = ..., pid: _Optional[int] = ..., node: _Optional[str] = ..., restart_count: _Optional[int] = ..., run_id: _Optional[str] = ..., stack_file: _Optional[str] = ...) -> None: ...
 
 class AttachRequest(_message.Message):
     __slots__ = ("hello", "step_report", "heartbeat", "event")

@@ -40,6 +40,11 @@ class WorkerServiceStub:
                 request_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_worker__pb2.AttachRequest.SerializeToString,
                 response_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_worker__pb2.AttachResponse.FromString,
                 _registered_method=True)
+        self.ReportExit = channel.unary_unary(
+                '/megascope.v1.WorkerService/ReportExit',
+                request_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_worker__pb2.ExitReport.SerializeToString,
+                response_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_worker__pb2.ExitReportResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -55,6 +60,14 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportExit(self, request, context):
+        """From the process that runs a rank (megascope.engine.rank_guard) when the rank exits abnormally:
+        how it ended and the last lines it wrote.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -62,6 +75,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.Attach,
                     request_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_worker__pb2.AttachRequest.FromString,
                     response_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_worker__pb2.AttachResponse.SerializeToString,
+            ),
+            'ReportExit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportExit,
+                    request_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_worker__pb2.ExitReport.FromString,
+                    response_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_worker__pb2.ExitReportResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -92,6 +110,33 @@ class WorkerService:
             '/megascope.v1.WorkerService/Attach',
             megascope_dot_protos_dot_megascope_dot_v1_dot_worker__pb2.AttachRequest.SerializeToString,
             megascope_dot_protos_dot_megascope_dot_v1_dot_worker__pb2.AttachResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportExit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/megascope.v1.WorkerService/ReportExit',
+            megascope_dot_protos_dot_megascope_dot_v1_dot_worker__pb2.ExitReport.SerializeToString,
+            megascope_dot_protos_dot_megascope_dot_v1_dot_worker__pb2.ExitReportResponse.FromString,
             options,
             channel_credentials,
             insecure,
