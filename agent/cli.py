@@ -17,6 +17,7 @@ _COMMANDS: dict[str, str] = {
     "demo": "megascope.dashboard.demo",
     "train": "megascope.engine.cli",
     "ckpt": "megascope.engine.checkpoint.cli",
+    "merge": "megascope.engine.merge_cli",
     "agent": "megascope.agent.main",
     "dashboard": "megascope.dashboard.cli",
     "status": "megascope.dashboard.status",

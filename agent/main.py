@@ -39,6 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="exit when the ranks finish (default: keep serving until SIGTERM or Ctrl-C)",
     )
     agent.add_argument(
+        "--hang-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="ranks that complete no step for this long are hung: stacks collected, culprit named, job restarted "
+        "(default: the larger of 30 s and 5 median step times)",
+    )
+    agent.add_argument(
         "--no-launch",
         action="store_true",
         help="serve only; ranks started elsewhere attach via MEGASCOPE_AGENT_ADDRESS",
@@ -62,11 +69,14 @@ def run(args: argparse.Namespace) -> int:
     from megascope.engine.launch import LaunchOptions, trainer_entry
 
     script = args.script[1:] if args.script[:1] == ["--"] else args.script
+    ckpt_dir: str | None = args.ckpt_dir  # a script's own flag; for our trainer, its config's (below)
     try:
         if not 0 <= args.port <= 65535:
             raise ConfigError(f"--port must be in 0..65535, got {args.port}")
         if args.history_seconds <= 0:
             raise ConfigError(f"--history-seconds must be positive, got {args.history_seconds}")
+        if args.hang_timeout is not None and not args.hang_timeout > 0:
+            raise ConfigError(f"--hang-timeout must be a positive number of seconds, got {args.hang_timeout}")
         if script:
             options = LaunchOptions(
                 nproc_per_node=args.nproc_per_node,
@@ -81,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             config, options = build(args)
             entry, total_steps, run_dir = trainer_entry(config), config.steps, config.run_dir
+            ckpt_dir = config.checkpoint.dir
     except (ConfigError, DataError) as error:
         print(f"megascope agent: error: {error}", file=sys.stderr)
         return 2
@@ -96,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
         run_dir=run_dir,
         total_steps=total_steps,
         token=args.token,
+        ckpt_dir=ckpt_dir,
+        hang_timeout=args.hang_timeout,
     )
     try:
         return asyncio.run(Agent(agent_options).run())

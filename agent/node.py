@@ -14,8 +14,10 @@ from importlib.metadata import version
 from pathlib import Path
 
 from megascope.agent.collectors import GpuSampler, HostSampler
+from megascope.agent.merges import MergeRunner
 from megascope.agent.server import AgentServer
 from megascope.agent.state import HistoryLimits, NodeState
+from megascope.agent.supervision import Supervisor
 from megascope.engine import launch as launcher
 from megascope.engine.agent_sink import AGENT_ADDRESS_ENV
 from megascope.protos.megascope.v1 import telemetry_pb2
@@ -40,6 +42,10 @@ class AgentOptions:
     total_steps: int = 0
     token: str | None = None
     """Required from callers of control RPCs when set."""
+    ckpt_dir: str | None = None
+    """The run's checkpoint directory (listed and merged through the agent); None when it saves none."""
+    hang_timeout: float | None = None
+    """Seconds without a completed step before the ranks count as hung; None: max(30 s, 5 median steps)."""
 
 
 class Agent:
@@ -59,6 +65,8 @@ class Agent:
             run_id=options.launch.rdzv_id or "" if options.launch else "",
         )
         self.state = NodeState(info, HistoryLimits(seconds=options.history_seconds))
+        self.merges = MergeRunner(self.state, options.ckpt_dir)
+        self.supervisor = Supervisor(self.state, options.hang_timeout)
         self.host = HostSampler(node)
         self._process: subprocess.Popen[bytes] | None = None
         self._stop = asyncio.Event()
@@ -68,7 +76,10 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        server = AgentServer(self.state, self.options.host, self.options.port, self.options.token)
+        server = AgentServer(
+            self.state, self.options.host, self.options.port, self.options.token, self.merges, self.supervisor,
+            run_dir=self.options.run_dir, ckpt_dir=self.options.ckpt_dir,
+        )  # fmt: skip
         self.state.node_info.agent_address = server.address
         await server.start()
         print(f"megascope agent: listening on {server.address}", flush=True)
@@ -76,6 +87,7 @@ class Agent:
             self.state.event("no_gpu", self.gpus.status, _WARNING)
         self.state.event("agent_started", f"agent for node {self.state.node_info.node} on {server.address}")
 
+        self.supervisor.start()
         sampler = asyncio.ensure_future(self._sample_forever())
         supervisor = asyncio.ensure_future(self._supervise(server.address))
         try:
@@ -84,6 +96,8 @@ class Agent:
             self.state.event("agent_stopping", "agent shutting down")
             sampler.cancel()
             supervisor.cancel()
+            await self.merges.close()
+            await self.supervisor.stop()
             await self._stop_ranks()
             await server.stop()
             self.gpus.close()
@@ -120,9 +134,16 @@ class Agent:
         code = await asyncio.to_thread(self._process.wait)
         if code == 0:
             self.state.event("job_finished", "all ranks on this node finished")
-        else:
+        elif not self._stop.is_set():
+            restarts = options.launch.max_restarts
             self.state.event(
-                "job_failed", f"torchrun exited with code {code}; logs under {options.run_dir}/logs", _ERROR
+                "job_failed",
+                f"the job gave up: torch elastic exited with code {code} after {self.supervisor.restarts} restart(s) "
+                f"of the {restarts} allowed (--max-restarts {restarts}); the last fault is above; logs under "
+                f"{options.run_dir}/logs",
+                _ERROR,
+                restarts=str(self.supervisor.restarts),
+                max_restarts=str(restarts),
             )
             self.exit_code = 1
         if options.exit_when_done:

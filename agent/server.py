@@ -11,17 +11,25 @@ import asyncio
 import contextlib
 import math
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from megascope.agent import stacks
+from megascope.agent.merges import MergeRefused, MergeRunner
 from megascope.agent.state import NodeState
+from megascope.agent.supervision import Supervisor
+from megascope.engine.checkpoint.format import committed_steps
+from megascope.engine.launch import write_restart_request
 from megascope.protos.megascope.v1 import agent_pb2, agent_pb2_grpc, telemetry_pb2, worker_pb2, worker_pb2_grpc
 
 MAX_MESSAGE_BYTES = 1 << 20
 """A step report is a few hundred bytes; anything near this is garbage or an attack."""
 WATCH_TICK_SECONDS = 0.25
+_EXIT_LOG_LINES = 50
+"""An exit report keeps at most this many first and last lines of the rank's log."""
 AGENT_SERVICE = "megascope.v1.AgentService"
 
 
@@ -187,6 +195,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         if failure is not None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, failure)
 
+    async def ReportExit(  # noqa: N802
+        self, request: worker_pb2.ExitReport, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.ExitReportResponse:
+        if request.rank < 0 or request.pid < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "exit_report.rank and .pid must be >= 0")
+        if not math.isfinite(request.wall_time):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "exit_report.wall_time: must be a finite number")
+        if len(request.log_tail) > 2 * _EXIT_LOG_LINES:
+            del request.log_tail[_EXIT_LOG_LINES:-_EXIT_LOG_LINES]
+        self._state.rank_exited(request)
+        return worker_pb2.ExitReportResponse()
+
     async def _read(self, requests: AsyncIterator[worker_pb2.AttachRequest], rank: int) -> str | None:
         """Apply the worker's messages until its stream ends; the error text if it sent something invalid."""
         try:
@@ -220,12 +240,24 @@ be before it when the request arrives, or the ranks would not all save the same 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     def __init__(
-        self, state: NodeState, stopping: asyncio.Event, workers: WorkerServicer, token: str | None = None
+        self,
+        state: NodeState,
+        stopping: asyncio.Event,
+        workers: WorkerServicer,
+        token: str | None = None,
+        merges: MergeRunner | None = None,
+        supervisor: Supervisor | None = None,
+        run_dir: str | None = None,
+        ckpt_dir: str | None = None,
     ) -> None:
         self._state = state
         self._stopping = stopping
         self._workers = workers
         self._token = token
+        self._merges = merges if merges is not None else MergeRunner(state, None)
+        self._supervisor = supervisor if supervisor is not None else Supervisor(state)
+        self._run_dir = run_dir
+        self._ckpt_dir = ckpt_dir
 
     async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
         """Control RPCs need the agent's token when it has one."""
@@ -295,11 +327,93 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         events = self._state.events_since(request.since_wall_time, request.limit, set(request.kinds))
         return agent_pb2.GetEventsResponse(events=events)
 
+    # --- checkpoints and merges (agent/merges.py) ------------------------------------------------------
+
+    async def ListCheckpoints(  # noqa: N802
+        self, request: agent_pb2.ListCheckpointsRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.ListCheckpointsResponse:
+        return await self._merges.list_checkpoints()
+
+    async def StartMerge(  # noqa: N802
+        self, request: agent_pb2.StartMergeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[agent_pb2.MergeProgress]:
+        await self._authorize(context)
+        try:
+            # Everything is checked before the merge process starts, so a bad request costs nothing.
+            plan = await asyncio.to_thread(self._merges.plan, request)
+            run = self._merges.start(plan)
+        except MergeRefused as refusal:
+            await context.abort(refusal.code, str(refusal))
+        # Ending this stream (the client went away) leaves the merge running: CancelMerge stops it.
+        async for progress in self._merges.follow(run):
+            yield progress
+
+    async def GetMergeStatus(  # noqa: N802
+        self, request: agent_pb2.GetMergeStatusRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.MergeProgress:
+        return self._merges.status()
+
+    async def CancelMerge(  # noqa: N802
+        self, request: agent_pb2.CancelMergeRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.CancelMergeResponse:
+        await self._authorize(context)
+        return agent_pb2.CancelMergeResponse(cancelled=self._merges.cancel())
+
+    # --- restarts and stacks (agent/supervision.py) -----------------------------------------------------
+
+    async def Restart(  # noqa: N802
+        self, request: agent_pb2.RestartRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.RestartResponse:
+        await self._authorize(context)
+        if request.step < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"step: must be >= 0, got {request.step}")
+        if not self._ckpt_dir:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this run saves no checkpoints (no --ckpt-dir): a restart would start from step 0",
+            )
+        steps = committed_steps(Path(self._ckpt_dir))
+        if request.step and request.step not in steps:
+            known = ", ".join(map(str, steps)) or "none yet"
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"step: no committed checkpoint at step {request.step} in {self._ckpt_dir} (committed: {known})",
+            )
+        if not self._supervisor.live_ranks():
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no training rank is running on this node")
+        step = request.step or (steps[-1] if steps else 0)
+        if request.step and self._run_dir:
+            await asyncio.to_thread(write_restart_request, Path(self._run_dir), request.step)
+        reason = request.reason or "requested over the AgentService"
+        stopped = self._supervisor.request_restart(f"{reason}; resuming from step {step}")
+        return agent_pb2.RestartResponse(ranks_stopped=stopped, step=step)
+
+    async def DumpStacks(  # noqa: N802
+        self, request: agent_pb2.DumpStacksRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.DumpStacksResponse:
+        await self._authorize(context)
+        timeout = request.timeout_seconds or stacks.DEFAULT_TIMEOUT_SECONDS
+        if not math.isfinite(timeout) or not 0 < timeout <= 60:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"timeout_seconds: must be in (0, 60], got {request.timeout_seconds}"
+            )
+        return await self._supervisor.collect_stacks(timeout)
+
 
 class AgentServer:
     """The gRPC server with both services and the standard health service, bound to ``host:port``."""
 
-    def __init__(self, state: NodeState, host: str = "127.0.0.1", port: int = 0, token: str | None = None) -> None:
+    def __init__(
+        self,
+        state: NodeState,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        token: str | None = None,
+        merges: MergeRunner | None = None,
+        supervisor: Supervisor | None = None,
+        run_dir: str | None = None,
+        ckpt_dir: str | None = None,
+    ) -> None:
         self.state = state
         self.stopping = asyncio.Event()
         self.health = health.aio.HealthServicer()
@@ -312,7 +426,8 @@ class AgentServer:
             ],
         )
         agent_pb2_grpc.add_AgentServiceServicer_to_server(
-            AgentServicer(state, self.stopping, self.workers, token), self._server
+            AgentServicer(state, self.stopping, self.workers, token, merges, supervisor, run_dir, ckpt_dir),
+            self._server,
         )
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(self.workers, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)

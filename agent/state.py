@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from megascope.protos.megascope.v1 import agent_pb2, telemetry_pb2, worker_pb2
 
@@ -47,6 +48,15 @@ class Subscription:
             self.dropped += 1
 
 
+class RankListener(Protocol):
+    """Told of every rank's lifecycle as it happens (the agent's supervisor: crash and hang detection)."""
+
+    def rank_attached(self, hello: worker_pb2.Hello) -> None: ...
+    def rank_stepped(self, report: telemetry_pb2.StepReport) -> None: ...
+    def rank_detached(self, rank: int, pid: int, finished: bool) -> None: ...
+    def rank_exited(self, report: worker_pb2.ExitReport) -> None: ...
+
+
 class NodeState:
     def __init__(self, node_info: telemetry_pb2.NodeInfo, limits: HistoryLimits | None = None) -> None:
         self.node_info = node_info
@@ -59,6 +69,9 @@ class NodeState:
         self.ranks: dict[int, telemetry_pb2.RankStatus] = {}
         self._finished: set[int] = set()
         self._subscribers: set[Subscription] = set()
+        self.stack_files: dict[int, str] = {}
+        """Each rank's stack dump file, from its Hello."""
+        self.listener: RankListener | None = None
 
     # --- incoming ------------------------------------------------------------------------------------
 
@@ -68,8 +81,11 @@ class NodeState:
         status.state = telemetry_pb2.RANK_STATE_RUNNING
         status.last_step = report.step
         status.last_heartbeat_wall_time = time.time()
+        status.collectives_issued = report.collectives_issued
         for sub in self._subscribers:
             sub.add_step(report)
+        if self.listener is not None:
+            self.listener.rank_stepped(report)
 
     def add_host_sample(self, sample: telemetry_pb2.HostSample) -> None:
         self.host_samples.append(sample)
@@ -96,12 +112,15 @@ class NodeState:
         text: str,
         severity: int = telemetry_pb2.Event.SEVERITY_INFO,
         rank: int | None = None,
+        step: int | None = None,
         **attributes: str,
     ) -> None:
         """Record an event of the agent's own."""
         message = telemetry_pb2.Event(kind=kind, text=text, severity=severity, attributes=attributes)
         if rank is not None:
             message.rank = rank
+        if step is not None:
+            message.step = step
         self.add_event(message)
 
     def rank_attached(self, hello: worker_pb2.Hello) -> None:
@@ -110,14 +129,31 @@ class NodeState:
         status.state = telemetry_pb2.RANK_STATE_STARTING
         status.ClearField("last_step")
         status.last_heartbeat_wall_time = time.time()
+        status.restart_count = hello.restart_count
+        status.collectives_issued = 0
+        status.exit_reason = ""
+        self.stack_files[hello.rank] = hello.stack_file
         self._finished.discard(hello.rank)
         self.node_info.world_size = hello.world_size
         if hello.run_id and not self.node_info.run_id:
             self.node_info.run_id = hello.run_id
         self.node_info.ranks[:] = sorted(self.ranks)
+        if self.listener is not None:
+            self.listener.rank_attached(hello)
 
     def rank_heartbeat(self, heartbeat: telemetry_pb2.Heartbeat) -> None:
-        self._rank(heartbeat.rank).last_heartbeat_wall_time = time.time()
+        status = self._rank(heartbeat.rank)
+        status.last_heartbeat_wall_time = time.time()
+        status.collectives_issued = max(status.collectives_issued, heartbeat.collectives_issued)
+
+    def rank_exited(self, report: worker_pb2.ExitReport) -> None:
+        """How a rank's process ended, from its guard (only abnormal ends are reported)."""
+        status = self.ranks.get(report.rank)
+        if status is not None and status.pid == report.pid:
+            status.state = telemetry_pb2.RANK_STATE_FAILED
+            status.exit_reason = report.signal or f"exit code {report.exit_code}"
+        if self.listener is not None:
+            self.listener.rank_exited(report)
 
     def rank_finished(self, rank: int) -> None:
         """The rank said it finished training; its stream ending next is a clean exit."""
@@ -125,7 +161,10 @@ class NodeState:
 
     def rank_detached(self, rank: int) -> None:
         status = self._rank(rank)
-        if rank in self._finished:
+        finished = rank in self._finished
+        if self.listener is not None:
+            self.listener.rank_detached(rank, status.pid, finished)
+        if finished:
             status.state = telemetry_pb2.RANK_STATE_EXITED
             return
         status.state = telemetry_pb2.RANK_STATE_FAILED
@@ -133,7 +172,7 @@ class NodeState:
         self.event(
             "rank_lost",
             f"rank {rank} (pid {status.pid}) went away without finishing, {last}",
-            telemetry_pb2.Event.SEVERITY_ERROR,
+            telemetry_pb2.Event.SEVERITY_WARNING,
             rank=rank,
         )
 

@@ -35,7 +35,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KIND:KEY=VALUE,...",
-        help="inject a fault into the training ranks, e.g. slow:rank=2,factor=1.3 (passed to every agent); repeatable",
+        help="inject a fault into the training ranks (passed to every agent); repeatable: slow:rank=R,factor=F, "
+        "crash:rank=R,step=S[,how=kill|segv|exception|exit][,times=N], hang:rank=R,step=S[,how=sleep|stop]",
+    )
+    faults = parser.add_argument_group("fault tolerance")
+    faults.add_argument(
+        "--max-restarts", type=int, default=3, help="restarts of the job after a crash or hang (default: 3)"
+    )
+    faults.add_argument(
+        "--hang-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="no step for this long is a hang (default: the larger of 30 s and 5 median step times)",
+    )
+    faults.add_argument(
+        "--ckpt-every", type=int, default=20, help="checkpoint every N steps, what a restart resumes from (default: 20)"
+    )
+    faults.add_argument(
+        "--min-nodes",
+        type=int,
+        help="let the job go on with this many nodes when others are lost (elastic --nnodes MIN:MAX; default: all)",
     )
 
 
@@ -47,6 +66,12 @@ def run(args: argparse.Namespace) -> int:
         for name, value in (("nodes", args.nodes), ("ranks_per_node", args.ranks_per_node), ("steps", args.steps))
         if value < 1
     ]
+    if args.max_restarts < 0:
+        errors.append(f"--max-restarts must be >= 0, got {args.max_restarts}")
+    if args.ckpt_every < 1:
+        errors.append(f"--ckpt-every must be at least 1 (restarts resume from checkpoints), got {args.ckpt_every}")
+    if args.min_nodes is not None and not 1 <= args.min_nodes <= args.nodes:
+        errors.append(f"--min-nodes must be in 1..--nodes ({args.nodes}), got {args.min_nodes}")
     if args.json and not args.headless:
         errors.append("--json needs --headless (the TUI owns the terminal)")
     if errors:
@@ -65,11 +90,17 @@ def run(args: argparse.Namespace) -> int:
             str(args.batch_tokens),
             "--val-every",
             "0",
+            "--max-restarts",
+            str(args.max_restarts),
+            "--ckpt-every",
+            str(args.ckpt_every),
+            *(["--hang-timeout", str(args.hang_timeout)] if args.hang_timeout is not None else []),
             # Checked by the agents (the engine owns the fault grammar; the dashboard never imports the engine).
             *(part for spec in args.inject for part in ("--inject", spec)),
         ],
         run_dir=args.run_dir,
         exit_when_done=args.headless,
+        min_nodes=args.min_nodes,
     )
     try:
         with cluster:

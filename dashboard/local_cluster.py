@@ -51,8 +51,10 @@ class LocalCluster:
         train_args: list[str],
         run_dir: str | None = None,
         exit_when_done: bool = False,
+        min_nodes: int | None = None,
     ) -> None:
         self.nodes = nodes
+        self.min_nodes = min_nodes
         self.ranks_per_node = ranks_per_node
         self.train_args = train_args
         self.run_dir = Path(run_dir or time.strftime("runs/demo-%Y%m%d-%H%M%S"))
@@ -81,13 +83,16 @@ class LocalCluster:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         rendezvous = f"127.0.0.1:{free_port()}"
         run_id = f"demo-{uuid.uuid4().hex[:8]}"
+        nnodes = f"{self.min_nodes}:{self.nodes}" if self.min_nodes else str(self.nodes)
+        # Every agent saves into one directory (one host): what a restart resumes from, and what merges read.
+        checkpoints = ["--ckpt-dir", str(self.run_dir / "checkpoints"), "--ckpt-keep", "10"]
         for index in range(self.nodes):
             node = f"node{index}"
             command = [
                 sys.executable, "-m", "megascope.agent.cli", "agent", "--port", "0", "--node", node,
-                "--nproc-per-node", str(self.ranks_per_node), "--nnodes", str(self.nodes),
+                "--nproc-per-node", str(self.ranks_per_node), "--nnodes", nnodes,
                 "--rdzv-endpoint", rendezvous, "--rdzv-id", run_id, "--run-dir", str(self.run_dir),
-                *self.train_args, *(["--exit-when-done"] if self.exit_when_done else []),
+                *checkpoints, *self.train_args, *(["--exit-when-done"] if self.exit_when_done else []),
             ]  # fmt: skip
             log = open(self.run_dir / f"agent-{node}.log", "w")  # noqa: SIM115 (handed to the child)
             process = subprocess.Popen(

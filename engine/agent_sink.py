@@ -85,8 +85,10 @@ class AgentSink:
         on_command: Callable[[worker_pb2.Command], None] | None = None,
         capacity: int = 1024,
         ab_block_steps: int = 0,
+        collectives_issued: Callable[[], int] | None = None,
     ) -> None:
         self._address = address
+        self._collectives_issued = collectives_issued
         self._ab_block_steps = ab_block_steps
         self._hello = hello
         self._on_command = on_command
@@ -142,6 +144,9 @@ class AgentSink:
                         wall_time=time.time(),
                         step=self._last_step,
                         pid=self._hello.pid,
+                        completed_step=self._last_step,
+                        # Read from another thread without a lock: a plain int, and a stale value by one is fine.
+                        collectives_issued=self._collectives_issued() if self._collectives_issued else 0,
                     )
                 )
 
@@ -200,6 +205,8 @@ def connect_from_environment(
     node: str,
     restart_count: int,
     on_command: Callable[[worker_pb2.Command], None] | None = None,
+    stack_file: str = "",
+    collectives_issued: Callable[[], int] | None = None,
 ) -> AgentSink | None:
     """An AgentSink when this process was launched by an agent (``MEGASCOPE_AGENT_ADDRESS`` is set)."""
     address = os.environ.get(AGENT_ADDRESS_ENV)
@@ -213,5 +220,12 @@ def connect_from_environment(
         node=node,
         restart_count=restart_count,
         run_id=os.environ.get("TORCHELASTIC_RUN_ID", ""),
+        stack_file=stack_file,
     )
-    return AgentSink(address, hello, on_command, ab_block_steps=int(os.environ.get(AB_STEPS_ENV, "0")))
+    return AgentSink(
+        address,
+        hello,
+        on_command,
+        ab_block_steps=int(os.environ.get(AB_STEPS_ENV, "0")),
+        collectives_issued=collectives_issued,
+    )

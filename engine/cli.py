@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: 3e-3)")
     train.add_argument("--warmup-steps", type=int, default=20, help="linear warmup steps (default: 20)")
     train.add_argument("--decay-steps", type=int, default=0, help="linear decay over the last N steps (default: 0)")
+    train.add_argument(
+        "--min-lr-ratio", type=float, default=0.1, help="the decay ends at this fraction of --lr (default: 0.1)"
+    )
     train.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: 0.1)")
     train.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm; 0 disables (default: 1)")
     train.add_argument("--val-every", type=int, default=50, help="validation every N steps (default: 50)")
@@ -66,6 +69,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ckpt.add_argument("--ckpt-keep", type=int, default=3, help="keep the newest N; 0 keeps all (default: 3)")
     ckpt.add_argument("--ckpt-keep-every", type=int, default=0, help="also keep every step divisible by N (default: 0)")
     ckpt.add_argument("--no-resume", action="store_true", help="start from scratch even if --ckpt-dir has checkpoints")
+    ckpt.add_argument(
+        "--init-from",
+        metavar="CKPT",
+        help="PMA-init: model weights from this checkpoint (e.g. a `megascope merge` output) when --ckpt-dir has "
+        "nothing to resume; step 0, this run's own schedule",
+    )
+    ckpt.add_argument(
+        "--init-optimizer",
+        choices=["fresh", "keep"],
+        default="fresh",
+        help="with --init-from: a fresh optimizer, or the one saved there (merge --keep-optimizer)",
+    )
 
     launch = parser.add_argument_group("launch (as torchrun)")
     launch.add_argument("--nproc-per-node", type=int, default=1, help="ranks on this node (default: 1)")
@@ -99,6 +114,7 @@ def build(args: argparse.Namespace) -> tuple[TrainConfig, LaunchOptions]:
             lr=args.lr,
             warmup_steps=args.warmup_steps,
             decay_steps=args.decay_steps,
+            min_lr_ratio=args.min_lr_ratio,
             weight_decay=args.weight_decay,
             grad_clip=args.grad_clip,
         ),
@@ -108,6 +124,8 @@ def build(args: argparse.Namespace) -> tuple[TrainConfig, LaunchOptions]:
             keep_last=args.ckpt_keep,
             keep_every=args.ckpt_keep_every,
             resume=not args.no_resume,
+            init_from=args.init_from,
+            init_optimizer=args.init_optimizer,
         ),
         preset=args.preset,
         steps=args.steps,
@@ -129,6 +147,8 @@ def build(args: argparse.Namespace) -> tuple[TrainConfig, LaunchOptions]:
         max_restarts=args.max_restarts,
     )
     options.validate()
+    if config.checkpoint.init_from:
+        _check_init_from(config)
     try:  # with --nnodes MIN:MAX the job may grow to MAX nodes
         check_ranks(config.faults, options.nproc_per_node * options.node_range()[1])
     except FaultError as error:
@@ -141,6 +161,36 @@ def build(args: argparse.Namespace) -> tuple[TrainConfig, LaunchOptions]:
             "tokens); lower --batch-tokens or give more --data"
         )
     return config, options
+
+
+def _check_init_from(config: TrainConfig) -> None:
+    """--init-from names a committed checkpoint of this run's model (and holds optimizer state if kept)."""
+    from megascope.engine.checkpoint import CheckpointError, open_checkpoint
+    from megascope.engine.config import ConfigError
+
+    ckpt = config.checkpoint
+    try:
+        step_dir, metadata = open_checkpoint(ckpt.init_from or "")
+    except CheckpointError as error:
+        raise ConfigError(f"--init-from: {error}") from None
+    saved = metadata.extra.get("config", {}).get("model")
+    if isinstance(saved, dict):
+        ours = config.model.to_dict()
+        # The fields that decide which tensors exist and their shapes; others (max_seq_len, rope_theta) may change.
+        shaped = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "norm", "activation",
+                  "tie_embeddings")  # fmt: skip
+        differ = [f"{k}={saved[k]!r} (this run: {ours[k]!r})" for k in shaped if k in saved and saved[k] != ours[k]]
+        if differ:
+            preset = metadata.extra["config"].get("preset", "?")
+            raise ConfigError(
+                f"--init-from {step_dir} holds a different model: {', '.join(differ)}; "
+                f"train with that model's flags (it was trained with --preset {preset})"
+            )
+    if ckpt.init_optimizer == "keep" and not any(name.startswith("optim/") for name in metadata.tensors):
+        raise ConfigError(
+            f"--init-optimizer keep: {step_dir} holds no optimizer state (a merge keeps it only with "
+            "--keep-optimizer); use --init-optimizer fresh"
+        )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -41,6 +41,8 @@ class OptimConfig:
             raise ConfigError("--warmup-steps and --decay-steps must be >= 0")
         if self.grad_clip < 0:
             raise ConfigError(f"--grad-clip must be >= 0, got {self.grad_clip}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
 
     def lr_at(self, step: int, total_steps: int) -> float:
         """Learning rate for 1-based ``step``: linear warmup, constant, then optional linear decay."""
@@ -65,10 +67,17 @@ class CheckpointConfig:
     """Also keep every checkpoint whose step is a multiple of this (0: none extra)."""
     resume: bool = True
     """Resume from the newest complete checkpoint in ``dir`` when there is one."""
+    init_from: str | None = None
+    """PMA-init: start from the model weights of this checkpoint (a merge's output, or any checkpoint) when
+    ``dir`` has nothing to resume from; the run keeps its own step count, schedule and data order."""
+    init_optimizer: Literal["fresh", "keep"] = "fresh"
+    """With ``init_from``: a fresh optimizer, or the optimizer state saved in it (``merge --keep-optimizer``)."""
 
     def __post_init__(self) -> None:
         if self.every < 0 or self.keep_last < 0 or self.keep_every < 0:
             raise ConfigError("--ckpt-every, --ckpt-keep and --ckpt-keep-every must be >= 0")
+        if self.init_optimizer not in ("fresh", "keep"):
+            raise ConfigError(f"--init-optimizer must be fresh or keep, got {self.init_optimizer!r}")
 
 
 @dataclass(frozen=True)

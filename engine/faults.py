@@ -11,10 +11,20 @@ Kinds:
   compute it just did. The sleep is therefore measured as R's backward compute, and the other ranks spend it
   blocked in the all-reduce, waiting for R: what a slow GPU looks like in a synchronous job.
 
-Planned (issue 5): ``crash:rank=R,step=S`` and ``hang:rank=R,step=S``; they are refused as not supported yet.
+- ``crash:rank=R,step=S[,how=kill|segv|exception|exit][,times=N]``: rank R dies when it reaches step S (before
+  the step's first collective): SIGKILL (default, as the OOM killer does), SIGSEGV, a Python exception, or
+  ``exit(1)``. It fires ``times`` times over the run's restarts (default once; 0: at every start, a restart
+  storm).
+- ``hang:rank=R,step=S[,how=sleep|stop]``: rank R stops making progress when it reaches step S: an endless
+  Python loop (``sleep``, default) or SIGSTOP on itself (``stop``: its stacks cannot be collected, as with a
+  process stuck in the kernel). The other ranks then block in the step's first all-reduce. Fires once.
+
+A fault that fires once stays fired after the restart that follows it: a marker file under the run directory
+(``faults/``) records each firing, so the restarted job runs past the step.
+
 Adding a kind means: a dataclass here with ``kind`` and ``__post_init__`` validation, an entry in ``KINDS``, and
 the code that applies it. The parser itself needs no change: it fills a dataclass's fields from the
-``key=value`` pairs by their annotated types.
+``key=value`` pairs by their annotated types; fields with a default may be left out.
 
 Pure Python with no torch import: the command line parses faults without loading torch.
 """
@@ -23,8 +33,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 FLAG = "--inject"
@@ -58,16 +70,92 @@ class SlowFault:
         return f"slow:rank={self.rank},factor={self.factor:g}"
 
 
-Fault = SlowFault
-"""Every fault kind (a union once there is more than one)."""
-
-KINDS: dict[str, type[Fault]] = {"slow": SlowFault}
-PLANNED_KINDS = ("crash", "hang")
-"""Kinds a later issue adds; named here so the error says "not supported yet" rather than "unknown"."""
+CRASH_HOWS = ("kill", "segv", "exception", "exit")
+HANG_HOWS = ("sleep", "stop")
 
 
-def _field_value(kind: str, key: str, text: str, annotation: str) -> int | float:
-    # Annotations are strings (``from __future__ import annotations``); faults only have int and float fields.
+def _check_rank_and_step(kind: str, rank: int, step: int) -> None:
+    if rank < 0:
+        raise FaultError(f"{kind}: rank must be >= 0, got {rank}")
+    if step < 1:
+        raise FaultError(f"{kind}: step must be >= 1 (steps count from 1), got {step}")
+
+
+@dataclass(frozen=True)
+class CrashFault:
+    """``crash:rank=R,step=S[,how=...][,times=N]``: rank R dies on reaching step S (see the module docstring)."""
+
+    rank: int
+    step: int
+    how: str = "kill"
+    times: int = 1
+    """How many starts of the rank fire it; 0 for every start (a rank that cannot get past step S)."""
+    kind: Literal["crash"] = field(default="crash", init=False)
+
+    def __post_init__(self) -> None:
+        _check_rank_and_step("crash", self.rank, self.step)
+        if self.how not in CRASH_HOWS:
+            raise FaultError(f"crash: how must be one of {', '.join(CRASH_HOWS)}, got {self.how!r}")
+        if self.times < 0:
+            raise FaultError(f"crash: times must be >= 0 (0: every start), got {self.times}")
+
+    def describe(self) -> str:
+        return f"crash:rank={self.rank},step={self.step},how={self.how},times={self.times}"
+
+
+@dataclass(frozen=True)
+class HangFault:
+    """``hang:rank=R,step=S[,how=sleep|stop]``: rank R stops making progress on reaching step S."""
+
+    rank: int
+    step: int
+    how: str = "sleep"
+    kind: Literal["hang"] = field(default="hang", init=False)
+
+    def __post_init__(self) -> None:
+        _check_rank_and_step("hang", self.rank, self.step)
+        if self.how not in HANG_HOWS:
+            raise FaultError(f"hang: how must be one of {', '.join(HANG_HOWS)}, got {self.how!r}")
+
+    @property
+    def times(self) -> int:
+        return 1
+
+    def describe(self) -> str:
+        return f"hang:rank={self.rank},step={self.step},how={self.how}"
+
+
+Fault = SlowFault | CrashFault | HangFault
+"""Every fault kind."""
+
+KINDS: dict[str, type[Fault]] = {"slow": SlowFault, "crash": CrashFault, "hang": HangFault}
+
+
+def claim_firing(fault: CrashFault | HangFault, run_dir: str | Path) -> bool:
+    """Whether ``fault`` should fire now; if so, records the firing first (so a crash cannot forget it).
+
+    Each firing is one marker file ``faults/<fault>.<n>`` under the run directory, created exclusively:
+    restarted ranks see how often the fault already fired and every start is counted exactly once.
+    """
+    directory = Path(run_dir) / "faults"
+    directory.mkdir(parents=True, exist_ok=True)
+    name = fault.describe().replace(":", "_").replace(",", "_").replace("=", "-")
+    fired = 0
+    while True:
+        if fault.times and fired >= fault.times:
+            return False
+        try:
+            fd = os.open(directory / f"{name}.{fired}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            fired += 1
+            continue
+        os.fsync(fd)
+        os.close(fd)
+        return True
+
+
+def _field_value(kind: str, key: str, text: str, annotation: str) -> int | float | str:
+    # Annotations are strings (``from __future__ import annotations``); faults have int, float and str fields.
     try:
         if annotation == "int":
             return int(text)
@@ -76,6 +164,8 @@ def _field_value(kind: str, key: str, text: str, annotation: str) -> int | float
     except ValueError:
         expected = "an integer" if annotation == "int" else "a number"
         raise FaultError(f"{kind}: {key} must be {expected}, got {text!r}") from None
+    if annotation == "str":
+        return text.lower()
     raise AssertionError(f"{kind}.{key}: unsupported field type {annotation}")
 
 
@@ -83,16 +173,15 @@ def parse_fault(text: str) -> Fault:
     """One ``--inject`` value, ``KIND:key=value,...``, as a fault. Raises :class:`FaultError`."""
     kind, sep, rest = text.strip().partition(":")
     kind = kind.strip().lower()
-    if kind in PLANNED_KINDS:
-        raise FaultError(f"{kind!r} faults are not supported yet; supported: {', '.join(KINDS)}")
     if kind not in KINDS:
         raise FaultError(f"unknown fault kind {kind!r} in {text!r}; supported: {', '.join(KINDS)}")
     cls = KINDS[kind]
     fields = {f.name: str(f.type) for f in dataclasses.fields(cls) if f.init}
-    usage = f"{kind}:" + ",".join(f"{name}=..." for name in fields)
+    required = [f.name for f in dataclasses.fields(cls) if f.init and f.default is dataclasses.MISSING]
+    usage = f"{kind}:" + ",".join(f"{name}=..." for name in required)
     if not sep or not rest.strip():
         raise FaultError(f"{text!r} gives no settings; write {usage}")
-    values: dict[str, int | float] = {}
+    values: dict[str, int | float | str] = {}
     for part in rest.split(","):
         key, eq, value = part.partition("=")
         key, value = key.strip().lower(), value.strip()
@@ -103,7 +192,7 @@ def parse_fault(text: str) -> Fault:
         if key in values:
             raise FaultError(f"{kind}: {key} is given twice in {text!r}")
         values[key] = _field_value(kind, key, value, fields[key])
-    missing = [name for name in fields if name not in values]
+    missing = [name for name in required if name not in values]
     if missing:
         raise FaultError(f"{kind}: missing {', '.join(missing)}; write {usage}")
     return cls(**values)  # type: ignore[arg-type]

@@ -12,6 +12,9 @@ attempt's gloo addresses and fail or hang (pytorch/pytorch#135712).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import json
 import os
 import signal
 import subprocess
@@ -57,6 +60,19 @@ class LaunchOptions:
             raise ConfigError("--nnodes above 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
 
 
+RESTART_FROM = "restart_from.json"
+"""In the run directory: ``{"step": N}`` makes the ranks' next start resume from checkpoint step N rather than the
+newest (read by engine/trainer.py, then removed)."""
+
+
+def write_restart_request(run_dir: Path, step: int) -> None:
+    """Ask the next start of the ranks to resume from ``step`` (written atomically: a rank never reads half)."""
+    path = run_dir / RESTART_FROM
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"step": step}))
+    os.replace(tmp, path)
+
+
 class LaunchFailed(RuntimeError):
     """The ranks failed after the allowed restarts."""
 
@@ -75,7 +91,10 @@ def trainer_entry(config: TrainConfig) -> list[str]:
 
 
 def torchrun_command(options: LaunchOptions, entry: Sequence[str], log_dir: Path, run_id: str) -> list[str]:
-    """The ``torchrun`` command line for ``entry`` (``-m module args`` or ``script.py args``)."""
+    """The ``torchrun`` command line for ``entry`` (``-m module args`` or ``script.py args``).
+
+    Every rank runs under :mod:`megascope.engine.rank_guard`, which reports how the rank ended to the agent.
+    """
     options.validate()
     low, high = options.node_range()
     return [
@@ -88,8 +107,21 @@ def torchrun_command(options: LaunchOptions, entry: Sequence[str], log_dir: Path
         f"--max-restarts={options.max_restarts}",
         f"--monitor-interval={options.monitor_interval}",
         f"--log-dir={log_dir}",
+        *_rendezvous_settings(low, high),
+        "-m", "megascope.engine.rank_guard",
         *entry,
     ]  # fmt: skip
+
+
+ELASTIC_LAST_CALL_SECONDS = 5
+"""With ``--nnodes MIN:MAX``, how long a rendezvous that has MIN nodes waits for more (torch's default is 30 s):
+a restart after a node is lost should not idle half a minute waiting for it."""
+
+
+def _rendezvous_settings(low: int, high: int) -> list[str]:
+    if low == high:
+        return []
+    return [f"--rdzv-conf=last_call_timeout={ELASTIC_LAST_CALL_SECONDS}"]
 
 
 def launcher_environment(options: LaunchOptions, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -112,7 +144,19 @@ def start(
     """Start torchrun for this node; ``new_session`` puts it in its own process group (see :func:`stop`)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     command = torchrun_command(options, entry, log_dir, options.rdzv_id or uuid.uuid4().hex)
-    return subprocess.Popen(command, env=launcher_environment(options, extra_env), start_new_session=new_session)
+    return subprocess.Popen(
+        command,
+        env=launcher_environment(options, extra_env),
+        start_new_session=new_session,
+        # If whoever launched torchrun dies (the agent killed with its node), the ranks stop with it rather than
+        # train on unobserved: the other nodes see the node lost and restart without it.
+        preexec_fn=_terminate_with_parent,  # noqa: PLW1509 (launched from the main thread)
+    )
+
+
+def _terminate_with_parent() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG (Linux)
 
 
 def stop(process: subprocess.Popen[bytes], grace_seconds: float = _STOP_GRACE_SECONDS) -> int:

@@ -12,10 +12,12 @@ back to back, so they add up to the step time; ``other_seconds`` holds what fall
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import gc
 import hashlib
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -27,11 +29,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from megascope.engine.agent_sink import connect_from_environment
-from megascope.engine.checkpoint import Checkpointer, committed_steps, load, remove_unfinished
+from megascope.engine.checkpoint import Checkpointer, CheckpointError, committed_steps, load, remove_unfinished
+from megascope.engine.checkpoint.format import step_dir_name
 from megascope.engine.collectives import CollectiveTimer, DeviceComputeTimer
 from megascope.engine.config import TrainConfig
 from megascope.engine.data import PackedBatches, Prefetcher, load_corpus, split_train_val
-from megascope.engine.faults import SlowFault, faults_for_rank
+from megascope.engine.faults import CrashFault, HangFault, SlowFault, claim_firing, faults_for_rank
+from megascope.engine.launch import RESTART_FROM
 from megascope.engine.mfu import PeakFlops, device_peak
 from megascope.engine.model import Transformer, cross_entropy
 from megascope.engine.telemetry import ConsoleSink, Event, JsonlSink, Sink, StepReport, Telemetry
@@ -93,22 +97,26 @@ class Trainer:
         )
 
         run_dir = Path(config.run_dir)
+        self._stack_file = _install_stack_dumps(run_dir, self.rank)
         sinks: list[Sink] = [JsonlSink(run_dir / "telemetry" / f"rank{self.rank}.jsonl")]
         if self.rank == 0:
             sinks.append(ConsoleSink(every=config.log_every))
         self._requested_save_step: int | None = None
+        self.collectives = CollectiveTimer()
         agent = connect_from_environment(
-            self.rank, self.local_rank, self.world_size, self.node, self.restart_count, self._on_command
-        )
+            self.rank, self.local_rank, self.world_size, self.node, self.restart_count, self._on_command,
+            stack_file=str(self._stack_file), collectives_issued=lambda: self.collectives.issued,
+        )  # fmt: skip
         if agent is not None:
             sinks.append(agent)
         self.telemetry = Telemetry(sinks)
 
         torch.manual_seed(config.data.seed)  # every rank builds identical initial weights
         self.model = Transformer(config.model, kernels=config.kernels).to(self.device)
-        self.collectives = CollectiveTimer()
+        # No buffer broadcast: the buffers (RoPE tables, sparse layouts) are built identically on every rank, and a
+        # broadcast at each forward would be one more collective per step, and one a hang diagnosis cannot count.
         self.ddp = DistributedDataParallel(
-            self.model, device_ids=[self.local_rank] if self.device.type == "cuda" else None
+            self.model, device_ids=[self.local_rank] if self.device.type == "cuda" else None, broadcast_buffers=False
         )
         self.ddp.register_comm_hook(None, self.collectives.hook)
         # CUDA events only on a GPU: a CPU run never touches CUDA.
@@ -147,6 +155,8 @@ class Trainer:
         self.resumed_from: int | None = None
         if config.checkpoint.dir:
             self._set_up_checkpoints(Path(config.checkpoint.dir))
+        elif config.checkpoint.init_from:
+            self._init_from(Path(config.checkpoint.init_from))
 
     def _on_command(self, command: worker_pb2.Command) -> None:
         # Runs on the agent sink's thread: only record the request; the training loop acts on it between
@@ -157,7 +167,9 @@ class Trainer:
     def _set_up_checkpoints(self, directory: Path) -> None:
         ckpt = self.config.checkpoint
         if ckpt.resume and committed_steps(directory):
-            self._resume(directory)
+            self._resume(self._resume_source(directory))
+        elif ckpt.init_from:  # a restart of this run resumes its own checkpoints instead (the branch above)
+            self._init_from(Path(ckpt.init_from))
         if self.rank == 0:
             for path in remove_unfinished(directory):
                 self._event("checkpoint_cleanup", f"removed the unfinished save {path.name}")
@@ -165,6 +177,24 @@ class Trainer:
             directory, self.rank, self.world_size, self.ckpt_group, layout="ddp", keep_last=ckpt.keep_last,
             keep_every=ckpt.keep_every, on_event=lambda kind, text, attributes: self._event(kind, text, **attributes),
         )  # fmt: skip
+
+    def _resume_source(self, directory: Path) -> Path:
+        """The newest checkpoint, unless a restart asked for an earlier one (``RESTART_FROM`` in the run dir).
+
+        The request is read by every rank and then removed once all have read it, so it applies to one restart.
+        """
+        request = Path(self.config.run_dir) / RESTART_FROM
+        source = directory
+        if request.is_file():
+            step = int(json.loads(request.read_text())["step"])
+            if step in committed_steps(directory):
+                source = directory / step_dir_name(step)
+            else:
+                self._event("restart_from_missing", f"no committed checkpoint at step {step}; resuming the newest")
+            dist.barrier()
+            if self.rank == 0:
+                request.unlink(missing_ok=True)
+        return source
 
     def _checkpoint_state(self) -> dict[str, torch.Tensor]:
         """Model and optimizer tensors by stable names (parameter names, not optimizer indices)."""
@@ -204,6 +234,35 @@ class Trainer:
             path=str(directory),
             load_seconds=f"{seconds:.6f}",
             bytes_read=str(stats.bytes_read),
+        )
+
+    def _init_from(self, path: Path) -> None:
+        """PMA-init: this run's model weights from the checkpoint at ``path`` (a merge's output, say).
+
+        Only the weights (and, with --init-optimizer keep, the optimizer state saved there); the step count,
+        learning-rate schedule, data order and RNG stay this run's own, starting at step 0. Every rank reads
+        the same file, so the replicas start identical.
+        """
+        started = time.perf_counter()
+        metadata, stats = load(path, {f"model/{name}": t for name, t in self.model.state_dict().items()})
+        optimizer = "fresh optimizer"
+        if self.config.checkpoint.init_optimizer == "keep":
+            if not any(name.startswith("optim/") for name in metadata.tensors):
+                raise CheckpointError(f"--init-optimizer keep: {path} holds no optimizer state; use fresh")
+            self._ensure_optimizer_state()
+            optim = {k: v for k, v in self._checkpoint_state().items() if k.startswith("optim/")}
+            _, more = load(path, optim)
+            stats.bytes_read += more.bytes_read
+            optimizer = "optimizer state from the checkpoint"
+        merge = metadata.extra.get("merge")
+        what = f"step {metadata.step}"
+        if isinstance(merge, dict):
+            what = f"{merge['method']} merge of steps {merge['steps']}"
+        self._event(
+            "initialized",
+            f"model weights from {path} ({what}), {optimizer}: read {stats.bytes_read / 1e6:.1f} MB "
+            f"in {time.perf_counter() - started:.2f}s",
+            path=str(path),
         )
 
     def _save_checkpoint(self, prefetch: Prefetcher) -> None:
@@ -263,6 +322,7 @@ class Trainer:
         try:
             while self.step < config.steps:
                 self.step += 1
+                self._fire_faults()
                 report = self._train_step(prefetch, gc_pauses)
                 every = config.checkpoint.every
                 scheduled = self.step == config.steps or bool(every and self.step % every == 0)
@@ -291,6 +351,30 @@ class Trainer:
             param_digest=parameter_digest(self.model),
             telemetry_dropped=str(self.telemetry.dropped),
         )
+
+    def _fire_faults(self) -> None:
+        """Injected crashes and hangs, at the start of the step they name (before its first collective)."""
+        for fault in self.faults:
+            if not isinstance(fault, CrashFault | HangFault) or fault.step != self.step:
+                continue
+            if not claim_firing(fault, self.config.run_dir):
+                continue
+            # The event may not get out before the process dies: the agent learns of a crash on its own.
+            print(f"megascope: rank {self.rank}: injecting {fault.describe()} at step {self.step}", flush=True)
+            if isinstance(fault, HangFault):
+                if fault.how == "stop":
+                    os.kill(os.getpid(), signal.SIGSTOP)
+                while True:  # an endless loop: the process lives, answers signals, and never issues a collective
+                    time.sleep(0.05)
+            elif fault.how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            elif fault.how == "segv":
+                faulthandler._sigsegv()
+            elif fault.how == "exit":
+                sys.stdout.flush()
+                os._exit(1)
+            else:
+                raise RuntimeError(f"injected fault {fault.describe()} at step {self.step}")
 
     def _train_step(self, prefetch: Prefetcher, gc_pauses: _GcPauses) -> StepReport:
         config = self.config
@@ -402,6 +486,21 @@ class Trainer:
         self.telemetry.close()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _install_stack_dumps(run_dir: Path, rank: int) -> Path:
+    """SIGUSR1 appends every thread's Python stack to ``run_dir/stacks/rankR.txt``; fatal signals to stderr.
+
+    faulthandler writes from the signal handler itself, in C: it answers even when the main thread is blocked
+    inside a collective and never returns to the interpreter, which a Python-level handler would not.
+    """
+    directory = run_dir / "stacks"
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"rank{rank}.txt"
+    stacks = path.open("a")  # kept open for the life of the process: the handler writes to its descriptor
+    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True, chain=False)
+    faulthandler.enable(file=sys.stderr, all_threads=True)
+    return path.resolve()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-HELP = "list, describe and check checkpoints (ls DIR, inspect DIR[/STEP], verify DIR[/STEP])"
+HELP = "list, describe, check and export checkpoints (ls DIR, inspect|verify DIR[/STEP], export DIR[/STEP] --hf OUT)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,13 +18,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     inspect.add_argument("path", type=Path, help="a step directory, or a checkpoint root (its latest)")
     verify = sub.add_parser("verify", help="read every byte and check it; non-zero exit on any damage")
     verify.add_argument("path", type=Path, help="a step directory, or a checkpoint root (its latest)")
+    export = sub.add_parser("export", help="write one checkpoint's model as a Hugging Face Llama model directory")
+    export.add_argument("path", type=Path, help="a step directory, or a checkpoint root (its latest)")
+    export.add_argument("--hf", type=Path, required=True, metavar="OUT",
+                        help="new directory: config.json + model.safetensors (must not exist)")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
     from megascope.engine.checkpoint.format import CheckpointError
 
     try:
-        return {"ls": _ls, "inspect": _inspect, "verify": _verify}[args.ckpt_command](args)
+        return {"ls": _ls, "inspect": _inspect, "verify": _verify, "export": _export}[args.ckpt_command](args)
     except CheckpointError as error:
         print(f"megascope ckpt {args.ckpt_command}: error: {error}", file=sys.stderr)
         return 1
@@ -95,4 +99,15 @@ def _verify(args: argparse.Namespace) -> int:
     meta = verify(args.path)
     print(f"OK: step {meta.step}: {len(meta.tensors)} tensors in {len(meta.files)} file(s), "
           f"{_size(meta.total_bytes)} checked in {time.perf_counter() - start:.2f}s")  # fmt: skip
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from megascope.engine.checkpoint.hf_export import export
+
+    start = time.perf_counter()
+    out = export(args.path, args.hf)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    seconds = time.perf_counter() - start
+    print(f"exported {args.path} as a Hugging Face Llama model: {out} ({_size(size)}) in {seconds:.2f}s")
     return 0

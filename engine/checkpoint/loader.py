@@ -99,6 +99,25 @@ def _fill(
     stats.bytes_needed += local.numel() * local.element_size()
 
 
+def read_tensor(step_dir: Path, metadata: Metadata, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One whole tensor of an opened checkpoint (``open_checkpoint``), from all its shards, every block checked.
+
+    ``out`` (CPU, the tensor's shape and stored dtype) is filled and returned when given, so a caller that
+    streams a checkpoint tensor by tensor can reuse one buffer.
+    """
+    meta = metadata.tensors.get(name)
+    if meta is None:
+        raise CheckpointError(f"{name}: not in the checkpoint at {step_dir}")
+    if out is None:
+        out = torch.empty(meta.shape, dtype=TORCH_DTYPES[meta.dtype])
+    elif list(out.shape) != meta.shape or out.dtype != TORCH_DTYPES[meta.dtype]:
+        raise CheckpointError(
+            f"{name}: the checkpoint has {meta.dtype} {meta.shape}, the buffer is {out.dtype} {list(out.shape)}"
+        )
+    _fill(step_dir, name, meta.shards, meta.dtype, meta.shape, out, 0, LoadStats())
+    return out
+
+
 def load_state(path: str | Path, names: list[str] | None = None) -> tuple[dict[str, torch.Tensor], Metadata]:
     """Whole tensors in one process (inspection, evaluation, merging): ``names`` or every tensor."""
     step_dir, metadata = open_checkpoint(path)

@@ -2,7 +2,9 @@
 
 Written by hand (the format is an 8-byte little-endian header length, a JSON header, then the raw data) so
 that the staged buffers go to disk without another copy and every tensor's absolute byte range is known
-for the metadata. The result is an ordinary safetensors file.
+for the metadata. The result is an ordinary safetensors file. ``SafetensorsWriter`` writes one tensor at a
+time (the header is computed from declared shapes up front), so a merge or an export of a model of any size
+holds one tensor in memory, not the model.
 """
 
 from __future__ import annotations
@@ -34,36 +36,79 @@ def _bytes_of(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy().data) if flat.numel() else memoryview(b"")
 
 
+class SafetensorsWriter:
+    """Writes one safetensors file tensor by tensor, never holding more than the tensor being written.
+
+    safetensors puts the header (every tensor's dtype, shape and byte range) before the data, so the caller
+    declares every tensor up front (``specs``: key -> (dtype name, shape), in file order); then ``write``
+    appends each tensor's data in that same order. ``close`` checks nothing is missing and fsyncs.
+    """
+
+    def __init__(
+        self, path: Path, specs: dict[str, tuple[str, list[int]]], metadata: dict[str, str] | None = None
+    ) -> None:
+        header: dict[str, object] = {}
+        self._ranges: dict[str, tuple[int, int]] = {}
+        position = 0
+        for key, (dtype, shape) in specs.items():
+            size = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=TORCH_DTYPES[dtype]).element_size()
+            header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [position, position + size]}
+            self._ranges[key] = (position, position + size)
+            position += size
+        if metadata:
+            header["__metadata__"] = metadata
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % _ALIGN)  # data starts 8-byte aligned, as safetensors recommends
+        self._data_start = 8 + len(encoded)
+        self._specs = specs
+        self._order = iter(specs)
+        self.size = self._data_start + position
+        """The file's final size in bytes."""
+        self.path = path
+        self._file = open(path, "wb")  # noqa: SIM115  # closed by close() or abort()
+        self._file.write(struct.pack("<Q", len(encoded)))
+        self._file.write(encoded)
+        self._written = 0
+
+    def write(self, key: str, tensor: torch.Tensor) -> Written:
+        """Append ``tensor`` (CPU), which must be the next declared key, with that dtype and shape."""
+        expected = next(self._order, None)
+        dtype, shape = self._specs.get(key, ("?", []))
+        if key != expected or DTYPES.get(tensor.dtype) != dtype or list(tensor.shape) != list(shape):
+            raise CheckpointError(
+                f"{self.path}: wrote {key} {DTYPES.get(tensor.dtype)} {list(tensor.shape)}, "
+                f"the header declares {expected} next ({dtype} {list(shape)})"
+            )
+        data = _bytes_of(tensor)
+        self._file.write(data)
+        start, end = (self._data_start + offset for offset in self._ranges[key])
+        self._written += 1
+        return Written(start, end, block_crcs(data))
+
+    def close(self) -> None:
+        if self._written != len(self._specs):
+            self.abort()
+            raise CheckpointError(f"{self.path}: {self._written} of {len(self._specs)} declared tensors written")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+    def abort(self) -> None:
+        """Close without finishing (the caller removes the file or its directory)."""
+        self._file.close()
+
+
 def write_file(
     path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> dict[str, Written]:
     """Write ``tensors`` (CPU, contiguous) as one safetensors file, fsync it; their byte ranges and CRCs."""
-    header: dict[str, object] = {}
-    position = 0
-    for key, tensor in tensors.items():
-        size = tensor.numel() * tensor.element_size()
-        header[key] = {
-            "dtype": DTYPES[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [position, position + size],
-        }
-        position += size
-    if metadata:
-        header["__metadata__"] = metadata
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % _ALIGN)  # data starts 8-byte aligned, as safetensors recommends
-    data_start = 8 + len(encoded)
-    written: dict[str, Written] = {}
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
-        for key, tensor in tensors.items():
-            data = _bytes_of(tensor)
-            f.write(data)
-            start = data_start + header[key]["data_offsets"][0]  # type: ignore[index]
-            written[key] = Written(start, start + len(data), block_crcs(data))
-        f.flush()
-        os.fsync(f.fileno())
+    writer = SafetensorsWriter(path, {key: (DTYPES[t.dtype], list(t.shape)) for key, t in tensors.items()}, metadata)
+    try:
+        written = {key: writer.write(key, tensor) for key, tensor in tensors.items()}
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
     return written
 
 

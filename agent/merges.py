@@ -1,0 +1,525 @@
+"""Checkpoint merges (PMA) launched through the agent: one at a time, in the background, at low priority.
+
+The merge itself is ``megascope merge`` (the engine's), run as a child process rather than in the agent: it
+reads every input tensor, so in the agent it would hold the event loop's GIL and memory; as a process it can
+be given the lowest CPU and I/O priority, one CPU thread and no GPU (the training ranks own those), and be
+stopped at once. It prints one JSON object per line on stdout (``--progress json``): ``progress`` events with
+tensor and byte counts, then one ``done`` event with the result. The runner keeps the newest state as a
+``MergeProgress`` and wakes every ``StartMerge`` stream following the run; streams send the newest state when
+they get to it, so a fast merge never queues thousands of messages.
+
+Merges are written beside the run's checkpoint directory, never inside it: the trainer's retention and its
+scan for the newest checkpoint to resume from look at that directory, and must not see merges.
+
+    runs/x/checkpoints/step_00000100/...          the training run's checkpoints
+    runs/x/checkpoints-merged/merge-sma-60-100-20250101-120000/   one directory per merge
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psutil
+
+from megascope.agent.state import NodeState
+from megascope.engine.checkpoint.format import (
+    CheckpointError,
+    committed_steps,
+    read_metadata,
+    resolve,
+    step_dir_name,
+)
+from megascope.protos.megascope.v1 import agent_pb2, telemetry_pb2
+
+METHODS = ("sma", "wma", "ema")
+MERGED_SUFFIX = "-merged"
+"""``<ckpt_dir><MERGED_SUFFIX>`` holds the merges of the run whose checkpoints are in ``ckpt_dir``."""
+MERGE_COMMAND: tuple[str, ...] = (sys.executable, "-m", "megascope.agent.cli", "merge")
+CANCEL_GRACE_SECONDS = 10.0
+"""After SIGTERM a merge has this long to stop cleanly before it is killed."""
+_WEIGHT_TOLERANCE = 1e-6
+_STDERR_LINES = 20
+_MAX_LINE_BYTES = 1 << 20
+_RUNNING = agent_pb2.MERGE_STATE_RUNNING
+_DONE = agent_pb2.MERGE_STATE_DONE
+_FAILED = agent_pb2.MERGE_STATE_FAILED
+_CANCELLED = agent_pb2.MERGE_STATE_CANCELLED
+_ENDED = (_DONE, _FAILED, _CANCELLED)
+
+
+class MergeRefused(Exception):
+    """A StartMerge that cannot run as asked; ``code`` is the gRPC status, the text names the field."""
+
+    def __init__(self, code: grpc.StatusCode, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+
+
+def merged_root(ckpt_dir: Path) -> Path:
+    return ckpt_dir.parent / f"{ckpt_dir.name}{MERGED_SUFFIX}"
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """A validated request: the inputs resolved to committed steps, oldest first, and where the result goes."""
+
+    method: str
+    steps: tuple[int, ...]
+    out: Path
+    alpha: float = 0.0
+    """0: the method's default."""
+    weights: tuple[float, ...] = ()
+    evaluate: bool = False
+
+    def arguments(self, ckpt_dir: Path) -> list[str]:
+        """The merge command's arguments (the steps always explicit: the agent resolved ``last``/``every``)."""
+        args = ["--ckpt-dir", str(ckpt_dir), "--method", self.method, "--steps", *map(str, self.steps)]
+        if self.alpha:
+            args += ["--alpha", repr(self.alpha)]
+        if self.weights:
+            args += ["--weights", *map(repr, self.weights)]
+        args += ["--out", str(self.out), "--progress", "json"]
+        return args + (["--eval"] if self.evaluate else [])
+
+
+def _steps_text(steps: Sequence[int], most: int = 12) -> str:
+    shown = ", ".join(map(str, steps[:most]))
+    return shown + (f", ... ({len(steps)} in all)" if len(steps) > most else "") if steps else "none"
+
+
+def _pick_last(committed: list[int], last: int, every: int) -> list[int]:
+    """The newest ``last`` steps walking back from the newest, each at least ``every`` before the next one."""
+    picked: list[int] = []
+    for step in reversed(committed):
+        if len(picked) == last:
+            break
+        if not picked or picked[-1] - step >= every:
+            picked.append(step)
+    return picked[::-1]
+
+
+def plan_merge(request: agent_pb2.StartMergeRequest, ckpt_dir: Path | None, now: float | None = None) -> MergePlan:
+    """Check ``request`` against the committed checkpoints in ``ckpt_dir``; raises :class:`MergeRefused`."""
+
+    def invalid(text: str) -> MergeRefused:
+        return MergeRefused(grpc.StatusCode.INVALID_ARGUMENT, text)
+
+    if ckpt_dir is None:
+        raise MergeRefused(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "this agent's run saves no checkpoints (start it with --ckpt-dir): there is nothing to merge",
+        )
+    method = request.method
+    if method not in METHODS:
+        raise invalid(f"method: must be one of {', '.join(METHODS)}, got {method!r}")
+    alpha = request.alpha
+    if not math.isfinite(alpha) or not 0 <= alpha <= 1:
+        raise invalid(f"alpha: must be in (0, 1] (0 for the default), got {alpha}")
+    if alpha and method != "ema":
+        raise invalid(f"alpha: only ema takes an alpha; method is {method}")
+    if request.last < 0 or request.every < 0:
+        raise invalid(f"last and every: must be >= 0, got {request.last} and {request.every}")
+    if request.steps and request.last:
+        raise invalid("steps and last: give one of them, not both")
+    if request.every and not request.last:
+        raise invalid("every: only applies with last")
+
+    committed = committed_steps(ckpt_dir)
+    weights = list(request.weights)
+    if request.steps:
+        steps = list(request.steps)
+        repeated = sorted({s for s in steps if steps.count(s) > 1})
+        if repeated:
+            raise invalid(f"steps: {_steps_text(repeated)} listed more than once")
+        missing = [s for s in steps if s not in committed]
+        if missing:
+            raise MergeRefused(
+                grpc.StatusCode.NOT_FOUND,
+                f"steps: no committed checkpoint for step {_steps_text(missing)} in {ckpt_dir} "
+                f"(committed: {_steps_text(committed)})",
+            )
+        if weights and len(weights) == len(steps):  # keep each weight with its step while putting steps in order
+            pairs = sorted(zip(steps, weights, strict=True))
+            steps, weights = [s for s, _ in pairs], [w for _, w in pairs]
+        steps.sort()
+    elif request.last:
+        steps = _pick_last(committed, request.last, request.every)
+        if len(steps) < request.last:
+            spacing = f" at least {request.every} steps apart" if request.every else ""
+            raise MergeRefused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"last: {request.last} checkpoints{spacing} asked for, {len(steps)} found in {ckpt_dir} "
+                f"(committed: {_steps_text(committed)})",
+            )
+    else:
+        raise invalid("steps or last: say which checkpoints to merge")
+    if len(steps) < 2:
+        raise invalid(f"steps: a merge needs at least 2 checkpoints, got {len(steps)}")
+    if weights:
+        if len(weights) != len(steps):
+            raise invalid(f"weights: {len(weights)} given for {len(steps)} checkpoints; give one per checkpoint")
+        if not all(math.isfinite(w) and w >= 0 for w in weights):
+            raise invalid(f"weights: each must be a finite number >= 0, got {weights}")
+        if abs(sum(weights) - 1.0) > _WEIGHT_TOLERANCE:
+            raise invalid(f"weights: must sum to 1, got {sum(weights):g}")
+
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(time.time() if now is None else now))
+    base = merged_root(ckpt_dir) / f"merge-{method}-{steps[0]}-{steps[-1]}-{stamp}"
+    out, n = base, 1
+    while out.exists():  # two merges of the same inputs within a second
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return MergePlan(method, tuple(steps), out, alpha, tuple(weights), request.eval)
+
+
+# --- listing -----------------------------------------------------------------------------------------------
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _info(path: Path, step_dir: Path, val_loss: float | None, merged: bool) -> agent_pb2.CheckpointInfo:
+    meta = read_metadata(step_dir)
+    info = agent_pb2.CheckpointInfo(
+        step=meta.step,
+        path=str(path),
+        wall_time=meta.created or (step_dir / "metadata.json").stat().st_mtime,
+        size_bytes=_tree_bytes(path),
+        world_size=meta.world_size,
+        merged=merged,
+    )
+    if val_loss is not None:
+        info.val_loss = val_loss
+    return info
+
+
+def list_checkpoints(
+    ckpt_dir: Path | None, val_losses: dict[int, float], merged_val_losses: dict[str, float]
+) -> agent_pb2.ListCheckpointsResponse:
+    """The committed checkpoints of ``ckpt_dir`` and the merges beside it, oldest first (reads the disk)."""
+    response = agent_pb2.ListCheckpointsResponse()
+    if ckpt_dir is None:
+        return response
+    response.directory = str(ckpt_dir)
+    for step in committed_steps(ckpt_dir):
+        step_dir = ckpt_dir / step_dir_name(step)
+        # A checkpoint removed by retention between the scan and the read is simply no longer listed.
+        with contextlib.suppress(CheckpointError, OSError):
+            response.checkpoints.append(_info(step_dir, step_dir, val_losses.get(step), merged=False))
+    root = merged_root(ckpt_dir)
+    merged = []
+    for entry in sorted(root.iterdir()) if root.is_dir() else []:
+        # Unfinished or cancelled merges have no committed checkpoint: they are not listed.
+        with contextlib.suppress(CheckpointError, OSError):
+            merged.append(_info(entry, resolve(entry), merged_val_losses.get(str(entry)), merged=True))
+    response.merged.extend(sorted(merged, key=lambda info: info.wall_time))
+    return response
+
+
+# --- running -----------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Run:
+    plan: MergePlan
+    progress: agent_pb2.MergeProgress
+    """Replaced, never changed in place, so a follower can tell whether it has sent the newest."""
+    wakeups: set[asyncio.Event] = field(default_factory=set)
+    process: asyncio.subprocess.Process | None = None
+    cancelling: bool = False
+    task: asyncio.Task[None] | None = None
+
+
+def _lower_priority(pid: int) -> None:
+    """Best effort: the lowest CPU priority and the lowest best-effort I/O class, so training wins any contention.
+
+    Best-effort rather than idle I/O: an idle-class merge could wait forever behind a busy data loader.
+    """
+    with contextlib.suppress(psutil.Error, OSError):
+        process = psutil.Process(pid)
+        process.nice(19)
+        ionice = getattr(process, "ionice", None)  # Linux and Windows only
+        if ionice is not None and hasattr(psutil, "IOPRIO_CLASS_BE"):
+            ionice(psutil.IOPRIO_CLASS_BE, 7)
+
+
+def _parse(line: bytes) -> dict[str, Any] | None:
+    """One progress line as a dict; None for anything else the command printed."""
+    try:
+        message = json.loads(line)
+    except ValueError:
+        return None
+    return message if isinstance(message, dict) and isinstance(message.get("event"), str) else None
+
+
+def _discard(out: Path) -> None:
+    """Remove whatever a stopped merge left of ``out`` (the directory, or a temporary one named after it)."""
+    for path in [out, *out.parent.glob(f"{out.name}.*")] if out.parent.is_dir() else []:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _failure_reason(code: int | None, stderr: Sequence[str]) -> str:
+    """The command's own ``megascope merge: error: ...`` line when there is one, else its last words."""
+    for line in reversed(stderr):
+        if ": error: " in line:
+            return line.split(": error: ", 1)[1]
+    tail = next((line for line in reversed(stderr) if line.strip()), "")
+    return f"the merge exited with code {code}" + (f": {tail}" if tail else "")
+
+
+class MergeRunner:
+    """Runs one merge at a time for an agent and keeps what the listing needs to know about past ones."""
+
+    def __init__(
+        self,
+        state: NodeState,
+        ckpt_dir: str | Path | None,
+        *,
+        command: Sequence[str] = MERGE_COMMAND,
+        cancel_grace_seconds: float = CANCEL_GRACE_SECONDS,
+    ) -> None:
+        self.state = state
+        self.ckpt_dir = Path(ckpt_dir).absolute() if ckpt_dir else None  # listed as a path on this machine
+        self.command = list(command)
+        self.cancel_grace_seconds = cancel_grace_seconds
+        self._run: _Run | None = None
+        self._merged_val_losses: dict[str, float] = {}
+        """Validation loss of each merge made by this agent, by its directory."""
+        self._input_val_losses: dict[int, float] = {}
+        """Validation losses of training checkpoints measured by merges (``--eval``), by step."""
+
+    # --- queries -------------------------------------------------------------------------------------
+
+    def status(self) -> agent_pb2.MergeProgress:
+        """The running or last merge (state UNSPECIFIED when there has been none)."""
+        return self._run.progress if self._run is not None else agent_pb2.MergeProgress()
+
+    async def list_checkpoints(self) -> agent_pb2.ListCheckpointsResponse:
+        reports = list(self.state.step_reports)  # a cheap copy here; the filtering and the disk in a thread
+
+        def listing() -> agent_pb2.ListCheckpointsResponse:
+            val_losses = dict(self._input_val_losses)
+            val_losses.update({r.step: r.val_loss for r in reports if r.HasField("val_loss")})
+            return list_checkpoints(self.ckpt_dir, val_losses, merged)
+
+        merged = dict(self._merged_val_losses)
+        return await asyncio.to_thread(listing)
+
+    # --- control -------------------------------------------------------------------------------------
+
+    def plan(self, request: agent_pb2.StartMergeRequest) -> MergePlan:
+        """Validate ``request`` (reads the checkpoint directory: call it off the event loop)."""
+        return plan_merge(request, self.ckpt_dir)
+
+    def start(self, plan: MergePlan) -> _Run:
+        """Start the merge in the background; FAILED_PRECONDITION while another one runs."""
+        running = self._run
+        if running is not None and running.progress.state not in _ENDED:
+            raise MergeRefused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"a merge is already running ({running.plan.method} of steps {_steps_text(running.plan.steps)} "
+                f"into {running.plan.out}); wait for it or cancel it",
+            )
+        run = _Run(
+            plan,
+            agent_pb2.MergeProgress(
+                state=_RUNNING, message="starting", out=str(plan.out), steps=plan.steps, method=plan.method
+            ),
+        )
+        self._run = run
+        self.state.event(
+            "merge_started",
+            f"merging steps {_steps_text(plan.steps)} ({plan.method}) into {plan.out}",
+            method=plan.method,
+            steps=",".join(map(str, plan.steps)),
+            out=str(plan.out),
+        )
+        run.task = asyncio.ensure_future(self._execute(run))
+        return run
+
+    def cancel(self) -> bool:
+        """Ask the running merge to stop (SIGTERM, then SIGKILL after the grace); False when none runs."""
+        run = self._run
+        if run is None or run.progress.state in _ENDED or run.cancelling:
+            return False
+        run.cancelling = True
+        self._update(run, message="cancelling")
+        if run.process is not None:
+            self._terminate(run, run.process)
+        return True
+
+    async def close(self) -> None:
+        """Cancel a running merge and wait until it has stopped (the agent is shutting down)."""
+        run = self._run
+        self.cancel()
+        if run is not None and run.task is not None:
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(asyncio.shield(run.task), self.cancel_grace_seconds + 5)
+
+    async def follow(self, run: _Run) -> AsyncIterator[agent_pb2.MergeProgress]:
+        """The run's state now, then each newer state, until it ends (the last one sent is its end state)."""
+        wakeup = asyncio.Event()
+        run.wakeups.add(wakeup)
+        try:
+            while True:
+                wakeup.clear()
+                progress = run.progress
+                yield progress
+                if progress.state in _ENDED:
+                    return
+                if run.progress is progress:  # nothing newer arrived while that one was being sent
+                    await wakeup.wait()
+        finally:
+            run.wakeups.discard(wakeup)
+
+    # --- the child process -----------------------------------------------------------------------------
+
+    def _update(self, run: _Run, **fields: Any) -> None:
+        progress = agent_pb2.MergeProgress()
+        progress.CopyFrom(run.progress)
+        for name, value in fields.items():
+            if name == "input_val_losses":
+                progress.input_val_losses.update(value)
+            else:
+                setattr(progress, name, value)
+        run.progress = progress
+        for wakeup in run.wakeups:
+            wakeup.set()
+
+    def _terminate(self, run: _Run, process: asyncio.subprocess.Process) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)  # the merge stops cleanly and publishes nothing
+
+        def kill() -> None:
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(process.pid, signal.SIGKILL)  # its own session: anything it started goes too
+
+        asyncio.get_running_loop().call_later(self.cancel_grace_seconds, kill)
+
+    async def _execute(self, run: _Run) -> None:
+        plan, ckpt_dir = run.plan, self.ckpt_dir
+        assert ckpt_dir is not None  # plan_merge refuses a run without one
+        env = dict(
+            os.environ,
+            PYTHONUNBUFFERED="1",
+            # One CPU thread and no GPU: the training ranks own the node's cores and devices; the merge only
+            # needs to stream tensors, and on a training GPU it could take memory the ranks need.
+            OMP_NUM_THREADS="1",
+            MKL_NUM_THREADS="1",
+            CUDA_VISIBLE_DEVICES="",
+        )
+        if run.cancelling:
+            self._finish(run, _CANCELLED, "cancelled before it started")
+            return
+        try:
+            plan.out.parent.mkdir(parents=True, exist_ok=True)
+            process = await asyncio.create_subprocess_exec(
+                *self.command,
+                *plan.arguments(ckpt_dir),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,  # a Ctrl-C meant for the agent does not reach it; the agent stops it
+                env=env,
+                limit=_MAX_LINE_BYTES,
+            )
+        except OSError as error:
+            self._finish(run, _FAILED, f"could not start the merge command: {error}")
+            return
+        run.process = process
+        _lower_priority(process.pid)
+        if run.cancelling:
+            self._terminate(run, process)
+        stderr: deque[str] = deque(maxlen=_STDERR_LINES)
+        errors = asyncio.ensure_future(self._read_stderr(process, stderr))
+        result: dict[str, Any] | None = None
+        try:
+            assert process.stdout is not None
+            async for line in process.stdout:
+                message = _parse(line)
+                if message is None:
+                    continue
+                if message["event"] == "progress":
+                    self._progress(run, message)
+                elif message["event"] == "done":
+                    result = message
+            code = await process.wait()
+            await errors
+        except asyncio.CancelledError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            raise
+        if run.cancelling:
+            # The merge publishes nothing when it stops on SIGTERM; one killed after the grace may leave a part.
+            await asyncio.to_thread(_discard, plan.out)
+            self._finish(run, _CANCELLED, "cancelled; nothing was published")
+        elif code == 0 and result is not None:
+            self._done(run, result)
+        else:
+            reason = _failure_reason(code, stderr) if code else "the merge ended without reporting a result"
+            self._finish(run, _FAILED, reason)
+
+    @staticmethod
+    async def _read_stderr(process: asyncio.subprocess.Process, tail: deque[str]) -> None:
+        assert process.stderr is not None
+        async for line in process.stderr:  # read all of it, or a chatty merge would block on a full pipe
+            tail.append(line.decode(errors="replace").rstrip())
+
+    def _progress(self, run: _Run, message: dict[str, Any]) -> None:
+        try:
+            counts = {
+                name: int(message[name]) for name in ("tensors_done", "tensors_total", "bytes_done", "bytes_total")
+            }
+        except (KeyError, TypeError, ValueError):
+            return  # a malformed line is not worth failing a merge over
+        text = f"merging: {counts['tensors_done']}/{counts['tensors_total']} tensors"
+        self._update(run, message=text, **counts)
+
+    def _done(self, run: _Run, result: dict[str, Any]) -> None:
+        val_loss = result.get("val_loss")
+        inputs: dict[int, float] = {}
+        with contextlib.suppress(AttributeError, TypeError, ValueError):
+            inputs = {int(step): float(loss) for step, loss in result.get("input_val_losses", {}).items()}
+        out = str(result.get("out") or run.plan.out)
+        fields: dict[str, Any] = {"input_val_losses": inputs, "out": out}
+        attributes = {"out": out, "method": run.plan.method, "steps": ",".join(map(str, run.plan.steps))}
+        text = f"merged steps {_steps_text(run.plan.steps)} ({run.plan.method}) into {out}"
+        if isinstance(val_loss, int | float):
+            fields["val_loss"] = float(val_loss)
+            self._merged_val_losses[str(run.plan.out)] = float(val_loss)
+            attributes["val_loss"] = f"{val_loss:.6g}"
+            text += f"; validation loss {val_loss:.4f}"
+            if inputs:
+                text += f" (inputs {min(inputs.values()):.4f} .. {max(inputs.values()):.4f})"
+        if inputs:
+            self._input_val_losses.update(inputs)
+            attributes["input_val_losses"] = ",".join(f"{step}={loss:.6g}" for step, loss in sorted(inputs.items()))
+        self._update(run, state=_DONE, message="done", **fields)
+        self.state.event("merge_done", text, **attributes)
+
+    def _finish(self, run: _Run, state: int, message: str) -> None:
+        self._update(run, state=state, message=message)
+        steps = ",".join(map(str, run.plan.steps))
+        if state == _CANCELLED:
+            self.state.event("merge_cancelled", f"merge into {run.plan.out}: {message}",
+                             telemetry_pb2.Event.SEVERITY_WARNING, out=str(run.plan.out), steps=steps)  # fmt: skip
+        else:
+            self.state.event("merge_failed", f"merge into {run.plan.out} failed: {message}",
+                             telemetry_pb2.Event.SEVERITY_ERROR, out=str(run.plan.out), steps=steps)  # fmt: skip

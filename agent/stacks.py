@@ -1,0 +1,125 @@
+"""Collect the Python stacks of every thread of this node's ranks.
+
+Each rank's trainer registers a faulthandler on SIGUSR1 that appends all threads' stacks to a file it names in
+its Hello (see engine/trainer.py). The agent notes each file's size, signals every rank at once, and reads what
+was appended once the file stops growing. faulthandler writes from inside the signal handler, in C, so a rank
+blocked in a collective answers too. A rank that cannot run its handler (SIGSTOP, stuck in the kernel) does
+not answer; where ``py-spy`` is installed and may attach, it reads that rank's stacks from outside instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+
+import psutil
+
+DEFAULT_TIMEOUT_SECONDS = 5.0
+_POLL_SECONDS = 0.05
+
+
+@dataclass(frozen=True)
+class RankTarget:
+    rank: int
+    pid: int
+    stack_file: str
+
+
+@dataclass(frozen=True)
+class RankStackDump:
+    rank: int
+    pid: int
+    text: str | None
+    """Every thread's stack, or None when none could be collected."""
+    method: str
+    """"signal", "py-spy", or why none: "stopped (SIGSTOP)", "exited", "no answer"."""
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _read_from(path: str, offset: int) -> str:
+    with open(path, "rb") as file:
+        file.seek(offset)
+        return file.read().decode(errors="replace")
+
+
+def _process_state(pid: int) -> str | None:
+    """None while the process can run its handler; else why not."""
+    try:
+        status = psutil.Process(pid).status()
+    except psutil.NoSuchProcess:
+        return "exited"
+    except psutil.Error as error:
+        return f"unreadable ({error})"
+    if status in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP):
+        return "stopped (SIGSTOP)"
+    if status == psutil.STATUS_ZOMBIE:
+        return "exited"
+    return None
+
+
+async def _py_spy(pid: int, timeout: float) -> str | None:
+    exe = shutil.which("py-spy")
+    if exe is None:
+        return None
+    # --nonblocking: read the stacks without pausing the process (works on a stopped one, too).
+    process = await asyncio.create_subprocess_exec(
+        exe, "dump", "--nonblocking", "--pid", str(pid),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        out, _ = await asyncio.wait_for(process.communicate(), timeout)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        return None
+    return out.decode(errors="replace") if process.returncode == 0 and out else None
+
+
+async def collect(targets: list[RankTarget], timeout: float = DEFAULT_TIMEOUT_SECONDS) -> list[RankStackDump]:
+    """Every target's stacks, in ``timeout`` seconds at most."""
+    deadline = time.monotonic() + timeout
+    offsets = {t.rank: _size(t.stack_file) for t in targets}
+    pending: dict[int, RankTarget] = {}
+    results: dict[int, RankStackDump] = {}
+    for target in targets:
+        why_not = _process_state(target.pid)
+        if why_not is None and target.stack_file:
+            try:
+                os.kill(target.pid, signal.SIGUSR1)
+                pending[target.rank] = target
+                continue
+            except ProcessLookupError:
+                why_not = "exited"
+        results[target.rank] = RankStackDump(target.rank, target.pid, None, why_not or "no stack file")
+    sizes = dict(offsets)
+    steady: dict[int, int] = {}
+    while pending and time.monotonic() < deadline:
+        await asyncio.sleep(_POLL_SECONDS)
+        for rank, target in list(pending.items()):
+            size = _size(target.stack_file)
+            # Done once it grew and then did not change for two polls: faulthandler writes one dump in bursts.
+            steady[rank] = steady.get(rank, 0) + 1 if size == sizes[rank] and size > offsets[rank] else 0
+            sizes[rank] = size
+            if steady[rank] >= 2:
+                text = await asyncio.to_thread(_read_from, target.stack_file, offsets[rank])
+                results[rank] = RankStackDump(rank, target.pid, text, "signal")
+                del pending[rank]
+    for rank, target in pending.items():
+        results[rank] = RankStackDump(rank, target.pid, None, _process_state(target.pid) or "no answer")
+    for rank, dump in list(results.items()):
+        if dump.text is None and dump.method != "exited":
+            text = await _py_spy(dump.pid, max(1.0, deadline - time.monotonic()))
+            if text is not None:
+                results[rank] = RankStackDump(rank, dump.pid, text, "py-spy")
+    return [results[rank] for rank in sorted(results)]

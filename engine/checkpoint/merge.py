@@ -1,0 +1,463 @@
+"""Checkpoint merging in pre-training (PMA): a weighted average of committed checkpoints, streamed.
+
+Inputs are checkpoints M_1 .. M_N of one run, oldest first (M_N is the newest); the result is
+``sum_i w_i * M_i`` for every model tensor, with weights that sum to 1:
+
+- ``sma``: w_i = 1 / N;
+- ``wma``: w_i = i / (1 + 2 + ... + N), newer checkpoints weigh more;
+- ``ema``: the recursion A_1 = M_1, A_i = alpha * M_i + (1 - alpha) * A_{i-1}, result A_N. Unrolled, that is
+  w_1 = (1 - alpha)^(N-1) and w_i = alpha * (1 - alpha)^(N-i) for i >= 2, which sums to 1 exactly (the oldest
+  checkpoint keeps the weight the recursion starts it with); the weights are computed by running the
+  recursion on the weights themselves, so they are the recursion's, not a truncated closed form;
+- ``weights``: the user's own weights, finite and summing to 1 within 1e-6.
+
+Streaming, in bounded memory: one tensor at a time, a reader thread reads it from every input in turn (all
+its shards, whatever world size saved the input, every block checked against its CRC) and accumulates it in
+fp32, then casts it to the stored dtype and hands it over a bounded queue to the calling thread, which
+appends it to the output file while the next tensor is read. The output's safetensors header is computed up
+front from the inputs' metadata (every output tensor's shape and dtype is known), so the data can follow in
+order. Memory is about the largest tensor times a small constant, whatever the model's size.
+
+The output ``OUT`` is a checkpoint root, like a run's ``--ckpt-dir``::
+
+    OUT/
+      latest                  -> step_<newest input step>
+      step_XXXXXXXX/          a normal committed checkpoint: metadata.json + rank0.safetensors
+      hf/                     with export_hf: config.json + model.safetensors (Hugging Face Llama)
+
+so ``megascope train --init-from OUT`` and ``megascope ckpt ls|inspect|verify OUT`` work on it, and it loads
+into any world size. It is built in ``OUT.tmp`` and renamed to ``OUT`` only when complete (fsynced): a merge
+that fails or is stopped publishes nothing. ``OUT.tmp`` doubles as a lock: a second merge into the same
+``OUT`` while one runs is refused.
+
+Model tensors (``model/*``) are merged. Optimizer state is never averaged (Adam moments of different points
+do not average into the moments of the average): by default the output has none, so training from it starts
+a fresh optimizer; with ``keep_optimizer`` the newest input's optimizer tensors are copied unchanged. The
+metadata says which (``extra.optimizer_averaged`` is always false).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megascope.engine.checkpoint.format import (
+    LATEST,
+    METADATA,
+    TORCH_DTYPES,
+    CheckpointError,
+    Metadata,
+    Shard,
+    TensorMeta,
+    committed_steps,
+    fsync_dir,
+    step_dir_name,
+    write_atomically,
+)
+from megascope.engine.checkpoint.hf_export import HF_SUBDIR, HFPlan
+from megascope.engine.checkpoint.loader import open_checkpoint, read_tensor
+from megascope.engine.checkpoint.safetensors_io import SafetensorsWriter
+from megascope.engine.checkpoint.streaming import Stopped, stream, tmp_path
+
+METHODS = ("sma", "wma", "ema", "weights")
+WEIGHT_SUM_TOLERANCE = 1e-6
+OUTPUT_FILE = "rank0.safetensors"
+
+
+class MergeError(CheckpointError):
+    """A merge that cannot be done as asked; the message names the flag, step or tensor and what to change."""
+
+
+# --- the weights --------------------------------------------------------------------------------------------
+
+
+def merge_weights(method: str, n: int, alpha: float | None = None, weights: list[float] | None = None) -> list[float]:
+    """The weight of each of ``n`` checkpoints, oldest first, for ``method``; raises MergeError on bad input."""
+    if method not in METHODS:
+        raise MergeError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if n < 2:
+        raise MergeError(f"a merge needs at least two checkpoints, got {n}")
+    if alpha is not None and method != "ema":
+        raise MergeError(f"--alpha applies to --method ema only (the method is {method})")
+    if weights is not None and method != "weights":
+        raise MergeError(f"--weights sets the weights itself: use it without --method {method} (or --method weights)")
+    if method == "sma":
+        return [1.0 / n] * n
+    if method == "wma":
+        total = n * (n + 1) / 2
+        return [i / total for i in range(1, n + 1)]
+    if method == "ema":
+        a = 0.2 if alpha is None else alpha
+        if not (math.isfinite(a) and 0.0 < a <= 1.0):
+            raise MergeError(f"--alpha must be in (0, 1], got {a}")
+        # The recursion A_1 = M_1, A_i = a*M_i + (1-a)*A_{i-1}, run on the weights: A_i = sum_j w_j M_j.
+        result = [1.0]
+        for _ in range(1, n):
+            result = [(1.0 - a) * w for w in result] + [a]
+        return result
+    if weights is None:
+        raise MergeError("--method weights needs --weights W1 .. WN (one per checkpoint, oldest first)")
+    if len(weights) != n:
+        raise MergeError(f"--weights gives {len(weights)} weights for {n} checkpoints (one each, oldest first)")
+    if not all(math.isfinite(w) for w in weights):
+        raise MergeError(f"--weights must all be finite numbers, got {weights}")
+    total = math.fsum(weights)
+    if abs(total - 1.0) > WEIGHT_SUM_TOLERANCE:
+        raise MergeError(f"--weights must sum to 1 (within {WEIGHT_SUM_TOLERANCE:g}); they sum to {total!r}")
+    return [float(w) for w in weights]
+
+
+# --- which checkpoints ----------------------------------------------------------------------------------------
+
+
+def select_steps(
+    ckpt_dir: Path, steps: list[int] | None = None, last: int | None = None, every: int | None = None
+) -> list[int]:
+    """The steps to merge, oldest first: ``steps`` as given, or the newest ``last`` committed ones.
+
+    With ``every``, the newest ``last`` steps spaced ``every`` apart, counted back from the newest committed
+    step (S, S - V, ..., S - (N-1)V); each must be committed. Raises MergeError naming what is missing.
+    """
+    if not ckpt_dir.is_dir():
+        raise MergeError(f"--ckpt-dir {ckpt_dir}: no such directory")
+    committed = committed_steps(ckpt_dir)
+    have = f"committed steps there: {_list(committed)}" if committed else "it has no committed checkpoint"
+    if (steps is None) == (last is None):
+        raise MergeError("give either --steps S1 S2 .. or --last N (optionally with --every V)")
+    if every is not None and last is None:
+        raise MergeError("--every V goes with --last N")
+    if steps is not None:
+        if len(set(steps)) != len(steps):
+            raise MergeError(f"--steps lists a step twice: {steps}")
+        chosen = sorted(steps)
+    else:
+        assert last is not None
+        if last < 2:
+            raise MergeError(f"--last must be at least 2 (a merge needs two checkpoints), got {last}")
+        if every is None:
+            if len(committed) < last:
+                raise MergeError(f"--last {last}: {ckpt_dir} has {len(committed)} committed checkpoint(s); {have}")
+            chosen = committed[-last:]
+        else:
+            if every < 1:
+                raise MergeError(f"--every must be at least 1, got {every}")
+            if not committed:
+                raise MergeError(f"--last {last} --every {every}: {ckpt_dir} has no committed checkpoint")
+            newest = committed[-1]
+            chosen = [newest - k * every for k in reversed(range(last))]
+            if chosen[0] < 0:
+                raise MergeError(f"--last {last} --every {every} reaches back before step 0 from step {newest}")
+    if len(chosen) < 2:
+        raise MergeError(f"a merge needs at least two checkpoints, got {len(chosen)} ({_list(chosen)})")
+    missing = [s for s in chosen if s not in committed]
+    if missing:
+        unfinished = [s for s in missing if (ckpt_dir / (step_dir_name(s) + ".tmp")).exists()]
+        detail = f" (step {_list(unfinished)}: an unfinished save, never committed)" if unfinished else ""
+        raise MergeError(f"{ckpt_dir}: no committed checkpoint for step {_list(missing)}{detail}; {have}")
+    return chosen
+
+
+def _list(steps: list[int]) -> str:
+    return ", ".join(str(s) for s in steps)
+
+
+# --- inputs and the output plan -------------------------------------------------------------------------------
+
+
+@dataclass
+class Input:
+    step: int
+    step_dir: Path
+    metadata: Metadata
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
+    shape: list[int]
+    dtype: str
+    how: str
+    """"merge" (weighted average), "same" (non-float: equal in every input, copied) or "copy" (newest input's)."""
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=TORCH_DTYPES[self.dtype]).element_size()
+
+
+def open_inputs(ckpt_dir: Path, steps: list[int]) -> list[Input]:
+    """Each step's committed checkpoint, its files present at full size (CheckpointError names any that is not)."""
+    inputs = []
+    for step in steps:
+        step_dir, metadata = open_checkpoint(ckpt_dir / step_dir_name(step))
+        inputs.append(Input(step, step_dir, metadata))
+    return inputs
+
+
+def plan_output(inputs: list[Input], keep_optimizer: bool = False) -> list[OutputTensor]:
+    """What the output holds, in file order; raises MergeError when the inputs are not one model."""
+    newest = inputs[-1]
+    model_names = sorted(n for n in newest.metadata.tensors if n.startswith("model/"))
+    if not model_names:
+        raise MergeError(f"step {newest.step} ({newest.step_dir}) holds no model tensors (model/*): nothing to merge")
+    for other in inputs[:-1]:
+        names = sorted(n for n in other.metadata.tensors if n.startswith("model/"))
+        if names != model_names:
+            only_new = sorted(set(model_names) - set(names))[:3]
+            only_old = sorted(set(names) - set(model_names))[:3]
+            raise MergeError(
+                f"steps {other.step} and {newest.step} hold different model tensors (only in {newest.step}: "
+                f"{only_new or '-'}; only in {other.step}: {only_old or '-'}): merge checkpoints of one model"
+            )
+        for name in model_names:
+            a, b = other.metadata.tensors[name], newest.metadata.tensors[name]
+            if a.shape != b.shape or a.dtype != b.dtype:
+                raise MergeError(
+                    f"{name}: step {other.step} has {a.dtype} {a.shape}, step {newest.step} has {b.dtype} {b.shape}: "
+                    "merge checkpoints of one model"
+                )
+    plan = []
+    for name in model_names:
+        meta = newest.metadata.tensors[name]
+        floating = TORCH_DTYPES[meta.dtype].is_floating_point
+        plan.append(OutputTensor(name, list(meta.shape), meta.dtype, "merge" if floating else "same"))
+    if keep_optimizer:
+        optim = sorted(n for n in newest.metadata.tensors if n.startswith("optim/"))
+        if not optim:
+            raise MergeError(
+                f"--keep-optimizer: step {newest.step} has no optimizer state to keep; merge without it "
+                "(training from the merge then starts a fresh optimizer)"
+            )
+        plan += [
+            OutputTensor(n, list(newest.metadata.tensors[n].shape), newest.metadata.tensors[n].dtype, "copy")
+            for n in optim
+        ]
+    return plan
+
+
+# --- the streaming pipeline -----------------------------------------------------------------------------------
+
+Progress = Callable[[int, int, int, int], None]
+"""(tensors_done, tensors_total, bytes_done, bytes_total); bytes are input bytes read and merged."""
+
+
+class _Reader:
+    """Produces each output tensor from the inputs: fp32 accumulation of the weighted sum, cast back."""
+
+    def __init__(self, inputs: list[Input], weights: list[float], plan: list[OutputTensor], stop: threading.Event):
+        self.inputs = inputs
+        self.weights = weights
+        self.plan = {t.name: t for t in plan}
+        self.stop = stop
+
+    def __call__(self, name: str) -> torch.Tensor:
+        tensor = self.plan[name]
+        newest = self.inputs[-1]
+        if tensor.how == "copy":
+            return read_tensor(newest.step_dir, newest.metadata, name)
+        dtype = TORCH_DTYPES[tensor.dtype]
+        buffer = torch.empty(tensor.shape, dtype=dtype)  # one read buffer, reused for every input
+        if tensor.how == "same":
+            first = read_tensor(newest.step_dir, newest.metadata, name)
+            for source in self.inputs[:-1]:
+                if not torch.equal(read_tensor(source.step_dir, source.metadata, name, buffer), first):
+                    raise MergeError(
+                        f"{name}: a {tensor.dtype} tensor (not averageable) that differs between steps "
+                        f"{source.step} and {newest.step}: merge checkpoints of one model"
+                    )
+            return first
+        total = torch.zeros(tensor.shape, dtype=torch.float32)
+        for source, weight in zip(self.inputs, self.weights, strict=True):
+            if self.stop.is_set():
+                raise Stopped()
+            read_tensor(source.step_dir, source.metadata, name, buffer)
+            total.add_(buffer, alpha=weight)  # fp32 accumulation whatever the stored dtype
+        return total if dtype == torch.float32 else total.to(dtype)
+
+
+# --- the merge ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MergeResult:
+    out: Path
+    step_dir: Path
+    """The committed step directory inside ``out``."""
+    steps: list[int]
+    method: str
+    alpha: float | None
+    weights: list[float]
+    tensors: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    hf_dir: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def check_output(out: Path) -> Path:
+    """The temporary directory for ``out``; MergeError when ``out`` exists or another merge is writing it."""
+    if out.exists():
+        raise MergeError(f"--out {out} already exists; a merge never overwrites: choose a new directory")
+    tmp = tmp_path(out)
+    if tmp.exists():
+        raise MergeError(
+            f"{tmp} exists: another merge into {out} is running, or one was killed; if none is running, remove it"
+        )
+    return tmp
+
+
+def merge(
+    ckpt_dir: Path,
+    out: Path,
+    method: str,
+    *,
+    steps: list[int] | None = None,
+    last: int | None = None,
+    every: int | None = None,
+    alpha: float | None = None,
+    weights: list[float] | None = None,
+    keep_optimizer: bool = False,
+    export_hf: bool = False,
+    progress: Progress | None = None,
+    stop: threading.Event | None = None,
+    before_publish: Callable[[Path], None] | None = None,
+) -> MergeResult:
+    """Merge checkpoints of ``ckpt_dir`` into the new checkpoint root ``out``; see the module docstring.
+
+    Everything that can be checked is checked before a byte is written (selection, weights, inputs, output).
+    ``before_publish(step_dir)`` runs on the complete, unpublished result (evaluation). On any error or stop
+    the temporary directory is removed and ``out`` is never created.
+    """
+    started = time.perf_counter()
+    stop = stop or threading.Event()
+    ckpt_dir, out = Path(ckpt_dir), Path(out)
+    if method == "ema" and alpha is None:
+        alpha = 0.2
+    chosen = select_steps(ckpt_dir, steps, last, every)
+    chosen_weights = merge_weights(method, len(chosen), alpha, weights)
+    tmp = check_output(out)
+    inputs = open_inputs(ckpt_dir, chosen)
+    plan = plan_output(inputs, keep_optimizer)
+    newest = inputs[-1]
+    hf_plan = None
+    if export_hf:
+        hf_plan = HFPlan.from_checkpoint(newest.metadata, newest.step_dir, [t.name for t in plan])
+    out_bytes = sum(t.nbytes for t in plan) * (2 if hf_plan else 1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out.parent).free
+    if free < out_bytes:
+        raise MergeError(
+            f"--out {out}: the merge writes {out_bytes / 1e6:.1f} MB, the disk has {free / 1e6:.1f} MB free"
+        )
+    try:
+        tmp.mkdir()  # fails if another merge took the name since check_output: the lock
+    except FileExistsError:
+        raise MergeError(f"{tmp} exists: another merge into {out} is running") from None
+
+    try:
+        step_dir = tmp / step_dir_name(newest.step)
+        step_dir.mkdir()
+        reads = {t.name: t.nbytes * (1 if t.how == "copy" else len(inputs)) for t in plan}
+        bytes_total, done = sum(reads.values()), [0, 0]
+        writer = SafetensorsWriter(step_dir / OUTPUT_FILE, {t.name: (t.dtype, t.shape) for t in plan},
+                                   {"format": "pt", "megascope": "merge"})  # fmt: skip
+        hf_writer = hf_plan.writer(tmp / HF_SUBDIR) if hf_plan else None
+        shards: dict[str, TensorMeta] = {}
+        dtypes = {t.name: t.dtype for t in plan}
+
+        def consume(name: str, tensor: torch.Tensor) -> None:
+            written = writer.write(name, tensor)
+            rows = tensor.shape[0] if tensor.dim() else 1
+            shard = Shard(OUTPUT_FILE, name, 0, rows, written.byte_start, written.byte_end, written.crc32)
+            shards[name] = TensorMeta(list(tensor.shape), dtypes[name], [shard])
+            if hf_writer is not None:
+                hf_writer.write(name, tensor)
+
+        def on_done(name: str) -> None:
+            done[0] += 1
+            done[1] += reads[name]
+            if progress is not None:
+                progress(done[0], len(plan), done[1], bytes_total)
+
+        if progress is not None:
+            progress(0, len(plan), 0, bytes_total)
+        try:
+            stream([t.name for t in plan], _Reader(inputs, chosen_weights, plan, stop), consume, stop, on_done)
+        except BaseException:
+            writer.abort()
+            if hf_writer is not None:
+                hf_writer.abort()
+            raise
+        writer.close()
+        if hf_writer is not None:
+            hf_writer.close()
+        extra = merged_extra(inputs, method, alpha, chosen_weights, keep_optimizer)
+        metadata = Metadata(
+            step=newest.step,
+            world_size=1,
+            layout="single",
+            tensors=shards,
+            files={OUTPUT_FILE: writer.size},
+            extra=extra,
+            created=time.time(),
+        )
+        write_atomically(step_dir / METADATA, metadata.to_json())
+        write_atomically(tmp / LATEST, step_dir.name + "\n")
+        if stop.is_set():
+            raise Stopped()
+        if before_publish is not None:
+            before_publish(step_dir)
+        if stop.is_set():
+            raise Stopped()
+        fsync_dir(tmp)
+        if out.exists():  # rename(2) would replace an empty directory made meanwhile: never overwrite
+            raise MergeError(f"--out {out} appeared while merging; the result is not published")
+        os.rename(tmp, out)
+        fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return MergeResult(
+        out=out,
+        step_dir=out / step_dir.name,
+        steps=chosen,
+        method=method,
+        alpha=alpha if method == "ema" else None,
+        weights=chosen_weights,
+        tensors=len(plan),
+        bytes_read=bytes_total,
+        bytes_written=writer.size + (hf_writer.size if hf_writer is not None else 0),
+        seconds=time.perf_counter() - started,
+        hf_dir=out / HF_SUBDIR if hf_plan else None,
+        extra=extra,
+    )
+
+
+def merged_extra(
+    inputs: list[Input], method: str, alpha: float | None, weights: list[float], keep_optimizer: bool
+) -> dict[str, Any]:
+    """The output's ``extra``: the newest input's run record (config, data position, world size) plus the merge."""
+    newest = inputs[-1]
+    extra = {k: v for k, v in newest.metadata.extra.items() if k in ("config", "data", "world_size")}
+    extra.update(
+        step=newest.step,
+        merge={
+            "method": method,
+            "alpha": alpha if method == "ema" else None,
+            "weights": weights,
+            "steps": [i.step for i in inputs],
+            "sources": [str(i.step_dir.resolve()) for i in inputs],
+        },
+        optimizer_averaged=False,
+        optimizer=f"copied from step {newest.step}" if keep_optimizer else "none",
+    )
+    return extra

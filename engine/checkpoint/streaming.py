@@ -1,0 +1,85 @@
+"""Streaming a checkpoint tensor by tensor: produce the next tensor while the previous one is written.
+
+Used by the merge and the Hugging Face export, so that both hold a bounded number of tensors in memory
+(about the largest tensor times a small constant), whatever the model's size, and overlap reading with
+writing.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+_QUEUE_DEPTH = 2
+"""Produced tensors waiting for the consumer: bounds memory while producing and consuming overlap."""
+
+
+class Stopped(Exception):  # noqa: N818  # not an error: the caller asked for the stop
+    """The work was stopped (its ``stop`` event set); nothing was published."""
+
+
+def tmp_path(out: Path) -> Path:
+    """Where ``out`` is built before the rename that publishes it (and the lock against a second writer)."""
+    return out.with_name(out.name + ".tmp")
+
+
+def stream(
+    names: list[str],
+    produce: Callable[[str], torch.Tensor],
+    consume: Callable[[str, torch.Tensor], None],
+    stop: threading.Event | None = None,
+    on_done: Callable[[str], None] | None = None,
+) -> None:
+    """``consume(name, produce(name))`` for every name in order, producing the next on a thread meanwhile.
+
+    At most ``_QUEUE_DEPTH`` produced tensors wait between the two, so memory stays bounded; an error on
+    either side stops both and is raised here; ``stop`` set stops both and raises Stopped.
+    """
+    stop = stop or threading.Event()
+    halt = threading.Event()  # set when the consumer is done or failed: the producer must not block on a full queue
+    handoff: queue.Queue[tuple[str, torch.Tensor] | BaseException | None] = queue.Queue(maxsize=_QUEUE_DEPTH)
+
+    def put(item: tuple[str, torch.Tensor] | BaseException | None) -> bool:
+        while not (halt.is_set() or stop.is_set()):
+            try:
+                handoff.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def producer() -> None:
+        try:
+            for name in names:
+                if stop.is_set() or halt.is_set():
+                    return
+                if not put((name, produce(name))):
+                    return
+            put(None)
+        except BaseException as error:  # handed to the consumer, which raises it
+            put(error)
+
+    thread = threading.Thread(target=producer, name="megascope-stream-read", daemon=True)
+    thread.start()
+    try:
+        while True:
+            if stop.is_set():
+                raise Stopped()
+            try:
+                item = handoff.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            consume(*item)
+            if on_done is not None:
+                on_done(item[0])
+    finally:
+        halt.set()
+        thread.join()

@@ -1,0 +1,130 @@
+"""The process torch elastic starts for each rank: it runs the real rank as its child and reports how it ended.
+
+``python -m megascope.engine.rank_guard -m megascope.engine.trainer CONFIG`` (or ``script.py args``).
+
+Only a process's parent learns its exit status, and a rank's parent is torch elastic, which tells nobody
+until it gives up. So each rank runs one level down, under this small guard (no torch import, a few MB):
+
+- it starts the rank with the same interpreter, environment and arguments, and PR_SET_PDEATHSIG, so the rank
+  never outlives its guard (torch elastic's SIGKILL of a stuck guard takes the rank with it);
+- it forwards SIGTERM/SIGINT/SIGHUP to the rank (torch elastic stopping the group);
+- it copies the rank's stdout and stderr through, keeping the last lines;
+- when the rank ends abnormally, it sends an :class:`ExitReport` (exit code or signal, log tail) to the
+  node's agent (``MEGASCOPE_AGENT_ADDRESS``) at once, then exits the same way, so torch elastic sees exactly
+  what the rank did.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import IO
+
+AGENT_ADDRESS_ENV = "MEGASCOPE_AGENT_ADDRESS"  # as engine/agent_sink.py (which imports grpc and torch's peers)
+LOG_TAIL_LINES = 20
+_FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec. Linux only; elsewhere the rank may outlive a killed guard.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _copy(source: IO[bytes], sink: IO[bytes], tail: collections.deque[str], lock: threading.Lock) -> None:
+    for line in iter(source.readline, b""):
+        with contextlib.suppress(OSError, ValueError):
+            sink.write(line)
+            sink.flush()
+        with lock:
+            tail.append(line.decode(errors="replace").rstrip("\n"))
+
+
+def describe_exit(code: int) -> tuple[int, str]:
+    """``(exit_code, signal_name)`` from a Popen return code (negative: killed by that signal)."""
+    if code < 0:
+        try:
+            return 0, signal.Signals(-code).name
+        except ValueError:
+            return 0, f"signal {-code}"
+    return code, ""
+
+
+def _report(code: int, pid: int, tail: list[str]) -> None:
+    address = os.environ.get(AGENT_ADDRESS_ENV)
+    if not address:
+        return
+    import grpc
+
+    from megascope.protos.megascope.v1 import worker_pb2, worker_pb2_grpc
+
+    exit_code, signal_name = describe_exit(code)
+    report = worker_pb2.ExitReport(
+        rank=int(os.environ.get("RANK", 0)),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        pid=pid,
+        exit_code=exit_code,
+        signal=signal_name,
+        wall_time=time.time(),
+        log_tail=tail,
+        restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
+    )
+    # Best effort: the agent may be gone too; the exit status still reaches torch elastic below.
+    with contextlib.suppress(grpc.RpcError), grpc.insecure_channel(address) as channel:
+        worker_pb2_grpc.WorkerServiceStub(channel).ReportExit(report, timeout=2.0)
+
+
+def run(argv: Sequence[str]) -> int:
+    child = subprocess.Popen(
+        [sys.executable, "-u", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=_die_with_parent,  # noqa: PLW1509 (no threads exist yet: the copiers start below)
+    )
+    for sig in _FORWARDED:
+        signal.signal(sig, lambda number, _frame: child.send_signal(number))
+    tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+    lock = threading.Lock()
+    assert child.stdout is not None and child.stderr is not None
+    copiers = [
+        threading.Thread(target=_copy, args=(child.stdout, sys.stdout.buffer, tail, lock), daemon=True),
+        threading.Thread(target=_copy, args=(child.stderr, sys.stderr.buffer, tail, lock), daemon=True),
+    ]
+    for copier in copiers:
+        copier.start()
+    code = child.wait()
+    for copier in copiers:
+        copier.join(timeout=1.0)  # the last lines (a traceback) matter most; do not wait forever for them
+    if code != 0:
+        with lock:
+            lines = list(tail)
+        _report(code, child.pid, lines)
+    if code < 0:
+        # Die of the same signal, so torch elastic reports what really happened to the rank.
+        sig = -code
+        with contextlib.suppress(OSError, ValueError):  # SIGKILL and SIGSTOP cannot be handled: already default
+            signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+        time.sleep(1.0)
+    return code if code >= 0 else 128 - code
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    if not argv:
+        print("usage: python -m megascope.engine.rank_guard (-m MODULE | SCRIPT) [ARGS...]", file=sys.stderr)
+        return 2
+    return run(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
