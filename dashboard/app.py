@@ -14,11 +14,13 @@ from textual.app import App
 from textual.binding import Binding
 from textual.css.query import NoMatches
 from textual.reactive import reactive
-from textual.screen import Screen
+from textual.screen import ModalScreen, Screen
 
-from megascope.dashboard.cluster import ClusterModel
-from megascope.dashboard.connection import watch_agent
-from megascope.dashboard.screens import HeatMapScreen, HelpScreen, MainScreen, ModelScreen, ViewState
+from megascope.dashboard.cluster import ClusterModel, ConnectionState
+from megascope.dashboard.connection import dump_stacks, restart_job, watch_agent
+from megascope.dashboard.diagnosis import AgentStacks, job_stacks
+from megascope.dashboard.diagnosis_screen import DiagnosisScreen
+from megascope.dashboard.screens import ConfirmScreen, HeatMapScreen, HelpScreen, MainScreen, ModelScreen, ViewState
 from megascope.dashboard.widgets import Palette
 
 TICK_SECONDS = 1 / 3
@@ -36,7 +38,9 @@ class DashboardApp(App[int]):
     BINDINGS = [
         Binding("q", "quit", "Quit"),
         Binding("p", "toggle_pause", "Pause"),
-        Binding("s", "stragglers", "Stragglers"),
+        Binding("s", "stacks", "Stacks"),
+        Binding("h", "stragglers", "Heat map"),
+        Binding("r", "restart", "Restart"),
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("f1", "help", "Help", show=False),
     ]
@@ -52,10 +56,13 @@ class DashboardApp(App[int]):
         model: ClusterModel | None = None,
         theme: str | None = None,
         tick_seconds: float = TICK_SECONDS,
+        token: str | None = None,
     ) -> None:
         super().__init__()
         self.agents = list(agents)
         self.readonly = readonly
+        self.token = token
+        """Sent with control calls (``authorization: Bearer TOKEN``) to agents started with ``--token``."""
         self.model = model if model is not None else ClusterModel()
         for address in self.agents:
             self.model.add_agent(address)
@@ -118,5 +125,81 @@ class DashboardApp(App[int]):
             self.push_screen(HelpScreen(self.palette, self.model.stragglers.config))
 
     def action_stragglers(self) -> None:
-        if not isinstance(self.screen, HeatMapScreen | HelpScreen):
+        if not isinstance(self.screen, HeatMapScreen | ModalScreen):
             self.push_screen(HeatMapScreen())
+
+    def connected_agents(self) -> list[str]:
+        return [a.address for a in self.model.agents.values() if a.state is ConnectionState.CONNECTED]
+
+    def action_stacks(self) -> None:
+        """Open the diagnosis screen (or stay on it) and collect every rank's stacks anew."""
+        if isinstance(self.screen, ModalScreen):
+            return
+        if isinstance(self.screen, DiagnosisScreen):
+            screen = self.screen
+        else:
+            screen = DiagnosisScreen()
+            self.push_screen(screen)
+        if self.readonly:
+            # DumpStacks is a control call (the agent signals every rank): --readonly sends none.
+            screen.set_collecting("read-only (--readonly): stacks are not collected; hang diagnoses still show here")
+            return
+        addresses = self.connected_agents()
+        if not addresses:
+            screen.set_collecting("no agent is connected: no stacks to collect")
+            return
+        screen.set_collecting(f"collecting stacks from {len(addresses)} agent{'s' if len(addresses) != 1 else ''} ...")
+        # exclusive: pressing s again while one collection runs starts over rather than racing it.
+        self.run_worker(self._collect_stacks(screen, addresses), group="stacks", exclusive=True, exit_on_error=False)
+
+    async def _collect_stacks(self, screen: DiagnosisScreen, addresses: list[str]) -> None:
+        asked = self.model.clock()
+        replies = await dump_stacks(addresses, self.token)
+        nodes = {row.agent: row.node for row in self.model.node_rows()}
+        stacks = job_stacks(
+            [AgentStacks(r.address, nodes.get(r.address, r.address), r.reply, r.error) for r in replies], asked
+        )
+        screen.set_stacks(stacks)
+
+    def action_restart(self) -> None:
+        """Ask, then have every connected agent stop its ranks so the job restarts from the newest checkpoint."""
+        if isinstance(self.screen, ModalScreen):
+            return
+        if self.readonly:
+            self.notify("read-only dashboard (--readonly): no restart was sent", severity="warning")
+            return
+        if not self.connected_agents():
+            self.notify("no agent is connected: there is nothing to restart", severity="error")
+            return
+        step = self.model.newest_checkpoint_step()
+        where = f"checkpoint step {step:,}" if step is not None else "the newest checkpoint"
+        question = f"Restart the job from {where}? y/n"
+        detail = (
+            "Every connected agent stops its ranks; torch elastic starts them again and they resume from the "
+            "newest committed checkpoint. Steps after it are done again."
+        )
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                # The agents connected now, not when the question was asked.
+                self.run_worker(self._restart(self.connected_agents()), group="control", exit_on_error=False)
+
+        self.push_screen(ConfirmScreen(question, detail), answered)
+
+    async def _restart(self, addresses: list[str]) -> None:
+        replies = await restart_job(addresses, self.token)
+        # An agent's message can hold brackets (IPv6 addresses, reprs): never read as markup.
+        for reply in replies:
+            if reply.reply is None:
+                self.notify(
+                    f"{reply.address}: restart refused: {reply.error}", severity="error", markup=False, timeout=15
+                )
+        done = [r.reply for r in replies if r.reply is not None]
+        if done:
+            steps = ", ".join(str(s) for s in sorted({r.step for r in done}))
+            stopped = sum(r.ranks_stopped for r in done)
+            self.notify(
+                f"restart requested: {stopped} rank{'s' if stopped != 1 else ''} stopped on {len(done)} of "
+                f"{len(replies)} agents; resuming from step {steps}",
+                markup=False,
+            )

@@ -6,6 +6,7 @@ Imports here stay cheap (argparse only): Textual and gRPC load inside ``run`` so
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 HELP = "Live terminal dashboard: connect to every node's agent and watch the cluster."
@@ -45,15 +46,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_agents_argument(parser)
     parser.add_argument("--readonly", action="store_true", help="watch only: never send a control command to an agent")
     parser.add_argument(
+        "--token",
+        default=os.environ.get("MEGASCOPE_TOKEN") or None,
+        metavar="TOKEN",
+        help="sent with control commands, for agents started with --token (default: $MEGASCOPE_TOKEN)",
+    )
+    parser.add_argument(
         "--theme", default=None, metavar="NAME", help="Textual theme, e.g. textual-light (default textual-dark)"
     )
 
 
-def run_dashboard(agents: list[str], readonly: bool = False, theme: str | None = None) -> int:
+def run_dashboard(agents: list[str], readonly: bool = False, theme: str | None = None, token: str | None = None) -> int:
     """Run the dashboard in this process until the user quits; returns the exit status."""
     from megascope.dashboard.app import DashboardApp
 
-    app = DashboardApp(agents, readonly=readonly, theme=theme)
+    app = DashboardApp(agents, readonly=readonly, theme=theme, token=token)
     app.run()
     return app.return_code or 0
 
@@ -67,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
             names = ", ".join(sorted(themes))
             print(f"megascope dashboard: error: --theme: unknown theme {args.theme!r}; one of {names}", file=sys.stderr)
             return 2
-    return run_dashboard(args.agents, readonly=args.readonly, theme=args.theme)
+    return run_dashboard(args.agents, readonly=args.readonly, theme=args.theme, token=args.token)
 
 
 def main(argv: list[str] | None = None) -> int:

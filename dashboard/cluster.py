@@ -2,7 +2,9 @@
 
 Connections feed it ``Telemetry`` batches (``ingest``) and connection changes (``set_connecting`` ...);
 renderers ask it for plain dataclass views (``header``, ``rank_rows``, ``node_rows``, ``events``,
-``loss_history``, ``node_history``, ``straggler_flags``, ``heat_map``, ``rank_timeline``).
+``loss_history``, ``node_history``, ``straggler_flags``, ``heat_map``, ``rank_timeline``, ``faults``,
+``restarts``). The agents' crash, hang and restart events (agent/supervision.py) become ``faults``: what died or
+hung, how fast it was detected, and what the restart that ended it cost (MTTR, steps lost).
 
 Straggler detection (``dashboard/stragglers.py``) runs here, as reports arrive: once every known rank has
 reported a step (and every agent has spoken: its first batch names its ranks), the step's timings go to the
@@ -20,6 +22,7 @@ Pure Python (no Textual, no gRPC): the TUI and ``megascope status`` share it, an
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import enum
 import statistics
 import time
@@ -49,12 +52,19 @@ PENDING_SECONDS = 5.0
 judged without it (it vanished). Neither is a rank whose agent is disconnected."""
 MAX_PENDING = STEP_HISTORY
 """Steps kept waiting for late reports at most; beyond this the oldest is judged with what it has."""
+FAULT_KINDS = ("crash", "hang", "restart", "job_failed")
+"""The agents' fault-tolerance events (agent/supervision.py) the model keeps apart from the event log."""
+FAULT_HISTORY = 500
+"""Fault events kept: the event log lets go of old ones as other events come; these are few and all count."""
 
 
 class ConnectionState(enum.Enum):
     CONNECTING = "CONNECTING"
     CONNECTED = "CONNECTED"
     DISCONNECTED = "DISCONNECTED"
+    """Never reached, or its agent ended the stream itself (it was stopped)."""
+    LOST = "LOST"
+    """Was connected, then its stream broke or went silent for the heartbeat window: the node vanished."""
 
 
 class RankStatusName(str, enum.Enum):
@@ -66,6 +76,8 @@ class RankStatusName(str, enum.Enum):
     FAILED = "FAILED"
     HUNG = "HUNG"
     DISCONNECTED = "DISCONNECTED"
+    LOST = "LOST"
+    """Its node's agent was lost (see ConnectionState.LOST)."""
     UNKNOWN = "UNKNOWN"
 
 
@@ -170,6 +182,11 @@ class AgentState:
     """Model clock when the last batch arrived."""
     ever_connected: bool = False
 
+    @property
+    def down(self) -> bool:
+        """Disconnected or lost: its ranks cannot be seen, so nothing waits for them."""
+        return self.state in (ConnectionState.DISCONNECTED, ConnectionState.LOST)
+
 
 @dataclass
 class _Node:
@@ -235,6 +252,12 @@ class HeaderView:
     """Straggler flags standing now."""
     checkpoint: str | None = None
     """The newest checkpoint or the save in progress (see ClusterModel.checkpoint_summary)."""
+    restarts: int = 0
+    """Restarts of the job: ``restart`` events seen (one per restart: only the node with rank 0 reports them)."""
+    last_fault: FaultView | None = None
+    """The newest crash or hang, with the restart that ended it once there is one."""
+    job_failed: str | None = None
+    """The text of the newest ``job_failed`` event (torch elastic gave up), when the job has given up."""
 
 
 @dataclass(frozen=True)
@@ -256,6 +279,8 @@ class RankRow:
     """This rank's latest step time over the median rank's (in a synchronous job all ranks' are about equal)."""
     straggler: StragglerFlag | None = None
     """The straggler flag standing on this rank, if any."""
+    exit_reason: str = ""
+    """How the rank's process last failed ("SIGKILL", "exit code 1"); empty unless it failed."""
 
 
 @dataclass(frozen=True)
@@ -315,6 +340,67 @@ class EventRow:
 
 
 @dataclass(frozen=True)
+class RestartView:
+    """One restart of the job, from its ``restart`` event: what it took to get back to training."""
+
+    wall_time: float
+    node: str
+    cause: str
+    """What was restarted after: "crash", "hang" or "manual"."""
+    mttr_seconds: float | None
+    """From the fault to the first step done after it."""
+    steps_lost: int | None
+    """Steps done before the fault that had to be redone (those after the checkpoint resumed from)."""
+    resumed_step: int | None
+
+
+@dataclass(frozen=True)
+class FaultView:
+    """A crash or hang an agent reported (``crash`` / ``hang`` event), and the restart that ended it."""
+
+    kind: str
+    """"crash" or "hang"."""
+    wall_time: float
+    node: str
+    rank: int | None
+    """The rank that died, or the hang's culprit; None when the agent found none."""
+    step: int | None
+    """The last step the job completed before the fault."""
+    detect_seconds: float | None
+    """From the fault (the death, or the last step before the hang) to its detection."""
+    cause: str
+    """How the rank died ("SIGKILL", "exit code 1") or why it is the hang's culprit."""
+    text: str
+    restart: RestartView | None = None
+    """None until the job has done a step again after it."""
+
+    def describe(self) -> str:
+        """One line: what happened, where, how fast it was seen, what the restart cost, then why (a hang's
+        reason is long, so it comes last where a narrow screen cuts it)."""
+        line = f"{self.kind}: " + (f"rank {self.rank} on {self.node}" if self.rank is not None else self.node)
+        if self.kind == "crash" and self.cause:
+            line += f" ({self.cause})"
+        if self.step is not None:
+            line += f" after step {self.step:,}"
+        if self.detect_seconds is not None:
+            line += f", detected in {self.detect_seconds:.2f}s"
+        restart = self.restart
+        if restart is None:
+            line += "; not restarted yet"
+        else:
+            line += "; restarted"
+            if restart.resumed_step is not None:
+                line += f" from step {restart.resumed_step:,}"
+            if restart.mttr_seconds is not None:
+                line += f", MTTR {restart.mttr_seconds:.1f}s"
+            if restart.steps_lost is not None:
+                line += f", {restart.steps_lost} step{'s' if restart.steps_lost != 1 else ''} lost"
+        if self.kind != "crash":
+            line += f"; {self.cause or 'no culprit found'}"
+        return line
+
+
+@dataclass(frozen=True)
 class NodeHistory:
     """Oldest-first series for one node's sparklines."""
 
@@ -371,6 +457,44 @@ class RankTimeline:
     straggler: StragglerFlag | None
 
 
+def _attribute(event: telemetry_pb2.Event, name: str, kind: Callable[[str], K]) -> K | None:
+    """An event attribute as a number; None when absent or not a number (agents of other versions)."""
+    try:
+        return kind(event.attributes[name])
+    except (KeyError, ValueError):
+        return None
+
+
+def _fault_view(event: telemetry_pb2.Event) -> FaultView:
+    attributes = event.attributes
+    if event.kind == "crash":
+        code = attributes.get("exit_code", "")
+        cause = attributes.get("signal", "") or (f"exit code {code}" if code else "")
+    else:
+        cause = attributes.get("reason", "")
+    return FaultView(
+        kind=event.kind,
+        wall_time=event.wall_time,
+        node=event.node,
+        rank=event.rank if event.HasField("rank") else None,
+        step=event.step if event.HasField("step") else _attribute(event, "last_step", int),
+        detect_seconds=_attribute(event, "detect_seconds", float),
+        cause=cause,
+        text=event.text,
+    )
+
+
+def _restart_view(event: telemetry_pb2.Event) -> RestartView:
+    return RestartView(
+        wall_time=event.wall_time,
+        node=event.node,
+        cause=event.attributes.get("cause", ""),
+        mttr_seconds=_attribute(event, "mttr_seconds", float),
+        steps_lost=_attribute(event, "steps_lost", int),
+        resumed_step=_attribute(event, "resumed_step", int),
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -387,7 +511,7 @@ class ClusterModel:
     ) -> None:
         self.clock = clock
         self.log_connections = log_connections
-        """Add "connected" / "disconnected" events of our own to the log (the live view wants them)."""
+        """Add "connected" / "disconnected" / "node_lost" events of our own to the log (the live view wants them)."""
         self.agents: dict[str, AgentState] = {}
         self._nodes: dict[str, _Node] = {}
         self._ranks: dict[int, _Rank] = {}
@@ -400,6 +524,9 @@ class ClusterModel:
         """(step, wall time) of the newest committed checkpoint the agents reported."""
         self._checkpoint_saving: tuple[int, float] | None = None
         """(step, wall time started) of a save in progress."""
+        self._fault_events: list[_StoredEvent] = []
+        """The FAULT_KINDS events, in time order (faults and restarts are paired by time, whatever the arrival)."""
+        self._fault_keys: set[tuple[object, ...]] = set()
         self.version = 0
         """Bumped on every change, so a renderer can skip work when nothing moved."""
         self.stragglers = StragglerDetector(stragglers)
@@ -432,17 +559,23 @@ class ClusterModel:
             agent.ever_connected = True
             self._add_dashboard_event(address, telemetry_pb2.Event.SEVERITY_INFO, "connected", "agent connected")
 
-    def set_disconnected(self, address: str, error: str) -> None:
+    def set_disconnected(self, address: str, error: str, *, lost: bool = False) -> None:
+        """The agent's stream ended, or could not be opened; ``lost``: it broke or went silent (not closed by the
+        agent). Only a connected agent becomes LOST; a down agent keeps the state it went down in while retries
+        fail, so a node that vanished stays LOST (and since when) until it answers again."""
         agent = self.add_agent(address)
         was_connected = agent.state is ConnectionState.CONNECTED
-        if agent.state is not ConnectionState.DISCONNECTED:
-            self._set_state(agent, ConnectionState.DISCONNECTED, error)
+        if not agent.down:
+            state = ConnectionState.LOST if lost and was_connected else ConnectionState.DISCONNECTED
+            self._set_state(agent, state, error)
             self._judge_steps()  # steps waiting for this agent's ranks wait no more
         elif agent.error != error:
             agent.error = error  # still down, for a new reason: keep "since" at when it went down
             self.version += 1
         # Log the loss of a live agent once, not every failed retry after it.
-        if was_connected:
+        if was_connected and agent.state is ConnectionState.LOST:
+            self._add_dashboard_event(address, telemetry_pb2.Event.SEVERITY_ERROR, "node_lost", f"agent lost: {error}")
+        elif was_connected:
             self._add_dashboard_event(
                 address, telemetry_pb2.Event.SEVERITY_ERROR, "disconnected", f"agent went away: {error}"
             )
@@ -560,7 +693,7 @@ class ClusterModel:
 
     def _waiting_for(self, reports: dict[int, telemetry_pb2.StepReport], step: int) -> bool:
         """Whether a rank missing from ``reports`` may yet send its report of ``step``."""
-        if any(a.batches == 0 and a.state is not ConnectionState.DISCONNECTED for a in self.agents.values()):
+        if any(a.batches == 0 and not a.down for a in self.agents.values()):
             return True  # an agent has not spoken yet: its ranks are not even known
         if len(reports) >= len(self._ranks):
             return False
@@ -571,7 +704,7 @@ class ClusterModel:
         if entry.latest is not None and entry.latest.step > step:
             return False  # it reported a later step: this one's report is lost
         agent = self.agents.get(entry.agent)
-        if agent is None or agent.state is ConnectionState.DISCONNECTED:
+        if agent is None or agent.down:
             return False
         # Silent while its own agent keeps talking: gone. (Measured against the agent, not the wall clock, so a
         # dashboard that stalled for a while does not take every rank for gone when the backlog arrives.)
@@ -633,6 +766,7 @@ class ClusterModel:
         bisect.insort(self._events, stored)
         self._event_keys.add(dedup_key)
         self._track_checkpoint(event)
+        self._track_fault(stored)
         while len(self._events) > EVENT_HISTORY:
             self._event_keys.discard(self._events.pop(0).dedup_key)
         self.version += 1
@@ -653,6 +787,19 @@ class ClusterModel:
         if event.kind == "checkpoint" and (self._checkpoint_saved is None or step >= self._checkpoint_saved[0]):
             self._checkpoint_saved = (step, event.wall_time)
 
+    def _track_fault(self, stored: _StoredEvent) -> None:
+        # Its own dedup: a replayed event the log had already let go of must not count as a second restart.
+        if stored.event.kind not in FAULT_KINDS or stored.dedup_key in self._fault_keys:
+            return
+        bisect.insort(self._fault_events, stored)
+        self._fault_keys.add(stored.dedup_key)
+        while len(self._fault_events) > FAULT_HISTORY:
+            self._fault_keys.discard(self._fault_events.pop(0).dedup_key)
+
+    def newest_checkpoint_step(self) -> int | None:
+        """The step of the newest committed checkpoint the agents reported; None before any."""
+        return self._checkpoint_saved[0] if self._checkpoint_saved is not None else None
+
     def checkpoint_summary(self) -> str | None:
         """ "saving step 50" while a save runs, else "step 40, 12s ago"; None before any checkpoint event."""
         if self._checkpoint_saving is not None:
@@ -669,6 +816,8 @@ class ClusterModel:
 
     def _rank_status(self, entry: _Rank) -> RankStatusName:
         agent = self.agents.get(entry.agent)
+        if agent is not None and agent.state is ConnectionState.LOST:
+            return RankStatusName.LOST
         if agent is None or agent.state is not ConnectionState.CONNECTED:
             # We cannot see the process any more; its last state might be long stale.
             return RankStatusName.DISCONNECTED
@@ -739,6 +888,9 @@ class ClusterModel:
             run_id=",".join(run_ids),
             stragglers=len(self.stragglers.active()),
             checkpoint=self.checkpoint_summary(),
+            restarts=sum(1 for s in self._fault_events if s.event.kind == "restart"),
+            last_fault=faults[-1] if (faults := self.faults()) else None,
+            job_failed=self._job_failed(),
         )
 
     def rank_rows(self) -> list[RankRow]:
@@ -761,6 +913,7 @@ class ClusterModel:
                 mfu = rep.mfu if rep.HasField("mfu") else None
                 ratio = rep.step_seconds / median_time if median_time > 0 else None
             pid = entry.status.pid if entry.status is not None and entry.status.pid else None
+            exit_reason = entry.status.exit_reason if entry.status is not None else ""
             rows.append(
                 RankRow(
                     rank=rank,
@@ -778,6 +931,7 @@ class ClusterModel:
                     status=self._rank_status(entry),
                     step_time_ratio=ratio,
                     straggler=flags.get(rank),
+                    exit_reason=exit_reason,
                 )
             )
         return rows
@@ -885,6 +1039,34 @@ class ClusterModel:
         if len(reports) == len(self._ranks):
             self._median_phases.put(step, median)
         return median
+
+    def faults(self) -> list[FaultView]:
+        """Every crash and hang the agents reported, oldest first; each with the first restart after it (one
+        restart ends every fault before it: the ranks that died of a peer's crash go down in the same incident)."""
+        faults: list[FaultView] = []
+        open_from = 0
+        for stored in self._fault_events:
+            event = stored.event
+            if event.kind in ("crash", "hang"):
+                faults.append(_fault_view(event))
+            elif event.kind == "restart":
+                restart = _restart_view(event)
+                faults[open_from:] = [dataclasses.replace(f, restart=restart) for f in faults[open_from:]]
+                open_from = len(faults)
+        return faults
+
+    def restarts(self) -> list[RestartView]:
+        """Every restart of the job, oldest first."""
+        return [_restart_view(s.event) for s in self._fault_events if s.event.kind == "restart"]
+
+    def _job_failed(self) -> str | None:
+        """The newest ``job_failed`` text, unless the job restarted after it (a new attempt under the same agents)."""
+        for stored in reversed(self._fault_events):
+            if stored.event.kind == "restart":
+                return None
+            if stored.event.kind == "job_failed":
+                return stored.event.text
+        return None
 
     def loss_history(self) -> list[tuple[int, float]]:
         """(step, mean loss over the ranks that reported that step), oldest first."""

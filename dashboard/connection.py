@@ -1,11 +1,16 @@
 """One asyncio task per agent: watch its telemetry stream and feed the cluster model, forever.
 
 ``watch_agent`` opens its gRPC channel inside the running event loop (grpc.aio objects belong to the loop
-that creates them), calls ``AgentService.Watch`` and hands every batch to the model. When the stream ends
-or fails it marks the agent DISCONNECTED and reconnects with exponential backoff plus jitter. It never
-raises into its caller; cancelling the task closes the channel and ends it cleanly.
+that creates them), calls ``AgentService.Watch`` and hands every batch to the model. When the agent ends the
+stream it marks the agent DISCONNECTED; when the stream breaks, or brings nothing for the heartbeat window
+(``STALE_AFTER``: a frozen or partitioned host keeps its TCP connection open), LOST. Either way it reconnects
+with exponential backoff plus jitter. It never raises into its caller; cancelling the task closes the channel
+and ends it cleanly.
 
 ``collect_once`` is the one-shot variant behind ``megascope status``: read the back-fill, then stop.
+
+``call_agents`` makes one control call on several agents at once (``dump_stacks``, ``restart_job``), with the
+dashboard's token when it has one, and returns each agent's reply or error.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ import contextlib
 import random
 import sys
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import grpc
 
@@ -25,7 +32,7 @@ from megascope.protos.megascope.v1 import agent_pb2, agent_pb2_grpc
 INITIAL_BACKOFF = 0.25
 MAX_BACKOFF = 5.0
 STALE_AFTER = 15.0
-"""Seconds without a batch after which a stream is treated as dead."""
+"""The heartbeat window: seconds without a batch (an agent sends one every 0.25 s) after which its node is LOST."""
 # The dashboard receives one batch every ~250 ms per agent; a reconnect's back-fill can be large.
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
 
@@ -76,6 +83,7 @@ async def watch_agent(
     backfill_seconds: float = 0.0,
     initial_backoff: float = INITIAL_BACKOFF,
     max_backoff: float = MAX_BACKOFF,
+    stale_after: float = STALE_AFTER,
 ) -> None:
     """Keep ``model`` fed from the agent at ``address`` until cancelled. Never raises (except cancellation)."""
     backoff = _Backoff(initial_backoff, max_backoff, 0.2, random.Random())
@@ -85,20 +93,23 @@ async def watch_agent(
     model.set_connecting(address)
     while True:
         batches_before = agent.batches
+        lost = True
         try:
-            await _stream_once(model, address, backfill_seconds)
-            error = "stream ended (agent stopped?)"
+            await _stream_once(model, address, backfill_seconds, stale_after)
+            error, lost = "stream ended (agent stopped?)", False
         except asyncio.CancelledError:
             raise
+        except TimeoutError:
+            error = f"no telemetry for {stale_after:g}s"
         except Exception as exc:  # any failure is a disconnect to show, never a crash
             error = describe_error(exc)
-        model.set_disconnected(address, error)
+        model.set_disconnected(address, error, lost=lost)
         if agent.batches > batches_before:
             backoff.reset()  # it was up: the first retry after losing it comes quickly
         await asyncio.sleep(backoff.next())
 
 
-async def _stream_once(model: ClusterModel, address: str, backfill_seconds: float) -> None:
+async def _stream_once(model: ClusterModel, address: str, backfill_seconds: float, stale_after: float) -> None:
     """Read one Watch stream until it ends (returns) or fails (raises)."""
     received = False
     async with grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS) as channel:
@@ -108,7 +119,7 @@ async def _stream_once(model: ClusterModel, address: str, backfill_seconds: floa
             while True:
                 # A live agent sends a batch every ~250 ms; a long silence means it is stuck or unreachable
                 # (a frozen host keeps the TCP connection open), so give up and reconnect.
-                response = await _read(call, STALE_AFTER)
+                response = await _read(call, stale_after)
                 if response is grpc.aio.EOF:
                     break
                 model.ingest(address, response.telemetry)
@@ -169,3 +180,72 @@ async def cancel_quietly(tasks: list[asyncio.Task[None]]) -> None:
     for task in tasks:
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+# -- control calls: one call on several agents at once -------------------------------------------------------
+
+STACKS_TIMEOUT = 3.0
+"""Seconds an agent waits for its ranks' stacks when the dashboard asks (``s``): short, so that a rank that
+cannot answer shows as such within seconds rather than holding the screen."""
+CONTROL_TIMEOUT = 10.0
+"""Deadline of a control call that only starts something (Restart: the agent stops its ranks and answers)."""
+_DEADLINE_MARGIN = 2.0
+"""A call's deadline beyond the time the agent itself may take, for the round trip."""
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class AgentReply(Generic[T]):
+    """One agent's answer to a call made on several: its reply, or (``reply`` None) why there is none."""
+
+    address: str
+    reply: T | None
+    error: str = ""
+
+
+def control_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """What a control RPC carries: the token agents started with ``--token`` require, when the dashboard has one."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+async def call_agents(
+    addresses: Sequence[str], call: Callable[[agent_pb2_grpc.AgentServiceStub], Awaitable[T]]
+) -> list[AgentReply[T]]:
+    """``call`` on every agent concurrently, each over a channel of its own; every agent's reply or error, in
+    order. Never raises: a refusal (NOT_FOUND, FAILED_PRECONDITION, PERMISSION_DENIED ...) or an unreachable
+    agent becomes that agent's one-line error."""
+
+    async def one(address: str) -> AgentReply[T]:
+        try:
+            async with grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS) as channel:
+                return AgentReply(address, await call(agent_pb2_grpc.AgentServiceStub(channel)))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # one agent's failure is a line in the reply, never the others' loss
+            return AgentReply(address, None, describe_error(exc))
+
+    return list(await asyncio.gather(*(one(address) for address in addresses)))
+
+
+async def dump_stacks(
+    addresses: Sequence[str], token: str | None = None, timeout: float = STACKS_TIMEOUT
+) -> list[AgentReply[agent_pb2.DumpStacksResponse]]:
+    """Every rank's stacks and progress from each agent (``DumpStacks``), all agents at once."""
+    request = agent_pb2.DumpStacksRequest(timeout_seconds=timeout)
+    metadata = control_metadata(token)
+    return await call_agents(
+        addresses, lambda stub: stub.DumpStacks(request, timeout=timeout + _DEADLINE_MARGIN, metadata=metadata)
+    )
+
+
+async def restart_job(
+    addresses: Sequence[str], token: str | None = None, step: int = 0, reason: str = "requested from the dashboard"
+) -> list[AgentReply[agent_pb2.RestartResponse]]:
+    """Ask every agent to stop its ranks so torch elastic restarts the job from checkpoint ``step`` (0: newest).
+
+    Every agent is asked so that every node's ranks stop at once, rather than each node's waiting to fail on
+    connections broken by another's."""
+    request = agent_pb2.RestartRequest(step=step, reason=reason)
+    metadata = control_metadata(token)
+    return await call_agents(addresses, lambda stub: stub.Restart(request, timeout=CONTROL_TIMEOUT, metadata=metadata))

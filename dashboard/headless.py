@@ -1,11 +1,16 @@
 """The demo without a TUI: one status line a second while it runs, then a summary (optionally JSON).
 
 The summary's keys are a contract that scripts rely on: ``nodes``, ``ranks``, ``steps`` (the last step every
-rank completed), ``first_loss``, ``last_loss``, ``tokens_per_s``, ``restarts``, ``stragglers`` (every rank
-flagged as a straggler during the run, ascending), ``straggler_flags`` (each flag: ``rank``, ``node``,
-``cause``, ``ratio``, ``cost_seconds``, ``since_step``, ``flagged_step``, ``cleared_step`` ...) and ``events``
-(each ``{"kind", "rank", "step", "time", "text"}``; a flag is also an event of kind ``straggler``). Fields may
-be added; these are never renamed.
+rank completed), ``first_loss``, ``last_loss``, ``tokens_per_s``, ``restarts`` (restarts of the job: one per
+``restart`` event, which only the node with rank 0 reports), ``stragglers`` (every rank flagged as a straggler
+during the run, ascending), ``straggler_flags`` (each flag: ``rank``, ``node``, ``cause``, ``ratio``,
+``cost_seconds``, ``since_step``, ``flagged_step``, ``cleared_step`` ...), ``faults`` (each crash or hang:
+``kind``, ``rank`` (the rank that died, or the hang's culprit; null when none was found), ``node``, ``step``
+(the last step done before it), ``time``, ``detect_seconds``, ``cause`` (``SIGKILL``, ``exit code 1``, or the
+hang's reason), ``text``, and ``mttr_seconds``, ``steps_lost``, ``resumed_step`` of the restart that ended it,
+null until there is one), ``restart_details`` (each restart: ``cause``, ``mttr_seconds``, ``steps_lost``,
+``resumed_step``, ``node``, ``time``) and ``events`` (each ``{"kind", "rank", "step", "time", "text"}``; a flag
+is also an event of kind ``straggler``). Fields may be added; these are never renamed.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from megascope.dashboard.cluster import ClusterModel
+from megascope.dashboard.cluster import ClusterModel, FaultView, RestartView
 from megascope.dashboard.connection import watch_agent
 from megascope.dashboard.local_cluster import LocalCluster
 
@@ -87,9 +92,11 @@ def summarize(
         "first_loss": first_loss,
         "last_loss": loss_at.get(header.step) if header.step is not None else None,
         "tokens_per_s": header.tokens_per_second,
-        "restarts": max((r.restarts for r in rows), default=0),
+        "restarts": header.restarts,
         "stragglers": sorted({flag.rank for flag in flags}),
         "straggler_flags": [{**asdict(flag), "cause": flag.cause.value} for flag in flags],
+        "faults": [_fault_dict(fault) for fault in model.faults()],
+        "restart_details": [_restart_dict(restart) for restart in model.restarts()],
         "events": [
             {"kind": e.kind, "rank": e.rank, "step": e.step, "time": e.wall_time, "text": e.text, "node": e.node}
             for e in model.events()
@@ -98,6 +105,23 @@ def summarize(
         "ok": all(code == 0 for code in codes),
         "run_dir": str(cluster.run_dir),
     }
+
+
+def _restart_dict(restart: RestartView) -> dict[str, Any]:
+    details = asdict(restart)
+    details["time"] = details.pop("wall_time")
+    return details
+
+
+def _fault_dict(fault: FaultView) -> dict[str, Any]:
+    """A fault, flat: the restart that ended it as its ``mttr_seconds``, ``steps_lost`` and ``resumed_step``."""
+    details = {k: v for k, v in asdict(fault).items() if k != "restart"}
+    details["time"] = details.pop("wall_time")
+    restart = fault.restart
+    details["mttr_seconds"] = restart.mttr_seconds if restart is not None else None
+    details["steps_lost"] = restart.steps_lost if restart is not None else None
+    details["resumed_step"] = restart.resumed_step if restart is not None else None
+    return details
 
 
 def _summary_text(s: dict[str, Any]) -> str:

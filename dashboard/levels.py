@@ -91,11 +91,13 @@ STATUS_LEVELS: dict[str, Level] = {
     "HUNG": Level.BAD,
     "FAILED": Level.BAD,
     "DISCONNECTED": Level.BAD,
+    "LOST": Level.BAD,
 }
 CONNECTION_LEVELS: dict[str, Level] = {
     "CONNECTED": Level.OK,
     "CONNECTING": Level.WARN,
     "DISCONNECTED": Level.BAD,
+    "LOST": Level.BAD,
 }
 SEVERITY_LEVELS: dict[str, Level | None] = {
     "INFO": None,

@@ -20,6 +20,7 @@ from textual.widgets import DataTable, Footer, Static
 from megascope.dashboard import formatting as fmt
 from megascope.dashboard import levels
 from megascope.dashboard.cluster import ClusterModel, ConnectionState, RankRow, RankStatusName
+from megascope.dashboard.connection import STALE_AFTER
 from megascope.dashboard.levels import Level
 from megascope.dashboard.stragglers import DEFAULT_CONFIG, StragglerConfig
 from megascope.dashboard.widgets import (
@@ -27,6 +28,7 @@ from megascope.dashboard.widgets import (
     HEAT_GLYPHS,
     HEAT_MISSING,
     EventsTable,
+    FaultBar,
     HeaderBar,
     HeatMapView,
     NodesTable,
@@ -45,7 +47,7 @@ EVENTS_SHOWN = 200
 """The event table holds the newest this many (the model keeps more, for `megascope status`)."""
 RANK_ROWS_SHOWN = 256
 """The main screen's rank table holds at most this many ranks, those most worth a look first: a table of
-thousands is unreadable and costs a redraw tick to draw; the heat map (``s``) shows every rank."""
+thousands is unreadable and costs a redraw tick to draw; the heat map (``h``) shows every rank."""
 
 
 def ranks_worth_a_look(rows: list[RankRow], limit: int) -> list[RankRow]:
@@ -92,6 +94,7 @@ class MainScreen(ModelScreen):
     def compose(self) -> ComposeResult:
         yield HeaderBar(id="header")
         yield StragglerBar(id="stragglers")
+        yield FaultBar(id="faults")
         with Horizontal(id="top"):
             ranks = RanksTable(id="ranks")
             ranks.border_title = "Ranks"
@@ -111,13 +114,14 @@ class MainScreen(ModelScreen):
         model, palette = state.model, state.palette
         self.query_one(HeaderBar).show(model.header(), state.paused, palette, state.title)
         self.query_one(StragglerBar).show(model.straggler_flags(active_only=True), palette)
+        self.query_one(FaultBar).show(model.header(), palette)
         rows = model.rank_rows()
         shown = ranks_worth_a_look(rows, RANK_ROWS_SHOWN)
         table = self.query_one(RanksTable)
         table.border_title = (
             "Ranks"
             if len(shown) == len(rows)
-            else f"Ranks: {len(shown)} of {len(rows):,}, flagged and unhealthy first (s: heat map of all)"
+            else f"Ranks: {len(shown)} of {len(rows):,}, flagged and unhealthy first (h: heat map of all)"
         )
         table.show(shown, palette)
         self.query_one("#loss", Plot).set_points([(float(s), v) for s, v in model.loss_history()])
@@ -341,16 +345,22 @@ class RankTimelineScreen(ModelScreen):
 # Every key the dashboard answers to; the help screen lists exactly these.
 KEYS: tuple[tuple[str, str], ...] = (
     ("q", "quit"),
-    ("esc", "back: close this screen (node, heat map, timeline)"),
+    ("esc", "back: close this screen (node, heat map, timeline, stacks)"),
     ("? / F1", "this help"),
     ("p", "pause / resume the view (data keeps being collected; PAUSED shows in the header)"),
-    ("s", "straggler heat map: ranks x recent steps, by compute time over the median rank's, grouped by node"),
+    ("h", "straggler heat map: ranks x recent steps, by compute time over the median rank's, grouped by node"),
+    (
+        "s",
+        "stacks: collect every rank's stacks now and diagnose a hang (culprit, stacks grouped, odd ones marked); "
+        "s again collects anew",
+    ),
+    ("r", "restart the job from the newest checkpoint, after a y/n question (refused with --readonly)"),
     (
         "enter",
         "on a node row (or a rank row): open that node's screen; "
         "on a rank in the heat map: its timeline beside the median rank's",
     ),
-    ("up down left right / h j k l", "move in a table"),
+    ("up down / j k", "move in a table (left right: scroll it sideways)"),
     ("PgUp PgDn Home End", "scroll a table"),
     ("tab / shift+tab", "next / previous table"),
     ("ctrl+p", "command palette (e.g. switch to a light theme)"),
@@ -390,6 +400,10 @@ def help_renderable(palette: Palette, rules: StragglerConfig = DEFAULT_CONFIG) -
 
     colours.add_row("rank status", by_level(dict(levels.STATUS_LEVELS)))
     colours.add_row("connection", by_level(dict(levels.CONNECTION_LEVELS)))
+    colours.add_row(
+        "", f"LOST: the agent vanished (its stream broke, or sent nothing for {STALE_AFTER:g}s); DISCONNECTED: never "
+        "reached, or it stopped"
+    )  # fmt: skip
     colours.add_row("event severity", by_level(levels.SEVERITY_LEVELS))
 
     stragglers = Table(
@@ -424,3 +438,28 @@ class HelpScreen(ModalScreen[None]):
             with VerticalScroll():
                 yield Static(help_renderable(self.palette, self.rules), id="help-text")
             yield Static("esc, ? or F1 closes this help", id="help-hint")
+
+
+class ConfirmScreen(ModalScreen[bool]):
+    """A yes/no question over the dimmed screen: ``y`` answers yes, ``n`` or ``esc`` no."""
+
+    BINDINGS = [
+        Binding("y", "answer(True)", "Yes"),
+        Binding("n", "answer(False)", "No"),
+        Binding("escape", "answer(False)", "No", show=False),
+    ]
+
+    def __init__(self, question: str, detail: str = "") -> None:
+        super().__init__()
+        self.question = question
+        self.detail = detail
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="confirm-box"):
+            yield Static(Text(self.question, style="bold"), id="confirm-question")
+            if self.detail:
+                yield Static(Text(self.detail), id="confirm-detail")
+            yield Static("y: yes    n or esc: no", id="confirm-hint")
+
+    def action_answer(self, yes: bool) -> None:
+        self.dismiss(yes)

@@ -124,6 +124,8 @@ class HeaderBar(Static):
         fields.append(("stragglers", str(header.stragglers), Level.WARN if header.stragglers else None))
         if header.checkpoint is not None:
             fields.append(("ckpt", header.checkpoint, None))
+        if header.restarts:
+            fields.append(("restarts", str(header.restarts), Level.WARN))
         for i, (label, value, level) in enumerate(fields):
             if i:
                 text.append(" | ", style="dim")
@@ -134,13 +136,14 @@ class HeaderBar(Static):
 
 
 class KeyedTable(DataTable[Text]):
-    """A row-cursor DataTable whose rows and columns are keyed, updated cell by cell, with hjkl moves."""
+    """A row-cursor DataTable whose rows and columns are keyed, updated cell by cell, with j/k moves.
+
+    Not h/l: in a row-cursor table they would only scroll sideways, and ``h`` opens the heat map.
+    """
 
     BINDINGS = [
         Binding("j", "cursor_down", "Down", show=False),
         Binding("k", "cursor_up", "Up", show=False),
-        Binding("h", "cursor_left", "Left", show=False),
-        Binding("l", "cursor_right", "Right", show=False),
     ]
 
     COLUMNS: Sequence[tuple[str, str, int]] = ()
@@ -237,7 +240,7 @@ class RanksTable(KeyedTable):
     COLUMNS = (
         ("rank", "rank", 5),
         ("node", "node", 9),
-        ("status", "status", 12),
+        ("status", "status", 15),
         ("step", "step", 7),
         ("step_ms", "step ms", 8),
         ("data", "data %", 7),
@@ -281,9 +284,13 @@ def rank_cells(row: RankRow, palette: Palette) -> list[Text]:
 
 
 def rank_status_word(row: RankRow, palette: Palette) -> Text:
-    """The process state, or ``SLOW <cause>`` for a running rank flagged as a straggler."""
+    """The process state; ``SLOW <cause>`` for a running rank flagged as a straggler; ``FAILED <how>`` (``SIGKILL``,
+    ``exit 1``) for a failed rank whose end its agent knows."""
     if row.straggler is not None and row.status is RankStatusName.RUNNING:
         return word(f"SLOW {row.straggler.cause.value}", levels.STATUS_LEVELS["SLOW"], palette)
+    if row.status is RankStatusName.FAILED and row.exit_reason:
+        how = row.exit_reason.replace("exit code ", "exit ")  # "FAILED exit 137" fits the column
+        return word(f"FAILED {how}", levels.STATUS_LEVELS["FAILED"], palette)
     return word(row.status.value, levels.STATUS_LEVELS.get(row.status.value), palette)
 
 
@@ -495,7 +502,32 @@ class StragglerBar(Static):
             text.append(f" STRAGGLER{levels.MARKERS[Level.WARN]} ", style=f"bold {palette.warn}")
             text.append(flag.describe())
         if len(ordered) > self.MAX_LINES:
-            text.append(f"\n ... and {len(ordered) - self.MAX_LINES} more: s opens the heat map", style="dim")
+            text.append(f"\n ... and {len(ordered) - self.MAX_LINES} more: h opens the heat map", style="dim")
+        if text.plain != self.text.plain:
+            self.text = text
+            self.update(text)
+
+
+class FaultBar(Static):
+    """The job's faults: the newest crash or hang and what its restart cost, or that the job gave up; hidden
+    while there has been none."""
+
+    text: Text = Text()
+    """What the bar shows now (tests read it)."""
+
+    def show(self, header: HeaderView, palette: Palette) -> None:
+        fault = header.last_fault
+        self.display = fault is not None or header.job_failed is not None
+        text = Text(no_wrap=True, overflow="ellipsis")
+        if header.job_failed is not None:
+            text.append(f" JOB FAILED{levels.MARKERS[Level.BAD]} ", style=f"bold {palette.bad}")
+            text.append(header.job_failed)
+        elif fault is not None:
+            # Red while the job is down, yellow once a restart got it training again.
+            level = Level.BAD if fault.restart is None else Level.WARN
+            text.append(f" {fault.kind.upper()}{levels.MARKERS[level]} ", style=f"bold {palette.colour(level)}")
+            text.append(fault.describe())
+            text.append(f"  (job restarts: {header.restarts})", style="dim")
         if text.plain != self.text.plain:
             self.text = text
             self.update(text)

@@ -207,15 +207,22 @@ def inject_argument(text: str) -> Fault:
 
 
 def check_ranks(faults: Iterable[Fault], world_size: int) -> None:
-    """Refuse faults aimed at a rank the job will not have, and two faults of one kind on one rank."""
-    seen: set[tuple[str, int]] = set()
+    """Refuse faults aimed at a rank the job will not have, and faults that would clash on one rank.
+
+    Two ``slow`` faults on one rank clash (one slowdown per rank); a crash or hang clashes only with one of its
+    kind on the same rank at the same step: at different steps each fires on its own (one rank may crash at step
+    100 and again at step 300).
+    """
+    seen: set[tuple[str, int, int]] = set()
     for fault in faults:
         if fault.rank >= world_size:
             last = world_size - 1
             raise FaultError(f"{fault.describe()}: the job has ranks 0..{last}, so rank {fault.rank} never runs")
-        if (fault.kind, fault.rank) in seen:
-            raise FaultError(f"two {fault.kind!r} faults for rank {fault.rank}; give one")
-        seen.add((fault.kind, fault.rank))
+        step = fault.step if isinstance(fault, CrashFault | HangFault) else 0
+        if (fault.kind, fault.rank, step) in seen:
+            at = f" at step {step}" if step else ""
+            raise FaultError(f"two {fault.kind!r} faults for rank {fault.rank}{at}; give one")
+        seen.add((fault.kind, fault.rank, step))
 
 
 def faults_for_rank(faults: Sequence[Fault], rank: int) -> list[Fault]:

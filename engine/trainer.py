@@ -113,10 +113,10 @@ class Trainer:
 
         torch.manual_seed(config.data.seed)  # every rank builds identical initial weights
         self.model = Transformer(config.model, kernels=config.kernels).to(self.device)
-        # No buffer broadcast: the buffers (RoPE tables, sparse layouts) are built identically on every rank, and a
+        # No buffer sync at each forward: the buffers (RoPE tables, sparse layouts) are built identically on every rank, and a
         # broadcast at each forward would be one more collective per step, and one a hang diagnosis cannot count.
         self.ddp = DistributedDataParallel(
-            self.model, device_ids=[self.local_rank] if self.device.type == "cuda" else None, broadcast_buffers=False
+            self.model, device_ids=[self.local_rank] if self.device.type == "cuda" else None, forward_sync_buffers=False
         )
         self.ddp.register_comm_hook(None, self.collectives.hook)
         # CUDA events only on a GPU: a CPU run never touches CUDA.

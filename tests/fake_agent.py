@@ -47,6 +47,14 @@ class FakeAgent(agent_pb2_grpc.AgentServiceServicer):
         self.history: list[telemetry_pb2.Telemetry] = []
         self.watch_calls = 0
         self._changed = asyncio.Event()
+        self.stacks: agent_pb2.DumpStacksResponse | None = None
+        """DumpStacks' reply; None answers UNIMPLEMENTED."""
+        self.restart_step = 40
+        """The step Restart answers it resumes from."""
+        self.refusal: tuple[grpc.StatusCode, str] | None = None
+        """When set, control calls (DumpStacks, Restart) fail with this code and message."""
+        self.control_calls: list[tuple[str, object, dict[str, str]]] = []
+        """(method, request, metadata) of every control call, in order."""
 
     def push(self, telemetry: telemetry_pb2.Telemetry) -> None:
         """Make ``telemetry`` part of the node's history; live watchers get it with their next batch."""
@@ -113,6 +121,42 @@ class FakeAgent(agent_pb2_grpc.AgentServiceServicer):
         if request.limit > 0:
             events = events[-request.limit :]
         return agent_pb2.GetEventsResponse(events=events)
+
+    async def _control(self, method: str, request: object, context: grpc.aio.ServicerContext) -> None:
+        self.control_calls.append((method, request, dict(context.invocation_metadata() or ())))
+        if self.refusal is not None:
+            await context.abort(*self.refusal)
+
+    async def DumpStacks(  # noqa: N802
+        self, request: agent_pb2.DumpStacksRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.DumpStacksResponse:
+        await self._control("DumpStacks", request, context)
+        if self.stacks is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this fake agent was given no stacks")
+        return self.stacks
+
+    async def Restart(  # noqa: N802
+        self, request: agent_pb2.RestartRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.RestartResponse:
+        await self._control("Restart", request, context)
+        return agent_pb2.RestartResponse(
+            ranks_stopped=len(self.node_info.ranks), step=request.step or self.restart_step
+        )
+
+
+def faulthandler_text(*main_frames: tuple[str, int, str]) -> str:
+    """What ``faulthandler.dump_traceback(all_threads=True)`` prints for a rank: a telemetry thread waiting on its
+    queue, then the main thread in ``main_frames`` (file, line, function; innermost first) under ``<module>``."""
+    lines = [
+        "Thread 0x00007f3a1c9ff640 (most recent call first):",
+        '  File "/usr/lib/python3.11/threading.py", line 324 in wait',
+        '  File "/usr/lib/python3.11/queue.py", line 180 in get',
+        "",
+        "Current thread 0x00007f3a2b1e4740 (most recent call first):",
+    ]
+    lines += [f'  File "{file}", line {line} in {function}' for file, line, function in main_frames]
+    lines.append('  File "/work/megascope/engine/train.py", line 12 in <module>')
+    return "\n".join(lines) + "\n"
 
 
 async def serve(servicer: agent_pb2_grpc.AgentServiceServicer, port: int = 0) -> tuple[grpc.aio.Server, str]:

@@ -202,15 +202,17 @@ def _last_row(table: KeyedTable) -> list[str]:
     return [c.plain.strip() for c in table.get_row_at(table.row_count - 1)]
 
 
-async def test_stopping_the_agent_marks_the_node_disconnected(agent: tuple[FakeAgent, object, str]) -> None:
+async def test_an_agent_that_vanishes_shows_its_node_and_ranks_lost(agent: tuple[FakeAgent, object, str]) -> None:
     _, server, address = agent
     app = DashboardApp([address])
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: cell(app, "ranks", "1", "status") == "RUNNING", "rank 1 RUNNING")
-        await server.stop(None)  # type: ignore[attr-defined]
-        await until(pilot, lambda: cell(app, "nodes", address, "connection").startswith("DISCONNECTED"), "DISCONNECTED")
-        assert cell(app, "ranks", "0", "status") == "DISCONNECTED"
-        assert cell(app, "ranks", "1", "status") == "DISCONNECTED"
+        await server.stop(None)  # type: ignore[attr-defined]  # the stream breaks: no goodbye from the agent
+        await until(pilot, lambda: cell(app, "nodes", address, "connection").startswith("LOST"), "LOST")
+        assert cell(app, "ranks", "0", "status") == "LOST"
+        assert cell(app, "ranks", "1", "status") == "LOST"
+        events = app.screen.query_one("#events", KeyedTable)
+        await until(pilot, lambda: _last_row(events)[5] == "node_lost", "the node_lost event")
         assert app.is_running
 
 
@@ -249,7 +251,7 @@ async def test_watch_reconnects_when_the_agent_comes_back(agent: tuple[FakeAgent
     try:
         await _wait_state(model, address, ConnectionState.CONNECTED)
         await server.stop(None)  # type: ignore[attr-defined]
-        await _wait_state(model, address, ConnectionState.DISCONNECTED)
+        await _wait_state(model, address, ConnectionState.LOST)
         again, _ = await serve(fake, port=int(address.rsplit(":", 1)[1]))
         try:
             await _wait_state(model, address, ConnectionState.CONNECTED)

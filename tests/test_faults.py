@@ -10,9 +10,12 @@ import pytest
 
 from megascope.engine.config import TrainConfig
 from megascope.engine.faults import (
+    CrashFault,
     FaultError,
+    HangFault,
     SlowFault,
     check_ranks,
+    claim_firing,
     fault_from_dict,
     fault_to_dict,
     faults_for_rank,
@@ -33,8 +36,11 @@ def test_spaces_and_case_are_forgiven() -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("crash:rank=1,step=3", "'crash' faults are not supported yet"),
-        ("hang:rank=1,step=3", "'hang' faults are not supported yet"),
+        ("crash:rank=1,step=0", "crash: step must be >= 1"),
+        ("crash:rank=1,step=3,how=melt", "crash: how must be one of kill, segv, exception, exit, got 'melt'"),
+        ("crash:rank=1,step=3,times=-1", "crash: times must be >= 0"),
+        ("crash:rank=1", "crash: missing step; write crash:rank=...,step=..."),
+        ("hang:rank=1,step=3,how=nap", "hang: how must be one of sleep, stop, got 'nap'"),
         ("bogus:rank=1", "unknown fault kind 'bogus'"),
         ("slow", "gives no settings; write slow:rank=...,factor=..."),
         ("slow:rank=1", "missing factor"),
@@ -53,8 +59,26 @@ def test_bad_values_are_refused_with_what_is_wrong(text: str, message: str) -> N
 
 
 def test_the_argparse_type_turns_errors_into_usage_errors() -> None:
-    with pytest.raises(argparse.ArgumentTypeError, match="not supported yet"):
-        inject_argument("crash:rank=0,step=1")
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown fault kind 'explode'"):
+        inject_argument("explode:rank=0,step=1")
+
+
+def test_crash_and_hang_parse_with_their_defaults() -> None:
+    assert parse_fault("crash:rank=1,step=40") == CrashFault(rank=1, step=40, how="kill", times=1)
+    assert parse_fault("crash:rank=0,step=2,how=EXCEPTION,times=0") == CrashFault(0, 2, "exception", 0)
+    assert parse_fault("hang:rank=2,step=80") == HangFault(rank=2, step=80, how="sleep")
+    assert parse_fault("hang:rank=2,step=80,how=stop") == HangFault(rank=2, step=80, how="stop")
+
+
+def test_a_fault_fires_once_across_restarts(tmp_path: Path) -> None:
+    fault = CrashFault(rank=1, step=5)
+    assert claim_firing(fault, tmp_path)
+    assert not claim_firing(fault, tmp_path)  # the restarted rank reaches step 5 again and runs on
+
+
+def test_a_fault_with_times_n_fires_n_times_and_with_zero_every_time(tmp_path: Path) -> None:
+    assert [claim_firing(CrashFault(rank=0, step=2, times=2), tmp_path) for _ in range(3)] == [True, True, False]
+    assert all(claim_firing(CrashFault(rank=0, step=3, times=0), tmp_path) for _ in range(5))
 
 
 def test_a_rank_outside_the_job_or_a_repeat_is_refused() -> None:
@@ -63,6 +87,15 @@ def test_a_rank_outside_the_job_or_a_repeat_is_refused() -> None:
         check_ranks([SlowFault(rank=4, factor=2)], world_size=4)
     with pytest.raises(FaultError, match="two 'slow' faults for rank 1"):
         check_ranks([SlowFault(rank=1, factor=2), SlowFault(rank=1, factor=3)], world_size=4)
+
+
+def test_one_rank_may_crash_or_hang_again_at_another_step_but_not_twice_at_one() -> None:
+    check_ranks([CrashFault(rank=1, step=10), CrashFault(rank=1, step=30, how="exception"),
+                 HangFault(rank=1, step=10), HangFault(rank=1, step=50)], world_size=4)  # fmt: skip
+    with pytest.raises(FaultError, match="two 'crash' faults for rank 1 at step 10"):
+        check_ranks([CrashFault(rank=1, step=10), CrashFault(rank=1, step=10, how="exit")], world_size=4)
+    with pytest.raises(FaultError, match="two 'hang' faults for rank 2 at step 7"):
+        check_ranks([HangFault(rank=2, step=7), HangFault(rank=2, step=7)], world_size=4)
 
 
 def test_faults_round_trip_through_the_run_config_json() -> None:
@@ -94,7 +127,7 @@ def test_each_rank_gets_only_its_own_faults() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--inject", "crash:rank=1,step=3"], "argument --inject: 'crash' faults are not supported yet"),
+        (["--inject", "crash:rank=1,step=3,how=melt"], "argument --inject: crash: how must be one of"),
         (["--inject", "slow:rank=5,factor=2", "--nproc-per-node", "2"], "--inject: slow:rank=5,factor=2: the job"),
     ],
 )
@@ -106,8 +139,8 @@ def test_train_refuses_a_bad_inject_naming_the_flag(args: list[str], message: st
 
 
 def test_demo_relays_the_agents_refusal_of_a_bad_inject(tmp_path: Path) -> None:
-    result = run_megascope("demo", "--headless", "--steps", "2", "--inject", "hang:rank=0,step=1", "--run-dir",
+    result = run_megascope("demo", "--headless", "--steps", "2", "--inject", "hang:rank=0,step=0", "--run-dir",
                            str(tmp_path), timeout=120)  # fmt: skip
     assert result.returncode == 2
-    assert "megascope demo: error: argument --inject: 'hang' faults are not supported yet" in result.stderr
+    assert "megascope demo: error: argument --inject: hang: step must be >= 1 (steps count from 1), got 0" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout

@@ -49,9 +49,10 @@ from megascope.engine.checkpoint.plan import Item, plan
 from megascope.engine.checkpoint.safetensors_io import write_file
 
 CRASH_POINT_ENV = "MEGASCOPE_CKPT_CRASH_AT"
-"""Fault injection for crash-consistency tests: ``POINT`` or ``POINT:RANK`` SIGKILLs this process when a save
-reaches POINT: stage, write, before_commit, commit (metadata written, not yet renamed) or publish (renamed,
-``latest`` not yet moved)."""
+"""Fault injection for crash-consistency tests: ``POINT[:RANK[:STEP]]`` SIGKILLs this process when a save (of
+STEP) reaches POINT: stage, write, before_commit, commit (metadata written, not yet renamed) or publish
+(renamed, ``latest`` not yet moved). Only in a job's first attempt, so a restarted job shows what it resumes
+from rather than crashing again."""
 
 EventCallback = Callable[[str, str, dict[str, str]], None]
 """(kind, text, attributes): how the checkpointer reports saves ("checkpoint", "checkpoint_failed")."""
@@ -190,16 +191,17 @@ class Checkpointer:
                 job.done.set()
                 self.history.append(job.figures)
 
-    def _crash_point(self, point: str) -> None:
-        wanted = os.environ.get(CRASH_POINT_ENV, "")
-        name, _, rank = wanted.partition(":")
-        if name == point and (not rank or int(rank) == self.rank):
-            os.kill(os.getpid(), signal.SIGKILL)
+    def _crash_point(self, point: str, step: int) -> None:
+        name, rank, at_step = (os.environ.get(CRASH_POINT_ENV, "").split(":") + ["", ""])[:3]
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        if name == point and (not rank or int(rank) == self.rank) and (not at_step or int(at_step) == step):
+            if first_attempt:
+                os.kill(os.getpid(), signal.SIGKILL)
 
     def _run(self, job: _Job) -> None:
         figures = job.figures
         t0 = time.perf_counter()
-        self._crash_point("stage")
+        self._crash_point("stage", job.step)
         staged = {item.name: self._stage(item) for item in job.items}
         job.staged.set()
         t1 = time.perf_counter()
@@ -208,7 +210,7 @@ class Checkpointer:
         report: dict[str, Any]
         try:
             tmp.mkdir(parents=True, exist_ok=True)
-            self._crash_point("write")
+            self._crash_point("write", job.step)
             file = f"rank{self.rank}.safetensors"
             written = write_file(tmp / file, staged, {"step": str(job.step), "rank": str(self.rank)}) if staged else {}
             size = (tmp / file).stat().st_size if staged else 0
@@ -224,7 +226,7 @@ class Checkpointer:
         t2 = time.perf_counter()
         figures.write_seconds = t2 - t1
         reports = self._gather(report)
-        self._crash_point("before_commit")
+        self._crash_point("before_commit", job.step)
         if self.rank == 0:
             assert reports is not None
             self._commit(job, tmp, reports)
@@ -279,12 +281,12 @@ class Checkpointer:
                 if stale.name not in metadata.files:
                     stale.unlink()
             write_atomically(tmp / METADATA, metadata.to_json())
-            self._crash_point("commit")
+            self._crash_point("commit", job.step)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
             fsync_dir(self.directory)
-            self._crash_point("publish")
+            self._crash_point("publish", job.step)
             write_atomically(self.directory / LATEST, final.name + "\n")
         except OSError as error:
             figures.error = f"commit of step {job.step} failed: {error}"

@@ -162,8 +162,8 @@ class HFPlan:
         return cls(model, mapping, specs, next(iter(dtypes)))
 
     def writer(self, directory: Path) -> HFWriter:
-        """Create ``directory`` with ``config.json``; the returned writer takes our tensors in plan order."""
-        directory.mkdir()
+        """Write ``config.json`` into ``directory`` (made if missing); the writer takes our tensors in plan order."""
+        directory.mkdir(exist_ok=True)
         write_atomically(directory / CONFIG_FILE, json.dumps(hf_config(self.model, self.dtype), indent=2) + "\n")
         return HFWriter(self, SafetensorsWriter(directory / WEIGHTS_FILE, self.specs, {"format": "pt"}))
 
@@ -201,7 +201,10 @@ def export(path: str | Path, out: str | Path, stop: threading.Event | None = Non
         raise HFExportError(f"{tmp} exists: another export into {out} is running; if none is, remove it")
     plan = HFPlan.from_checkpoint(metadata, step_dir, sorted(metadata.tensors))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.mkdir()
+    try:
+        tmp.mkdir()  # the lock: fails if another export took the name since the check above
+    except FileExistsError:
+        raise HFExportError(f"{tmp} exists: another export into {out} is running") from None
     try:
         writer = plan.writer(tmp)
         try:

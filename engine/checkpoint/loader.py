@@ -84,12 +84,11 @@ def _fill(
         last = min(offset + rows, shard.offset + shard.rows)
         if last <= first:
             continue
-        data = read_rows(step_dir, name, shard, dtype, row_shape, first, last - first, counter)
-        with torch.no_grad():
-            if scalar:
-                local.copy_(data.reshape([]))
-            else:
-                local[first - offset : last - offset].copy_(data)
+        target = local.reshape([1]) if scalar else local[first - offset : last - offset]
+        data = read_rows(step_dir, name, shard, dtype, row_shape, first, last - first, counter, into=target)
+        if data is not target:  # read_rows filled ``target`` itself when it could
+            with torch.no_grad():
+                target.copy_(data.reshape(target.shape))
         covered += last - first
     if covered != rows:
         raise CheckpointError(

@@ -121,10 +121,14 @@ def read_rows(
     first: int,
     count: int,
     counter: list[int] | None = None,
+    into: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rows ``first .. first+count`` (global row numbers) of one shard, reading only the blocks that hold them.
 
-    Every block read is checked against its CRC; ``counter[0]`` accumulates the bytes read from disk.
+    Every block read is checked against its CRC; ``counter[0]`` accumulates the bytes read from disk. ``into``
+    (the destination of these rows): when it is a contiguous CPU tensor of the stored dtype and the rows span
+    whole checksum blocks (any whole shard), the data is read straight into it and ``into`` is returned, saving
+    the copy (a streaming merge reads every byte of every input this way).
     """
     row_bytes = int(np.prod(row_shape, dtype=np.int64)) * torch.empty((), dtype=TORCH_DTYPES[dtype]).element_size()
     lo = shard.byte_start + (first - shard.offset) * row_bytes
@@ -135,10 +139,20 @@ def read_rows(
     read_lo = shard.byte_start + block_lo * BLOCK_BYTES
     read_hi = min(shard.byte_end, shard.byte_start + block_hi * BLOCK_BYTES)
     path = step_dir / shard.file
+    direct = (
+        into is not None
+        and (read_lo, read_hi) == (lo, hi)
+        and into.device.type == "cpu"
+        and into.dtype == TORCH_DTYPES[dtype]
+        and into.is_contiguous()
+        and not into.requires_grad
+        and into.numel() * into.element_size() == hi - lo
+        and hi > lo
+    )
     # One read into one buffer; the checksums and the returned tensor are views of it (no copies: the
-    # caller's copy into its target is the only one).
-    buffer = bytearray(read_hi - read_lo)
-    memory = memoryview(buffer)
+    # caller's copy into its target is the only one, and with ``direct`` there is none).
+    memory = _bytes_of(into) if direct and into is not None else memoryview(bytearray(read_hi - read_lo))
+    buffer = memory
     filled = 0
     try:
         with open(path, "rb", buffering=0) as f:
@@ -160,5 +174,7 @@ def read_rows(
             raise CheckpointError(f"{path}: checksum mismatch in {name} (block {block}); the file is damaged")
     if hi == lo:
         return torch.empty([count, *row_shape], dtype=TORCH_DTYPES[dtype])
+    if direct and into is not None:
+        return into
     data = torch.frombuffer(memory[lo - read_lo : hi - read_lo], dtype=torch.uint8)
     return data.view(TORCH_DTYPES[dtype]).reshape([count, *row_shape])
