@@ -46,6 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: the larger of 30 s and 5 median step times)",
     )
     agent.add_argument(
+        "--evict-slow-nodes",
+        action="store_true",
+        help="leave the job when this node's self-check (at each start of the ranks) finds it far slower than the "
+        "other nodes; the job goes on without it when --nnodes MIN:MAX allows",
+    )
+    agent.add_argument(
         "--no-launch",
         action="store_true",
         help="serve only; ranks started elsewhere attach via MEGASCOPE_AGENT_ADDRESS",
@@ -109,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
         token=args.token,
         ckpt_dir=ckpt_dir,
         hang_timeout=args.hang_timeout,
+        evict_slow_nodes=args.evict_slow_nodes,
     )
     try:
         return asyncio.run(Agent(agent_options).run())

@@ -46,6 +46,8 @@ class AgentOptions:
     """The run's checkpoint directory (listed and merged through the agent); None when it saves none."""
     hang_timeout: float | None = None
     """Seconds without a completed step before the ranks count as hung; None: max(30 s, 5 median steps)."""
+    evict_slow_nodes: bool = False
+    """Leave the job when this node's self-check finds it far slower than the others."""
 
 
 class Agent:
@@ -66,7 +68,10 @@ class Agent:
         )
         self.state = NodeState(info, HistoryLimits(seconds=options.history_seconds))
         self.merges = MergeRunner(self.state, options.ckpt_dir)
-        self.supervisor = Supervisor(self.state, options.hang_timeout)
+        self.supervisor = Supervisor(
+            self.state, options.hang_timeout, evict=self._evict if options.evict_slow_nodes else None
+        )
+        self._evicted = False
         self.host = HostSampler(node)
         self._process: subprocess.Popen[bytes] | None = None
         self._stop = asyncio.Event()
@@ -134,6 +139,8 @@ class Agent:
         code = await asyncio.to_thread(self._process.wait)
         if code == 0:
             self.state.event("job_finished", "all ranks on this node finished")
+        elif self._evicted:
+            self.state.event("node_left", "this node left the job (evicted as slow); the other nodes go on", _WARNING)
         elif not self._stop.is_set():
             restarts = options.launch.max_restarts
             self.state.event(
@@ -149,6 +156,14 @@ class Agent:
         if options.exit_when_done:
             await asyncio.sleep(0.5)  # let watchers receive the last reports and the job event
             self._stop.set()
+
+    def _evict(self, reason: str) -> None:
+        """Leave the job: stop torchrun and its ranks; the other nodes' rendezvous goes on without this one."""
+        if self._evicted or self._process is None:
+            return
+        self._evicted = True
+        self.state.event("node_evicted", f"evicting this node from the job: {reason}", _WARNING)
+        asyncio.ensure_future(self._stop_ranks())
 
     async def _stop_ranks(self) -> None:
         process = self._process

@@ -55,6 +55,7 @@ class RankListener(Protocol):
     def rank_stepped(self, report: telemetry_pb2.StepReport) -> None: ...
     def rank_detached(self, rank: int, pid: int, finished: bool) -> None: ...
     def rank_exited(self, report: worker_pb2.ExitReport) -> None: ...
+    def event_added(self, event: telemetry_pb2.Event) -> None: ...
 
 
 class NodeState:
@@ -105,6 +106,8 @@ class NodeState:
         self.events.append(event)
         for sub in self._subscribers:
             sub.events.append(event)
+        if self.listener is not None:
+            self.listener.event_added(event)
 
     def event(
         self,

@@ -13,6 +13,9 @@ from the newest committed checkpoint. What it cannot do, this does:
   broken connections. A node that finds no culprit waits one more timeout for that, then stops its own ranks.
 - restart: the first step completed after an incident closes it, with the time to repair and the steps lost.
 
+Self-check (engine/selfcheck.py): when this node's ranks report it slow and the agent runs with
+``--evict-slow-nodes``, the agent is told to take the node out of the job (``evict``).
+
 Events (the contract the demo summary and the dashboard read): ``crash`` (rank: the rank that died), ``hang``
 (rank: the culprit; absent when none was found), ``restart``, ``peer_failed``, ``stalled``, ``job_failed``.
 Only the node that runs rank 0 reports ``restart``: one event per restart of the job, not one per node.
@@ -27,6 +30,7 @@ import signal
 import statistics
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import psutil
@@ -106,9 +110,16 @@ class _Incident:
 class Supervisor:
     """Watches the node's ranks (a :class:`~megascope.agent.state.RankListener` of the node state)."""
 
-    def __init__(self, state: NodeState, hang_timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        state: NodeState,
+        hang_timeout: float | None = None,
+        evict: Callable[[str], None] | None = None,
+    ) -> None:
         self.state = state
         self.hang_timeout = hang_timeout
+        self._evict = evict
+        """Called with the reason when this node's self-check finds it slow (``--evict-slow-nodes``)."""
         self.last_diagnosis: agent_pb2.DumpStacksResponse | None = None
         self.restarts = 0
         self._incident: _Incident | None = None
@@ -147,6 +158,12 @@ class Supervisor:
 
     def rank_exited(self, report: worker_pb2.ExitReport) -> None:
         self._failure(report.rank, report.pid).report = report
+
+    def event_added(self, event: telemetry_pb2.Event) -> None:
+        if event.kind != "self_check" or event.attributes.get("verdict") != "slow":
+            return
+        if event.node == self.state.node_info.node and self._evict is not None:
+            self._evict(event.text)
 
     def _failure(self, rank: int, pid: int) -> _Failure:
         if pid in self._expected_exits:

@@ -216,7 +216,7 @@ async def dashboard_at_scale(nodes: int, ranks_per_node: int, seconds: float) ->
             await pilot.pause(seconds / 2)
             main_frame_ms = 1000 * statistics.median(app.frame_seconds) if app.frame_seconds else None
             heat_from = len(app.frame_seconds)
-            await pilot.press("s")
+            await pilot.press("h")
             while not isinstance(app.screen, HeatMapScreen):
                 await pilot.pause(0.05)
             await pilot.pause(seconds / 2)

@@ -52,6 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--ckpt-every", type=int, default=20, help="checkpoint every N steps, what a restart resumes from (default: 20)"
     )
     faults.add_argument(
+        "--evict-slow-nodes",
+        action="store_true",
+        help="a node whose self-check is far below the others' leaves the job (with --min-nodes below --nodes)",
+    )
+    faults.add_argument(
         "--min-nodes",
         type=int,
         help="let the job go on with this many nodes when others are lost (elastic --nnodes MIN:MAX; default: all)",
@@ -95,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
             "--ckpt-every",
             str(args.ckpt_every),
             *(["--hang-timeout", str(args.hang_timeout)] if args.hang_timeout is not None else []),
+            *(["--evict-slow-nodes"] if args.evict_slow_nodes else []),
             # Checked by the agents (the engine owns the fault grammar; the dashboard never imports the engine).
             *(part for spec in args.inject for part in ("--inject", spec)),
         ],

@@ -69,6 +69,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ckpt.add_argument("--ckpt-keep", type=int, default=3, help="keep the newest N; 0 keeps all (default: 3)")
     ckpt.add_argument("--ckpt-keep-every", type=int, default=0, help="also keep every step divisible by N (default: 0)")
     ckpt.add_argument("--no-resume", action="store_true", help="start from scratch even if --ckpt-dir has checkpoints")
+    train.add_argument(
+        "--no-self-check",
+        action="store_true",
+        help="skip the node self-check (matmul, memory, local all-reduce, disk; ~1 s) at each start of the ranks",
+    )
     ckpt.add_argument(
         "--init-from",
         metavar="CKPT",
@@ -138,6 +143,7 @@ def build(args: argparse.Namespace) -> tuple[TrainConfig, LaunchOptions]:
         kernels=args.kernels,
         run_dir=args.run_dir or time.strftime("runs/train-%Y%m%d-%H%M%S"),
         faults=tuple(args.inject),
+        self_check=not args.no_self_check,
     )
     options = LaunchOptions(
         nproc_per_node=args.nproc_per_node,

@@ -104,7 +104,10 @@ class TrainConfig:
     run_dir: str = "runs/latest"
     """Where the config, telemetry (one JSONL file per rank) and logs go."""
     dist_timeout_seconds: float = 300.0
-    """Process group timeout; a collective stuck longer than this fails instead of hanging forever."""
+    """Process group timeout; a collective stuck longer than this fails instead of hanging forever. The agent's
+    hang detection (``--hang-timeout``) acts well before it."""
+    self_check: bool = True
+    """Run the node self-check (engine/selfcheck.py) at every start of the ranks, before training."""
     faults: tuple[Fault, ...] = ()
     """Injected faults (``--inject``), for testing the diagnosis; empty in a real run."""
 

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from megascope.engine import selfcheck
 from megascope.engine.agent_sink import connect_from_environment
 from megascope.engine.checkpoint import Checkpointer, CheckpointError, committed_steps, load, remove_unfinished
 from megascope.engine.checkpoint.format import step_dir_name
@@ -113,8 +114,8 @@ class Trainer:
 
         torch.manual_seed(config.data.seed)  # every rank builds identical initial weights
         self.model = Transformer(config.model, kernels=config.kernels).to(self.device)
-        # No buffer sync at each forward: the buffers (RoPE tables, sparse layouts) are built identically on every rank, and a
-        # broadcast at each forward would be one more collective per step, and one a hang diagnosis cannot count.
+        # No buffer sync at each forward: the buffers (RoPE tables, sparse layouts) are built identically on every
+        # rank, and a broadcast at each forward is one more collective per step, one a hang diagnosis cannot count.
         self.ddp = DistributedDataParallel(
             self.model, device_ids=[self.local_rank] if self.device.type == "cuda" else None, forward_sync_buffers=False
         )
@@ -312,6 +313,8 @@ class Trainer:
                 "no validation loss: the held-out documents are fewer than one "
                 "micro-batch; raise --val-fraction or give more --data",
             )
+        if config.self_check:
+            self._self_check()
         for fault in self.faults:
             self.telemetry.event(
                 Event(kind="fault_injected", text=f"--inject {fault.describe()} on this rank", severity="warning",
@@ -351,6 +354,25 @@ class Trainer:
             param_digest=parameter_digest(self.model),
             telemetry_dropped=str(self.telemetry.dropped),
         )
+
+    def _self_check(self) -> None:
+        slow = next((f for f in self.faults if isinstance(f, SlowFault)), None)
+        disk = Path(self.config.checkpoint.dir or self.config.run_dir)
+        verdict = selfcheck.run(self.node, self.device, disk, slow)
+        if self.local_rank != 0:
+            return
+        node = verdict.node
+        text = (
+            f"node {self.node}: matmul {node.matmul_gflops:.1f} GFLOPS, memory {node.memory_gbps:.1f} GB/s, "
+            f"local all-reduce {node.allreduce_gbps:.2f} GB/s, disk {node.disk_mbps:.0f} MB/s "
+            f"({verdict.seconds:.1f}s)"
+        )
+        if verdict.slow:
+            text += f"; SLOW: {', '.join(verdict.slow)} below {selfcheck.SLOW_RATIO:.0%} of the other nodes' median"
+        self.telemetry.event(
+            Event(kind="self_check", text=text, severity="warning" if verdict.slow else "info", rank=self.rank,
+                  step=self.step, node=self.node, attributes=selfcheck.describe(verdict))
+        )  # fmt: skip
 
     def _fire_faults(self) -> None:
         """Injected crashes and hangs, at the start of the step they name (before its first collective)."""

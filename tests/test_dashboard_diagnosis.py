@@ -6,15 +6,18 @@ diagnosis are tested in tests/test_diagnosis.py and tests/test_fault_tolerance.p
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
+from textual.pilot import Pilot
 from textual.widgets import Static
 
 from megascope.dashboard.app import DashboardApp
+from megascope.dashboard.cli import add_arguments
 from megascope.dashboard.diagnosis import AgentStacks, job_stacks
 from megascope.dashboard.diagnosis_screen import DiagnosisScreen
 from megascope.dashboard.screens import ConfirmScreen, MainScreen
@@ -72,9 +75,9 @@ async def agents() -> AsyncIterator[tuple[list[FakeAgent], list[str]]]:
         await server.stop(None)
 
 
-async def connected(pilot: object, app: DashboardApp) -> None:
-    await until(pilot, lambda: len(app.connected_agents()) == len(app.agents), "every agent connected")  # type: ignore[arg-type]
-    await until(pilot, lambda: app.model.newest_checkpoint_step() == 40, "the checkpoint event")  # type: ignore[arg-type]
+async def connected(pilot: Pilot[int], app: DashboardApp) -> None:
+    await until(pilot, lambda: len(app.connected_agents()) == len(app.agents), "every agent connected")
+    await until(pilot, lambda: app.model.newest_checkpoint_step() == 40, "the checkpoint event")
 
 
 def summary_text(app: DashboardApp) -> str:
@@ -282,3 +285,11 @@ async def test_a_refused_restart_is_shown_naming_the_agent_and_its_message(
         refused = f"{addresses[1]}: restart refused: FAILED_PRECONDITION: no training rank is running on this node"
         assert refused in notifications(app)
         assert "2 ranks stopped on 1 of 2 agents" in " ".join(notifications(app))
+
+
+def test_the_dashboards_token_defaults_to_megascope_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEGASCOPE_TOKEN", "from-env")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args(["--agents", "127.0.0.1:1"]).token == "from-env"
+    assert parser.parse_args(["--agents", "127.0.0.1:1", "--token", "given"]).token == "given"

@@ -198,10 +198,10 @@ async def test_the_main_screen_marks_the_straggler_in_words() -> None:
         assert "stragglers 1!" in _rendered_text(app)
 
 
-async def test_s_opens_the_heat_map_grouped_by_node_and_esc_closes_it() -> None:
+async def test_h_opens_the_heat_map_grouped_by_node_and_esc_closes_it() -> None:
     app = DashboardApp(model=synthetic_model())
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("s")
+        await pilot.press("h")
         await until(pilot, lambda: isinstance(app.screen, HeatMapScreen), "the heat map")
         await pilot.pause()
         lines = _rendered_text(app).splitlines()
@@ -218,7 +218,7 @@ async def test_s_opens_the_heat_map_grouped_by_node_and_esc_closes_it() -> None:
 async def test_enter_on_a_rank_in_the_heat_map_opens_its_timeline_beside_the_median() -> None:
     app = DashboardApp(model=synthetic_model())
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("s")
+        await pilot.press("h")
         await until(pilot, lambda: isinstance(app.screen, HeatMapScreen), "the heat map")
         await pilot.press("end", "enter")  # the last rank: 3
         await until(pilot, lambda: isinstance(app.screen, RankTimelineScreen), "the timeline")

@@ -208,3 +208,16 @@ async def _restart(address: str, step: int) -> agent_pb2.RestartResponse:
             agent_pb2.RestartRequest(step=step, reason="test")
         )
         return response
+
+
+def test_a_node_whose_self_check_is_far_below_the_others_is_evicted_and_the_job_goes_on(tmp_path: Path) -> None:
+    summary = demo(
+        tmp_path, "--nodes", "2", "--ranks-per-node", "1", "--min-nodes", "1", "--evict-slow-nodes",
+        "--inject", "slow:rank=1,factor=5", "--steps", "12", "--batch-tokens", "256",
+    )  # fmt: skip
+    assert summary["agent_exit_codes"] == [0, 0]
+    checks = {e["node"]: e for e in events(summary, "self_check") if e["step"] == 0}
+    assert "SLOW: matmul_gflops" in checks["node1"]["text"]
+    assert [e["node"] for e in events(summary, "node_evicted")] == ["node1"]
+    steps = [r["step"] for r in read_telemetry(tmp_path)[0] if r.get("type") == "step"]
+    assert max(steps) == 12

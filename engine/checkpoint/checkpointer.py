@@ -194,9 +194,9 @@ class Checkpointer:
     def _crash_point(self, point: str, step: int) -> None:
         name, rank, at_step = (os.environ.get(CRASH_POINT_ENV, "").split(":") + ["", ""])[:3]
         first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-        if name == point and (not rank or int(rank) == self.rank) and (not at_step or int(at_step) == step):
-            if first_attempt:
-                os.kill(os.getpid(), signal.SIGKILL)
+        wanted = name == point and (not rank or int(rank) == self.rank) and (not at_step or int(at_step) == step)
+        if wanted and first_attempt:
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def _run(self, job: _Job) -> None:
         figures = job.figures
