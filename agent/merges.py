@@ -36,22 +36,16 @@ import grpc
 import psutil
 
 from megascope.agent.state import NodeState
-from megascope.engine.checkpoint.format import (
-    CheckpointError,
-    committed_steps,
-    read_metadata,
-    resolve,
-    step_dir_name,
-)
+from megascope.engine.checkpoint.format import CheckpointError, committed_steps, read_metadata, resolve, step_dir_name
+from megascope.engine.checkpoint.merge import METHODS, MergeError, merge_weights, select_steps
+from megascope.engine.checkpoint.streaming import tmp_path
 from megascope.protos.megascope.v1 import agent_pb2, telemetry_pb2
 
-METHODS = ("sma", "wma", "ema")
 MERGED_SUFFIX = "-merged"
 """``<ckpt_dir><MERGED_SUFFIX>`` holds the merges of the run whose checkpoints are in ``ckpt_dir``."""
 MERGE_COMMAND: tuple[str, ...] = (sys.executable, "-m", "megascope.agent.cli", "merge")
 CANCEL_GRACE_SECONDS = 10.0
 """After SIGTERM a merge has this long to stop cleanly before it is killed."""
-_WEIGHT_TOLERANCE = 1e-6
 _STDERR_LINES = 20
 _MAX_LINE_BYTES = 1 << 20
 _RUNNING = agent_pb2.MERGE_STATE_RUNNING
@@ -101,19 +95,13 @@ def _steps_text(steps: Sequence[int], most: int = 12) -> str:
     return shown + (f", ... ({len(steps)} in all)" if len(steps) > most else "") if steps else "none"
 
 
-def _pick_last(committed: list[int], last: int, every: int) -> list[int]:
-    """The newest ``last`` steps walking back from the newest, each at least ``every`` before the next one."""
-    picked: list[int] = []
-    for step in reversed(committed):
-        if len(picked) == last:
-            break
-        if not picked or picked[-1] - step >= every:
-            picked.append(step)
-    return picked[::-1]
-
-
 def plan_merge(request: agent_pb2.StartMergeRequest, ckpt_dir: Path | None, now: float | None = None) -> MergePlan:
-    """Check ``request`` against the committed checkpoints in ``ckpt_dir``; raises :class:`MergeRefused`."""
+    """Check ``request`` against the committed checkpoints in ``ckpt_dir``; raises :class:`MergeRefused`.
+
+    The shape of the request is checked here, naming its fields; which steps ``last``/``every`` pick and what
+    the weights may be are the engine's own rules (``select_steps``, ``merge_weights``), so the dashboard and
+    ``megascope merge`` never disagree.
+    """
 
     def invalid(text: str) -> MergeRefused:
         return MergeRefused(grpc.StatusCode.INVALID_ARGUMENT, text)
@@ -123,9 +111,13 @@ def plan_merge(request: agent_pb2.StartMergeRequest, ckpt_dir: Path | None, now:
             grpc.StatusCode.FAILED_PRECONDITION,
             "this agent's run saves no checkpoints (start it with --ckpt-dir): there is nothing to merge",
         )
-    method = request.method
+    weights = list(request.weights)
+    # Explicit weights replace the method's ("weights" is the engine's name for that).
+    method = request.method or ("weights" if weights else "")
     if method not in METHODS:
         raise invalid(f"method: must be one of {', '.join(METHODS)}, got {method!r}")
+    if weights and method != "weights":
+        raise invalid(f"weights: explicit weights replace the method: leave method empty, not {method!r}")
     alpha = request.alpha
     if not math.isfinite(alpha) or not 0 <= alpha <= 1:
         raise invalid(f"alpha: must be in (0, 1] (0 for the default), got {alpha}")
@@ -137,53 +129,33 @@ def plan_merge(request: agent_pb2.StartMergeRequest, ckpt_dir: Path | None, now:
         raise invalid("steps and last: give one of them, not both")
     if request.every and not request.last:
         raise invalid("every: only applies with last")
-
-    committed = committed_steps(ckpt_dir)
-    weights = list(request.weights)
-    if request.steps:
-        steps = list(request.steps)
-        repeated = sorted({s for s in steps if steps.count(s) > 1})
-        if repeated:
-            raise invalid(f"steps: {_steps_text(repeated)} listed more than once")
-        missing = [s for s in steps if s not in committed]
-        if missing:
-            raise MergeRefused(
-                grpc.StatusCode.NOT_FOUND,
-                f"steps: no committed checkpoint for step {_steps_text(missing)} in {ckpt_dir} "
-                f"(committed: {_steps_text(committed)})",
-            )
-        if weights and len(weights) == len(steps):  # keep each weight with its step while putting steps in order
-            pairs = sorted(zip(steps, weights, strict=True))
-            steps, weights = [s for s, _ in pairs], [w for _, w in pairs]
-        steps.sort()
-    elif request.last:
-        steps = _pick_last(committed, request.last, request.every)
-        if len(steps) < request.last:
-            spacing = f" at least {request.every} steps apart" if request.every else ""
-            raise MergeRefused(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"last: {request.last} checkpoints{spacing} asked for, {len(steps)} found in {ckpt_dir} "
-                f"(committed: {_steps_text(committed)})",
-            )
-    else:
+    if not request.steps and not request.last:
         raise invalid("steps or last: say which checkpoints to merge")
-    if len(steps) < 2:
-        raise invalid(f"steps: a merge needs at least 2 checkpoints, got {len(steps)}")
-    if weights:
-        if len(weights) != len(steps):
-            raise invalid(f"weights: {len(weights)} given for {len(steps)} checkpoints; give one per checkpoint")
-        if not all(math.isfinite(w) and w >= 0 for w in weights):
-            raise invalid(f"weights: each must be a finite number >= 0, got {weights}")
-        if abs(sum(weights) - 1.0) > _WEIGHT_TOLERANCE:
-            raise invalid(f"weights: must sum to 1, got {sum(weights):g}")
+    if request.last == 1 or len(request.steps) == 1:
+        raise invalid("steps or last: a merge needs at least 2 checkpoints, got 1")
+    steps = list(request.steps)
+    repeated = sorted({s for s in steps if steps.count(s) > 1})
+    if repeated:
+        raise invalid(f"steps: {_steps_text(repeated)} listed more than once")
+
+    try:
+        chosen = select_steps(ckpt_dir, steps or None, request.last or None, request.every or None)
+    except MergeError as error:
+        # Well-formed but not what is on disk: steps that were never saved (or were removed by retention).
+        code = grpc.StatusCode.NOT_FOUND if steps else grpc.StatusCode.FAILED_PRECONDITION
+        raise MergeRefused(code, str(error)) from None
+    try:
+        merge_weights(method, len(chosen), alpha or None, weights or None)
+    except MergeError as error:
+        raise invalid(str(error)) from None
 
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(time.time() if now is None else now))
-    base = merged_root(ckpt_dir) / f"merge-{method}-{steps[0]}-{steps[-1]}-{stamp}"
+    base = merged_root(ckpt_dir) / f"merge-{method}-{chosen[0]}-{chosen[-1]}-{stamp}"
     out, n = base, 1
-    while out.exists():  # two merges of the same inputs within a second
+    while out.exists() or tmp_path(out).exists():  # two merges of the same inputs within a second
         n += 1
         out = base.with_name(f"{base.name}-{n}")
-    return MergePlan(method, tuple(steps), out, alpha, tuple(weights), request.eval)
+    return MergePlan(method, tuple(chosen), out, alpha, tuple(weights), request.eval)
 
 
 # --- listing -----------------------------------------------------------------------------------------------
@@ -268,8 +240,8 @@ def _parse(line: bytes) -> dict[str, Any] | None:
 
 
 def _discard(out: Path) -> None:
-    """Remove whatever a stopped merge left of ``out`` (the directory, or a temporary one named after it)."""
-    for path in [out, *out.parent.glob(f"{out.name}.*")] if out.parent.is_dir() else []:
+    """Remove what a stopped merge left: its unfinished ``OUT.tmp`` (a killed merge cannot clean up), or ``OUT``."""
+    for path in (out, tmp_path(out)):
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
 

@@ -418,6 +418,7 @@ class AgentServer:
         self.stopping = asyncio.Event()
         self.health = health.aio.HealthServicer()
         self.workers = WorkerServicer(state)
+        self.merges = merges if merges is not None else MergeRunner(state, None)
         self._server = grpc.aio.server(
             interceptors=[_RejectUndecodable()],
             options=[
@@ -426,7 +427,7 @@ class AgentServer:
             ],
         )
         agent_pb2_grpc.add_AgentServiceServicer_to_server(
-            AgentServicer(state, self.stopping, self.workers, token, merges, supervisor, run_dir, ckpt_dir),
+            AgentServicer(state, self.stopping, self.workers, token, self.merges, supervisor, run_dir, ckpt_dir),
             self._server,
         )
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(self.workers, self._server)

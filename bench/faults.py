@@ -290,7 +290,34 @@ def inject_flags(faults: Sequence[Injected]) -> list[str]:
     return [part for fault in faults for part in ("--inject", fault.describe())]
 
 
+START_ATTEMPTS = 3
+
+
 def run_megascope(
+    run_dir: Path, steps: int, faults: Sequence[Injected], args: argparse.Namespace, limit_s: float
+) -> tuple[SideResult, dict[str, Any] | None]:
+    """The demo with ``faults``; launched again (up to START_ATTEMPTS) when it failed before its first step.
+
+    The agent's launch of torchrun now and then dies of SIGABRT at once (gRPC and fork: see the note it leaves);
+    that is no fault this measures, so the run is started again, and the note says so.
+    """
+    failed_starts: list[str] = []
+    for attempt in range(START_ATTEMPTS):
+        side, summary = _run_demo(run_dir, steps, faults, args, limit_s)
+        if side.steps_done or attempt == START_ATTEMPTS - 1:
+            break
+        gave_up = [e["text"] for e in (summary or {}).get("events", []) if e.get("kind") == "job_failed"]
+        failed_starts.append(gave_up[0] if gave_up else f"demo exit code {side.exit_code}, no step done")
+        aside = run_dir.with_name(f"{run_dir.name}-failed-start-{attempt + 1}")
+        for suffix in ("", ".stdout", ".stderr"):
+            with contextlib.suppress(FileNotFoundError):
+                Path(f"{run_dir}{suffix}").rename(f"{aside}{suffix}")
+        log(f"megascope: failed before its first step ({failed_starts[-1]}); kept in {aside}; starting again")
+    side.notes[:0] = [f"start-up failed before any step, started again: {text}" for text in failed_starts]
+    return side, summary
+
+
+def _run_demo(
     run_dir: Path, steps: int, faults: Sequence[Injected], args: argparse.Namespace, limit_s: float
 ) -> tuple[SideResult, dict[str, Any] | None]:
     command = [

@@ -337,6 +337,8 @@ class EventRow:
     rank: int | None
     step: int | None
     text: str
+    attributes: dict[str, str] = field(default_factory=dict)
+    """The event's figures, e.g. ``detect_seconds`` of a crash, ``mttr_seconds`` of a restart."""
 
 
 @dataclass(frozen=True)
@@ -516,6 +518,8 @@ class ClusterModel:
         self._nodes: dict[str, _Node] = {}
         self._ranks: dict[int, _Rank] = {}
         self._losses: Bounded[int, dict[int, float]] = Bounded(STEP_HISTORY)
+        self._world_size_limit: int | None = None
+        """Set when the job restarted with fewer ranks: ranks at or past it left the job."""
         """step -> {rank: loss}, kept as reports arrive so the loss plot costs O(steps) per frame."""
         self._events: list[_StoredEvent] = []
         self._event_keys: set[tuple[object, ...]] = set()
@@ -640,12 +644,17 @@ class ClusterModel:
     def _rank(self, rank: int, address: str, node_name: str) -> _Rank:
         entry = self._ranks.get(rank)
         if entry is None:
-            entry = self._ranks[rank] = _Rank(rank=rank, agent=address, node=node_name, heard=self.clock())
+            entry = _Rank(rank=rank, agent=address, node=node_name, heard=self.clock())
+            if self._world_size_limit is not None and rank >= self._world_size_limit:
+                return entry  # a rank the job left behind, still in its old agent's tables: not kept
+            self._ranks[rank] = entry
         entry.agent = address
         entry.node = node_name
         return entry
 
     def _add_report(self, address: str, node: _Node, report: telemetry_pb2.StepReport) -> None:
+        if self._world_size_limit is not None and report.world_size > self._world_size_limit:
+            self._world_size_limit = None  # the job grew again
         entry = self._rank(report.rank, address, report.node or node.name)
         entry.heard = self.clock()
         latest = entry.latest
@@ -676,6 +685,19 @@ class ClusterModel:
         # Out-of-order batches must not move a rank backwards.
         if latest is None or report.step >= latest.step:
             entry.latest = report
+        if report.restart_count > 0 and report.world_size < len(self._ranks):
+            self._forget_ranks_outside(report.world_size)
+
+    def _forget_ranks_outside(self, world_size: int) -> None:
+        """The job restarted smaller (a node lost or evicted, ``--nnodes MIN:MAX``): ranks past its world size
+        are no longer in it, and the job's step, loss and throughput are its remaining ranks'."""
+        self._world_size_limit = world_size
+        for rank in [r for r in self._ranks if r >= world_size]:
+            del self._ranks[rank]
+            for reports in self._pending.values():
+                reports.pop(rank, None)
+            for losses_at in self._losses.values():
+                losses_at.pop(rank, None)
 
     def _judge_steps(self) -> None:
         """Hand every step that is complete (or waited long enough) to the straggler detector, in order."""
@@ -1085,6 +1107,7 @@ class ClusterModel:
                 rank=s.event.rank if s.event.HasField("rank") else None,
                 step=s.event.step if s.event.HasField("step") else None,
                 text=s.event.text,
+                attributes=dict(s.event.attributes),
             )
             for s in stored
         ]

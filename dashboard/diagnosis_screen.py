@@ -94,7 +94,8 @@ class DiagnosisScreen(ModelScreen):
         groups = StackGroupsTable(id="stack-groups")
         groups.border_title = f"Ranks with identical stacks ({CULPRIT}: a stack no other rank shares; enter: its rank)"
         yield groups
-        with VerticalScroll(id="stack-scroll"):
+        with VerticalScroll(id="stack-scroll") as scroll:
+            scroll.border_title = "Stacks"
             yield Static(id="stack-text")
         yield Footer()
 

@@ -9,8 +9,8 @@ during the run, ascending), ``straggler_flags`` (each flag: ``rank``, ``node``, 
 (the last step done before it), ``time``, ``detect_seconds``, ``cause`` (``SIGKILL``, ``exit code 1``, or the
 hang's reason), ``text``, and ``mttr_seconds``, ``steps_lost``, ``resumed_step`` of the restart that ended it,
 null until there is one), ``restart_details`` (each restart: ``cause``, ``mttr_seconds``, ``steps_lost``,
-``resumed_step``, ``node``, ``time``) and ``events`` (each ``{"kind", "rank", "step", "time", "text"}``; a flag
-is also an event of kind ``straggler``). Fields may be added; these are never renamed.
+``resumed_step``, ``node``, ``time``) and ``events`` (each ``{"kind", "rank", "step", "time", "text", "node",
+"attributes"}``; a flag is also an event of kind ``straggler``). Fields may be added; these are never renamed.
 """
 
 from __future__ import annotations
@@ -98,7 +98,8 @@ def summarize(
         "faults": [_fault_dict(fault) for fault in model.faults()],
         "restart_details": [_restart_dict(restart) for restart in model.restarts()],
         "events": [
-            {"kind": e.kind, "rank": e.rank, "step": e.step, "time": e.wall_time, "text": e.text, "node": e.node}
+            {"kind": e.kind, "rank": e.rank, "step": e.step, "time": e.wall_time, "text": e.text, "node": e.node,
+             "attributes": e.attributes}
             for e in model.events()
         ],
         "agent_exit_codes": codes,

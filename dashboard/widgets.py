@@ -369,7 +369,7 @@ class EventsTable(KeyedTable):
         ("severity", "sev", 5),
         ("rank", "rank", 5),
         ("step", "step", 7),
-        ("kind", "kind", 14),
+        ("kind", "kind", 17),  # "restart_requested", "straggler_cleared"
         ("text", "text", 40),
     )
     FLEX_COLUMN = "text"

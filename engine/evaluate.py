@@ -10,14 +10,21 @@ checkpoints of one run, merged or not, are compared on the same tokens.
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from megascope.engine.checkpoint import Metadata, load, open_checkpoint
-from megascope.engine.config import TrainConfig
-from megascope.engine.data import Batch, DataError, PackedBatches, load_corpus, split_train_val
+from megascope.engine.config import CheckpointConfig, OptimConfig, TrainConfig
+from megascope.engine.data import Batch, DataConfig, DataError, PackedBatches, load_corpus, split_train_val
 from megascope.engine.model import Transformer, cross_entropy
+
+
+def _known(values: dict[str, Any], kind: type) -> dict[str, Any]:
+    names = {f.name for f in fields(kind)}
+    return {k: v for k, v in values.items() if k in names}
 
 
 class EvalError(ValueError):
@@ -25,9 +32,17 @@ class EvalError(ValueError):
 
 
 def run_config(metadata: Metadata, where: Path) -> TrainConfig:
-    """The training config saved in a checkpoint's metadata (``extra.config``)."""
+    """The training config saved in a checkpoint's metadata (``extra.config``).
+
+    Settings this version does not know (saved by a newer or older megascope) are dropped, except in the model
+    section: evaluation needs the data, split and batch settings, and the model exactly.
+    """
     try:
-        return TrainConfig.from_dict(metadata.extra["config"])
+        raw = dict(metadata.extra["config"])
+        for section, kind in (("data", DataConfig), ("optim", OptimConfig), ("checkpoint", CheckpointConfig)):
+            if isinstance(raw.get(section), dict):
+                raw[section] = _known(raw[section], kind)
+        return TrainConfig.from_dict(_known(raw, TrainConfig))
     except (KeyError, TypeError, ValueError) as error:
         raise EvalError(
             f"{where}: no usable training config in its metadata ({type(error).__name__}: {error}); "

@@ -282,3 +282,16 @@ def test_header_shows_a_save_in_progress_then_the_last_checkpoint_and_ignores_a_
     failed = [_checkpoint_event("checkpoint_started", 50, 995.0), _checkpoint_event("checkpoint_failed", 50, 996.0)]
     model.ingest("a:1", telemetry_pb2.Telemetry(events=failed))
     assert model.header().checkpoint is not None and model.header().checkpoint.startswith("step 40")
+
+
+def test_a_job_that_restarts_with_fewer_ranks_is_judged_by_the_ranks_it_has_left() -> None:
+    model = model_with(A, B)
+    model.ingest(A, batch(*(report(r, s) for r in (0, 1) for s in (1, 2)), info=node_info("node0", [0, 1])))
+    model.ingest(B, batch(*(report(r, s) for r in (2, 3) for s in (1, 2)), info=node_info("node1", [2, 3])))
+    assert model.header().step == 2
+    # node1 is lost; node0's two ranks restart alone from step 1 as a 2-rank job and go on to step 5.
+    shrunk = [report(r, s, world_size=2, restart_count=1) for r in (0, 1) for s in range(2, 6)]
+    model.ingest(A, batch(*shrunk, info=node_info("node0", [0, 1], world_size=2)))
+    model.ingest(B, batch(statuses=[running(2), running(3)], info=node_info("node1", [2, 3])))  # its stale tables
+    assert model.header().step == 5
+    assert [row.rank for row in model.rank_rows()] == [0, 1]

@@ -257,6 +257,14 @@ class _Reader:
         self.weights = weights
         self.plan = {t.name: t for t in plan}
         self.stop = stop
+        self._buffer = torch.empty(0)
+
+    def _read_buffer(self, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+        # One read buffer, reused for every input and for every tensor of the same shape (most of a model's
+        # tensors repeat layer after layer): fewer large allocations, less heap fragmentation.
+        if list(self._buffer.shape) != shape or self._buffer.dtype != dtype:
+            self._buffer = torch.empty(shape, dtype=dtype)
+        return self._buffer
 
     def __call__(self, name: str) -> torch.Tensor:
         tensor = self.plan[name]
@@ -264,7 +272,7 @@ class _Reader:
         if tensor.how == "copy":
             return read_tensor(newest.step_dir, newest.metadata, name)
         dtype = TORCH_DTYPES[tensor.dtype]
-        buffer = torch.empty(tensor.shape, dtype=dtype)  # one read buffer, reused for every input
+        buffer = self._read_buffer(tensor.shape, dtype)
         if tensor.how == "same":
             first = read_tensor(newest.step_dir, newest.metadata, name)
             for source in self.inputs[:-1]:

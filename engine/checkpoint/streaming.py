@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-_QUEUE_DEPTH = 2
-"""Produced tensors waiting for the consumer: bounds memory while producing and consuming overlap."""
+_QUEUE_DEPTH = 1
+"""Produced tensors waiting for the consumer: with one, the producer works on the next tensor while the consumer
+writes the previous one, and at most three tensors are alive (being produced, waiting, being written)."""
 
 
 class Stopped(Exception):  # noqa: N818  # not an error: the caller asked for the stop
