@@ -53,6 +53,35 @@ def parse_faulthandler(text: str) -> list[Thread]:
     return threads
 
 
+_PY_SPY_THREAD = re.compile(r'^Thread (\S+) \((?:[^)]*)\)(?:: "(.*)")?\s*$')
+_PY_SPY_FRAME = re.compile(r"^\s+(\S.*?) \((.+):(\d+)\)\s*$")
+
+
+def parse_py_spy(text: str) -> list[Thread]:
+    """The threads of one ``py-spy dump`` (the rank's stacks read from outside, for one that cannot answer)."""
+    threads: list[Thread] = []
+    ident: str | None = None
+    frames: list[Frame] = []
+    for line in text.splitlines():
+        header = _PY_SPY_THREAD.match(line)
+        if header:
+            if ident is not None:
+                threads.append(Thread(ident, tuple(frames)))
+            ident, frames = header.group(1), []
+            continue
+        frame = _PY_SPY_FRAME.match(line)
+        if frame and ident is not None:
+            frames.append(Frame(frame.group(2), int(frame.group(3)), frame.group(1)))
+    if ident is not None:
+        threads.append(Thread(ident, tuple(frames)))
+    return threads
+
+
+def parse_stacks(text: str) -> list[Thread]:
+    """faulthandler's or py-spy's text, whichever it is."""
+    return parse_faulthandler(text) or parse_py_spy(text)
+
+
 def main_thread(threads: Sequence[Thread]) -> Thread | None:
     """The thread running the program's entry point (its outermost frame is ``<module>``)."""
     for thread in threads:
@@ -77,7 +106,7 @@ class RankProgress:
     last_step: int
     collectives_issued: int
     stacks: str | None = None
-    """faulthandler text of every thread; None when the rank did not answer."""
+    """faulthandler (or py-spy) text of every thread; None when none could be collected."""
     note: str = ""
     """Why there are no stacks, e.g. "stopped (SIGSTOP)"."""
 
@@ -99,7 +128,7 @@ def diagnose(ranks: Sequence[RankProgress]) -> Diagnosis:
     signatures: dict[int, str] = {}
     waiting: dict[int, bool] = {}
     for rank in ranks:
-        thread = main_thread(parse_faulthandler(rank.stacks)) if rank.stacks else None
+        thread = main_thread(parse_stacks(rank.stacks)) if rank.stacks else None
         if thread is not None:
             signatures[rank.rank] = signature(thread)
             waiting[rank.rank] = is_waiting_in_torch(thread)

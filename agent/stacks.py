@@ -121,5 +121,5 @@ async def collect(targets: list[RankTarget], timeout: float = DEFAULT_TIMEOUT_SE
         if dump.text is None and dump.method != "exited":
             text = await _py_spy(dump.pid, max(1.0, deadline - time.monotonic()))
             if text is not None:
-                results[rank] = RankStackDump(rank, dump.pid, text, "py-spy")
+                results[rank] = RankStackDump(rank, dump.pid, text, f"py-spy, {dump.method}")
     return [results[rank] for rank in sorted(results)]

@@ -312,9 +312,11 @@ class Supervisor:
                 _WARNING,
             )
             return
+        culprit = next(r for r in response.ranks if r.rank == response.culprit)
+        how = f" (its stacks: {culprit.method})" if culprit.method != "signal" else ""
         self.state.event(
             "hang",
-            f"rank {response.culprit} hangs: {response.reason}; no step for {now - started:.1f}s after step "
+            f"rank {response.culprit} hangs{how}: {response.reason}; no step for {now - started:.1f}s after step "
             f"{incident.step}; stacks of {answered}/{len(response.ranks)} ranks collected; restarting",
             _ERROR,
             rank=response.culprit,

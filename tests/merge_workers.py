@@ -3,6 +3,7 @@
 One 3-process gloo job saves step 10 from 1 rank, step 20 from 2 ranks (DDP: whole tensors balanced over two
 files), step 30 from 3 ranks as dim-0 shards (FSDP2's layout: every tensor split unevenly over three files)
 and step 40 from 3 ranks (DDP). Each step holds different values, so a merge that mixed them up would show.
+Sharded over 3 ranks, the 128-wide and 384-wide tensors split evenly; the RNG states are rank-local.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from torch.distributed.tensor import Shard, distribute_tensor
 from megascope.engine.checkpoint import Checkpointer
 from megascope.engine.config import TrainConfig
 from megascope.engine.data import DataConfig
-from megascope.engine.model import ModelConfig, Transformer
+from megascope.engine.model import ModelConfig, Transformer, preset
 
-MODEL = ModelConfig(dim=24, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=40, max_seq_len=64)
+MODEL = preset("tiny")
+"""The tiny preset, so that `megascope train --preset tiny --init-from` can start from a merge of these."""
 SAVES = ((10, 1, "ddp"), (20, 2, "ddp"), (30, 3, "fsdp2"), (40, 3, "ddp"))
 """(step, saving world size, layout)."""
 

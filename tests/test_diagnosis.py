@@ -6,7 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from megascope.agent.diagnosis import RankProgress, diagnose, main_thread, parse_faulthandler, signature
+from megascope.agent.diagnosis import (
+    RankProgress,
+    diagnose,
+    main_thread,
+    parse_faulthandler,
+    parse_stacks,
+    signature,
+)
 
 
 def stack(*frames: tuple[str, str], other_thread: bool = True) -> str:
@@ -72,7 +79,8 @@ def test_of_two_ranks_with_equal_progress_the_one_not_waiting_in_torch_is_the_cu
 
 
 def test_the_one_rank_that_does_not_answer_is_the_culprit_when_nothing_else_stands_out() -> None:
-    ranks = [RankProgress(r, 5, 10, stacks=WAITING) for r in (0, 1)] + [RankProgress(2, 5, 10, note="stopped (SIGSTOP)")]
+    ranks = [RankProgress(r, 5, 10, stacks=WAITING) for r in (0, 1)]
+    ranks.append(RankProgress(2, 5, 10, note="stopped (SIGSTOP)"))
     diagnosis = diagnose(ranks)
     assert diagnosis.culprit == 2 and "stopped (SIGSTOP)" in diagnosis.reason
 
@@ -86,3 +94,14 @@ def test_two_ranks_tied_for_last_name_no_culprit_by_progress() -> None:
     ranks = [RankProgress(0, 5, 9, stacks=WAITING), RankProgress(1, 5, 9, stacks=WAITING)]
     ranks += [RankProgress(2, 5, 10, stacks=WAITING), RankProgress(3, 5, 10, stacks=WAITING)]
     assert diagnose(ranks).culprit is None
+
+
+def test_a_py_spy_dump_parses_like_a_faulthandler_one() -> None:
+    text = (
+        "Process 6013: python -c ...\nPython v3.11.7 (/usr/bin/python3.11)\n\n"
+        'Thread 6014 (idle): "Thread-1"\n    wait (threading.py:327)\n    run (threading.py:982)\n\n'
+        'Thread 6013 (idle): "MainThread"\n    _fire_faults (megascope/engine/trainer.py:340)\n'
+        "    train (megascope/engine/trainer.py:293)\n    <module> (megascope/engine/trainer.py:488)\n"
+    )
+    main = main_thread(parse_stacks(text))
+    assert main is not None and signature(main) == "trainer.py:_fire_faults < trainer.py:train < trainer.py:<module>"

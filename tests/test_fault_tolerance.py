@@ -68,6 +68,7 @@ def test_a_crashed_rank_is_named_with_its_signal_and_training_resumes_as_if_unin
     assert "resumed from step 4" in restart["text"] and crashed["restarts"] == 1
 
     clean = demo(tmp_path / "clean", "--nodes", "1", *SMALL_JOB)
+    assert clean["returncode"] == 0
     after = {step: loss for (attempt, step), loss in losses(tmp_path / "crashed").items() if attempt == 1}
     assert sorted(after) == list(range(5, 13))
     uninterrupted = {step: loss for (_, step), loss in losses(tmp_path / "clean").items()}
@@ -96,7 +97,7 @@ def test_a_stopped_rank_is_named_although_it_cannot_answer_for_its_stacks(tmp_pa
     )  # fmt: skip
     assert summary["returncode"] == 0 and summary["steps"] == 8
     [hang] = events(summary, "hang")
-    assert hang["rank"] == 1 and "stacks of 1/2 ranks collected" in hang["text"]
+    assert hang["rank"] == 1 and "stopped (SIGSTOP)" in hang["text"]  # read from outside with py-spy, or not at all
 
 
 def test_a_crash_in_the_middle_of_a_save_resumes_from_the_previous_complete_checkpoint(tmp_path: Path) -> None:

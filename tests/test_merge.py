@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -210,15 +211,17 @@ def test_bf16_checkpoints_are_accumulated_in_fp32_and_written_in_bf16(tmp_path: 
 # --- progress contract -------------------------------------------------------------------------------------------
 
 
-def test_progress_json_prints_progress_lines_then_one_done_line(series: Path, tmp_path: Path) -> None:
+def test_progress_json_prints_progress_lines_then_one_done_line(
+    series: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "merged"
-    result = run_megascope("merge", "--ckpt-dir", str(series), "--method", "ema", "--alpha", "0.2", "--last", "3",
-                           "--out", str(out), "--progress", "json")  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert megascope(["merge", "--ckpt-dir", str(series), "--method", "ema", "--alpha", "0.2", "--last", "3",
+                      "--out", str(out), "--progress", "json"]) == 0  # fmt: skip
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     progress, done = events[:-1], events[-1]
     assert progress and all(set(e) == {"event", "tensors_done", "tensors_total", "bytes_done", "bytes_total"}
                             and e["event"] == "progress" for e in progress)  # fmt: skip
+    assert progress[0]["tensors_done"] == 0
     assert [e["tensors_done"] for e in progress] == sorted(e["tensors_done"] for e in progress)
     assert progress[-1]["tensors_done"] == progress[-1]["tensors_total"]
     assert progress[-1]["bytes_done"] == progress[-1]["bytes_total"] > 0
@@ -293,12 +296,12 @@ def test_damaged_metadata_is_refused(run_dir: Path, tmp_path: Path, capsys: pyte
 def test_checkpoints_of_different_shapes_are_refused(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    other = ModelConfig(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=40, max_seq_len=64)
+    other = replace(merge_workers.MODEL, dim=64)
     checkpointer = Checkpointer(run_dir, keep_last=0)
     checkpointer.save(50, merge_workers.state_at(50, other), merge_workers.extra_at(50, 1, other))
     checkpointer.close()
     err = merge_fails(capsys, run_dir, tmp_path / "o", "--method", "sma", "--steps", "40", "50")
-    assert "model/embedding.weight" in err and "[256, 24]" in err and "[256, 32]" in err
+    assert "model/embedding.weight" in err and "[256, 128]" in err and "[256, 64]" in err
 
 
 def test_checkpoints_with_different_tensor_sets_are_refused(
@@ -420,44 +423,22 @@ def test_sigterm_during_a_merge_publishes_nothing_and_exits_130(big_series: Path
     assert nothing_written(out)
 
 
-# --- evaluation and PMA-init, with real training runs ---------------------------------------------------------
+# --- PMA-init and evaluation, with one real training run ---------------------------------------------------
 
 TRAIN = ("train", "--preset", "tiny", "--batch-tokens", "256", "--val-batches", "2", "--log-every", "100")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny run at constant LR: checkpoints and validation at steps 8, 16, 24 (one rank)."""
-    root = tmp_path_factory.mktemp("trained")
-    result = run_megascope(*TRAIN, "--steps", "24", "--warmup-steps", "4", "--ckpt-dir", str(root / "ckpt"),
-                           "--ckpt-every", "8", "--ckpt-keep", "0", "--val-every", "8", "--run-dir", str(root / "run"))  # fmt: skip
+def pma_run(series: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`megascope train --init-from` an EMA merge of the series: 4 steps, checkpoint and validation every 2."""
+    root = tmp_path_factory.mktemp("pma")
+    assert megascope(["merge", "--ckpt-dir", str(series), "--method", "ema", "--last", "3",
+                      "--out", str(root / "merged"), "--progress", "none"]) == 0  # fmt: skip
+    result = run_megascope(*TRAIN, "--steps", "4", "--warmup-steps", "2", "--init-from", str(root / "merged"),
+                           "--ckpt-dir", str(root / "ckpt"), "--ckpt-every", "2", "--ckpt-keep", "0",
+                           "--val-every", "2", "--run-dir", str(root / "run"))  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return root
-
-
-def logged_val_losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["val_loss"] for r in read_telemetry(run_dir)[0] if r["type"] == "step" and r.get("val_loss")}
-
-
-def test_eval_gives_the_validation_loss_the_trainer_logged_at_that_step(trained: Path) -> None:
-    logged = logged_val_losses(trained / "run")
-    evaluator = Evaluator.for_checkpoint(trained / "ckpt")
-    for step in (8, 16, 24):
-        assert evaluator.loss(trained / "ckpt" / f"step_{step:08d}") == pytest.approx(logged[step], rel=1e-5)
-
-
-def test_merge_eval_prints_the_merged_and_each_input_validation_loss(trained: Path, tmp_path: Path) -> None:
-    result = run_megascope("merge", "--ckpt-dir", str(trained / "ckpt"), "--method", "sma", "--last", "3",
-                           "--out", str(tmp_path / "m"), "--eval", "--progress", "json")  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    done = json.loads(result.stdout.splitlines()[-1])
-    logged = logged_val_losses(trained / "run")
-    assert done["input_val_losses"] == {str(s): pytest.approx(logged[s], rel=1e-5) for s in (8, 16, 24)}
-    assert done["val_loss"] == pytest.approx(Evaluator.for_checkpoint(tmp_path / "m").loss(tmp_path / "m"))
-    human = run_megascope("merge", "--ckpt-dir", str(trained / "ckpt"), "--method", "sma", "--last", "3",
-                          "--out", str(tmp_path / "m2"), "--eval")  # fmt: skip
-    assert human.returncode == 0, human.stderr
-    assert "val loss" in human.stdout and "merged" in human.stdout and f"{done['val_loss']:.4f}" in human.stdout
 
 
 def parameter_digest_of(checkpoint: Path) -> str:
@@ -472,36 +453,60 @@ def parameter_digest_of(checkpoint: Path) -> str:
     return digest.hexdigest()
 
 
-def test_training_starts_from_the_merged_weights_with_init_from_and_runs(trained: Path, tmp_path: Path) -> None:
-    merged = tmp_path / "merged"
-    assert megascope(["merge", "--ckpt-dir", str(trained / "ckpt"), "--method", "ema", "--last", "3",
-                      "--out", str(merged), "--progress", "none"]) == 0  # fmt: skip
-    result = run_megascope(*TRAIN, "--steps", "4", "--init-from", str(merged), "--ckpt-dir", str(tmp_path / "ckpt"),
-                           "--run-dir", str(tmp_path / "run"))  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    records = read_telemetry(tmp_path / "run")[0]
+def test_training_with_init_from_starts_from_the_merged_weights_and_runs(pma_run: Path) -> None:
+    records = read_telemetry(pma_run / "run")[0]
     started = next(r for r in records if r["type"] == "event" and r["kind"] == "started")
-    assert started["attributes"]["param_digest"] == parameter_digest_of(merged)
-    assert any(r["type"] == "event" and r["kind"] == "initialized" for r in records)
+    assert started["attributes"]["param_digest"] == parameter_digest_of(pma_run / "merged")
+    initialized = next(r for r in records if r["type"] == "event" and r["kind"] == "initialized")
+    assert "ema merge of steps [20, 30, 40]" in initialized["text"] and "fresh optimizer" in initialized["text"]
     losses = [r["loss"] for r in records if r["type"] == "step"]
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
-    assert (tmp_path / "ckpt" / "step_00000004" / "metadata.json").is_file()
+    assert verify(pma_run / "ckpt").step == 4  # and it saves checkpoints of its own
 
 
-def test_init_optimizer_keep_is_refused_when_the_merge_kept_no_optimizer_state(trained: Path, tmp_path: Path) -> None:
-    merged = tmp_path / "merged"
-    assert megascope(["merge", "--ckpt-dir", str(trained / "ckpt"), "--method", "sma", "--last", "2",
-                      "--out", str(merged), "--progress", "none"]) == 0  # fmt: skip
-    result = run_megascope(*TRAIN, "--steps", "2", "--init-from", str(merged), "--init-optimizer", "keep",
-                           "--run-dir", str(tmp_path / "run"))  # fmt: skip
-    assert result.returncode == 2
-    assert "--init-optimizer keep" in result.stderr and "--keep-optimizer" in result.stderr
+def logged_val_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["val_loss"] for r in read_telemetry(run_dir)[0] if r["type"] == "step" and r.get("val_loss")}
+
+
+def test_eval_gives_the_validation_loss_the_trainer_logged_at_that_step(pma_run: Path) -> None:
+    logged = logged_val_losses(pma_run / "run")
+    assert set(logged) == {2, 4}
+    evaluator = Evaluator.for_checkpoint(pma_run / "ckpt")
+    for step in (2, 4):
+        assert evaluator.loss(pma_run / "ckpt" / f"step_{step:08d}") == pytest.approx(logged[step], rel=1e-5)
+
+
+def test_merge_eval_reports_the_merged_and_each_input_validation_loss(
+    pma_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt = str(pma_run / "ckpt")
+    assert megascope(["merge", "--ckpt-dir", ckpt, "--method", "sma", "--steps", "2", "4", "--out",
+                      str(tmp_path / "m"), "--eval", "--progress", "json"]) == 0  # fmt: skip
+    done = json.loads(capsys.readouterr().out.splitlines()[-1])
+    logged = logged_val_losses(pma_run / "run")
+    assert done["input_val_losses"] == {str(s): pytest.approx(logged[s], rel=1e-5) for s in (2, 4)}
+    assert done["val_loss"] == pytest.approx(Evaluator.for_checkpoint(tmp_path / "m").loss(tmp_path / "m"))
+    assert megascope(["merge", "--ckpt-dir", ckpt, "--method", "sma", "--steps", "2", "4", "--out",
+                      str(tmp_path / "m2"), "--eval"]) == 0  # fmt: skip
+    table = capsys.readouterr().out
+    rows = [line.split() for line in table.splitlines()]
+    assert ["4", "0.5000", f"{logged[4]:.4f}"] in rows
+    assert ["merged", f"{done['val_loss']:.4f}"] in [r[:2] for r in rows]
+
+
+def test_init_optimizer_keep_is_refused_when_the_merge_kept_no_optimizer_state(
+    pma_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = megascope([*TRAIN, "--steps", "2", "--init-from", str(pma_run / "merged"), "--init-optimizer", "keep",
+                      "--run-dir", str(tmp_path / "run")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "--init-optimizer keep" in err and "--keep-optimizer" in err
 
 
 def test_init_from_a_checkpoint_of_another_model_is_refused_naming_the_difference(
-    trained: Path, tmp_path: Path
+    pma_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    result = run_megascope("train", "--preset", "small", "--steps", "2", "--init-from", str(trained / "ckpt"),
-                           "--run-dir", str(tmp_path / "run"))  # fmt: skip
-    assert result.returncode == 2
-    assert "holds a different model" in result.stderr and "dim=128 (this run: 384)" in result.stderr
+    code = megascope(["train", "--preset", "small", "--steps", "2", "--init-from", str(pma_run / "merged"),
+                      "--run-dir", str(tmp_path / "run")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "holds a different model" in err and "dim=128 (this run: 384)" in err
