@@ -367,17 +367,18 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         await self._authorize(context)
         if request.step < 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"step: must be >= 0, got {request.step}")
-        if not self._ckpt_dir:
+        ckpt_dir = self._ckpt_dir or ""
+        if not ckpt_dir:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "this run saves no checkpoints (no --ckpt-dir): a restart would start from step 0",
             )
-        steps = committed_steps(Path(self._ckpt_dir))
+        steps = committed_steps(Path(ckpt_dir))
         if request.step and request.step not in steps:
             known = ", ".join(map(str, steps)) or "none yet"
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
-                f"step: no committed checkpoint at step {request.step} in {self._ckpt_dir} (committed: {known})",
+                f"step: no committed checkpoint at step {request.step} in {ckpt_dir} (committed: {known})",
             )
         if not self._supervisor.live_ranks():
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no training rank is running on this node")

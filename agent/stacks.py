@@ -119,7 +119,7 @@ async def collect(targets: list[RankTarget], timeout: float = DEFAULT_TIMEOUT_SE
         results[rank] = RankStackDump(rank, target.pid, None, _process_state(target.pid) or "no answer")
     for rank, dump in list(results.items()):
         if dump.text is None and dump.method != "exited":
-            text = await _py_spy(dump.pid, max(1.0, deadline - time.monotonic()))
-            if text is not None:
-                results[rank] = RankStackDump(rank, dump.pid, text, f"py-spy, {dump.method}")
+            spied = await _py_spy(dump.pid, max(1.0, deadline - time.monotonic()))
+            if spied is not None:
+                results[rank] = RankStackDump(rank, dump.pid, spied, f"py-spy, {dump.method}")
     return [results[rank] for rank in sorted(results)]

@@ -110,10 +110,10 @@ def run(argv: Sequence[str]) -> int:
         _report(code, child.pid, lines)
     if code < 0:
         # Die of the same signal, so torch elastic reports what really happened to the rank.
-        sig = -code
+        number = -code
         with contextlib.suppress(OSError, ValueError):  # SIGKILL and SIGSTOP cannot be handled: already default
-            signal.signal(sig, signal.SIG_DFL)
-        os.kill(os.getpid(), sig)
+            signal.signal(number, signal.SIG_DFL)
+        os.kill(os.getpid(), number)
         time.sleep(1.0)
     return code if code >= 0 else 128 - code
 

@@ -52,8 +52,8 @@ _LAYER = re.compile(r"^model/layers\.(\d+)\.(.+)$")
 _IN_LAYER = {
     "attention_norm.weight": "input_layernorm.weight",
     "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wk.weight": "self_attn.v_proj.weight",
-    "attention.wv.weight": "self_attn.k_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
     "attention.wo.weight": "self_attn.o_proj.weight",
     "mlp_norm.weight": "post_attention_layernorm.weight",
     "mlp.w_gate.weight": "mlp.gate_proj.weight",

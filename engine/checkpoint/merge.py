@@ -43,7 +43,9 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +73,8 @@ from megascope.engine.checkpoint.streaming import Stopped, stream, tmp_path
 METHODS = ("sma", "wma", "ema", "weights")
 WEIGHT_SUM_TOLERANCE = 1e-6
 OUTPUT_FILE = "rank0.safetensors"
+READ_AHEAD = 2
+"""Inputs read at once for one tensor (each into its own buffer): keeps two cores busy reading and checking."""
 
 
 class MergeError(CheckpointError):
@@ -250,21 +254,48 @@ Progress = Callable[[int, int, int, int], None]
 
 
 class _Reader:
-    """Produces each output tensor from the inputs: fp32 accumulation of the weighted sum, cast back."""
+    """Produces each output tensor from the inputs: fp32 accumulation of the weighted sum, cast back.
+
+    Inputs are read ``READ_AHEAD`` at a time on a small thread pool (file reads and CRC checks release the GIL)
+    while the reader thread accumulates them, always in input order, so the result does not depend on timing.
+    """
 
     def __init__(self, inputs: list[Input], weights: list[float], plan: list[OutputTensor], stop: threading.Event):
         self.inputs = inputs
         self.weights = weights
         self.plan = {t.name: t for t in plan}
         self.stop = stop
-        self._buffer = torch.empty(0)
+        self._buffers: list[torch.Tensor] = [torch.empty(0) for _ in range(READ_AHEAD)]
+        self._pool = ThreadPoolExecutor(max_workers=READ_AHEAD, thread_name_prefix="megascope-merge-read")
 
-    def _read_buffer(self, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
-        # One read buffer, reused for every input and for every tensor of the same shape (most of a model's
-        # tensors repeat layer after layer): fewer large allocations, less heap fragmentation.
-        if list(self._buffer.shape) != shape or self._buffer.dtype != dtype:
-            self._buffer = torch.empty(shape, dtype=dtype)
-        return self._buffer
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _buffer(self, slot: int, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+        # Read buffers are reused for every input and for every tensor of the same shape (a model's tensors
+        # repeat layer after layer): fewer large allocations, less heap fragmentation.
+        if list(self._buffers[slot].shape) != shape or self._buffers[slot].dtype != dtype:
+            self._buffers[slot] = torch.empty(shape, dtype=dtype)
+        return self._buffers[slot]
+
+    def _read_all(self, name: str, shape: list[int], dtype: torch.dtype) -> Iterator[tuple[Input, torch.Tensor]]:
+        """Every input's ``name``, in input order; the next ones are read meanwhile, into their own buffers."""
+        pending: deque[Future[torch.Tensor]] = deque()
+
+        def submit(i: int) -> None:
+            source = self.inputs[i]
+            buffer = self._buffer(i % READ_AHEAD, shape, dtype)
+            pending.append(self._pool.submit(read_tensor, source.step_dir, source.metadata, name, buffer))
+
+        for i in range(min(READ_AHEAD, len(self.inputs))):
+            submit(i)
+        for i, source in enumerate(self.inputs):
+            if self.stop.is_set():
+                raise Stopped()
+            yield source, pending.popleft().result()
+            # The caller is done with input i's buffer: read input i + READ_AHEAD into it.
+            if i + READ_AHEAD < len(self.inputs):
+                submit(i + READ_AHEAD)
 
     def __call__(self, name: str) -> torch.Tensor:
         tensor = self.plan[name]
@@ -272,22 +303,18 @@ class _Reader:
         if tensor.how == "copy":
             return read_tensor(newest.step_dir, newest.metadata, name)
         dtype = TORCH_DTYPES[tensor.dtype]
-        buffer = self._read_buffer(tensor.shape, dtype)
         if tensor.how == "same":
             first = read_tensor(newest.step_dir, newest.metadata, name)
-            for source in self.inputs[:-1]:
-                if not torch.equal(read_tensor(source.step_dir, source.metadata, name, buffer), first):
+            for source, value in self._read_all(name, tensor.shape, dtype):
+                if not torch.equal(value, first):
                     raise MergeError(
                         f"{name}: a {tensor.dtype} tensor (not averageable) that differs between steps "
                         f"{source.step} and {newest.step}: merge checkpoints of one model"
                     )
             return first
         total = torch.zeros(tensor.shape, dtype=torch.float32)
-        for source, weight in zip(self.inputs, self.weights, strict=True):
-            if self.stop.is_set():
-                raise Stopped()
-            read_tensor(source.step_dir, source.metadata, name, buffer)
-            total.add_(buffer, alpha=weight)  # fp32 accumulation whatever the stored dtype
+        for (_, value), weight in zip(self._read_all(name, tensor.shape, dtype), self.weights, strict=True):
+            total.add_(value, alpha=weight)  # fp32 accumulation whatever the stored dtype
         return total if dtype == torch.float32 else total.to(dtype)
 
 
@@ -398,13 +425,16 @@ def merge(
 
         if progress is not None:
             progress(0, len(plan), 0, bytes_total)
+        reader = _Reader(inputs, chosen_weights, plan, stop)
         try:
-            stream([t.name for t in plan], _Reader(inputs, chosen_weights, plan, stop), consume, stop, on_done)
+            stream([t.name for t in plan], reader, consume, stop, on_done)
         except BaseException:
             writer.abort()
             if hf_writer is not None:
                 hf_writer.abort()
             raise
+        finally:
+            reader.close()
         writer.close()
         if hf_writer is not None:
             hf_writer.close()
