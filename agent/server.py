@@ -196,16 +196,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, failure)
 
     async def ReportExit(  # noqa: N802
-        self, request: worker_pb2.ExitReport, context: grpc.aio.ServicerContext
-    ) -> worker_pb2.ExitReportResponse:
-        if request.rank < 0 or request.pid < 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "exit_report.rank and .pid must be >= 0")
-        if not math.isfinite(request.wall_time):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "exit_report.wall_time: must be a finite number")
-        if len(request.log_tail) > 2 * _EXIT_LOG_LINES:
-            del request.log_tail[_EXIT_LOG_LINES:-_EXIT_LOG_LINES]
-        self._state.rank_exited(request)
-        return worker_pb2.ExitReportResponse()
+        self, request: worker_pb2.ReportExitRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.ReportExitResponse:
+        report = request.report
+        if report.rank < 0 or report.pid < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "report.rank and report.pid must be >= 0")
+        if not math.isfinite(report.wall_time):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "report.wall_time: must be a finite number")
+        if len(report.log_tail) > 2 * _EXIT_LOG_LINES:
+            del report.log_tail[_EXIT_LOG_LINES:-_EXIT_LOG_LINES]
+        self._state.rank_exited(report)
+        return worker_pb2.ReportExitResponse()
 
     async def _read(self, requests: AsyncIterator[worker_pb2.AttachRequest], rank: int) -> str | None:
         """Apply the worker's messages until its stream ends; the error text if it sent something invalid."""

@@ -34,8 +34,11 @@ What is measured, on both sides from the same sources:
 - fault time: the mtime of the fault's marker file (``run_dir/faults/<fault>.0``), created by the rank an instant
   before it kills itself or starts hanging (engine/faults.py ``claim_firing``).
 - detection latency: fault time to the first detection after it. megascope: the agent's ``crash`` or ``hang``
-  event (its wall time, in the demo's summary). torchrun: the line ``Worker group FAILED ... will restart worker
-  group`` on torchrun's stderr, stamped by this script as it arrives. "seen as" says what each one blamed.
+  event (its wall time, in the demo's summary). torchrun: the first line on its stderr (stamped by this script as
+  it arrives) that shows it acting on a failed worker: ``Sending process N closing signal SIGTERM`` to the others,
+  or ``failed (exitcode ...)`` / ``Worker group FAILED ... will restart worker group``; the last two come only once
+  the others are stopped, which for a rank under SIGSTOP is torch's 30 s SIGTERM grace later (that wait counts in
+  MTTR; the JSON keeps it as ``restart_line_s``). "seen as" says what each blamed.
 - MTTR: fault time to the first step completed after the restart: the lowest attempt
   (``TORCHELASTIC_RESTART_COUNT``) above the fault's that completed a step, its first step, done when the last
   rank recorded it (``run_dir/telemetry/rank*.jsonl``, ``wall_time``).
@@ -43,7 +46,7 @@ What is measured, on both sides from the same sources:
   (its first step - 1).
 - ETTR (effective training time ratio): useful step time / wall time. Useful step time: for each step index
   1..N once, the execution of it that the final model went through (the one in the latest attempt), its
-  ``step_seconds`` (the slowest rank's). Wall time: from the start of step 1 (first attempt, earliest rank) to
+  ``step_seconds`` (the mean over ranks). Wall time: from the start of step 1 (first attempt, earliest rank) to
   the end of step N (the last rank). Both sides pay the same start-up before step 1, so it is left out of both;
   re-done steps, detection, restarts, checkpoints and gaps between steps all count as wall time only.
 
@@ -91,6 +94,9 @@ GOAL_MTTR_S = 60.0
 GOAL_ETTR = 0.90
 _RESTART_LINE = re.compile(r"Worker group (FAILED|UNHEALTHY)\. .*will restart worker group")
 _FAILED_RANK = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+)")
+_NOTICED = re.compile(r"closing signal SIG|failed \(exitcode|Worker group (FAILED|UNHEALTHY)")
+"""torchrun acting on a failed worker: it stops the others (SIGTERM, and SIGKILL 30 s later if they do not go),
+and only then logs the failure and the restart."""
 _STOP_GRACE_S = 30.0
 
 Injected: TypeAlias = CrashFault | HangFault
@@ -110,7 +116,8 @@ class Execution:
     done: float
     """Wall time the last rank recorded it."""
     seconds: float
-    """The slowest rank's ``step_seconds``."""
+    """The mean of the ranks' ``step_seconds``: each rank's steps follow one another, so summed over steps this
+    never exceeds the wall time (the slowest rank's would: ranks start a step at slightly different times)."""
 
 
 def read_executions(run_dir: Path) -> list[Execution]:
@@ -130,7 +137,7 @@ def read_executions(run_dir: Path) -> list[Execution]:
             attempt=attempt,
             start=min(r["wall_time"] - r["step_seconds"] for r in records),
             done=max(r["wall_time"] for r in records),
-            seconds=max(r["step_seconds"] for r in records),
+            seconds=statistics.fmean(r["step_seconds"] for r in records),
         )
         for (attempt, step), records in ranks.items()
     ]
@@ -431,15 +438,27 @@ def run_torchrun(
         reader.join(timeout=10)
     ended = time.time()
     detections: list[Detection] = []
+    restart_lines: list[float] = []
+    noticed: float | None = None
     blamed = ""
     for when, line in stamped:
+        if noticed is None and _NOTICED.search(line):
+            noticed = when
         failed = _FAILED_RANK.search(line)
         if failed:
             blamed = blamed or f"rank {failed.group(2)} exit {failed.group(1)}"
-        elif _RESTART_LINE.search(line):
-            detections.append(Detection(when, blamed or "worker group failed"))
-            blamed = ""
+        if _RESTART_LINE.search(line):
+            detections.append(Detection(noticed if noticed is not None else when, blamed or "worker group failed"))
+            restart_lines.append(when)
+            noticed, blamed = None, ""
     side = measure("torchrun", run_dir, faults, detections, steps, launched, ended, process.returncode)
+    # When torchrun decided to restart, for each fault: up to its SIGTERM grace (30 s) after it noticed the failure.
+    side.extra["restart_line_s"] = [
+        None
+        if r.fired is None
+        else next((round(t - r.fired, 3) for t in restart_lines if t > r.fired and r.detection is not None), None)
+        for r in side.faults
+    ]
     if process.returncode != 0:
         side.notes.append(f"torchrun exited with code {process.returncode}")
     return side

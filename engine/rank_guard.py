@@ -40,13 +40,12 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _copy(source: IO[bytes], sink: IO[bytes], tail: collections.deque[str], lock: threading.Lock) -> None:
+def _copy(source: IO[bytes], sink: IO[bytes], tail: collections.deque[str]) -> None:
     for line in iter(source.readline, b""):
         with contextlib.suppress(OSError, ValueError):
             sink.write(line)
             sink.flush()
-        with lock:
-            tail.append(line.decode(errors="replace").rstrip("\n"))
+        tail.append(line.decode(errors="replace").rstrip("\n"))  # deque.append is atomic: no lock
 
 
 def describe_exit(code: int) -> tuple[int, str]:
@@ -80,7 +79,8 @@ def _report(code: int, pid: int, tail: list[str]) -> None:
     )
     # Best effort: the agent may be gone too; the exit status still reaches torch elastic below.
     with contextlib.suppress(grpc.RpcError), grpc.insecure_channel(address) as channel:
-        worker_pb2_grpc.WorkerServiceStub(channel).ReportExit(report, timeout=2.0)
+        request = worker_pb2.ReportExitRequest(report=report)
+        worker_pb2_grpc.WorkerServiceStub(channel).ReportExit(request, timeout=2.0)
 
 
 def run(argv: Sequence[str]) -> int:
@@ -92,12 +92,14 @@ def run(argv: Sequence[str]) -> int:
     )
     for sig in _FORWARDED:
         signal.signal(sig, lambda number, _frame: child.send_signal(number))
-    tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
-    lock = threading.Lock()
+    # One tail per stream: the two pipes are read by two threads, so their lines do not interleave in order,
+    # and a chatty stdout must not push the traceback out of the report.
+    out_tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+    err_tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
     assert child.stdout is not None and child.stderr is not None
     copiers = [
-        threading.Thread(target=_copy, args=(child.stdout, sys.stdout.buffer, tail, lock), daemon=True),
-        threading.Thread(target=_copy, args=(child.stderr, sys.stderr.buffer, tail, lock), daemon=True),
+        threading.Thread(target=_copy, args=(child.stdout, sys.stdout.buffer, out_tail), daemon=True),
+        threading.Thread(target=_copy, args=(child.stderr, sys.stderr.buffer, err_tail), daemon=True),
     ]
     for copier in copiers:
         copier.start()
@@ -105,9 +107,7 @@ def run(argv: Sequence[str]) -> int:
     for copier in copiers:
         copier.join(timeout=1.0)  # the last lines (a traceback) matter most; do not wait forever for them
     if code != 0:
-        with lock:
-            lines = list(tail)
-        _report(code, child.pid, lines)
+        _report(code, child.pid, list(err_tail) or list(out_tail))
     if code < 0:
         # Die of the same signal, so torch elastic reports what really happened to the rank.
         number = -code

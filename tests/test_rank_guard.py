@@ -69,7 +69,17 @@ async def test_a_killed_rank_is_reported_with_its_signal_and_last_lines_and_the_
     assert b"line 29" in out and b"about to die" in out  # the rank's output still flows through
     [report] = exits
     assert (report.rank, report.local_rank, report.signal, report.exit_code) == (3, 1, "SIGKILL", 0)
-    assert len(report.log_tail) == LOG_TAIL_LINES and "about to die" in report.log_tail
+    assert report.log_tail == ["about to die"]  # stderr, where tracebacks go: never pushed out by stdout
+
+
+async def test_without_stderr_the_report_carries_the_last_lines_of_stdout(agent: AgentServer, tmp_path: Path) -> None:
+    exits = await reports_of(agent)
+    script = tmp_path / "rank.py"
+    script.write_text("import os\nfor i in range(30):\n    print(f'line {i}', flush=True)\nos._exit(3)\n")
+    code, _ = await guard(script, agent.address)
+    assert code == 3
+    [report] = exits
+    assert report.exit_code == 3 and report.log_tail == [f"line {i}" for i in range(30 - LOG_TAIL_LINES, 30)]
 
 
 async def test_an_exception_is_reported_with_its_exit_code_and_traceback(agent: AgentServer, tmp_path: Path) -> None:

@@ -1,8 +1,41 @@
-"""Asynchronous sharded checkpoints with load-time resharding (ByteCheckpoint-style); see format.py."""
+"""Asynchronous sharded checkpoints with load-time resharding (ByteCheckpoint-style); see format.py.
 
-from megascope.engine.checkpoint.checkpointer import Checkpointer, SaveFigures, remove_unfinished
-from megascope.engine.checkpoint.format import CheckpointError, Metadata, committed_steps, read_metadata, resolve
-from megascope.engine.checkpoint.loader import LoadStats, load, load_state, open_checkpoint, verify
+The names below are imported on first use: `megascope` builds every subcommand's parser at start, and the
+checkpointer pulls in torch.distributed and DTensor (over a second on a small machine), which a command that
+only reads checkpoints (`ckpt ls`, `merge`) never needs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from megascope.engine.checkpoint.checkpointer import Checkpointer, SaveFigures, remove_unfinished
+    from megascope.engine.checkpoint.format import (
+        CheckpointError,
+        Metadata,
+        committed_steps,
+        read_metadata,
+        resolve,
+    )
+    from megascope.engine.checkpoint.loader import LoadStats, load, load_state, open_checkpoint, verify
+
+_WHERE = {
+    "Checkpointer": "checkpointer",
+    "SaveFigures": "checkpointer",
+    "remove_unfinished": "checkpointer",
+    "CheckpointError": "format",
+    "Metadata": "format",
+    "committed_steps": "format",
+    "read_metadata": "format",
+    "resolve": "format",
+    "LoadStats": "loader",
+    "load": "loader",
+    "load_state": "loader",
+    "open_checkpoint": "loader",
+    "verify": "loader",
+}
 
 __all__ = [
     "CheckpointError",
@@ -19,3 +52,11 @@ __all__ = [
     "resolve",
     "verify",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value  # once imported, a plain attribute
+    return value

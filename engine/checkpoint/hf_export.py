@@ -22,7 +22,6 @@ renames it to ``OUT``: an export that fails leaves nothing behind.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import threading
@@ -35,7 +34,7 @@ import torch
 from megascope.engine.checkpoint.format import CheckpointError, Metadata, fsync_dir, write_atomically
 from megascope.engine.checkpoint.loader import open_checkpoint, read_tensor
 from megascope.engine.checkpoint.safetensors_io import SafetensorsWriter
-from megascope.engine.checkpoint.streaming import stream, tmp_path
+from megascope.engine.checkpoint.streaming import publish, stream, tmp_path
 from megascope.engine.model import ModelConfig
 
 HF_SUBDIR = "hf"
@@ -213,10 +212,7 @@ def export(path: str | Path, out: str | Path, stop: threading.Event | None = Non
             writer.abort()
             raise
         writer.close()
-        if out.exists():
-            raise HFExportError(f"--hf {out} appeared while exporting; the result is not published")
-        os.rename(tmp, out)
-        fsync_dir(out.parent)
+        publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 from megascope.engine.checkpoint.format import TORCH_DTYPES, CheckpointError, Metadata, read_metadata, resolve
-from megascope.engine.checkpoint.plan import local_part
 from megascope.engine.checkpoint.safetensors_io import read_rows
 
 
@@ -53,7 +52,12 @@ def load(path: str | Path, targets: dict[str, torch.Tensor], strict: bool = True
             if strict:
                 raise CheckpointError(f"{name}: not in the checkpoint at {step_dir}")
             continue
-        local, shape, offset = local_part(name, target)
+        if type(target) in (torch.Tensor, torch.nn.Parameter):
+            local, shape, offset = target, list(target.shape), 0
+        else:  # a DTensor: import its machinery (torch.distributed.tensor, slow to import) only when there is one
+            from megascope.engine.checkpoint.plan import local_part
+
+            local, shape, offset = local_part(name, target)
         if shape != meta.shape:
             raise CheckpointError(
                 f"{name}: the checkpoint has shape {tuple(meta.shape)}, the target wants {tuple(shape)}"

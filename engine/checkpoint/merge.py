@@ -39,7 +39,6 @@ metadata says which (``extra.optimizer_averaged`` is always false).
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import threading
 import time
@@ -61,14 +60,13 @@ from megascope.engine.checkpoint.format import (
     Shard,
     TensorMeta,
     committed_steps,
-    fsync_dir,
     step_dir_name,
     write_atomically,
 )
 from megascope.engine.checkpoint.hf_export import HF_SUBDIR, HFPlan
 from megascope.engine.checkpoint.loader import open_checkpoint, read_tensor
 from megascope.engine.checkpoint.safetensors_io import SafetensorsWriter
-from megascope.engine.checkpoint.streaming import Stopped, stream, tmp_path
+from megascope.engine.checkpoint.streaming import Stopped, publish, stream, tmp_path
 
 METHODS = ("sma", "wma", "ema", "weights")
 WEIGHT_SUM_TOLERANCE = 1e-6
@@ -456,11 +454,7 @@ def merge(
             before_publish(step_dir)
         if stop.is_set():
             raise Stopped()
-        fsync_dir(tmp)
-        if out.exists():  # rename(2) would replace an empty directory made meanwhile: never overwrite
-            raise MergeError(f"--out {out} appeared while merging; the result is not published")
-        os.rename(tmp, out)
-        fsync_dir(out.parent)
+        publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -7,12 +7,15 @@ writing.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from megascope.engine.checkpoint.format import CheckpointError, fsync_dir
 
 _QUEUE_DEPTH = 1
 """Produced tensors waiting for the consumer: with one, the producer works on the next tensor while the consumer
@@ -26,6 +29,16 @@ class Stopped(Exception):  # noqa: N818  # not an error: the caller asked for th
 def tmp_path(out: Path) -> Path:
     """Where ``out`` is built before the rename that publishes it (and the lock against a second writer)."""
     return out.with_name(out.name + ".tmp")
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Rename the finished directory ``tmp`` to ``out``, durably; never over an ``out`` that appeared meanwhile
+    (rename(2) would silently replace an empty directory)."""
+    fsync_dir(tmp)
+    if out.exists():
+        raise CheckpointError(f"{out} appeared while it was being written; the result is not published")
+    os.rename(tmp, out)
+    fsync_dir(out.parent)
 
 
 def stream(

@@ -39,7 +39,13 @@ class ExitReport(_message.Message):
     restart_count: int
     def __init__(self, rank: _Optional[int] = ..., local_rank: _Optional[int] = ..., pid: _Optional[int] = ..., exit_code: _Optional[int] = ..., signal: _Optional[str] = ..., wall_time: _Optional[float] = ..., log_tail: _Optional[_Iterable[str]] = ..., restart_count: _Optional[int] = ...) -> None: ...
 
-class ExitReportResponse(_message.Message):
+class ReportExitRequest(_message.Message):
+    __slots__ = ("report",)
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    report: ExitReport
+    def __init__(self, report: _Optional[_Union[ExitReport, _Mapping]] = ...) -> None: ...
+
+class ReportExitResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 

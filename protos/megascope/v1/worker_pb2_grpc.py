@@ -42,8 +42,8 @@ class WorkerServiceStub:
                 _registered_method=True)
         self.ReportExit = channel.unary_unary(
                 '/megascope.v1.WorkerService/ReportExit',
-                request_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_worker__pb2.ExitReport.SerializeToString,
-                response_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_worker__pb2.ExitReportResponse.FromString,
+                request_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_worker__pb2.ReportExitRequest.SerializeToString,
+                response_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_worker__pb2.ReportExitResponse.FromString,
                 _registered_method=True)
 
 
@@ -78,8 +78,8 @@ def add_WorkerServiceServicer_to_server(servicer, server):
             ),
             'ReportExit': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportExit,
-                    request_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_worker__pb2.ExitReport.FromString,
-                    response_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_worker__pb2.ExitReportResponse.SerializeToString,
+                    request_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_worker__pb2.ReportExitRequest.FromString,
+                    response_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_worker__pb2.ReportExitResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,8 +135,8 @@ class WorkerService:
             request,
             target,
             '/megascope.v1.WorkerService/ReportExit',
-            megascope_dot_protos_dot_megascope_dot_v1_dot_worker__pb2.ExitReport.SerializeToString,
-            megascope_dot_protos_dot_megascope_dot_v1_dot_worker__pb2.ExitReportResponse.FromString,
+            megascope_dot_protos_dot_megascope_dot_v1_dot_worker__pb2.ReportExitRequest.SerializeToString,
+            megascope_dot_protos_dot_megascope_dot_v1_dot_worker__pb2.ReportExitResponse.FromString,
             options,
             channel_credentials,
             insecure,
