@@ -1,9 +1,9 @@
 """Checkpoint merges (PMA) launched through the agent: one at a time, in the background, at low priority.
 
 The merge itself is ``megascope merge`` (the engine's), run as a child process rather than in the agent: it
-reads every input tensor, so in the agent it would hold the event loop's GIL and memory; as a process it can
-be given the lowest CPU and I/O priority, one CPU thread and no GPU (the training ranks own those), and be
-stopped at once. It prints one JSON object per line on stdout (``--progress json``): ``progress`` events with
+reads every input tensor, which in the agent would compete with the gRPC event loop for the GIL; as a process
+it gets the lowest CPU and I/O priority, one CPU thread and no GPU (the training ranks own those), and can be
+stopped at any moment. It prints one JSON object per line on stdout (``--progress json``): ``progress`` events with
 tensor and byte counts, then one ``done`` event with the result. The runner keeps the newest state as a
 ``MergeProgress`` and wakes every ``StartMerge`` stream following the run; streams send the newest state when
 they get to it, so a fast merge never queues thousands of messages.
@@ -36,7 +36,14 @@ import grpc
 import psutil
 
 from megascope.agent.state import NodeState
-from megascope.engine.checkpoint.format import CheckpointError, committed_steps, read_metadata, resolve, step_dir_name
+from megascope.engine.checkpoint.format import (
+    METADATA,
+    CheckpointError,
+    committed_steps,
+    read_metadata,
+    resolve,
+    step_dir_name,
+)
 from megascope.engine.checkpoint.merge import METHODS, MergeError, merge_weights, select_steps
 from megascope.engine.checkpoint.streaming import tmp_path
 from megascope.protos.megascope.v1 import agent_pb2, telemetry_pb2
@@ -165,41 +172,67 @@ def _tree_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _info(path: Path, step_dir: Path, val_loss: float | None, merged: bool) -> agent_pb2.CheckpointInfo:
-    meta = read_metadata(step_dir)
-    info = agent_pb2.CheckpointInfo(
-        step=meta.step,
-        path=str(path),
-        wall_time=meta.created or (step_dir / "metadata.json").stat().st_mtime,
-        size_bytes=_tree_bytes(path),
-        world_size=meta.world_size,
-        merged=merged,
-    )
-    if val_loss is not None:
-        info.val_loss = val_loss
-    return info
+InfoCache = dict[tuple[str, int], agent_pb2.CheckpointInfo]
+"""What a listing read, by (directory, metadata.json's mtime): a committed checkpoint never changes, and the
+metadata of a large model is megabytes, so dashboards asking every few seconds must not read it again."""
+
+
+def _info(path: Path, step_dir: Path, merged: bool, cache: InfoCache, seen: InfoCache) -> agent_pb2.CheckpointInfo:
+    key = (str(path), (step_dir / METADATA).stat().st_mtime_ns)
+    info = cache.get(key)
+    if info is None:
+        meta = read_metadata(step_dir)
+        info = agent_pb2.CheckpointInfo(
+            step=meta.step,
+            path=str(path),
+            wall_time=meta.created or (step_dir / METADATA).stat().st_mtime,
+            size_bytes=_tree_bytes(path),
+            world_size=meta.world_size,
+            merged=merged,
+        )
+    seen[key] = info
+    copy = agent_pb2.CheckpointInfo()
+    copy.CopyFrom(info)
+    return copy
 
 
 def list_checkpoints(
-    ckpt_dir: Path | None, val_losses: dict[int, float], merged_val_losses: dict[str, float]
+    ckpt_dir: Path | None,
+    val_losses: dict[int, float],
+    merged_val_losses: dict[str, float],
+    cache: InfoCache | None = None,
 ) -> agent_pb2.ListCheckpointsResponse:
-    """The committed checkpoints of ``ckpt_dir`` and the merges beside it, oldest first (reads the disk)."""
+    """The committed checkpoints of ``ckpt_dir`` and the merges beside it, oldest first (reads the disk).
+
+    ``cache`` is updated to hold exactly what this listing found (so it never grows beyond one listing).
+    """
     response = agent_pb2.ListCheckpointsResponse()
     if ckpt_dir is None:
         return response
+    known = dict(cache or {})
+    seen: InfoCache = {}
     response.directory = str(ckpt_dir)
     for step in committed_steps(ckpt_dir):
         step_dir = ckpt_dir / step_dir_name(step)
         # A checkpoint removed by retention between the scan and the read is simply no longer listed.
         with contextlib.suppress(CheckpointError, OSError):
-            response.checkpoints.append(_info(step_dir, step_dir, val_losses.get(step), merged=False))
+            info = _info(step_dir, step_dir, False, known, seen)
+            if step in val_losses:
+                info.val_loss = val_losses[step]
+            response.checkpoints.append(info)
     root = merged_root(ckpt_dir)
     merged = []
     for entry in sorted(root.iterdir()) if root.is_dir() else []:
         # Unfinished or cancelled merges have no committed checkpoint: they are not listed.
         with contextlib.suppress(CheckpointError, OSError):
-            merged.append(_info(entry, resolve(entry), merged_val_losses.get(str(entry)), merged=True))
+            info = _info(entry, resolve(entry), True, known, seen)
+            if str(entry) in merged_val_losses:
+                info.val_loss = merged_val_losses[str(entry)]
+            merged.append(info)
     response.merged.extend(sorted(merged, key=lambda info: info.wall_time))
+    if cache is not None:
+        cache.clear()
+        cache.update(seen)
     return response
 
 
@@ -275,6 +308,7 @@ class MergeRunner:
         """Validation loss of each merge made by this agent, by its directory."""
         self._input_val_losses: dict[int, float] = {}
         """Validation losses of training checkpoints measured by merges (``--eval``), by step."""
+        self._listed: InfoCache = {}
 
     # --- queries -------------------------------------------------------------------------------------
 
@@ -283,14 +317,15 @@ class MergeRunner:
         return self._run.progress if self._run is not None else agent_pb2.MergeProgress()
 
     async def list_checkpoints(self) -> agent_pb2.ListCheckpointsResponse:
-        reports = list(self.state.step_reports)  # a cheap copy here; the filtering and the disk in a thread
+        # Copies taken here, on the loop that changes them; the filtering and the disk in a thread.
+        reports = list(self.state.step_reports)
+        measured, merged = dict(self._input_val_losses), dict(self._merged_val_losses)
 
         def listing() -> agent_pb2.ListCheckpointsResponse:
-            val_losses = dict(self._input_val_losses)
-            val_losses.update({r.step: r.val_loss for r in reports if r.HasField("val_loss")})
-            return list_checkpoints(self.ckpt_dir, val_losses, merged)
+            # What the run reported wins over what a merge measured (the same batches, so the same number).
+            val_losses = measured | {r.step: r.val_loss for r in reports if r.HasField("val_loss")}
+            return list_checkpoints(self.ckpt_dir, val_losses, merged, self._listed)
 
-        merged = dict(self._merged_val_losses)
         return await asyncio.to_thread(listing)
 
     # --- control -------------------------------------------------------------------------------------
@@ -333,7 +368,7 @@ class MergeRunner:
         run.cancelling = True
         self._update(run, message="cancelling")
         if run.process is not None:
-            self._terminate(run, run.process)
+            self._terminate(run.process)
         return True
 
     async def close(self) -> None:
@@ -374,7 +409,7 @@ class MergeRunner:
         for wakeup in run.wakeups:
             wakeup.set()
 
-    def _terminate(self, run: _Run, process: asyncio.subprocess.Process) -> None:
+    def _terminate(self, process: asyncio.subprocess.Process) -> None:
         with contextlib.suppress(ProcessLookupError):
             process.send_signal(signal.SIGTERM)  # the merge stops cleanly and publishes nothing
 
@@ -386,6 +421,17 @@ class MergeRunner:
         asyncio.get_running_loop().call_later(self.cancel_grace_seconds, kill)
 
     async def _execute(self, run: _Run) -> None:
+        """Run the merge to its end; whatever goes wrong, the run ends (a stuck RUNNING would refuse every merge)."""
+        try:
+            await self._run_process(run)
+        except Exception as error:  # a bug or an unreadable stream: end this merge, keep the agent serving
+            if run.process is not None and run.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(run.process.pid, signal.SIGKILL)
+            if run.progress.state not in _ENDED:
+                self._finish(run, _FAILED, f"the agent lost the merge: {type(error).__name__}: {error}")
+
+    async def _run_process(self, run: _Run) -> None:
         plan, ckpt_dir = run.plan, self.ckpt_dir
         assert ckpt_dir is not None  # plan_merge refuses a run without one
         env = dict(
@@ -418,26 +464,21 @@ class MergeRunner:
         run.process = process
         _lower_priority(process.pid)
         if run.cancelling:
-            self._terminate(run, process)
+            self._terminate(process)
         stderr: deque[str] = deque(maxlen=_STDERR_LINES)
         errors = asyncio.ensure_future(self._read_stderr(process, stderr))
         result: dict[str, Any] | None = None
-        try:
-            assert process.stdout is not None
-            async for line in process.stdout:
-                message = _parse(line)
-                if message is None:
-                    continue
-                if message["event"] == "progress":
-                    self._progress(run, message)
-                elif message["event"] == "done":
-                    result = message
-            code = await process.wait()
-            await errors
-        except asyncio.CancelledError:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            raise
+        assert process.stdout is not None
+        async for line in process.stdout:
+            message = _parse(line)
+            if message is None:
+                continue
+            if message["event"] == "progress":
+                self._progress(run, message)
+            elif message["event"] == "done":
+                result = message
+        code = await process.wait()
+        await errors
         if run.cancelling:
             # The merge publishes nothing when it stops on SIGTERM; one killed after the grace may leave a part.
             await asyncio.to_thread(_discard, plan.out)

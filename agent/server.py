@@ -337,7 +337,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
     async def StartMerge(  # noqa: N802
         self, request: agent_pb2.StartMergeRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[agent_pb2.MergeProgress]:
+    ) -> AsyncIterator[agent_pb2.StartMergeResponse]:
         await self._authorize(context)
         try:
             # Everything is checked before the merge process starts, so a bad request costs nothing.
@@ -347,12 +347,12 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             await context.abort(refusal.code, str(refusal))
         # Ending this stream (the client went away) leaves the merge running: CancelMerge stops it.
         async for progress in self._merges.follow(run):
-            yield progress
+            yield agent_pb2.StartMergeResponse(progress=progress)
 
     async def GetMergeStatus(  # noqa: N802
         self, request: agent_pb2.GetMergeStatusRequest, context: grpc.aio.ServicerContext
-    ) -> agent_pb2.MergeProgress:
-        return self._merges.status()
+    ) -> agent_pb2.GetMergeStatusResponse:
+        return agent_pb2.GetMergeStatusResponse(progress=self._merges.status())
 
     async def CancelMerge(  # noqa: N802
         self, request: agent_pb2.CancelMergeRequest, context: grpc.aio.ServicerContext

@@ -13,8 +13,10 @@ shares one ``TORCHELASTIC_RESTART_COUNT``, which is how the measurement tells th
 2. **The plan**: ``minutes * 60 / fault_every`` faults, alternating crash and hang (crash ``how=kill``, then
    ``how=exception``; hang ``how=sleep``, then ``how=stop``, as SIGSTOP leaves no stacks to read), spread over the
    4 ranks. A fault fires when its rank reaches its step, so the steps are chosen from the calibration so that
-   on the megascope side the faults land at ``fault_every * (i + 1/2)`` seconds of wall time: each fault's
-   expected cost (detection, restart, steps to redo) is taken off the training time before the next. The run's
+   on the megascope side the faults land at about ``fault_every * (i + 1/2)`` seconds of wall time: each fault's
+   expected cost (detection, restart, steps to redo) is taken off the training time before the next, and each
+   is moved by less than half a checkpoint interval so that the steps done since the last checkpoint (the steps
+   a restart loses) are spread evenly over the faults, as they would be for faults at random times. The run's
    ``--steps`` makes the megascope side about ``--minutes`` long. The measured fault times are in the table:
    the plan is an estimate, the figures come from what happened.
 3. **megascope**: ``megascope demo --headless --json --nodes 1 --ranks-per-node 4 --hang-timeout T ...
@@ -512,8 +514,15 @@ def plan_faults(calibration: Calibration, args: argparse.Namespace) -> Plan:
     previous = 0
     for index in range(count):
         target = args.fault_every * (index + 0.5)
-        # Fire at the start of step S, after S - 1 steps; at least a checkpoint past the previous fault.
-        step = max(round((target - overhead) / pace) + 1, previous + every + 1)
+        # Fire at the start of step S, after S - 1 steps. Real faults land anywhere between two checkpoints: the
+        # steps done since the last one, (S - 1) % every, are spread evenly over the faults (nearest step with
+        # that remainder), not left to whatever the arithmetic gives (it put every hang just after a checkpoint).
+        base = round((target - overhead) / pace) + 1
+        since_checkpoint = round((index + 0.5) * every / count) % every
+        shift = (since_checkpoint - (base - 1)) % every
+        step = base + (shift - every if shift > every / 2 else shift)
+        while step <= previous + every:  # at least a checkpoint past the previous fault
+            step += every
         kind, nth = ("crash", "hang")[index % 2], index // 2
         if kind == "crash":
             faults.append(CrashFault(rank=nth % RANKS, step=step, how=CRASH_HOWS[nth % len(CRASH_HOWS)]))
@@ -661,6 +670,10 @@ def side_json(side: SideResult) -> dict[str, Any]:
     }
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10.0, help="length of the megascope side (default: 10)")
@@ -675,6 +688,8 @@ def main() -> None:
     parser.add_argument("--work-dir", help="keep the runs here (default: a temporary directory, removed)")
     parser.add_argument("--json", action="store_true", help="end stdout with one JSON object of the figures")
     args = parser.parse_args()
+    # SIGTERM unwinds like Ctrl-C, so the run in progress is stopped (its processes live in their own sessions).
+    signal.signal(signal.SIGTERM, _interrupt)
     if args.minutes <= 0 or args.fault_every <= 0 or args.hang_timeout <= 0 or args.pg_timeout <= 0:
         parser.error("--minutes, --fault-every, --hang-timeout and --pg-timeout must be positive")
     if args.ckpt_every < 1:

@@ -16,6 +16,7 @@ from textual.css.query import NoMatches
 from textual.reactive import reactive
 from textual.screen import ModalScreen, Screen
 
+from megascope.dashboard.checkpoints_screen import CheckpointsScreen
 from megascope.dashboard.cluster import ClusterModel, ConnectionState
 from megascope.dashboard.connection import dump_stacks, restart_job, watch_agent
 from megascope.dashboard.diagnosis import AgentStacks, job_stacks
@@ -41,6 +42,7 @@ class DashboardApp(App[int]):
         Binding("s", "stacks", "Stacks"),
         Binding("h", "stragglers", "Heat map"),
         Binding("r", "restart", "Restart"),
+        Binding("c", "checkpoints", "Checkpoints"),
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("f1", "help", "Help", show=False),
     ]
@@ -127,6 +129,11 @@ class DashboardApp(App[int]):
     def action_stragglers(self) -> None:
         if not isinstance(self.screen, HeatMapScreen | ModalScreen):
             self.push_screen(HeatMapScreen())
+
+    def action_checkpoints(self) -> None:
+        """The run's checkpoints, merging them and the merge's result (the screen talks to the agents)."""
+        if not isinstance(self.screen, CheckpointsScreen | ModalScreen):
+            self.push_screen(CheckpointsScreen())
 
     def connected_agents(self) -> list[str]:
         return [a.address for a in self.model.agents.values() if a.state is ConnectionState.CONNECTED]

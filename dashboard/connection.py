@@ -11,6 +11,9 @@ and ends it cleanly.
 
 ``call_agents`` makes one control call on several agents at once (``dump_stacks``, ``restart_job``), with the
 dashboard's token when it has one, and returns each agent's reply or error.
+
+``list_checkpoints``, ``start_merge`` (a stream of progress), ``merge_status`` and ``cancel_merge`` are the
+checkpoints screen's calls.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import contextlib
 import random
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -249,3 +252,50 @@ async def restart_job(
     request = agent_pb2.RestartRequest(step=step, reason=reason)
     metadata = control_metadata(token)
     return await call_agents(addresses, lambda stub: stub.Restart(request, timeout=CONTROL_TIMEOUT, metadata=metadata))
+
+
+# -- checkpoints and merges: one agent at a time (all agents of a job share the run's checkpoints) -------------
+
+LIST_TIMEOUT = 10.0
+"""Deadline of ListCheckpoints and GetMergeStatus: the agent reads each checkpoint's metadata from its disk."""
+
+
+async def list_checkpoints(addresses: Sequence[str]) -> list[AgentReply[agent_pb2.ListCheckpointsResponse]]:
+    """Each agent's committed checkpoints and merges (``ListCheckpoints``), all agents at once."""
+    request = agent_pb2.ListCheckpointsRequest()
+    return await call_agents(addresses, lambda stub: stub.ListCheckpoints(request, timeout=LIST_TIMEOUT))
+
+
+async def merge_status(address: str) -> agent_pb2.MergeProgress:
+    """The agent's running or last merge (``GetMergeStatus``). Raises grpc.aio.AioRpcError."""
+    async with grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS) as channel:
+        stub = agent_pb2_grpc.AgentServiceStub(channel)
+        response = await stub.GetMergeStatus(agent_pb2.GetMergeStatusRequest(), timeout=LIST_TIMEOUT)
+        return response.progress
+
+
+async def start_merge(
+    address: str, request: agent_pb2.StartMergeRequest, token: str | None = None
+) -> AsyncIterator[agent_pb2.MergeProgress]:
+    """Start a merge on the agent and follow it (``StartMerge``): its progress until it ends, the end last.
+
+    A refusal (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ...) raises grpc.aio.AioRpcError before any
+    progress. Leaving the loop early stops following, not the merge (``cancel_merge`` does that).
+    """
+    async with grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS) as channel:
+        call = agent_pb2_grpc.AgentServiceStub(channel).StartMerge(request, metadata=control_metadata(token))
+        try:
+            async for response in call:
+                yield response.progress
+        finally:
+            call.cancel()
+
+
+async def cancel_merge(address: str, token: str | None = None) -> bool:
+    """Stop the agent's running merge (``CancelMerge``); False when none was running. Raises grpc.aio.AioRpcError."""
+    async with grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS) as channel:
+        stub = agent_pb2_grpc.AgentServiceStub(channel)
+        reply = await stub.CancelMerge(
+            agent_pb2.CancelMergeRequest(), timeout=CONTROL_TIMEOUT, metadata=control_metadata(token)
+        )
+        return bool(reply.cancelled)

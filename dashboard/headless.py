@@ -98,8 +98,15 @@ def summarize(
         "faults": [_fault_dict(fault) for fault in model.faults()],
         "restart_details": [_restart_dict(restart) for restart in model.restarts()],
         "events": [
-            {"kind": e.kind, "rank": e.rank, "step": e.step, "time": e.wall_time, "text": e.text, "node": e.node,
-             "attributes": e.attributes}
+            {
+                "kind": e.kind,
+                "rank": e.rank,
+                "step": e.step,
+                "time": e.wall_time,
+                "text": e.text,
+                "node": e.node,
+                "attributes": e.attributes,
+            }
             for e in model.events()
         ],
         "agent_exit_codes": codes,

@@ -345,7 +345,7 @@ class RankTimelineScreen(ModelScreen):
 # Every key the dashboard answers to; the help screen lists exactly these.
 KEYS: tuple[tuple[str, str], ...] = (
     ("q", "quit"),
-    ("esc", "back: close this screen (node, heat map, timeline, stacks)"),
+    ("esc", "back: close this screen (node, heat map, timeline, stacks, checkpoints)"),
     ("? / F1", "this help"),
     ("p", "pause / resume the view (data keeps being collected; PAUSED shows in the header)"),
     ("h", "straggler heat map: ranks x recent steps, by compute time over the median rank's, grouped by node"),
@@ -355,6 +355,11 @@ KEYS: tuple[tuple[str, str], ...] = (
         "s again collects anew",
     ),
     ("r", "restart the job from the newest checkpoint, after a y/n question (refused with --readonly)"),
+    (
+        "c",
+        "checkpoints: list them, merge some (m; x cancels; space picks a step) and compare the merge's "
+        "validation loss with its inputs' (m and x refused with --readonly)",
+    ),
     (
         "enter",
         "on a node row (or a rank row): open that node's screen; "

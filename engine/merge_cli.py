@@ -18,6 +18,8 @@ removes the temporary directory and exits 130. Nothing else is printed to stdout
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import signal
 import sys
@@ -172,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
         raise _Interrupted()  # the main thread leaves whatever it waits on
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    _unmap_freed_tensors()
     try:
         return _run(args, stop)
     except (_Interrupted, KeyboardInterrupt, Stopped):
@@ -185,6 +188,19 @@ def run(args: argparse.Namespace) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _unmap_freed_tensors() -> None:
+    """Make glibc map every block of 1 MiB or more on its own and unmap it when freed.
+
+    By default glibc raises its mmap threshold as large blocks are freed, then serves tensor-sized blocks from
+    its heaps, where freed ones linger: a streaming merge's peak RSS then carries tens of MB of such slack
+    (measured: 45-85 MB over the live tensors for 4 MB tensors, varying run to run). With a fixed threshold
+    RSS follows the tensors actually alive. A `megascope merge` process exists for the merge alone, so the
+    process-wide setting is ours to make; the library call (``merge()``) leaves the allocator as it is.
+    """
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: its own allocator decides
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3: M_MMAP_THRESHOLD
 
 
 def _run(args: argparse.Namespace, stop: threading.Event) -> int:

@@ -5,7 +5,8 @@ It "merges" by copying the newest input checkpoint (so the result is a real comm
 
 - ``STAND_IN_SECONDS``: how long the merge takes (default 0.2), spread over its progress lines;
 - ``STAND_IN_IGNORE_SIGTERM=1``: ignore SIGTERM (a merge stuck in I/O), so only SIGKILL stops it;
-- ``STAND_IN_FAIL=TEXT``: refuse with ``megascope merge: error: TEXT`` and exit code 2.
+- ``STAND_IN_FAIL=TEXT``: refuse with ``megascope merge: error: TEXT`` and exit code 2;
+- ``STAND_IN_GARBAGE_BYTES=N``: first print a line of N bytes that is not JSON.
 
 SIGTERM (when not ignored) stops it with exit code 130 and nothing published, as the real command does.
 """
@@ -42,6 +43,7 @@ def main() -> int:
         print(f"megascope merge: error: --out: {args.out} already exists", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, signal.SIG_IGN if os.environ.get("STAND_IN_IGNORE_SIGTERM") else _stop)
+    print("x" * int(os.environ.get("STAND_IN_GARBAGE_BYTES", "0")), flush=True)
 
     staging = args.out.with_name(args.out.name + ".tmp")
     staging.mkdir()

@@ -7,22 +7,25 @@ stubborn or failing); one runs the real ``megascope merge`` on checkpoints of a 
 from __future__ import annotations
 
 import asyncio
+import math
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psutil
 import pytest
 import torch
 
-from megascope.agent.merges import MergeRunner, merged_root, plan_merge
+from megascope.agent import merges
+from megascope.agent.merges import MERGE_COMMAND, InfoCache, MergeRunner, list_checkpoints, merged_root, plan_merge
 from megascope.agent.server import AgentServer
 from megascope.agent.state import NodeState
-from megascope.engine.checkpoint import Checkpointer, committed_steps
+from megascope.engine.checkpoint import Checkpointer, Metadata, committed_steps
 from megascope.protos.megascope.v1 import agent_pb2, agent_pb2_grpc, telemetry_pb2
-from tests.conftest import REPO
+from tests.conftest import REPO, read_telemetry, run_megascope
 
 STAND_IN = [sys.executable, str(REPO / "tests" / "merge_stand_in.py")]
 STEPS = (10, 20, 30, 40)
@@ -65,13 +68,15 @@ async def serve(
 @pytest.fixture
 async def agent(ckpt_dir: Path) -> AsyncIterator[AgentServer]:
     server = await serve(ckpt_dir)
-    yield server
-    await runner(server).close()
-    await server.stop(0.1)
+    try:
+        yield server
+    finally:
+        await runner(server).close()
+        await server.stop(0.1)
 
 
 def runner(server: AgentServer) -> MergeRunner:
-    return server._merges  # type: ignore[attr-defined,no-any-return]
+    return server.merges
 
 
 def auth(token: str | None) -> tuple[tuple[str, str], ...] | None:
@@ -79,16 +84,16 @@ def auth(token: str | None) -> tuple[tuple[str, str], ...] | None:
 
 
 async def merge(
-    address: str, token: str | None = None, *, until: int | None = None, **fields: object
+    address: str, token: str | None = None, *, until: int | None = None, **fields: Any
 ) -> list[agent_pb2.MergeProgress]:
     """StartMerge's stream, read to its end (or until a message in state ``until``, then dropped)."""
     seen: list[agent_pb2.MergeProgress] = []
     async with grpc.aio.insecure_channel(address) as channel:
-        call = agent_pb2_grpc.AgentServiceStub(channel).StartMerge(
-            agent_pb2.StartMergeRequest(**fields), metadata=auth(token)  # type: ignore[arg-type]
-        )
+        request = agent_pb2.StartMergeRequest(**fields)
+        call = agent_pb2_grpc.AgentServiceStub(channel).StartMerge(request, metadata=auth(token))
         async with asyncio.timeout(120):
-            async for progress in call:
+            async for response in call:
+                progress = response.progress
                 seen.append(progress)
                 if progress.state == until:
                     call.cancel()
@@ -102,7 +107,8 @@ async def unary(address: str, method: str, request: object, token: str | None = 
 
 
 async def status(address: str) -> agent_pb2.MergeProgress:
-    return await unary(address, "GetMergeStatus", agent_pb2.GetMergeStatusRequest())  # type: ignore[return-value]
+    response = await unary(address, "GetMergeStatus", agent_pb2.GetMergeStatusRequest())
+    return response.progress  # type: ignore[attr-defined, no-any-return]
 
 
 async def wait_for_state(address: str, *states: int, timeout: float = 60.0) -> agent_pb2.MergeProgress:
@@ -145,6 +151,26 @@ async def test_list_checkpoints_of_an_agent_without_a_checkpoint_dir_is_empty() 
         assert listing == agent_pb2.ListCheckpointsResponse()
     finally:
         await server.stop(0.1)
+
+
+def test_listing_again_reads_only_the_checkpoints_it_has_not_read(
+    ckpt_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    read: list[Path] = []
+    real = merges.read_metadata
+
+    def counted(step_dir: Path) -> Metadata:
+        read.append(step_dir)
+        return real(step_dir)
+
+    monkeypatch.setattr(merges, "read_metadata", counted)
+    cache: InfoCache = {}
+    first = list_checkpoints(ckpt_dir, {20: 3.0}, {}, cache)
+    write_checkpoints(ckpt_dir, (50,))
+    second = list_checkpoints(ckpt_dir, {}, {}, cache)
+    assert [d.name for d in read] == [f"step_{s:08d}" for s in (*STEPS, 50)]
+    assert [c.step for c in second.checkpoints] == [*STEPS, 50]
+    assert first.checkpoints[1].val_loss == 3.0 and not second.checkpoints[1].HasField("val_loss")
 
 
 # -- merging -----------------------------------------------------------------------------------------------
@@ -252,6 +278,16 @@ async def test_failing_merge_ends_failed_with_the_commands_own_error(
     assert "damaged metadata" in agent.state.events[-1].text
 
 
+async def test_merge_whose_output_cannot_be_read_fails_and_the_next_one_can_start(
+    agent: AgentServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STAND_IN_GARBAGE_BYTES", str(4 << 20))  # one "line" beyond what the agent reads
+    seen = await merge(agent.address, method="sma", last=2)
+    assert seen[-1].state == FAILED and "the agent lost the merge" in seen[-1].message
+    monkeypatch.delenv("STAND_IN_GARBAGE_BYTES")
+    assert (await merge(agent.address, method="sma", last=2))[-1].state == DONE
+
+
 @pytest.mark.parametrize(
     ("fields", "code", "says"),
     [
@@ -277,13 +313,13 @@ async def test_failing_merge_ends_failed_with_the_commands_own_error(
          "too-few-spaced"],
 )  # fmt: skip
 async def test_bad_merge_request_is_refused_before_anything_starts(
-    agent: AgentServer, fields: dict[str, object], code: grpc.StatusCode, says: str
+    agent: AgentServer, fields: dict[str, Any], code: grpc.StatusCode, says: str
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await merge(agent.address, **fields)
     assert raised.value.code() == code
     assert says in (raised.value.details() or "")
-    assert event_kinds(agent) == [] and runner(agent)._run is None  # type: ignore[attr-defined]
+    assert event_kinds(agent) == [] and runner(agent)._run is None
 
 
 async def test_merge_on_an_agent_whose_run_saves_no_checkpoints_is_a_failed_precondition() -> None:
@@ -312,13 +348,51 @@ async def test_merge_control_rpcs_need_the_agents_token_and_reads_do_not(
         with pytest.raises(grpc.aio.AioRpcError) as cancel:
             await unary(server.address, "CancelMerge", agent_pb2.CancelMergeRequest(), token)
         assert start.value.code() == code and cancel.value.code() == code
-        assert runner(server)._run is None  # type: ignore[attr-defined]
+        assert runner(server)._run is None
         listing = await unary(server.address, "ListCheckpoints", agent_pb2.ListCheckpointsRequest())
         assert len(listing.checkpoints) == len(STEPS)  # type: ignore[attr-defined]
         seen = await merge(server.address, "secret", method="sma", last=2)
         assert seen[-1].state == DONE
     finally:
         await server.stop(0.1)
+
+
+# -- the real merge command on a real run ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny run with checkpoints and validation at steps 8, 16 and 24."""
+    root = tmp_path_factory.mktemp("trained")
+    result = run_megascope(
+        "train", "--preset", "tiny", "--batch-tokens", "256", "--val-batches", "2", "--steps", "24",
+        "--warmup-steps", "4", "--log-every", "100", "--ckpt-dir", str(root / "ckpt"), "--ckpt-every", "8",
+        "--ckpt-keep", "0", "--val-every", "8", "--run-dir", str(root / "run"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root
+
+
+async def test_real_merge_publishes_a_checkpoint_beside_the_run_with_the_validation_losses_of_all(
+    trained: Path,
+) -> None:
+    server = await serve(trained / "ckpt", command=list(MERGE_COMMAND))
+    try:
+        seen = await merge(server.address, method="ema", alpha=0.5, last=3, eval=True)
+        listing = await unary(server.address, "ListCheckpoints", agent_pb2.ListCheckpointsRequest())
+    finally:
+        await server.stop(0.1)
+    done = seen[-1]
+    assert done.state == DONE, done.message
+    assert any(p.state == RUNNING and p.tensors_total > 0 and p.bytes_total > 0 for p in seen)
+    out = Path(done.out)
+    assert out.parent == trained / "ckpt-merged" and committed_steps(out) == [24]
+    logged = {r["step"]: r["val_loss"] for r in read_telemetry(trained / "run")[0] if r.get("val_loss") is not None}
+    assert dict(done.input_val_losses) == {step: pytest.approx(logged[step], rel=1e-5) for step in (8, 16, 24)}
+    assert math.isfinite(done.val_loss) and done.val_loss > 0
+    assert isinstance(listing, agent_pb2.ListCheckpointsResponse)
+    assert [(m.path, m.step, m.val_loss) for m in listing.merged] == [(str(out), 24, done.val_loss)]
+    assert [c.step for c in listing.checkpoints] == [8, 16, 24]
 
 
 # -- choosing the inputs (no processes) ---------------------------------------------------------------------

@@ -142,5 +142,6 @@ def test_demo_relays_the_agents_refusal_of_a_bad_inject(tmp_path: Path) -> None:
     result = run_megascope("demo", "--headless", "--steps", "2", "--inject", "hang:rank=0,step=0", "--run-dir",
                            str(tmp_path), timeout=120)  # fmt: skip
     assert result.returncode == 2
-    assert "megascope demo: error: argument --inject: hang: step must be >= 1 (steps count from 1), got 0" in result.stderr
+    expected = "megascope demo: error: argument --inject: hang: step must be >= 1 (steps count from 1), got 0"
+    assert expected in result.stderr
     assert "Traceback" not in result.stderr + result.stdout

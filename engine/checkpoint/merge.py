@@ -69,6 +69,8 @@ from megascope.engine.checkpoint.safetensors_io import SafetensorsWriter
 from megascope.engine.checkpoint.streaming import Stopped, publish, stream, tmp_path
 
 METHODS = ("sma", "wma", "ema", "weights")
+DEFAULT_ALPHA = 0.2
+"""EMA's alpha when none is given (the PMA paper used 0.1 and 0.2)."""
 WEIGHT_SUM_TOLERANCE = 1e-6
 OUTPUT_FILE = "rank0.safetensors"
 READ_AHEAD = 2
@@ -98,7 +100,7 @@ def merge_weights(method: str, n: int, alpha: float | None = None, weights: list
         total = n * (n + 1) / 2
         return [i / total for i in range(1, n + 1)]
     if method == "ema":
-        a = 0.2 if alpha is None else alpha
+        a = DEFAULT_ALPHA if alpha is None else alpha
         if not (math.isfinite(a) and 0.0 < a <= 1.0):
             raise MergeError(f"--alpha must be in (0, 1], got {a}")
         # The recursion A_1 = M_1, A_i = a*M_i + (1-a)*A_{i-1}, run on the weights: A_i = sum_j w_j M_j.
@@ -374,7 +376,7 @@ def merge(
     stop = stop or threading.Event()
     ckpt_dir, out = Path(ckpt_dir), Path(out)
     if method == "ema" and alpha is None:
-        alpha = 0.2
+        alpha = DEFAULT_ALPHA
     chosen = select_steps(ckpt_dir, steps, last, every)
     chosen_weights = merge_weights(method, len(chosen), alpha, weights)
     tmp = check_output(out)

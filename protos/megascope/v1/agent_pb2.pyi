@@ -166,9 +166,21 @@ class MergeProgress(_message.Message):
     input_val_losses: _containers.ScalarMap[int, float]
     def __init__(self, state: _Optional[_Union[MergeState, str]] = ..., tensors_done: _Optional[int] = ..., tensors_total: _Optional[int] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., message: _Optional[str] = ..., out: _Optional[str] = ..., steps: _Optional[_Iterable[int]] = ..., method: _Optional[str] = ..., val_loss: _Optional[float] = ..., input_val_losses: _Optional[_Mapping[int, float]] = ...) -> None: ...
 
+class StartMergeResponse(_message.Message):
+    __slots__ = ("progress",)
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    progress: MergeProgress
+    def __init__(self, progress: _Optional[_Union[MergeProgress, _Mapping]] = ...) -> None: ...
+
 class GetMergeStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class GetMergeStatusResponse(_message.Message):
+    __slots__ = ("progress",)
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    progress: MergeProgress
+    def __init__(self, progress: _Optional[_Union[MergeProgress, _Mapping]] = ...) -> None: ...
 
 class CancelMergeRequest(_message.Message):
     __slots__ = ()

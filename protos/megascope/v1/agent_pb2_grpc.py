@@ -68,12 +68,12 @@ class AgentServiceStub:
         self.StartMerge = channel.unary_stream(
                 '/megascope.v1.AgentService/StartMerge',
                 request_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.StartMergeRequest.SerializeToString,
-                response_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.MergeProgress.FromString,
+                response_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.StartMergeResponse.FromString,
                 _registered_method=True)
         self.GetMergeStatus = channel.unary_unary(
                 '/megascope.v1.AgentService/GetMergeStatus',
                 request_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.GetMergeStatusRequest.SerializeToString,
-                response_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.MergeProgress.FromString,
+                response_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.GetMergeStatusResponse.FromString,
                 _registered_method=True)
         self.CancelMerge = channel.unary_unary(
                 '/megascope.v1.AgentService/CancelMerge',
@@ -205,12 +205,12 @@ def add_AgentServiceServicer_to_server(servicer, server):
             'StartMerge': grpc.unary_stream_rpc_method_handler(
                     servicer.StartMerge,
                     request_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.StartMergeRequest.FromString,
-                    response_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.MergeProgress.SerializeToString,
+                    response_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.StartMergeResponse.SerializeToString,
             ),
             'GetMergeStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetMergeStatus,
                     request_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.GetMergeStatusRequest.FromString,
-                    response_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.MergeProgress.SerializeToString,
+                    response_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.GetMergeStatusResponse.SerializeToString,
             ),
             'CancelMerge': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelMerge,
@@ -395,7 +395,7 @@ class AgentService:
             target,
             '/megascope.v1.AgentService/StartMerge',
             megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.StartMergeRequest.SerializeToString,
-            megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.MergeProgress.FromString,
+            megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.StartMergeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -422,7 +422,7 @@ class AgentService:
             target,
             '/megascope.v1.AgentService/GetMergeStatus',
             megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.GetMergeStatusRequest.SerializeToString,
-            megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.MergeProgress.FromString,
+            megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.GetMergeStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,
