@@ -160,10 +160,31 @@ class Supervisor:
         self._failure(report.rank, report.pid).report = report
 
     def event_added(self, event: telemetry_pb2.Event) -> None:
-        if event.kind != "self_check" or event.attributes.get("verdict") != "slow":
-            return
-        if event.node == self.state.node_info.node and self._evict is not None:
+        if event.kind == "rank_failed" and event.HasField("rank"):
+            self._rank_failed(event)
+        elif event.kind == "self_check" and self._is_slow_here(event):
+            assert self._evict is not None
             self._evict(event.text)
+
+    def _is_slow_here(self, check: telemetry_pb2.Event) -> bool:
+        """A self-check of this node that found it slow, with eviction asked for."""
+        here = check.node == self.state.node_info.node
+        return self._evict is not None and here and check.attributes.get("verdict") == "slow"
+
+    def _rank_failed(self, event: telemetry_pb2.Event) -> None:
+        """A rank's own last words (an exception it raised): as good as its guard's report, and sooner."""
+        status = self.state.ranks.get(event.rank)
+        if status is None or not status.pid:
+            return
+        failure = self._failure(event.rank, status.pid)
+        if failure.report is None:
+            failure.report = worker_pb2.ExitReport(
+                rank=event.rank,
+                pid=status.pid,
+                exit_code=1,
+                wall_time=event.wall_time,
+                log_tail=event.attributes.get("traceback", event.text).splitlines(),
+            )
 
     def _failure(self, rank: int, pid: int) -> _Failure:
         if pid in self._expected_exits:

@@ -21,9 +21,11 @@ Figures: wall time of the whole command (process start to exit, imports included
 for), median of --repeats runs, the two tools interleaved; peak RSS of the command's process (VmHWM-equivalent
 ru_maxrss, taken through a small launcher so that this script's own memory is not inherited; it counts
 file-backed pages a tool maps, as mergekit does through safetensors' mmap); and the largest absolute
-difference between the two outputs over every tensor (names mapped to HF's). Every input is read from the
-page cache (both tools' inputs were just written); the machine's load average is printed with the figures,
-since on a shared 2-core machine other work widens the spread.
+difference between the two outputs over every tensor (names mapped to HF's). Before the timed runs the
+freshly written inputs are flushed (`sync`) and each tool runs once untimed, so every timed run reads its
+inputs from a warm page cache and no background write-back competes with it (megascope fsyncs its output,
+mergekit does not). The machine's load average is printed with the figures: on a shared 2-core machine
+other work widens the spread.
 
 With --json the last stdout line is one object:
 `{"megascope": {"wall_s", "peak_rss_mb"}, "mergekit": {...}, "max_abs_diff", ...}` (the baseline's key is
@@ -180,6 +182,14 @@ def main() -> None:
         else:
             theirs_cmd = [sys.executable, "-c", _NAIVE, *(str(root / f"hf_{s}") for s in steps)]
         runs: dict[str, list[dict[str, float]]] = {"megascope": [], baseline: []}
+        # The inputs were just written: flush them (the kernel would write them back during the timed runs,
+        # stalling both tools' reads and our output's fsync), then one untimed run of each warms the page cache.
+        os.sync()
+        for tool, command in (("megascope", ours_cmd), (baseline, theirs_cmd)):
+            warm = measure([*command, str(root / f"warm_{tool}")])
+            log(f"  warm-up:  {tool:<9} {warm['wall_s']:6.2f} s  {warm['peak_rss_mb']:7.0f} MB (not counted)")
+            shutil.rmtree(root / f"warm_{tool}")
+        os.sync()
         load_before = os.getloadavg()[0]
         for repeat in range(args.repeats):
             order = ("megascope", baseline) if repeat % 2 == 0 else (baseline, "megascope")

@@ -12,8 +12,6 @@ attempt's gloo addresses and fail or hang (pytorch/pytorch#135712).
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -24,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from megascope.engine import parent_death
 from megascope.engine.config import ConfigError, TrainConfig
 
 _STOP_GRACE_SECONDS = 15.0
@@ -38,7 +37,8 @@ class LaunchOptions:
     """``HOST:PORT`` of the c10d rendezvous; None for a single node on an ephemeral local port."""
     rdzv_id: str | None = None
     max_restarts: int = 0
-    monitor_interval: float = 0.5
+    monitor_interval: float = 0.1
+    """How often torch elastic polls its workers (seconds): how soon a dead rank starts a restart."""
 
     def node_range(self) -> tuple[int, int]:
         try:
@@ -144,19 +144,13 @@ def start(
     """Start torchrun for this node; ``new_session`` puts it in its own process group (see :func:`stop`)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     command = torchrun_command(options, entry, log_dir, options.rdzv_id or uuid.uuid4().hex)
+    # If whoever launched torchrun dies (the agent killed with its node), the ranks stop with it rather than
+    # train on unobserved: the other nodes see the node lost and restart without it.
     return subprocess.Popen(
-        command,
+        parent_death.command(signal.SIGTERM, command),
         env=launcher_environment(options, extra_env),
         start_new_session=new_session,
-        # If whoever launched torchrun dies (the agent killed with its node), the ranks stop with it rather than
-        # train on unobserved: the other nodes see the node lost and restart without it.
-        preexec_fn=_terminate_with_parent,  # noqa: PLW1509 (launched from the main thread)
     )
-
-
-def _terminate_with_parent() -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG (Linux)
 
 
 def stop(process: subprocess.Popen[bytes], grace_seconds: float = _STOP_GRACE_SECONDS) -> int:

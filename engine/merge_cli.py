@@ -162,9 +162,13 @@ class _Interrupted(BaseException):
 def run(args: argparse.Namespace) -> int:
     from megascope.engine.checkpoint.format import CheckpointError
     from megascope.engine.checkpoint.streaming import Stopped
-    from megascope.engine.data import DataError
-    from megascope.engine.evaluate import EvalError
 
+    errors: tuple[type[Exception], ...] = (CheckpointError, OSError)
+    if args.eval:  # evaluation needs torch and the model; a plain merge does not import them (1.5 s of start-up)
+        from megascope.engine.data import DataError
+        from megascope.engine.evaluate import EvalError
+
+        errors += (EvalError, DataError)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -180,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
     except (_Interrupted, KeyboardInterrupt, Stopped):
         print("megascope merge: interrupted; nothing was published", file=sys.stderr)
         return 130
-    except (CheckpointError, EvalError, DataError, OSError) as error:
+    except errors as error:
         if args.progress == "bar":
             sys.stderr.write("\n")
         print(f"megascope merge: error: {error}", file=sys.stderr)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
@@ -28,16 +27,11 @@ import time
 from collections.abc import Sequence
 from typing import IO
 
+from megascope.engine import parent_death
+
 AGENT_ADDRESS_ENV = "MEGASCOPE_AGENT_ADDRESS"  # as engine/agent_sink.py (which imports grpc and torch's peers)
 LOG_TAIL_LINES = 20
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec. Linux only; elsewhere the rank may outlive a killed guard.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _copy(source: IO[bytes], sink: IO[bytes], tail: collections.deque[str]) -> None:
@@ -58,7 +52,7 @@ def describe_exit(code: int) -> tuple[int, str]:
     return code, ""
 
 
-def _report(code: int, pid: int, tail: list[str]) -> None:
+def _report(code: int, pid: int, died: float, tail: list[str]) -> None:
     address = os.environ.get(AGENT_ADDRESS_ENV)
     if not address:
         return
@@ -73,7 +67,7 @@ def _report(code: int, pid: int, tail: list[str]) -> None:
         pid=pid,
         exit_code=exit_code,
         signal=signal_name,
-        wall_time=time.time(),
+        wall_time=died,
         log_tail=tail,
         restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
     )
@@ -85,10 +79,9 @@ def _report(code: int, pid: int, tail: list[str]) -> None:
 
 def run(argv: Sequence[str]) -> int:
     child = subprocess.Popen(
-        [sys.executable, "-u", *argv],
+        parent_death.command(signal.SIGKILL, [sys.executable, "-u", *argv]),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        preexec_fn=_die_with_parent,  # noqa: PLW1509 (no threads exist yet: the copiers start below)
     )
     for sig in _FORWARDED:
         signal.signal(sig, lambda number, _frame: child.send_signal(number))
@@ -104,10 +97,11 @@ def run(argv: Sequence[str]) -> int:
     for copier in copiers:
         copier.start()
     code = child.wait()
+    died = time.time()
     for copier in copiers:
         copier.join(timeout=1.0)  # the last lines (a traceback) matter most; do not wait forever for them
     if code != 0:
-        _report(code, child.pid, list(err_tail) or list(out_tail))
+        _report(code, child.pid, died, list(err_tail) or list(out_tail))
     if code < 0:
         # Die of the same signal, so torch elastic reports what really happened to the rank.
         number = -code

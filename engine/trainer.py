@@ -22,6 +22,7 @@ import signal
 import socket
 import sys
 import time
+import traceback
 from datetime import timedelta
 from pathlib import Path
 
@@ -42,6 +43,8 @@ from megascope.engine.mfu import PeakFlops, device_peak
 from megascope.engine.model import Transformer, cross_entropy
 from megascope.engine.telemetry import ConsoleSink, Event, JsonlSink, Sink, StepReport, Telemetry
 from megascope.protos.megascope.v1 import worker_pb2
+
+_FAILURE_TRACEBACK_LINES = 20
 
 
 class _GcPauses:
@@ -505,6 +508,14 @@ class Trainer:
         dist.all_reduce(total)
         return (total[0] / total[1]).item()
 
+    def report_failure(self, error: Exception) -> None:
+        """The rank's last words, sent before it exits: the agent names the crash without waiting for the exit."""
+        lines = traceback.format_exc().rstrip().splitlines()[-_FAILURE_TRACEBACK_LINES:]
+        self.telemetry.event(
+            Event(kind="rank_failed", text=f"{type(error).__name__}: {error}"[:500], severity="error", rank=self.rank,
+                  step=self.step, node=self.node, attributes={"traceback": "\n".join(lines)})
+        )  # fmt: skip
+
     def close(self) -> None:
         self.telemetry.close()
         if dist.is_initialized():
@@ -534,6 +545,9 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Trainer(TrainConfig.load(args[0]))
     try:
         trainer.train()
+    except Exception as error:
+        trainer.report_failure(error)
+        raise
     finally:
         trainer.close()
     return 0

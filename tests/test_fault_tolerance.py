@@ -75,6 +75,15 @@ def test_a_crashed_rank_is_named_with_its_signal_and_training_resumes_as_if_unin
     assert after == {step: uninterrupted[step] for step in after}  # bit for bit: the resume loses nothing
 
 
+def test_a_rank_that_raises_is_named_with_its_exit_code_and_traceback(tmp_path: Path) -> None:
+    summary = demo(tmp_path, "--nodes", "1", "--inject", "crash:rank=1,step=4,how=exception", "--steps", "6",
+                   "--ckpt-every", "2", "--batch-tokens", "256")  # fmt: skip
+    assert summary["returncode"] == 0 and summary["steps"] == 6
+    [crash] = events(summary, "crash")
+    assert crash["rank"] == 1 and "exited with code 1" in crash["text"]
+    assert "RuntimeError: injected fault crash:rank=1,step=4" in crash["attributes"]["log_tail"]
+
+
 @pytest.mark.parametrize("culprit", [0, 1, 2, 3])
 def test_a_hung_rank_is_named_from_all_ranks_stacks_and_the_job_restarts(tmp_path: Path, culprit: int) -> None:
     timeout = 4.0

@@ -16,10 +16,11 @@ if TYPE_CHECKING:
         CheckpointError,
         Metadata,
         committed_steps,
+        open_checkpoint,
         read_metadata,
         resolve,
     )
-    from megascope.engine.checkpoint.loader import LoadStats, load, load_state, open_checkpoint, verify
+    from megascope.engine.checkpoint.loader import LoadStats, load, load_state, verify
 
 _WHERE = {
     "Checkpointer": "checkpointer",
@@ -33,7 +34,7 @@ _WHERE = {
     "LoadStats": "loader",
     "load": "loader",
     "load_state": "loader",
-    "open_checkpoint": "loader",
+    "open_checkpoint": "format",
     "verify": "loader",
 }
 

@@ -24,9 +24,10 @@ import re
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_NAME = "megascope-checkpoint"
 FORMAT_VERSION = 1
@@ -35,19 +36,31 @@ LATEST = "latest"
 METADATA = "metadata.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
-DTYPES: dict[torch.dtype, str] = {
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float64: "F64",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-TORCH_DTYPES = {name: dtype for dtype, name in DTYPES.items()}
+DTYPE_BYTES: dict[str, int] = {
+    "F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+}  # fmt: skip
+"""Bytes per element of each safetensors dtype name we write: known without importing torch, so that reading
+metadata and streaming bytes (``megascope ckpt ls``, ``merge``) never pays torch's import time."""
+
+_TORCH_NAMES = {
+    "float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64", "int32": "I32",
+    "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+}  # fmt: skip
+
+if TYPE_CHECKING:
+    DTYPES: dict[torch.dtype, str]
+    """torch dtype -> safetensors dtype name (built on first use: it imports torch)."""
+    TORCH_DTYPES: dict[str, torch.dtype]
+
+
+def __getattr__(name: str) -> object:
+    if name in ("DTYPES", "TORCH_DTYPES"):
+        import torch
+
+        dtypes = {getattr(torch, attr): code for attr, code in _TORCH_NAMES.items()}
+        globals().update(DTYPES=dtypes, TORCH_DTYPES={code: dtype for dtype, code in dtypes.items()})
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class CheckpointError(RuntimeError):
@@ -79,7 +92,7 @@ class TensorMeta:
         elements = 1
         for size in self.shape[1:]:
             elements *= size
-        return elements * torch.empty((), dtype=TORCH_DTYPES[self.dtype]).element_size()
+        return elements * DTYPE_BYTES[self.dtype]
 
 
 @dataclass
@@ -160,6 +173,19 @@ def read_metadata(step_dir: Path) -> Metadata:
         return Metadata.from_json(path.read_text(), path)
     except FileNotFoundError:
         raise CheckpointError(f"{step_dir}: no {METADATA}; the save never committed") from None
+
+
+def open_checkpoint(path: str | Path) -> tuple[Path, Metadata]:
+    """The step directory and its metadata, after checking every data file is there with its full size."""
+    step_dir = resolve(Path(path))
+    metadata = read_metadata(step_dir)
+    for file, size in metadata.files.items():
+        actual = (step_dir / file).stat().st_size if (step_dir / file).exists() else None
+        if actual is None:
+            raise CheckpointError(f"{step_dir / file}: missing (the metadata lists it with {size} bytes)")
+        if actual != size:
+            raise CheckpointError(f"{step_dir / file}: {actual} bytes, the metadata says {size}: truncated or replaced")
+    return step_dir, metadata
 
 
 def block_crcs(data: memoryview) -> list[int]:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from megascope.engine.checkpoint.format import CheckpointError, Metadata, fsync_dir, write_atomically
@@ -37,8 +38,6 @@ from megascope.engine.checkpoint.safetensors_io import SafetensorsWriter
 from megascope.engine.checkpoint.streaming import publish, stream, tmp_path
 from megascope.engine.model import ModelConfig
 
-HF_SUBDIR = "hf"
-"""Where a merge with ``export_hf`` puts the export, inside its output directory."""
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
@@ -173,7 +172,7 @@ class HFWriter:
         self._writer = writer
         self.size = writer.size
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor | np.ndarray) -> None:
         target = self.plan.names.get(name)
         if target is not None:
             self._writer.write(target, tensor)

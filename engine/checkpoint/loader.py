@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from megascope.engine.checkpoint.format import TORCH_DTYPES, CheckpointError, Metadata, read_metadata, resolve
+from megascope.engine.checkpoint.format import TORCH_DTYPES, CheckpointError, Metadata, open_checkpoint
 from megascope.engine.checkpoint.safetensors_io import read_rows
 
 
@@ -23,19 +23,6 @@ class LoadStats:
     bytes_read: int = 0
     bytes_needed: int = 0
     """The bytes of the rows the targets asked for; ``bytes_read / bytes_needed`` is the read amplification."""
-
-
-def open_checkpoint(path: str | Path) -> tuple[Path, Metadata]:
-    """The step directory and its metadata, after checking every data file is there with its full size."""
-    step_dir = resolve(Path(path))
-    metadata = read_metadata(step_dir)
-    for file, size in metadata.files.items():
-        actual = (step_dir / file).stat().st_size if (step_dir / file).exists() else None
-        if actual is None:
-            raise CheckpointError(f"{step_dir / file}: missing (the metadata lists it with {size} bytes)")
-        if actual != size:
-            raise CheckpointError(f"{step_dir / file}: {actual} bytes, the metadata says {size}: truncated or replaced")
-    return step_dir, metadata
 
 
 def load(path: str | Path, targets: dict[str, torch.Tensor], strict: bool = True) -> tuple[Metadata, LoadStats]:

@@ -1,5 +1,8 @@
 """Writing a safetensors file from staged buffers, and reading byte ranges back, with checksums.
 
+torch is imported only where torch tensors are made: the byte-level work (write a header and raw data, read a
+shard's bytes and check its CRCs) also serves numpy arrays, so a merge runs without importing torch.
+
 Written by hand (the format is an 8-byte little-endian header length, a JSON header, then the raw data) so
 that the staged buffers go to disk without another copy and every tensor's absolute byte range is known
 for the metadata. The result is an ordinary safetensors file. ``SafetensorsWriter`` writes one tensor at a
@@ -10,16 +13,22 @@ holds one tensor in memory, not the model.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from megascope.engine.checkpoint.format import BLOCK_BYTES, DTYPES, TORCH_DTYPES, CheckpointError, Shard, block_crcs
+from megascope.engine.checkpoint.format import BLOCK_BYTES, DTYPE_BYTES, CheckpointError, Shard, block_crcs
+
+if TYPE_CHECKING:
+    import torch
+
+    Data = torch.Tensor | np.ndarray
 
 _ALIGN = 8
 
@@ -31,9 +40,29 @@ class Written:
     crc32: list[int]
 
 
-def _bytes_of(tensor: torch.Tensor) -> memoryview:
-    flat = tensor.contiguous().view(-1)
-    return memoryview(flat.view(torch.uint8).numpy().data) if flat.numel() else memoryview(b"")
+def _bytes_of(data: Data) -> memoryview:
+    """The raw bytes of a CPU tensor or a numpy array, without a copy (a contiguous copy if it is not)."""
+    if isinstance(data, np.ndarray):
+        return np.ascontiguousarray(data).reshape(-1).view(np.uint8).data
+    flat = data.contiguous().view(-1)
+    if not flat.numel():
+        return memoryview(b"")
+    import torch
+
+    return memoryview(flat.view(torch.uint8).numpy().data)
+
+
+def _dtype_name(data: Data) -> str | None:
+    if isinstance(data, np.ndarray):
+        return _NUMPY_NAMES.get(data.dtype.str.lstrip("<|="))
+    from megascope.engine.checkpoint.format import DTYPES
+
+    return DTYPES.get(data.dtype)
+
+
+_NUMPY_NAMES = {"f4": "F32", "f2": "F16", "f8": "F64", "i8": "I64", "i4": "I32", "i2": "I16", "i1": "I8", "u1": "U8",
+                "b1": "BOOL"}  # fmt: skip
+"""numpy's dtype codes for our dtype names; bf16 travels as its raw 16 bits (``u2``, see ``write``)."""
 
 
 class SafetensorsWriter:
@@ -51,7 +80,7 @@ class SafetensorsWriter:
         self._ranges: dict[str, tuple[int, int]] = {}
         position = 0
         for key, (dtype, shape) in specs.items():
-            size = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=TORCH_DTYPES[dtype]).element_size()
+            size = int(np.prod(shape, dtype=np.int64)) * DTYPE_BYTES[dtype]
             header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [position, position + size]}
             self._ranges[key] = (position, position + size)
             position += size
@@ -70,13 +99,17 @@ class SafetensorsWriter:
         self._file.write(encoded)
         self._written = 0
 
-    def write(self, key: str, tensor: torch.Tensor) -> Written:
-        """Append ``tensor`` (CPU), which must be the next declared key, with that dtype and shape."""
+    def write(self, key: str, tensor: Data) -> Written:
+        """Append ``tensor`` (a CPU tensor or a numpy array), which must be the next declared key, with that dtype
+        and shape. A bf16 array comes as numpy uint16 (numpy has no bf16): its raw bits."""
         expected = next(self._order, None)
         dtype, shape = self._specs.get(key, ("?", []))
-        if key != expected or DTYPES.get(tensor.dtype) != dtype or list(tensor.shape) != list(shape):
+        got = _dtype_name(tensor)
+        if isinstance(tensor, np.ndarray) and tensor.dtype == np.uint16 and dtype == "BF16":
+            got = "BF16"  # numpy has no bf16: its raw bits travel as uint16
+        if key != expected or got != dtype or list(tensor.shape) != list(shape):
             raise CheckpointError(
-                f"{self.path}: wrote {key} {DTYPES.get(tensor.dtype)} {list(tensor.shape)}, "
+                f"{self.path}: wrote {key} {got} {list(tensor.shape)}, "
                 f"the header declares {expected} next ({dtype} {list(shape)})"
             )
         data = _bytes_of(tensor)
@@ -102,6 +135,8 @@ def write_file(
     path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> dict[str, Written]:
     """Write ``tensors`` (CPU, contiguous) as one safetensors file, fsync it; their byte ranges and CRCs."""
+    from megascope.engine.checkpoint.format import DTYPES
+
     writer = SafetensorsWriter(path, {key: (DTYPES[t.dtype], list(t.shape)) for key, t in tensors.items()}, metadata)
     try:
         written = {key: writer.write(key, tensor) for key, tensor in tensors.items()}
@@ -110,6 +145,71 @@ def write_file(
         raise
     writer.close()
     return written
+
+
+def read_checked(
+    step_dir: Path, name: str, shard: Shard, lo: int, hi: int, into: memoryview | None = None
+) -> tuple[memoryview, int, int]:
+    """Bytes ``lo .. hi`` (absolute positions in the shard's file), widened to whole checksum blocks, every block
+    checked against its CRC. Returns (the bytes read, where they start in the file, how many were read).
+
+    ``into``: a buffer of exactly ``hi - lo`` bytes to read into, used when ``lo .. hi`` is already whole blocks
+    (any whole shard): the data lands in the caller's buffer with no copy.
+    """
+    # Widen to whole checksum blocks so every byte we use is verified.
+    block_lo = (lo - shard.byte_start) // BLOCK_BYTES
+    block_hi = -(-(hi - shard.byte_start) // BLOCK_BYTES) if hi > lo else block_lo
+    read_lo = shard.byte_start + block_lo * BLOCK_BYTES
+    read_hi = min(shard.byte_end, shard.byte_start + block_hi * BLOCK_BYTES)
+    path = step_dir / shard.file
+    if into is not None and ((read_lo, read_hi) != (lo, hi) or len(into) != hi - lo):
+        into = None
+    # One read into one buffer; the checksums (and the caller's view of the data) look into it.
+    memory = into if into is not None else memoryview(bytearray(read_hi - read_lo))
+    filled = 0
+    try:
+        with open(path, "rb", buffering=0) as f:
+            f.seek(read_lo)
+            while filled < len(memory):
+                got = f.readinto(memory[filled:])
+                if not got:
+                    break
+                filled += got
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing file (holds {name} rows {shard.offset}..)") from None
+    if filled != len(memory):
+        raise CheckpointError(f"{path}: truncated (the data of {name} ends at byte {read_hi}, file is shorter)")
+    for i, block in enumerate(range(block_lo, block_hi)):
+        chunk = memory[i * BLOCK_BYTES : (i + 1) * BLOCK_BYTES]
+        if block >= len(shard.crc32) or zlib.crc32(chunk) != shard.crc32[block]:
+            raise CheckpointError(f"{path}: checksum mismatch in {name} (block {block}); the file is damaged")
+    return memory, read_lo, filled
+
+
+def map_checked(step_dir: Path, name: str, shard: Shard) -> memoryview:
+    """A whole shard's bytes mapped read-only from its file (no copy out of the page cache), every block checked.
+
+    The mapping lives as long as the returned view or anything made from it (numpy arrays); it is unmapped when
+    the last of them goes. A file truncated in place while mapped would end the process with SIGBUS rather than
+    give wrong data; committed checkpoints are never truncated (retention unlinks them, which keeps a mapping
+    valid), and ``open_checkpoint`` checks every file's size first.
+    """
+    path = step_dir / shard.file
+    start = shard.byte_start - shard.byte_start % mmap.ALLOCATIONGRANULARITY
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size < shard.byte_end:
+                raise CheckpointError(f"{path}: truncated (the data of {name} ends at byte {shard.byte_end})")
+            # MAP_POPULATE maps every page at once instead of one page fault at a time.
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            mapped = mmap.mmap(f.fileno(), shard.byte_end - start, flags=flags, prot=mmap.PROT_READ, offset=start)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing file (holds {name} rows {shard.offset}..)") from None
+    view = memoryview(mapped)[shard.byte_start - start :]
+    for block, offset in enumerate(range(0, len(view), BLOCK_BYTES)):
+        if block >= len(shard.crc32) or zlib.crc32(view[offset : offset + BLOCK_BYTES]) != shard.crc32[block]:
+            raise CheckpointError(f"{path}: checksum mismatch in {name} (block {block}); the file is damaged")
+    return view
 
 
 def read_rows(
@@ -128,20 +228,17 @@ def read_rows(
     Every block read is checked against its CRC; ``counter[0]`` accumulates the bytes read from disk. ``into``
     (the destination of these rows): when it is a contiguous CPU tensor of the stored dtype and the rows span
     whole checksum blocks (any whole shard), the data is read straight into it and ``into`` is returned, saving
-    the copy (a streaming merge reads every byte of every input this way).
+    the copy.
     """
-    row_bytes = int(np.prod(row_shape, dtype=np.int64)) * torch.empty((), dtype=TORCH_DTYPES[dtype]).element_size()
+    import torch
+
+    from megascope.engine.checkpoint.format import TORCH_DTYPES
+
+    row_bytes = int(np.prod(row_shape, dtype=np.int64)) * DTYPE_BYTES[dtype]
     lo = shard.byte_start + (first - shard.offset) * row_bytes
     hi = lo + count * row_bytes
-    # Widen to whole checksum blocks so every byte we use is verified.
-    block_lo = (lo - shard.byte_start) // BLOCK_BYTES
-    block_hi = -(-(hi - shard.byte_start) // BLOCK_BYTES) if hi > lo else block_lo
-    read_lo = shard.byte_start + block_lo * BLOCK_BYTES
-    read_hi = min(shard.byte_end, shard.byte_start + block_hi * BLOCK_BYTES)
-    path = step_dir / shard.file
     direct = (
         into is not None
-        and (read_lo, read_hi) == (lo, hi)
         and into.device.type == "cpu"
         and into.dtype == TORCH_DTYPES[dtype]
         and into.is_contiguous()
@@ -149,32 +246,13 @@ def read_rows(
         and into.numel() * into.element_size() == hi - lo
         and hi > lo
     )
-    # One read into one buffer; the checksums and the returned tensor are views of it (no copies: the
-    # caller's copy into its target is the only one, and with ``direct`` there is none).
-    memory = _bytes_of(into) if direct and into is not None else memoryview(bytearray(read_hi - read_lo))
-    buffer = memory
-    filled = 0
-    try:
-        with open(path, "rb", buffering=0) as f:
-            f.seek(read_lo)
-            while filled < len(buffer):
-                got = f.readinto(memory[filled:])
-                if not got:
-                    break
-                filled += got
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing file (holds {name} rows {shard.offset}..)") from None
-    if filled != len(buffer):
-        raise CheckpointError(f"{path}: truncated (the data of {name} ends at byte {read_hi}, file is shorter)")
+    target = _bytes_of(into) if direct and into is not None else None
+    memory, read_lo, filled = read_checked(step_dir, name, shard, lo, hi, target)
     if counter is not None:
         counter[0] += filled
-    for i, block in enumerate(range(block_lo, block_hi)):
-        chunk = memory[i * BLOCK_BYTES : (i + 1) * BLOCK_BYTES]
-        if block >= len(shard.crc32) or zlib.crc32(chunk) != shard.crc32[block]:
-            raise CheckpointError(f"{path}: checksum mismatch in {name} (block {block}); the file is damaged")
     if hi == lo:
         return torch.empty([count, *row_shape], dtype=TORCH_DTYPES[dtype])
-    if direct and into is not None:
+    if target is not None and memory is target and into is not None:
         return into
     data = torch.frombuffer(memory[lo - read_lo : hi - read_lo], dtype=torch.uint8)
     return data.view(TORCH_DTYPES[dtype]).reshape([count, *row_shape])

@@ -12,10 +12,11 @@ import queue
 import threading
 from collections.abc import Callable
 from pathlib import Path
-
-import torch
+from typing import TypeVar
 
 from megascope.engine.checkpoint.format import CheckpointError, fsync_dir
+
+T = TypeVar("T")
 
 _QUEUE_DEPTH = 1
 """Produced tensors waiting for the consumer: with one, the producer works on the next tensor while the consumer
@@ -43,8 +44,8 @@ def publish(tmp: Path, out: Path) -> None:
 
 def stream(
     names: list[str],
-    produce: Callable[[str], torch.Tensor],
-    consume: Callable[[str, torch.Tensor], None],
+    produce: Callable[[str], T],
+    consume: Callable[[str, T], None],
     stop: threading.Event | None = None,
     on_done: Callable[[str], None] | None = None,
 ) -> None:
@@ -55,9 +56,9 @@ def stream(
     """
     stop = stop or threading.Event()
     halt = threading.Event()  # set when the consumer is done or failed: the producer must not block on a full queue
-    handoff: queue.Queue[tuple[str, torch.Tensor] | BaseException | None] = queue.Queue(maxsize=_QUEUE_DEPTH)
+    handoff: queue.Queue[tuple[str, T] | BaseException | None] = queue.Queue(maxsize=_QUEUE_DEPTH)
 
-    def put(item: tuple[str, torch.Tensor] | BaseException | None) -> bool:
+    def put(item: tuple[str, T] | BaseException | None) -> bool:
         while not (halt.is_set() or stop.is_set()):
             try:
                 handoff.put(item, timeout=0.05)
