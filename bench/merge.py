@@ -1,6 +1,6 @@
 """Merging N checkpoints: `megascope merge --method sma` vs mergekit's linear merge, on the same weights, one run.
 
-    python bench/merge.py [--checkpoints 10] [--preset 125m] [--repeats 3] [--mergekit PATH] [--json]
+    python bench/merge.py [--checkpoints 10] [--preset 125m] [--repeats 5] [--mergekit PATH] [--json]
 
 Inputs: N checkpoints of one model (default the 125m preset, 85M parameters, 341 MB of fp32 weights each)
 saved in our format by our Checkpointer (model tensors; weights drawn once, then moved a little per step, as
@@ -18,14 +18,14 @@ of a 2-core CPU machine; merging does not care where the numbers came from.
   script (`--baseline naive`), and the table says so.
 
 Figures: wall time of the whole command (process start to exit, imports included: that is what a user waits
-for), median of --repeats runs, the two tools interleaved; peak RSS of the command's process (VmHWM-equivalent
-ru_maxrss, taken through a small launcher so that this script's own memory is not inherited; it counts
-file-backed pages a tool maps, as mergekit does through safetensors' mmap); and the largest absolute
-difference between the two outputs over every tensor (names mapped to HF's). Before the timed runs the
-freshly written inputs are flushed (`sync`) and each tool runs once untimed, so every timed run reads its
-inputs from a warm page cache and no background write-back competes with it (megascope fsyncs its output,
-mergekit does not). The machine's load average is printed with the figures: on a shared 2-core machine
-other work widens the spread.
+for), median of --repeats runs, the two tools interleaved; peak RSS of the command's process (ru_maxrss, taken
+through a small launcher so that this script's own memory is not inherited; it counts file-backed pages a tool
+has mapped, as both tools map their inputs); and the largest absolute difference between the two outputs over
+every tensor (names mapped to HF's). Before the timed runs the freshly written inputs are flushed (`sync`)
+and each tool runs once untimed, so every timed run reads its inputs from a warm page cache; before every run
+the previous run's output is flushed, so that no run pays for another's write-back (megascope fsyncs its own
+output before it exits, mergekit does not). The machine's load average is printed with the figures: on a
+shared 2-core machine other work widens the spread.
 
 With --json the last stdout line is one object:
 `{"megascope": {"wall_s", "peak_rss_mb"}, "mergekit": {...}, "max_abs_diff", ...}` (the baseline's key is
@@ -156,7 +156,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoints", type=int, default=10)
     parser.add_argument("--preset", default="125m")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--mergekit", help="path to mergekit-yaml (default: on PATH)")
     parser.add_argument("--baseline", choices=["mergekit", "naive"], default="mergekit")
     parser.add_argument("--root", help="work directory (default: a temporary one, removed at the end)")
@@ -196,6 +196,7 @@ def main() -> None:
             for tool in order:
                 out = root / f"out_{tool}"
                 shutil.rmtree(out, ignore_errors=True)
+                os.sync()  # the previous run's unsynced output (mergekit does not fsync) is not this run's to flush
                 figures = measure([*(ours_cmd if tool == "megascope" else theirs_cmd), str(out)])
                 runs[tool].append(figures)
                 log(f"  repeat {repeat + 1}: {tool:<9} {figures['wall_s']:6.2f} s  {figures['peak_rss_mb']:7.0f} MB")

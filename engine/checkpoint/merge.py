@@ -11,12 +11,14 @@ Inputs are checkpoints M_1 .. M_N of one run, oldest first (M_N is the newest); 
   recursion on the weights themselves, so they are the recursion's, not a truncated closed form;
 - ``weights``: the user's own weights, finite and summing to 1 within 1e-6.
 
-Streaming, in bounded memory: one tensor at a time, a reader thread reads it from every input in turn (all
-its shards, whatever world size saved the input, every block checked against its CRC) and accumulates it in
-fp32, then casts it to the stored dtype and hands it over a bounded queue to the calling thread, which
-appends it to the output file while the next tensor is read. The output's safetensors header is computed up
-front from the inputs' metadata (every output tensor's shape and dtype is known), so the data can follow in
-order. Memory is about the largest tensor times a small constant, whatever the model's size.
+Streaming, in bounded memory: one tensor at a time, a reader thread takes it from every input in turn (all
+its shards, whatever world size saved the input, mapped from the files two inputs ahead on a small thread
+pool, every block checked against its CRC), accumulates it in fp32 (numpy, in input order), casts it to the
+stored dtype and hands it over a one-slot queue to the calling thread, which appends it to the output file
+while the next tensor is read. The output's safetensors header is computed up front from the inputs'
+metadata (every output tensor's shape and dtype is known), so the data can follow in order. Memory is about
+the largest tensor times a small constant (about six), whatever the model's size. torch is not imported
+(only ``export_hf`` needs it), which keeps a `megascope merge` process's start-up short.
 
 The output ``OUT`` is a checkpoint root, like a run's ``--ckpt-dir``::
 
