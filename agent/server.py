@@ -293,7 +293,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         )
         for queue in self._workers.commands.values():
             queue.put_nowait(command)
-        self._state.event("checkpoint_requested", f"checkpoint requested after step {step}", step=str(step))
+        self._state.event("checkpoint_requested", f"checkpoint requested after step {step}", step=step)
         return agent_pb2.SaveCheckpointResponse(step=step, ranks=len(self._workers.commands))
 
     async def Watch(  # noqa: N802

@@ -685,7 +685,7 @@ class ClusterModel:
         # Out-of-order batches must not move a rank backwards.
         if latest is None or report.step >= latest.step:
             entry.latest = report
-        if report.restart_count > 0 and report.world_size < len(self._ranks):
+        if report.restart_count > 0 and report.rank < report.world_size < len(self._ranks):
             self._forget_ranks_outside(report.world_size)
 
     def _forget_ranks_outside(self, world_size: int) -> None:
@@ -698,6 +698,8 @@ class ClusterModel:
                 reports.pop(rank, None)
             for losses_at in self._losses.values():
                 losses_at.pop(rank, None)
+        for step in [step for step, reports in self._pending.items() if not reports]:
+            del self._pending[step]
 
     def _judge_steps(self) -> None:
         """Hand every step that is complete (or waited long enough) to the straggler detector, in order."""
