@@ -29,7 +29,6 @@ from typing import IO
 
 from megascope.engine import parent_death
 
-AGENT_ADDRESS_ENV = "MEGASCOPE_AGENT_ADDRESS"  # as engine/agent_sink.py (which imports grpc and torch's peers)
 LOG_TAIL_LINES = 20
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -53,6 +52,9 @@ def describe_exit(code: int) -> tuple[int, str]:
 
 
 def _report(code: int, pid: int, died: float, tail: list[str]) -> None:
+    # Imported here, not at the top: a guard whose rank exits cleanly never loads grpc.
+    from megascope.engine.agent_sink import AGENT_ADDRESS_ENV
+
     address = os.environ.get(AGENT_ADDRESS_ENV)
     if not address:
         return

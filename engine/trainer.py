@@ -186,20 +186,21 @@ class Trainer:
     def _resume_source(self, directory: Path) -> Path:
         """The newest checkpoint, unless a restart asked for an earlier one (``RESTART_FROM`` in the run dir).
 
-        The request is read by every rank and then removed once all have read it, so it applies to one restart.
+        Every rank reads its own node's request and the ranks agree on one step (a collective every rank makes,
+        so a node whose agent got no request follows the others); then the request is removed, for one restart.
         """
         request = Path(self.config.run_dir) / RESTART_FROM
-        source = directory
-        if request.is_file():
-            step = int(json.loads(request.read_text())["step"])
-            if step in committed_steps(directory):
-                source = directory / step_dir_name(step)
-            else:
-                self._event("restart_from_missing", f"no committed checkpoint at step {step}; resuming the newest")
-            dist.barrier()
-            if self.rank == 0:
-                request.unlink(missing_ok=True)
-        return source
+        asked = int(json.loads(request.read_text())["step"]) if request.is_file() else 0
+        agreed = torch.tensor([asked], dtype=torch.int64, device=self.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+        step = int(agreed.item())
+        request.unlink(missing_ok=True)  # every rank has read it: the all-reduce waited for all
+        if not step:
+            return directory
+        if step not in committed_steps(directory):
+            self._event("restart_from_missing", f"no committed checkpoint at step {step}; resuming the newest")
+            return directory
+        return directory / step_dir_name(step)
 
     def _checkpoint_state(self) -> dict[str, torch.Tensor]:
         """Model and optimizer tensors by stable names (parameter names, not optimizer indices)."""
