@@ -3,8 +3,13 @@
 Every rank measures its matmul throughput and memory bandwidth; the ranks of a node all-reduce among
 themselves (the node's interconnect); one rank per node writes and fsyncs a file (its disk). The results are
 gathered on every rank, each node is compared with the median of the other nodes, and a node below
-``SLOW_RATIO`` of it on any measure is slow. Local rank 0 of each node reports its node (event ``self_check``);
-the agent acts on a slow verdict (``--evict-slow-nodes``: that node leaves, the job restarts without it).
+``SLOW_RATIO`` of it on any measure is below its peers. Of those, only the one furthest below is judged slow:
+every rank computes the same judgement from the same gathered figures, so at most one node leaves per start.
+With two nodes each is compared with the other alone, and a noisy measure (a disk write beside a busy
+neighbour) can put the healthy one below on some measure too; evicting both would end the job. The next start
+checks the remaining nodes again, so a second slow node leaves then. Local rank 0 of each node reports its node
+(event ``self_check``); the agent acts on a slow verdict (``--evict-slow-nodes``: that node leaves, the job
+restarts without it).
 
 A rank with an injected ``slow`` fault is slow here too (a slow GPU is slow at a matmul test as in training).
 """
@@ -48,8 +53,10 @@ class NodeCheck:
 class Verdict:
     node: NodeCheck
     median: NodeCheck
-    slow: list[str]
+    below: list[str]
     """Measures where the node is below SLOW_RATIO of the median node, e.g. ["matmul_gflops"]."""
+    slow: bool
+    """The node furthest below its peers of all nodes below them: the one to leave the job."""
     seconds: float
 
 
@@ -130,19 +137,31 @@ def run(node: str, device: torch.device, disk_dir: Path, slow: SlowFault | None 
             "disk_mbps": disk}  # fmt: skip
     everyone: list[dict[str, float | str]] = [{} for _ in range(dist.get_world_size())]
     dist.all_gather_object(everyone, mine)
-    nodes = _per_node(everyone)
-    this = nodes[node]
-    peers = [n for name, n in nodes.items() if name != node] or [this]  # one node: nothing to compare with
-    median = NodeCheck(
+    return judge(_per_node(everyone), node, time.perf_counter() - started)
+
+
+def judge(nodes: dict[str, NodeCheck], node: str, seconds: float = 0.0) -> Verdict:
+    """The verdict on ``node`` among ``nodes``; the same on every rank, as every rank has the same figures."""
+    ratios = {name: _ratios_to_peers(nodes, name) for name in nodes}
+    below = {name: [m for m, r in node_ratios.items() if r < SLOW_RATIO] for name, node_ratios in ratios.items()}
+    flagged = [name for name in nodes if below[name]]
+    # Furthest below: the lowest ratio on any measure; the name breaks a tie so every rank picks the same node.
+    slowest = min(flagged, key=lambda name: (min(ratios[name].values()), name)) if flagged else None
+    return Verdict(nodes[node], _median_of_peers(nodes, node), below[node], node == slowest, seconds)
+
+
+def _median_of_peers(nodes: dict[str, NodeCheck], node: str) -> NodeCheck:
+    peers = [n for name, n in nodes.items() if name != node] or [nodes[node]]  # one node: nothing to compare with
+    return NodeCheck(
         node="median of the other nodes",
         **{name: statistics.median(getattr(n, name) for n in peers) for name in _MEASURES},
     )
-    slow_measures = [
-        name
-        for name in _MEASURES
-        if getattr(median, name) > 0 and getattr(this, name) < SLOW_RATIO * getattr(median, name)
-    ]
-    return Verdict(this, median, slow_measures, time.perf_counter() - started)
+
+
+def _ratios_to_peers(nodes: dict[str, NodeCheck], node: str) -> dict[str, float]:
+    """Each measure of the node over the other nodes' median, for the measures the peers have (not 0)."""
+    median = _median_of_peers(nodes, node)
+    return {name: getattr(nodes[node], name) / getattr(median, name) for name in _MEASURES if getattr(median, name) > 0}
 
 
 _MEASURES = ("matmul_gflops", "memory_gbps", "allreduce_gbps", "disk_mbps")
@@ -169,7 +188,7 @@ def describe(verdict: Verdict) -> dict[str, str]:
     """The verdict as event attributes."""
     values = {f"{name}": f"{value:.3f}" for name, value in asdict(verdict.node).items() if name != "node"}
     values.update({f"peers_{name}": f"{value:.3f}" for name, value in asdict(verdict.median).items() if name != "node"})
-    values["verdict"] = "slow" if verdict.slow else "ok"
-    values["slow_measures"] = ",".join(verdict.slow)
+    values["verdict"] = "slow" if verdict.slow else "below_peers" if verdict.below else "ok"
+    values["slow_measures"] = ",".join(verdict.below)
     values["seconds"] = f"{verdict.seconds:.3f}"
     return values

@@ -372,10 +372,11 @@ class Trainer:
             f"local all-reduce {node.allreduce_gbps:.2f} GB/s, disk {node.disk_mbps:.0f} MB/s "
             f"({verdict.seconds:.1f}s)"
         )
-        if verdict.slow:
-            text += f"; SLOW: {', '.join(verdict.slow)} below {selfcheck.SLOW_RATIO:.0%} of the other nodes' median"
+        if verdict.below:
+            text += f"; SLOW: {', '.join(verdict.below)} below {selfcheck.SLOW_RATIO:.0%} of the other nodes' median"
+            text += "" if verdict.slow else " (another node is further below; one node leaves per start)"
         self.telemetry.event(
-            Event(kind="self_check", text=text, severity="warning" if verdict.slow else "info", rank=self.rank,
+            Event(kind="self_check", text=text, severity="warning" if verdict.below else "info", rank=self.rank,
                   step=self.step, node=self.node, attributes=selfcheck.describe(verdict))
         )  # fmt: skip
 
