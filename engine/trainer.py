@@ -37,7 +37,7 @@ from megascope.engine.checkpoint.format import step_dir_name
 from megascope.engine.collectives import CollectiveTimer, DeviceComputeTimer
 from megascope.engine.config import TrainConfig
 from megascope.engine.data import PackedBatches, Prefetcher, load_corpus, split_train_val
-from megascope.engine.faults import CrashFault, HangFault, SlowFault, claim_firing, faults_for_rank
+from megascope.engine.faults import CrashFault, HangFault, SlowFault, claim_firing, faults_for_rank, is_spent
 from megascope.engine.launch import RESTART_FROM
 from megascope.engine.mfu import PeakFlops, device_peak
 from megascope.engine.model import Transformer, cross_entropy
@@ -321,6 +321,8 @@ class Trainer:
         if config.self_check:
             self._self_check()
         for fault in self.faults:
+            if isinstance(fault, CrashFault | HangFault) and is_spent(fault, self.config.run_dir):
+                continue  # fired before a restart: it will not fire again, so it is not announced again
             self.telemetry.event(
                 Event(kind="fault_injected", text=f"--inject {fault.describe()} on this rank", severity="warning",
                       rank=self.rank, step=self.step, node=self.node, attributes={"fault": fault.describe()})

@@ -84,6 +84,13 @@ def test_a_rank_that_raises_is_named_with_its_exit_code_and_traceback(tmp_path: 
     assert "RuntimeError: injected fault crash:rank=1,step=4" in crash["attributes"]["log_tail"]
 
 
+def test_a_fault_that_fired_is_not_announced_again_after_the_restart(tmp_path: Path) -> None:
+    summary = demo(tmp_path, "--nodes", "1", "--inject", "crash:rank=1,step=4,how=exit", "--steps", "6",
+                   "--ckpt-every", "2", "--batch-tokens", "256")  # fmt: skip
+    assert summary["restarts"] == 1
+    assert [e["rank"] for e in events(summary, "fault_injected")] == [1]
+
+
 @pytest.mark.parametrize("culprit", [0, 1, 2, 3])
 def test_a_hung_rank_is_named_from_all_ranks_stacks_and_the_job_restarts(tmp_path: Path, culprit: int) -> None:
     timeout = 4.0

@@ -20,6 +20,7 @@ from megascope.engine.faults import (
     fault_to_dict,
     faults_for_rank,
     inject_argument,
+    is_spent,
     parse_fault,
 )
 from tests.conftest import run_megascope
@@ -79,6 +80,17 @@ def test_a_fault_fires_once_across_restarts(tmp_path: Path) -> None:
 def test_a_fault_with_times_n_fires_n_times_and_with_zero_every_time(tmp_path: Path) -> None:
     assert [claim_firing(CrashFault(rank=0, step=2, times=2), tmp_path) for _ in range(3)] == [True, True, False]
     assert all(claim_firing(CrashFault(rank=0, step=3, times=0), tmp_path) for _ in range(5))
+
+
+def test_a_fault_is_spent_once_it_fired_as_often_as_it_may(tmp_path: Path) -> None:
+    twice, storm = CrashFault(rank=0, step=2, times=2), CrashFault(rank=0, step=3, times=0)
+    assert not is_spent(twice, tmp_path)
+    claim_firing(twice, tmp_path)
+    assert not is_spent(twice, tmp_path)
+    claim_firing(twice, tmp_path)
+    assert is_spent(twice, tmp_path)
+    claim_firing(storm, tmp_path)
+    assert not is_spent(storm, tmp_path)  # a storm fires at every start
 
 
 def test_a_rank_outside_the_job_or_a_repeat_is_refused() -> None:
