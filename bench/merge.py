@@ -22,10 +22,11 @@ for), median of --repeats runs, the two tools interleaved; peak RSS of the comma
 through a small launcher so that this script's own memory is not inherited; it counts file-backed pages a tool
 has mapped, as both tools map their inputs); and the largest absolute difference between the two outputs over
 every tensor (names mapped to HF's). Before the timed runs the freshly written inputs are flushed (`sync`)
-and each tool runs once untimed, so every timed run reads its inputs from a warm page cache; before every run
-the previous run's output is flushed, so that no run pays for another's write-back (megascope fsyncs its own
-output before it exits, mergekit does not). The machine's load average is printed with the figures: on a
-shared 2-core machine other work widens the spread.
+and each tool runs once untimed, and just before every timed run the tool's inputs are read through (this
+machine reclaims idle page cache within seconds), so every timed run reads its inputs from a warm page cache;
+before every run the previous run's output is flushed, so that no run pays for another's write-back
+(megascope fsyncs its own output before it exits, mergekit does not). The machine's load average is printed
+with the figures: on a shared 2-core machine other work widens the spread.
 
 With --json the last stdout line is one object:
 `{"megascope": {"wall_s", "peak_rss_mb"}, "mergekit": {...}, "max_abs_diff", ...}` (the baseline's key is
@@ -145,6 +146,15 @@ def max_abs_diff(ours: Path, theirs: Path) -> float:
     return worst
 
 
+def read_through(files: list[Path]) -> None:
+    """Read ``files`` whole (into the page cache; the bytes are dropped)."""
+    buffer = bytearray(8 << 20)
+    for path in files:
+        with open(path, "rb", buffering=0) as file:
+            while file.readinto(buffer):
+                pass
+
+
 def summarize(runs: list[dict[str, float]]) -> dict[str, Any]:
     walls = [r["wall_s"] for r in runs]
     rss = [r["peak_rss_mb"] for r in runs]
@@ -182,6 +192,8 @@ def main() -> None:
         else:
             theirs_cmd = [sys.executable, "-c", _NAIVE, *(str(root / f"hf_{s}") for s in steps)]
         runs: dict[str, list[dict[str, float]]] = {"megascope": [], baseline: []}
+        inputs = {"megascope": sorted((root / "ckpt").rglob("*.safetensors")),
+                  baseline: sorted(root.glob("hf_*/*.safetensors"))}  # fmt: skip
         # The inputs were just written: flush them (the kernel would write them back during the timed runs,
         # stalling both tools' reads and our output's fsync), then one untimed run of each warms the page cache.
         os.sync()
@@ -197,6 +209,9 @@ def main() -> None:
                 out = root / f"out_{tool}"
                 shutil.rmtree(out, ignore_errors=True)
                 os.sync()  # the previous run's unsynced output (mergekit does not fsync) is not this run's to flush
+                # This machine reclaims idle page cache within seconds: read the tool's inputs again just before
+                # it runs, or a run reads from disk what the other tool's run let go cold.
+                read_through(inputs[tool])
                 figures = measure([*(ours_cmd if tool == "megascope" else theirs_cmd), str(out)])
                 runs[tool].append(figures)
                 log(f"  repeat {repeat + 1}: {tool:<9} {figures['wall_s']:6.2f} s  {figures['peak_rss_mb']:7.0f} MB")
