@@ -19,8 +19,8 @@ to the calling thread, which appends it to the output file while the next tensor
 safetensors header is computed up front from the inputs' metadata (every output tensor's shape and dtype is
 known), so the data can follow in order. Memory is about the largest tensor times a small constant (about
 ten, most of it mapped file pages: six inputs' copies, the sum, the cast result and the one handed over),
-whatever the model's size. torch is not imported
-(only ``export_hf`` needs it), which keeps a `megascope merge` process's start-up short.
+whatever the model's size. torch is not imported (only ``export_hf`` needs it), which keeps a `megascope
+merge` process's start-up short.
 
 The output ``OUT`` is a checkpoint root, like a run's ``--ckpt-dir``::
 
