@@ -137,14 +137,13 @@ def claim_firing(fault: CrashFault | HangFault, run_dir: str | Path) -> bool:
     Each firing is one marker file ``faults/<fault>.<n>`` under the run directory, created exclusively:
     restarted ranks see how often the fault already fired and every start is counted exactly once.
     """
-    directory = _markers(run_dir)
-    directory.mkdir(parents=True, exist_ok=True)
+    _marker(run_dir, fault, 0).parent.mkdir(parents=True, exist_ok=True)
     fired = 0
     while True:
         if fault.times and fired >= fault.times:
             return False
         try:
-            fd = os.open(directory / f"{_marker_name(fault)}.{fired}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            fd = os.open(_marker(run_dir, fault, fired), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             fired += 1
             continue
@@ -157,15 +156,13 @@ def is_spent(fault: CrashFault | HangFault, run_dir: str | Path) -> bool:
     """Whether ``fault`` has already fired as often as it may (so a restarted rank does not announce it again)."""
     if not fault.times:
         return False
-    return (_markers(run_dir) / f"{_marker_name(fault)}.{fault.times - 1}").exists()
+    return _marker(run_dir, fault, fault.times - 1).exists()
 
 
-def _markers(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "faults"
-
-
-def _marker_name(fault: CrashFault | HangFault) -> str:
-    return fault.describe().replace(":", "_").replace(",", "_").replace("=", "-")
+def _marker(run_dir: str | Path, fault: CrashFault | HangFault, firing: int) -> Path:
+    """The file that records firing number ``firing`` (from 0) of ``fault``."""
+    name = fault.describe().replace(":", "_").replace(",", "_").replace("=", "-")
+    return Path(run_dir) / "faults" / f"{name}.{firing}"
 
 
 def _field_value(kind: str, key: str, text: str, annotation: str) -> int | float | str:

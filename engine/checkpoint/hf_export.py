@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from megascope.engine.checkpoint.format import CheckpointError, Metadata, fsync_dir, write_atomically
-from megascope.engine.checkpoint.loader import open_checkpoint, read_tensor
+from megascope.engine.checkpoint.format import CheckpointError, Metadata, fsync_dir, open_checkpoint, write_atomically
+from megascope.engine.checkpoint.loader import read_tensor
 from megascope.engine.checkpoint.safetensors_io import SafetensorsWriter
 from megascope.engine.checkpoint.streaming import publish, stream, tmp_path
 from megascope.engine.model import ModelConfig

@@ -68,7 +68,7 @@ from megascope.engine.checkpoint.format import (
     step_dir_name,
     write_atomically,
 )
-from megascope.engine.checkpoint.safetensors_io import SafetensorsWriter, map_checked, read_checked
+from megascope.engine.checkpoint.safetensors_io import SafetensorsWriter, map_checked
 from megascope.engine.checkpoint.streaming import Stopped, publish, stream, tmp_path
 
 METHODS = ("sma", "wma", "ema", "weights")
@@ -267,27 +267,14 @@ _GROUP = 4
 """Inputs added to each chunk of the total while it is in the cache (see ``_accumulate``)."""
 
 
-def read_array(source: Input, name: str, out: np.ndarray) -> np.ndarray:
-    """Input ``source``'s whole tensor ``name`` (all its shards, every block checked) into ``out`` (contiguous,
-    the stored dtype as in ``_STORED``), read straight into ``out``'s memory."""
+def read_array(source: Input, name: str) -> np.ndarray:
+    """Input ``source``'s whole tensor ``name`` as one array of the stored dtype (as in ``_STORED``), every
+    block checked: its shards' mapped segments copied into place."""
     meta = source.metadata.tensors[name]
-    flat = out.reshape(-1).view(np.uint8)
-    row_bytes = meta.row_bytes()
-    rows = 0
-    for shard in meta.shards:
-        start, size = shard.offset * row_bytes, shard.rows * row_bytes
-        if shard.byte_end - shard.byte_start != size or start + size > flat.size:
-            raise CheckpointError(f"{source.step_dir}: {name}: a shard's byte range does not match its rows")
-        target = flat[start : start + size]
-        view = target.data
-        memory, _, _ = read_checked(source.step_dir, name, shard, shard.byte_start, shard.byte_end, view)
-        if memory is not view:  # not read in place (whole shards always are): copy
-            target[:] = np.frombuffer(memory, dtype=np.uint8)
-        rows += shard.rows
-    if rows != (meta.shape[0] if meta.shape else 1):
-        raise CheckpointError(
-            f"{source.step_dir}: {name}: its shards cover {rows} rows of {meta.shape} (one is missing)"
-        )
+    out = np.empty(meta.shape, dtype=_STORED[meta.dtype])
+    flat = out.reshape(-1)
+    for at, values in map_segments(source, name):
+        flat[at : at + values.size] = values
     return out
 
 
@@ -416,9 +403,9 @@ class _Reader:
         tensor = self.plan[name]
         newest = self.inputs[-1]
         if tensor.how == "copy":
-            return read_array(newest, name, np.empty(tensor.shape, dtype=_STORED[tensor.dtype]))
+            return read_array(newest, name)
         if tensor.how == "same":
-            first = read_array(newest, name, np.empty(tensor.shape, dtype=_STORED[tensor.dtype]))
+            first = read_array(newest, name)
             flat_first = first.reshape(-1)
             for source, segments in self._read_all(tensor):
                 if not all(np.array_equal(v, flat_first[at : at + v.size]) for at, v in segments):

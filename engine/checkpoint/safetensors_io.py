@@ -179,10 +179,7 @@ def read_checked(
         raise CheckpointError(f"{path}: missing file (holds {name} rows {shard.offset}..)") from None
     if filled != len(memory):
         raise CheckpointError(f"{path}: truncated (the data of {name} ends at byte {read_hi}, file is shorter)")
-    for i, block in enumerate(range(block_lo, block_hi)):
-        chunk = memory[i * BLOCK_BYTES : (i + 1) * BLOCK_BYTES]
-        if block >= len(shard.crc32) or zlib.crc32(chunk) != shard.crc32[block]:
-            raise CheckpointError(f"{path}: checksum mismatch in {name} (block {block}); the file is damaged")
+    _check_blocks(memory, shard, block_lo, path, name)
     return memory, read_lo, filled
 
 
@@ -206,10 +203,17 @@ def map_checked(step_dir: Path, name: str, shard: Shard) -> memoryview:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing file (holds {name} rows {shard.offset}..)") from None
     view = memoryview(mapped)[shard.byte_start - start :]
-    for block, offset in enumerate(range(0, len(view), BLOCK_BYTES)):
-        if block >= len(shard.crc32) or zlib.crc32(view[offset : offset + BLOCK_BYTES]) != shard.crc32[block]:
-            raise CheckpointError(f"{path}: checksum mismatch in {name} (block {block}); the file is damaged")
+    _check_blocks(view, shard, 0, path, name)
     return view
+
+
+def _check_blocks(data: memoryview, shard: Shard, first_block: int, path: Path, name: str) -> None:
+    """Check ``data`` (the shard's bytes from block ``first_block`` on, whole blocks but the shard's last) against
+    the shard's block CRCs."""
+    for i, offset in enumerate(range(0, len(data), BLOCK_BYTES)):
+        block = first_block + i
+        if block >= len(shard.crc32) or zlib.crc32(data[offset : offset + BLOCK_BYTES]) != shard.crc32[block]:
+            raise CheckpointError(f"{path}: checksum mismatch in {name} (block {block}); the file is damaged")
 
 
 def read_rows(
