@@ -14,13 +14,13 @@ from importlib.metadata import version
 
 # name -> module defining ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``.
 _COMMANDS: dict[str, str] = {
-    "demo": "megascope.dashboard.demo",
-    "train": "megascope.engine.cli",
-    "ckpt": "megascope.engine.checkpoint.cli",
-    "merge": "megascope.engine.merge_cli",
-    "agent": "megascope.agent.main",
-    "dashboard": "megascope.dashboard.cli",
-    "status": "megascope.dashboard.status",
+    "demo": "megascope.dashboard.demo_cli",
+    "train": "megascope.engine.train_cli",
+    "ckpt": "megascope.engine.checkpoint.ckpt_cli",
+    "merge": "megascope.engine.checkpoint.merge_cli",
+    "agent": "megascope.agent.agent_cli",
+    "dashboard": "megascope.dashboard.dashboard_cli",
+    "status": "megascope.dashboard.status_cli",
 }
 
 

@@ -18,8 +18,8 @@ from megascope.agent.merges import MergeRunner
 from megascope.agent.server import AgentServer
 from megascope.agent.state import HistoryLimits, NodeState
 from megascope.agent.supervision import Supervisor
-from megascope.engine import launch as launcher
-from megascope.engine.agent_sink import AGENT_ADDRESS_ENV
+from megascope.engine.runtime import launch as launcher
+from megascope.engine.runtime.agent_link import AGENT_ADDRESS_ENV
 from megascope.protos.megascope.v1 import telemetry_pb2
 
 _SAMPLE_SECONDS = 1.0

@@ -22,7 +22,7 @@ from megascope.agent.merges import MergeRefused, MergeRunner
 from megascope.agent.state import NodeState
 from megascope.agent.supervision import Supervisor
 from megascope.engine.checkpoint.format import committed_steps
-from megascope.engine.launch import write_restart_request
+from megascope.engine.runtime.launch import write_restart_request
 from megascope.protos.megascope.v1 import agent_pb2, agent_pb2_grpc, telemetry_pb2, worker_pb2, worker_pb2_grpc
 
 MAX_MESSAGE_BYTES = 1 << 20

@@ -3,17 +3,17 @@
 torch elastic (torchrun, a child of the agent) restarts the ranks when one of them exits; the ranks resume
 from the newest committed checkpoint. What it cannot do, this does:
 
-- crash: a rank's stream ends without "finished" and its guard (engine/rank_guard.py) reports how it ended
+- crash: a rank's stream ends without "finished" and its guard (engine/runtime/rank_guard.py) reports how it ended
   (signal or exit code, the last lines of its log). The first abnormal end of an incident is the crash; the
   ranks that die after it because a peer vanished, or because torch elastic stopped them, are collateral.
   A node whose ranks only died of collateral causes says so (``peer_failed``): the crash is another node's.
 - hang: no rank of the node completes a step for the hang timeout. The stacks of every rank are collected
-  (agent/stacks.py) and :func:`~megascope.agent.diagnosis.diagnose` names the culprit. The node that has the
+  (agent/stacks.py) and :func:`~megascope.agent.hang_rules.diagnose` names the culprit. The node that has the
   culprit stops its ranks (SIGKILL), so torch elastic restarts the job; the other nodes' ranks then fail on the
   broken connections. A node that finds no culprit waits one more timeout for that, then stops its own ranks.
 - restart: the first step completed after an incident closes it, with the time to repair and the steps lost.
 
-Self-check (engine/selfcheck.py): when this node's ranks report it slow and the agent runs with
+Self-check (engine/runtime/selfcheck.py): when this node's ranks report it slow and the agent runs with
 ``--evict-slow-nodes``, the agent is told to take the node out of the job (``evict``).
 
 Events (the contract the demo summary and the dashboard read): ``crash`` (rank: the rank that died), ``hang``
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from megascope.agent import stacks
-from megascope.agent.diagnosis import Diagnosis, RankProgress, diagnose
+from megascope.agent.hang_rules import Diagnosis, RankProgress, diagnose
 from megascope.agent.state import NodeState
 from megascope.protos.megascope.v1 import agent_pb2, telemetry_pb2, worker_pb2
 

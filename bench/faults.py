@@ -22,7 +22,7 @@ shares one ``TORCHELASTIC_RESTART_COUNT``, which is how the measurement tells th
 3. **megascope**: ``megascope demo --headless --json --nodes 1 --ranks-per-node 4 --hang-timeout T ...
    --inject ...``: the agent detects crashes (the rank guard's exit report) and hangs (no step for T seconds;
    stacks, culprit, SIGKILL), and torch elastic under it restarts the ranks.
-4. **torchrun**: the same config (``engine/cli.py``'s ``build`` from the same flags, so the same steps, data,
+4. **torchrun**: the same config (``engine/train_cli.py``'s ``build`` from the same flags, so the same steps, data,
    checkpoints and faults), launched as a user would without megascope: ``python -m torch.distributed.run
    --nproc-per-node 4 --max-restarts M --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:0 -m
    megascope.engine.trainer CONFIG`` (no rank guard, no agent), with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``
@@ -34,7 +34,7 @@ shares one ``TORCHELASTIC_RESTART_COUNT``, which is how the measurement tells th
 What is measured, on both sides from the same sources:
 
 - fault time: the mtime of the fault's marker file (``run_dir/faults/<fault>.0``), created by the rank an instant
-  before it kills itself or starts hanging (engine/faults.py ``claim_firing``).
+  before it kills itself or starts hanging (engine/runtime/faults.py ``claim_firing``).
 - detection latency: fault time to the first detection after it. megascope: the agent's ``crash`` or ``hang``
   event (its wall time, in the demo's summary). torchrun: the first line on its stderr (stamped by this script as
   it arrives) that shows it acting on a failed worker: ``Sending process N closing signal SIGTERM`` to the others,
@@ -79,7 +79,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeAlias
 
-from megascope.engine.faults import CrashFault, HangFault
+from megascope.engine.runtime.faults import CrashFault, HangFault
 
 RANKS = 4
 PRESET = "tiny"
@@ -147,7 +147,7 @@ def read_executions(run_dir: Path) -> list[Execution]:
 
 
 def marker_time(run_dir: Path, fault: Injected) -> float | None:
-    """When ``fault`` fired: its marker's mtime (engine/faults.py names the marker after ``describe()``)."""
+    """When ``fault`` fired: its marker's mtime (engine/runtime/faults.py names the marker after ``describe()``)."""
     name = fault.describe().replace(":", "_").replace(",", "_").replace("=", "-")
     with contextlib.suppress(FileNotFoundError):
         return (run_dir / "faults" / f"{name}.0").stat().st_mtime
@@ -389,8 +389,8 @@ def _agent_figures(side: SideResult, summary: dict[str, Any]) -> None:
 
 def write_torchrun_config(run_dir: Path, steps: int, faults: Sequence[Injected], args: argparse.Namespace) -> Path:
     """The run config torchrun's ranks read: what ``megascope train`` would write from the same flags."""
-    from megascope.engine.cli import add_arguments, build
-    from megascope.engine.launch import write_config
+    from megascope.engine.runtime.launch import write_config
+    from megascope.engine.train_cli import add_arguments, build
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

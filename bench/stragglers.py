@@ -2,7 +2,7 @@
 
     python bench/stragglers.py [--quick] [--json] [--dashboard-seconds 60] [--no-dashboard]
 
-1. **Detection**, on a simulated synchronous job (tests/straggler_sim.py: no training, per-rank timings with
+1. **Detection**, on a simulated synchronous job (tests/support/straggler_sim.py: no training, per-rank timings with
    2% step-to-step jitter, one-step spikes and GC pauses) of 8 to 4,096 ranks, 8 per node. Each run injects
    persistent slowdowns of 5% to 100% (40 to 120 steps, in compute, data loading, GC or host time, now and
    then a whole node) and transient bursts shorter than the persistence window (1 to ``window - 1`` steps,
@@ -13,7 +13,7 @@
    - F1; the median detection delay in steps (flag step minus the first slow step);
    - false flags on clean runs (no injection) of every size.
 2. **Cost of the rules**: milliseconds per step at 4,096 ranks (``StragglerDetector.observe_arrays``).
-3. **The dashboard at 4,096 ranks**: ``python -m tests.fake_agent`` serves 64 nodes x 64 ranks stepping at
+3. **The dashboard at 4,096 ranks**: ``python -m support.fake_agent`` serves 64 nodes x 64 ranks stepping at
    about 1 Hz (rank 4,095 a 30% straggler) from another process; the real ``DashboardApp`` (headless, Textual's
    ``run_test``) watches all 64 agents for ``--dashboard-seconds``, half on the main screen and half on the heat
    map. Reported: frames drawn against redraw ticks, the longest gap between frames, the time a frame takes,
@@ -44,13 +44,14 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the simulator and the fake agent live in tests/
 
+from support.straggler_sim import Part, SimCluster, Slowdown, feed  # noqa: E402
+
 from megascope.dashboard import app as dashboard_app  # noqa: E402
 from megascope.dashboard.app import DashboardApp  # noqa: E402
-from megascope.dashboard.cluster import ClusterModel  # noqa: E402
-from megascope.dashboard.screens import HeatMapScreen  # noqa: E402
-from megascope.dashboard.stragglers import DEFAULT_CONFIG, StragglerDetector  # noqa: E402
+from megascope.dashboard.model.cluster import ClusterModel  # noqa: E402
+from megascope.dashboard.model.stragglers import DEFAULT_CONFIG, StragglerDetector  # noqa: E402
+from megascope.dashboard.screens.main import HeatMapScreen  # noqa: E402
 from megascope.protos.megascope.v1 import telemetry_pb2  # noqa: E402
-from tests.straggler_sim import Part, SimCluster, Slowdown, feed  # noqa: E402
 
 RANKS_PER_NODE = 8
 FACTORS = (1.05, 1.10, 1.15, 1.20, 1.30, 1.50, 2.00)
@@ -193,7 +194,7 @@ async def dashboard_at_scale(nodes: int, ranks_per_node: int, seconds: float) ->
     # SyntheticNode's step with a 30% straggler lasts 0.95 * 1.02 * 1.3 + 0.05 = 1.31 step_seconds: about 1 Hz.
     step_seconds = 1.0 / 1.31
     agents = subprocess.Popen(
-        [sys.executable, "-m", "tests.fake_agent", "--nodes", str(nodes), "--ranks-per-node", str(ranks_per_node),
+        [sys.executable, "-m", "support.fake_agent", "--nodes", str(nodes), "--ranks-per-node", str(ranks_per_node),
          "--steps", "1000000", "--step-seconds", f"{step_seconds:.4f}"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO,
     )  # fmt: skip

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import psutil
 
-from megascope.engine.agent_sink import AB_STEPS_ENV
+from megascope.engine.runtime.agent_link import AB_STEPS_ENV
 from megascope.engine.summary import read_step_reports
 
 WARMUP_STEPS = 20

@@ -16,13 +16,20 @@ from textual.css.query import NoMatches
 from textual.reactive import reactive
 from textual.screen import ModalScreen, Screen
 
-from megascope.dashboard.checkpoints_screen import CheckpointsScreen
-from megascope.dashboard.cluster import ClusterModel, ConnectionState
 from megascope.dashboard.connection import dump_stacks, restart_job, watch_agent
-from megascope.dashboard.diagnosis import AgentStacks, job_stacks
-from megascope.dashboard.diagnosis_screen import DiagnosisScreen
-from megascope.dashboard.screens import ConfirmScreen, HeatMapScreen, HelpScreen, MainScreen, ModelScreen, ViewState
-from megascope.dashboard.widgets import Palette
+from megascope.dashboard.model.cluster import ClusterModel, ConnectionState
+from megascope.dashboard.model.diagnosis import AgentStacks, job_stacks
+from megascope.dashboard.screens.checkpoints import CheckpointsScreen
+from megascope.dashboard.screens.diagnosis import DiagnosisScreen
+from megascope.dashboard.screens.main import (
+    ConfirmScreen,
+    HeatMapScreen,
+    HelpScreen,
+    MainScreen,
+    ModelScreen,
+    ViewState,
+)
+from megascope.dashboard.widgets.tables import Palette
 
 TICK_SECONDS = 1 / 3
 

@@ -29,7 +29,7 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
-from megascope.dashboard.cluster import ClusterModel
+from megascope.dashboard.model.cluster import ClusterModel
 from megascope.protos.megascope.v1 import agent_pb2, agent_pb2_grpc
 
 INITIAL_BACKOFF = 0.25

@@ -23,9 +23,9 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from megascope.dashboard.cluster import ClusterModel, FaultView, RestartView
 from megascope.dashboard.connection import watch_agent
 from megascope.dashboard.local_cluster import LocalCluster
+from megascope.dashboard.model.cluster import ClusterModel, FaultView, RestartView
 
 _STATUS_SECONDS = 1.0
 

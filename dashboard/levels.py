@@ -57,7 +57,7 @@ class Threshold:
 
 # In a synchronous job every rank's step lasts about as long (the fast ones wait for the slow one), so a longer
 # step than the median rank's means a rank is behind, not that it is the straggler: COMPUTE_RATIO and the
-# straggler rules (dashboard/stragglers.py) find that one.
+# straggler rules (dashboard/model/stragglers.py) find that one.
 STEP_TIME_RATIO = Threshold("step time / median rank's", "x", 1.10, 1.25)
 # The heat map's colours. Yellow starts at the straggler rules' default threshold (StragglerConfig.threshold).
 COMPUTE_RATIO = Threshold("compute time / median rank's (heat map)", "x", 1.05, 1.25)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megascope.engine.telemetry import CollectiveTiming
+from megascope.engine.runtime.telemetry import CollectiveTiming
 
 
 @dataclass

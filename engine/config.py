@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from megascope.engine.data import DataConfig
-from megascope.engine.faults import Fault, fault_from_dict
 from megascope.engine.model import ModelConfig
+from megascope.engine.runtime.faults import Fault, fault_from_dict
 
 
 class ConfigError(ValueError):
@@ -107,7 +107,7 @@ class TrainConfig:
     """Process group timeout; a collective stuck longer than this fails instead of hanging forever. The agent's
     hang detection (``--hang-timeout``) acts well before it."""
     self_check: bool = True
-    """Run the node self-check (engine/selfcheck.py) at every start of the ranks, before training."""
+    """Run the node self-check (engine/runtime/selfcheck.py) at every start of the ranks, before training."""
     faults: tuple[Fault, ...] = ()
     """Injected faults (``--inject``), for testing the diagnosis; empty in a real run."""
 

@@ -30,18 +30,18 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from megascope.engine import selfcheck
-from megascope.engine.agent_sink import connect_from_environment
 from megascope.engine.checkpoint import Checkpointer, CheckpointError, committed_steps, load, remove_unfinished
 from megascope.engine.checkpoint.format import step_dir_name
 from megascope.engine.collectives import CollectiveTimer, DeviceComputeTimer
 from megascope.engine.config import TrainConfig
 from megascope.engine.data import PackedBatches, Prefetcher, load_corpus, split_train_val
-from megascope.engine.faults import CrashFault, HangFault, SlowFault, claim_firing, faults_for_rank, is_spent
-from megascope.engine.launch import RESTART_FROM
 from megascope.engine.mfu import PeakFlops, device_peak
 from megascope.engine.model import Transformer, cross_entropy
-from megascope.engine.telemetry import ConsoleSink, Event, JsonlSink, Sink, StepReport, Telemetry
+from megascope.engine.runtime import selfcheck
+from megascope.engine.runtime.agent_link import connect_from_environment
+from megascope.engine.runtime.faults import CrashFault, HangFault, SlowFault, claim_firing, faults_for_rank, is_spent
+from megascope.engine.runtime.launch import RESTART_FROM
+from megascope.engine.runtime.telemetry import ConsoleSink, Event, JsonlSink, Sink, StepReport, Telemetry
 from megascope.protos.megascope.v1 import worker_pb2
 
 _FAILURE_TRACEBACK_LINES = 20

@@ -1,34 +1,36 @@
-"""Shared helpers: run the real `megascope` command in a subprocess and read a run's telemetry."""
+"""Test-session setup: the repository root off ``sys.path``, and the integration tier marked ``slow``.
+
+``python -m pytest`` puts the current directory on ``sys.path``, which would make the owner's top-level folders
+importable under their bare names: ``kernels/`` then shadows the Hugging Face ``kernels`` package that
+transformers imports, and a test could pass against ``engine.x`` instead of the installed ``megascope.engine.x``.
+Tests import megascope as users do, and their helpers as ``support`` (this folder is on the path).
+"""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+import pytest
 
-
-def run_megascope(*args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """`megascope ARGS...` as a user would run it, through the installed entry point's module."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run(
-        [sys.executable, "-m", "megascope.agent.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=cwd or REPO,
-        env=env,
-    )
+_REPO = Path(__file__).resolve().parent.parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _REPO]
 
 
-def read_telemetry(run_dir: Path) -> dict[int, list[dict[str, Any]]]:
-    """Every record of every rank's JSONL telemetry file, by rank."""
-    records: dict[int, list[dict[str, Any]]] = {}
-    for path in sorted((run_dir / "telemetry").glob("rank*.jsonl")):
-        rank = int(path.stem.removeprefix("rank"))
-        records[rank] = [json.loads(line) for line in path.read_text().splitlines()]
-    return records
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test under tests/integration starts real processes: ``-m "not slow"`` leaves them out."""
+    for item in items:
+        if "integration" in item.path.parts:
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture
+def utc() -> Iterator[None]:
+    """Local time is UTC for the test (snapshots show clock times)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TZ", "UTC")
+        time.tzset()
+        yield
+    time.tzset()

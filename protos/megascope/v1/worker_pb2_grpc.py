@@ -61,7 +61,7 @@ class WorkerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReportExit(self, request, context):
-        """From the process that runs a rank (megascope.engine.rank_guard) when the rank exits abnormally:
+        """From the process that runs a rank (megascope.engine.runtime.rank_guard) when the rank exits abnormally:
         how it ended and the last lines it wrote.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

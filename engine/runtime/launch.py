@@ -1,0 +1,188 @@
+"""Launch a node's training ranks through torch elastic, exactly as ``torchrun`` does (it *is* torchrun).
+
+Both ``megascope train`` and the agent start ``python -m torch.distributed.run`` as a child process: one
+launch path, and the elastic agent (rendezvous, restarts) lives in its own process, so the megascope agent
+stays responsive and can stop the whole process group on shutdown.
+
+Rendezvous is c10d: a single node uses an ephemeral store on 127.0.0.1; many nodes pass the same
+``--rdzv-endpoint`` and ``--rdzv-id``. ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` makes every restart attempt
+build a fresh store for its process group: with the store shared, restarted workers can read the previous
+attempt's gloo addresses and fail or hang (pytorch/pytorch#135712).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from megascope.engine.config import ConfigError, TrainConfig
+from megascope.engine.runtime import parent_death
+
+_STOP_GRACE_SECONDS = 15.0
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    nproc_per_node: int = 1
+    nnodes: str = "1"
+    """``N`` or ``MIN:MAX`` (elastic)."""
+    rdzv_endpoint: str | None = None
+    """``HOST:PORT`` of the c10d rendezvous; None for a single node on an ephemeral local port."""
+    rdzv_id: str | None = None
+    max_restarts: int = 0
+    monitor_interval: float = 0.1
+    """How often torch elastic polls its workers (seconds): how soon a dead rank starts a restart."""
+
+    def node_range(self) -> tuple[int, int]:
+        try:
+            low, _, high = self.nnodes.partition(":")
+            lo, hi = int(low), int(high or low)
+        except ValueError:
+            raise ConfigError(f"--nnodes must be N or MIN:MAX, got {self.nnodes!r}") from None
+        if lo < 1 or hi < lo:
+            raise ConfigError(f"--nnodes must satisfy 1 <= MIN <= MAX, got {self.nnodes!r}")
+        return lo, hi
+
+    def validate(self) -> None:
+        if self.nproc_per_node < 1:
+            raise ConfigError(f"--nproc-per-node must be at least 1, got {self.nproc_per_node}")
+        if self.max_restarts < 0:
+            raise ConfigError(f"--max-restarts must be >= 0, got {self.max_restarts}")
+        _, max_nodes = self.node_range()
+        if max_nodes > 1 and not self.rdzv_endpoint:
+            raise ConfigError("--nnodes above 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
+
+
+RESTART_FROM = "restart_from.json"
+"""In the run directory: ``{"step": N}`` makes the ranks' next start resume from checkpoint step N rather than the
+newest (read by engine/trainer.py, then removed)."""
+
+
+def write_restart_request(run_dir: Path, step: int) -> None:
+    """Ask the next start of the ranks to resume from ``step`` (written atomically: a rank never reads half)."""
+    path = run_dir / RESTART_FROM
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"step": step}))
+    os.replace(tmp, path)
+
+
+class LaunchFailed(RuntimeError):
+    """The ranks failed after the allowed restarts."""
+
+
+def write_config(config: TrainConfig) -> Path:
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.json"
+    path.write_text(config.to_json())
+    return path
+
+
+def trainer_entry(config: TrainConfig) -> list[str]:
+    """torchrun's entry point for our trainer: writes the config every rank will read."""
+    return ["-m", "megascope.engine.trainer", str(write_config(config).resolve())]
+
+
+def torchrun_command(options: LaunchOptions, entry: Sequence[str], log_dir: Path, run_id: str) -> list[str]:
+    """The ``torchrun`` command line for ``entry`` (``-m module args`` or ``script.py args``).
+
+    Every rank runs under :mod:`megascope.engine.runtime.rank_guard`, which reports how the rank ended to the agent.
+    """
+    options.validate()
+    low, high = options.node_range()
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nnodes={low}" if low == high else f"--nnodes={low}:{high}",
+        f"--nproc-per-node={options.nproc_per_node}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={options.rdzv_endpoint or '127.0.0.1:0'}",
+        f"--rdzv-id={run_id}",
+        f"--max-restarts={options.max_restarts}",
+        f"--monitor-interval={options.monitor_interval}",
+        f"--log-dir={log_dir}",
+        *_rendezvous_settings(low, high),
+        "-m", "megascope.engine.runtime.rank_guard",
+        *entry,
+    ]  # fmt: skip
+
+
+ELASTIC_LAST_CALL_SECONDS = 5
+"""With ``--nnodes MIN:MAX``, how long a rendezvous that has MIN nodes waits for more (torch's default is 30 s):
+a restart after a node is lost should not idle half a minute waiting for it."""
+
+
+def _rendezvous_settings(low: int, high: int) -> list[str]:
+    if low == high:
+        return []
+    return [f"--rdzv-conf=last_call_timeout={ELASTIC_LAST_CALL_SECONDS}"]
+
+
+def launcher_environment(options: LaunchOptions, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    # As torchrun's own CLI would for several ranks, but a share of the cores rather than one thread each.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // options.nproc_per_node)))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.update(extra or {})
+    return env
+
+
+def start(
+    options: LaunchOptions,
+    entry: Sequence[str],
+    log_dir: Path,
+    extra_env: dict[str, str] | None = None,
+    new_session: bool = False,
+) -> subprocess.Popen[bytes]:
+    """Start torchrun for this node; ``new_session`` puts it in its own process group (see :func:`stop`)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    command = torchrun_command(options, entry, log_dir, options.rdzv_id or uuid.uuid4().hex)
+    # If whoever launched torchrun dies (the agent killed with its node), the ranks stop with it rather than
+    # train on unobserved: the other nodes see the node lost and restart without it.
+    return subprocess.Popen(
+        parent_death.command(signal.SIGTERM, command),
+        env=launcher_environment(options, extra_env),
+        start_new_session=new_session,
+    )
+
+
+def stop(process: subprocess.Popen[bytes], grace_seconds: float = _STOP_GRACE_SECONDS) -> int:
+    """SIGTERM torchrun's process group (it stops its workers), SIGKILL whatever is left after the grace."""
+    if process.poll() is None:
+        _signal_group(process, signal.SIGTERM)
+        try:
+            process.wait(timeout=grace_seconds)
+        except subprocess.TimeoutExpired:
+            _signal_group(process, signal.SIGKILL)
+            process.wait()
+    return process.returncode
+
+
+def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    try:
+        if os.getpgid(process.pid) == process.pid:
+            os.killpg(process.pid, sig)
+        else:
+            process.send_signal(sig)
+    except ProcessLookupError:
+        pass
+
+
+def launch(config: TrainConfig, options: LaunchOptions) -> None:
+    """Run this node's ranks until training ends (foreground); raises LaunchFailed if they fail for good."""
+    process = start(options, trainer_entry(config), Path(config.run_dir) / "logs")
+    try:
+        code = process.wait()
+    except KeyboardInterrupt:
+        # Ctrl-C reached torchrun too (same process group); give it the time to stop its workers.
+        stop(process)
+        raise
+    if code != 0:
+        raise LaunchFailed(f"torchrun exited with code {code}; its report is above, logs under {config.run_dir}/logs")

@@ -1,0 +1,211 @@
+"""The agent's gRPC services on a real socket: back-fill and live telemetry, and bad input refused cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support.agents import wait_until
+
+from megascope.agent.server import AgentServer
+from megascope.agent.state import NodeState
+from megascope.engine.runtime.agent_link import AgentSink
+from megascope.engine.runtime.telemetry import Event, StepReport
+from megascope.protos.megascope.v1 import agent_pb2, agent_pb2_grpc, telemetry_pb2, worker_pb2, worker_pb2_grpc
+
+
+def report(rank: int, step: int) -> StepReport:
+    return StepReport(
+        rank=rank, local_rank=rank, world_size=2, step=step, loss=5.0 - step * 0.01, lr=1e-3, grad_norm=1.0,
+        tokens=512, step_seconds=0.1, data_wait_seconds=0.01, forward_seconds=0.03, backward_seconds=0.04,
+        comm_wait_seconds=0.01, optimizer_seconds=0.01, other_seconds=0.0, tokens_per_second=5120.0,
+        model_flops=1e9, mfu=0.2, node="node0",
+    )  # fmt: skip
+
+
+@pytest.fixture
+async def agent() -> AsyncIterator[AgentServer]:
+    state = NodeState(telemetry_pb2.NodeInfo(node="node0", total_steps=100))
+    server = AgentServer(state, "127.0.0.1", 0)
+    await server.start()
+    yield server
+    await server.stop(grace_seconds=0.5)
+
+
+def worker_sink(address: str, rank: int) -> AgentSink:
+    """The engine's real sink, as a training rank uses it (its own thread, a sync gRPC stream)."""
+    hello = worker_pb2.Hello(rank=rank, local_rank=rank, world_size=2, pid=1000 + rank, node="node0")
+    return AgentSink(address, hello)
+
+
+async def collect(address: str, until, timeout: float = 10.0) -> list[telemetry_pb2.Telemetry]:  # type: ignore[no-untyped-def]
+    """Watch batches until ``until(batches)`` holds."""
+    batches: list[telemetry_pb2.Telemetry] = []
+    async with grpc.aio.insecure_channel(address) as channel:
+        stream = agent_pb2_grpc.AgentServiceStub(channel).Watch(agent_pb2.WatchRequest())
+        async with asyncio.timeout(timeout):
+            async for response in stream:
+                batches.append(response.telemetry)
+                if until(batches):
+                    stream.cancel()
+                    return batches
+    return batches
+
+
+def steps_in(batches: list[telemetry_pb2.Telemetry], backfill: bool | None = None) -> set[tuple[int, int]]:
+    return {(r.rank, r.step) for b in batches if backfill is None or b.backfill == backfill for r in b.step_reports}
+
+
+async def test_watcher_gets_live_reports_and_a_late_watcher_gets_them_back_filled(agent: AgentServer) -> None:
+    sinks = [worker_sink(agent.address, rank) for rank in (0, 1)]
+    await wait_until(lambda: all(s.connected for s in sinks))
+    early = asyncio.ensure_future(collect(agent.address, lambda b: len(steps_in(b)) >= 10))
+    await asyncio.sleep(0.3)
+    for step in range(1, 6):
+        for rank, sink in enumerate(sinks):
+            sink.write_step(report(rank, step))
+    live = await early
+    assert steps_in(live, backfill=False) == {(rank, step) for rank in (0, 1) for step in range(1, 6)}
+
+    late = await collect(agent.address, lambda b: not b[-1].backfill)
+    assert steps_in(late, backfill=True) == {(rank, step) for rank in (0, 1) for step in range(1, 6)}
+    assert late[0].node_info.node == "node0" and late[0].node_info.total_steps == 100
+    assert {s.rank: s.state for s in late[-1].rank_statuses} == {
+        0: telemetry_pb2.RANK_STATE_RUNNING,
+        1: telemetry_pb2.RANK_STATE_RUNNING,
+    }
+    for sink in sinks:
+        await asyncio.to_thread(sink.close)  # the server runs on this loop: never block it
+
+
+async def test_rank_that_finishes_is_exited_and_one_that_vanishes_is_failed(agent: AgentServer) -> None:
+    finishing, vanishing = worker_sink(agent.address, 0), worker_sink(agent.address, 1)
+    await wait_until(lambda: finishing.connected and vanishing.connected)
+    finishing.write_step(report(0, 1))
+    finishing.write_event(Event(kind="finished", text="done", rank=0))
+    await asyncio.to_thread(finishing.close)
+    vanishing.write_step(report(1, 1))
+    await wait_until(lambda: agent.state.ranks[1].HasField("last_step"))
+    await asyncio.to_thread(vanishing.close, 0)  # the stream is cut without a "finished" event, as when a rank dies
+    await wait_until(lambda: agent.state.ranks[1].state == telemetry_pb2.RANK_STATE_FAILED)
+    assert agent.state.ranks[0].state == telemetry_pb2.RANK_STATE_EXITED
+    lost = [e for e in agent.state.events if e.kind == "rank_lost"]
+    assert [e.rank for e in lost] == [1] and "pid 1001" in lost[0].text
+
+
+async def test_health_service_reports_serving(agent: AgentServer) -> None:
+    async with grpc.aio.insecure_channel(agent.address) as channel:
+        response = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="megascope.v1.AgentService")
+        )
+    assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def attach(address: str, *messages: worker_pb2.AttachRequest) -> grpc.aio.AioRpcError | None:
+    """Send raw messages on a worker stream; the error the agent ended it with, or None."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = worker_pb2_grpc.WorkerServiceStub(channel).Attach(iter(messages))
+        try:
+            async for _ in call:
+                pass
+        except grpc.aio.AioRpcError as error:
+            return error
+    return None
+
+
+HELLO = worker_pb2.AttachRequest(hello=worker_pb2.Hello(rank=0, world_size=2, pid=1, node="node0"))
+
+
+@pytest.mark.parametrize(
+    ("messages", "code", "names"),
+    [
+        ([worker_pb2.AttachRequest(step_report=telemetry_pb2.StepReport())], grpc.StatusCode.INVALID_ARGUMENT,
+         "hello"),
+        ([worker_pb2.AttachRequest(hello=worker_pb2.Hello(rank=5, world_size=2))], grpc.StatusCode.INVALID_ARGUMENT,
+         "hello.rank"),
+        ([HELLO, worker_pb2.AttachRequest(step_report=telemetry_pb2.StepReport(rank=0, step=1, step_seconds=-1))],
+         grpc.StatusCode.INVALID_ARGUMENT, "step_report.step_seconds"),
+        ([HELLO, worker_pb2.AttachRequest(step_report=telemetry_pb2.StepReport(rank=1, step=1))],
+         grpc.StatusCode.INVALID_ARGUMENT, "step_report.rank"),
+        ([HELLO, worker_pb2.AttachRequest(event=telemetry_pb2.Event(kind="x", severity=42))],  # type: ignore[arg-type]
+         grpc.StatusCode.INVALID_ARGUMENT, "event.severity"),
+        ([HELLO, worker_pb2.AttachRequest()], grpc.StatusCode.INVALID_ARGUMENT, "payload"),
+        ([HELLO, worker_pb2.AttachRequest(event=telemetry_pb2.Event(kind="x", text="x" * (2 << 20)))],
+         grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+    ],
+    ids=["no-hello", "rank-out-of-range", "negative-time", "wrong-rank", "unknown-enum", "empty", "oversized"],
+)  # fmt: skip
+async def test_bad_worker_input_gets_a_clear_status_and_the_agent_keeps_serving(
+    agent: AgentServer, messages: list[worker_pb2.AttachRequest], code: grpc.StatusCode, names: str
+) -> None:
+    error = await attach(agent.address, *messages)
+    assert error is not None and error.code() == code
+    assert names in (error.details() or "")
+    good = worker_sink(agent.address, 1)
+    await wait_until(lambda: good.connected)
+    good.write_step(report(1, 7))
+    await wait_until(lambda: any(r.step == 7 for r in agent.state.step_reports))
+    await asyncio.to_thread(good.close)
+
+
+async def test_worker_that_disconnects_mid_stream_does_not_disturb_the_agent(agent: AgentServer) -> None:
+    async with grpc.aio.insecure_channel(agent.address) as channel:
+        call = worker_pb2_grpc.WorkerServiceStub(channel).Attach()
+        await call.write(HELLO)
+        await call.read()  # the Ack
+        call.cancel()
+    async with grpc.aio.insecure_channel(agent.address) as channel:
+        snapshot = await agent_pb2_grpc.AgentServiceStub(channel).GetSnapshot(agent_pb2.GetSnapshotRequest())
+    assert snapshot.node_info.node == "node0"
+    await wait_until(lambda: agent.state.ranks[0].state == telemetry_pb2.RANK_STATE_FAILED)
+
+
+async def test_watch_with_negative_backfill_is_invalid(agent: AgentServer) -> None:
+    async with grpc.aio.insecure_channel(agent.address) as channel:
+        stream = agent_pb2_grpc.AgentServiceStub(channel).Watch(agent_pb2.WatchRequest(backfill_seconds=-1))
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            async for _ in stream:
+                pass
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "backfill_seconds" in (raised.value.details() or "")
+
+
+async def test_get_events_filters_by_kind(agent: AgentServer) -> None:
+    agent.state.event("checkpoint", "saved step 10")
+    agent.state.event("other", "ignored")
+    async with grpc.aio.insecure_channel(agent.address) as channel:
+        response = await agent_pb2_grpc.AgentServiceStub(channel).GetEvents(
+            agent_pb2.GetEventsRequest(kinds=["checkpoint"])
+        )
+    assert [e.text for e in response.events] == ["saved step 10"]
+
+
+GARBAGE = b"\xff\xff\xff"
+
+
+async def test_undecodable_request_bytes_get_invalid_argument_on_unary_and_streaming_methods(
+    agent: AgentServer,
+) -> None:
+    async with grpc.aio.insecure_channel(agent.address) as channel:
+        calls = {
+            "GetEventsRequest": lambda: channel.unary_unary("/megascope.v1.AgentService/GetEvents")(GARBAGE),
+            "WatchRequest": lambda: _drain(channel.unary_stream("/megascope.v1.AgentService/Watch")(GARBAGE)),
+            "AttachRequest": lambda: _drain(
+                channel.stream_stream("/megascope.v1.WorkerService/Attach")(iter([HELLO.SerializeToString(), GARBAGE]))
+            ),
+        }
+        for type_name, call in calls.items():
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await call()
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert type_name in (raised.value.details() or "")
+        snapshot = await agent_pb2_grpc.AgentServiceStub(channel).GetSnapshot(agent_pb2.GetSnapshotRequest())
+    assert snapshot.node_info.node == "node0"
+
+
+async def _drain(call) -> None:  # type: ignore[no-untyped-def]
+    async for _ in call:
+        pass

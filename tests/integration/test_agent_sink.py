@@ -1,0 +1,62 @@
+"""A rank's link to its agent never holds training up: absent agent, agent that dies, agent that returns."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+from support import read_telemetry, run_megascope
+from support.agents import wait_until
+from test_agent import report
+
+from megascope.agent.server import AgentServer
+from megascope.agent.state import NodeState
+from megascope.dashboard.local_cluster import free_port
+from megascope.engine.runtime.agent_link import AGENT_ADDRESS_ENV, AgentSink
+from megascope.protos.megascope.v1 import telemetry_pb2, worker_pb2
+
+HELLO = worker_pb2.Hello(rank=0, local_rank=0, world_size=1, pid=os.getpid(), node="node0")
+
+
+def test_writes_return_at_once_and_are_counted_as_dropped_while_no_agent_listens() -> None:
+    sink = AgentSink(f"127.0.0.1:{free_port()}", HELLO)
+    start = time.perf_counter()
+    for step in range(1, 1001):
+        sink.write_step(report(0, step))
+    elapsed = time.perf_counter() - start
+    sink.close(timeout=0.5)
+    assert elapsed < 0.5  # no waiting on the network: ~0.1 ms a report for building the message
+    assert sink.dropped == 1000 and not sink.connected
+
+
+async def test_sink_reconnects_when_the_agent_comes_back_on_its_port() -> None:
+    port = free_port()
+    sink = AgentSink(f"127.0.0.1:{port}", HELLO)
+    await asyncio.sleep(0.5)  # a few failed connection attempts
+    assert not sink.connected
+    for attempt in range(2):  # the agent starts, dies, and comes back
+        server = AgentServer(NodeState(telemetry_pb2.NodeInfo(node="node0")), "127.0.0.1", port)
+        await server.start()
+        await wait_until(lambda: sink.connected, timeout=15)
+        sink.write_step(report(0, attempt + 1))
+        await wait_until(lambda server=server: len(server.state.step_reports) == 1)
+        await server.stop(grace_seconds=0.1)
+        await wait_until(lambda: not sink.connected)
+    assert sink.connects == 2
+    await asyncio.to_thread(sink.close, 0.5)
+
+
+def test_training_finishes_when_the_agent_address_points_nowhere(tmp_path: Path) -> None:
+    os.environ[AGENT_ADDRESS_ENV] = f"127.0.0.1:{free_port()}"
+    try:
+        result = run_megascope(
+            "train", "--preset", "tiny", "--steps", "5", "--batch-tokens", "256", "--val-every", "0",
+            "--run-dir", str(tmp_path), timeout=120,
+        )  # fmt: skip
+    finally:
+        del os.environ[AGENT_ADDRESS_ENV]
+    assert result.returncode == 0, result.stderr[-2000:]
+    steps = [r["step"] for r in read_telemetry(tmp_path)[0] if r["type"] == "step"]
+    assert steps == [1, 2, 3, 4, 5]

@@ -1,0 +1,34 @@
+"""Shared helpers: run the real `megascope` command in a subprocess and read a run's telemetry."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_megascope(*args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`megascope ARGS...` as a user would run it, through the installed entry point's module."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [sys.executable, "-m", "megascope.agent.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd or REPO,
+        env=env,
+    )
+
+
+def read_telemetry(run_dir: Path) -> dict[int, list[dict[str, Any]]]:
+    """Every record of every rank's JSONL telemetry file, by rank."""
+    records: dict[int, list[dict[str, Any]]] = {}
+    for path in sorted((run_dir / "telemetry").glob("rank*.jsonl")):
+        rank = int(path.stem.removeprefix("rank"))
+        records[rank] = [json.loads(line) for line in path.read_text().splitlines()]
+    return records

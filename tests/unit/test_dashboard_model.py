@@ -1,0 +1,297 @@
+"""The dashboard's cluster model on hand-made telemetry: header math, odd batches, statuses, bounds."""
+
+from __future__ import annotations
+
+import pytest
+
+from megascope.dashboard.model import cluster
+from megascope.dashboard.model.cluster import ClusterModel, ConnectionState, RankStatusName
+from megascope.protos.megascope.v1 import telemetry_pb2
+
+A, B = "10.0.0.1:50051", "10.0.0.2:50051"
+NOW = 1_767_225_600.0
+
+
+def report(rank: int, step: int, **fields: object) -> telemetry_pb2.StepReport:
+    values: dict[str, object] = {
+        "node": "node0" if rank < 2 else "node1",
+        "rank": rank,
+        "world_size": 4,
+        "step": step,
+        "loss": 3.0,
+        "tokens": 1000,
+        "step_seconds": 1.0,
+        "tokens_per_second": 1000.0,
+        "wall_time": NOW + step,
+    }
+    values.update(fields)
+    return telemetry_pb2.StepReport(**values)  # type: ignore[arg-type]
+
+
+def batch(
+    *reports: telemetry_pb2.StepReport,
+    info: telemetry_pb2.NodeInfo | None = None,
+    statuses: list[telemetry_pb2.RankStatus] | None = None,
+    events: list[telemetry_pb2.Event] | None = None,
+    hosts: list[telemetry_pb2.HostSample] | None = None,
+) -> telemetry_pb2.Telemetry:
+    t = telemetry_pb2.Telemetry(step_reports=reports, rank_statuses=statuses or [], events=events or [])
+    t.host_samples.extend(hosts or [])
+    if info is not None:
+        t.node_info.CopyFrom(info)
+    return t
+
+
+def node_info(node: str, ranks: list[int], **fields: object) -> telemetry_pb2.NodeInfo:
+    values: dict[str, object] = {"node": node, "ranks": ranks, "world_size": 4, "start_wall_time": NOW}
+    values.update(fields)
+    return telemetry_pb2.NodeInfo(**values)  # type: ignore[arg-type]
+
+
+def running(rank: int, state: int = telemetry_pb2.RANK_STATE_RUNNING) -> telemetry_pb2.RankStatus:
+    return telemetry_pb2.RankStatus(rank=rank, pid=100 + rank, state=state)
+
+
+def model_with(*agents: str) -> ClusterModel:
+    model = ClusterModel(agents, clock=lambda: NOW + 100.0)
+    for address in agents:
+        model.set_connected(address)
+    return model
+
+
+def status_of(model: ClusterModel, rank: int) -> RankStatusName:
+    return next(r.status for r in model.rank_rows() if r.rank == rank)
+
+
+def test_header_step_is_the_last_step_every_rank_completed() -> None:
+    model = model_with(A)
+    model.ingest(A, batch(report(0, 1), report(0, 2), report(0, 3), report(1, 1), report(1, 2)))
+    assert model.header().step == 2
+
+
+def test_throughput_is_all_tokens_over_the_slowest_ranks_step_time() -> None:
+    model = model_with(A)
+    model.ingest(A, batch(info=node_info("node0", [0, 1], total_steps=10)))
+    model.ingest(
+        A,
+        batch(
+            report(0, 4, tokens=1000, step_seconds=0.5, loss=2.0, mfu=0.2),
+            report(1, 4, tokens=1000, step_seconds=1.0, loss=4.0, mfu=0.4),
+        ),
+    )
+    header = model.header()
+    assert header.tokens_per_second == pytest.approx(2000.0)  # 2000 tokens in the slow rank's 1.0 s
+    assert header.step_seconds == pytest.approx(1.0)
+    assert header.loss == pytest.approx(3.0)
+    assert header.mfu == pytest.approx(0.3)
+    assert header.eta_seconds == pytest.approx(6.0)  # 6 steps left at 1.0 s
+
+
+def test_throughput_is_the_median_over_recent_complete_steps() -> None:
+    model = model_with(A)
+    for step, seconds in [(1, 1.0), (2, 2.0), (3, 10.0)]:
+        model.ingest(A, batch(report(0, step, step_seconds=seconds), report(1, step, step_seconds=seconds)))
+    assert model.header().tokens_per_second == pytest.approx(1000.0)  # median of 2000, 1000, 200
+
+
+def test_mfu_is_none_when_no_rank_reports_it() -> None:
+    model = model_with(A)
+    model.ingest(A, batch(report(0, 1), report(1, 1)))
+    assert model.header().mfu is None
+
+
+def test_uptime_counts_from_the_earliest_agent_start() -> None:
+    model = model_with(A, B)
+    model.ingest(A, batch(info=node_info("node0", [0], start_wall_time=NOW + 40)))
+    model.ingest(B, batch(info=node_info("node1", [1], start_wall_time=NOW + 10)))
+    assert model.header().uptime_seconds == pytest.approx(90.0)
+
+
+def test_out_of_order_batches_do_not_move_a_rank_backwards() -> None:
+    model = model_with(A)
+    model.ingest(A, batch(report(0, 5, loss=1.5)))
+    model.ingest(A, batch(report(0, 3, loss=9.0)))
+    row = model.rank_rows()[0]
+    assert (row.step, row.loss) == (5, 1.5)
+    assert [step for step, _ in model.loss_history()] == [3, 5]
+
+
+def test_replayed_batches_change_nothing() -> None:
+    model = model_with(A)
+    event = telemetry_pb2.Event(wall_time=NOW, node="node0", kind="checkpoint", text="saved")
+    host = telemetry_pb2.HostSample(node="node0", wall_time=NOW, cpu_percent=50.0)
+    first = batch(report(0, 1), report(1, 1), events=[event], hosts=[host], info=node_info("node0", [0, 1]))
+    model.ingest(A, first)
+    before = (model.header(), model.rank_rows(), model.events(), model.loss_history(), model.history_sizes())
+    model.ingest(A, first)  # a reconnect replays the back-fill
+    after = (model.header(), model.rank_rows(), model.events(), model.loss_history(), model.history_sizes())
+    assert after == before
+
+
+def test_empty_batches_and_missing_node_info_are_harmless() -> None:
+    model = model_with(A)
+    model.ingest(A, telemetry_pb2.Telemetry())
+    model.ingest(A, batch(report(7, 1)))  # a rank nobody announced, no node info
+    assert [r.rank for r in model.rank_rows()] == [7]
+    assert model.node_rows()[0].node == A  # named by address until the agent says its name
+    assert model.header().step == 1
+
+
+def test_late_joining_rank_holds_the_header_step_back() -> None:
+    model = model_with(A, B)
+    model.ingest(A, batch(report(0, 10), report(1, 10)))
+    assert model.header().step == 10
+    model.ingest(B, batch(info=node_info("node1", [2])))  # announced, nothing reported yet
+    assert model.header().step is None
+    assert status_of(model, 2) is RankStatusName.STARTING
+    model.ingest(B, batch(report(2, 3)))
+    assert model.header().step == 3
+
+
+def test_disconnected_agent_marks_its_ranks_disconnected() -> None:
+    model = model_with(A, B)
+    model.ingest(A, batch(report(0, 1), statuses=[running(0)]))
+    model.ingest(B, batch(report(2, 1), statuses=[running(2)]))
+    model.set_disconnected(B, "UNAVAILABLE: connection refused")
+    assert status_of(model, 0) is RankStatusName.RUNNING
+    assert status_of(model, 2) is RankStatusName.DISCONNECTED
+    node = next(n for n in model.node_rows() if n.agent == B)
+    assert node.connection is ConnectionState.DISCONNECTED
+    assert node.connection_error == "UNAVAILABLE: connection refused"
+    assert model.header().connected_agents == 1
+    assert model.events()[-1].kind == "disconnected"
+
+
+def test_rank_status_follows_the_agents_rank_state() -> None:
+    model = model_with(A)
+    statuses = [running(0, telemetry_pb2.RANK_STATE_FAILED), running(1, telemetry_pb2.RANK_STATE_HUNG)]
+    model.ingest(A, batch(report(0, 1), report(1, 1), statuses=statuses))
+    assert status_of(model, 0) is RankStatusName.FAILED
+    assert status_of(model, 1) is RankStatusName.HUNG
+
+
+def test_straggler_has_a_step_time_ratio_above_one() -> None:
+    model = model_with(A)
+    model.ingest(
+        A, batch(report(0, 1, step_seconds=1.0), report(1, 1, step_seconds=1.0), report(2, 1, step_seconds=1.5))
+    )
+    ratios = {r.rank: r.step_time_ratio for r in model.rank_rows()}
+    assert ratios == {0: pytest.approx(1.0), 1: pytest.approx(1.0), 2: pytest.approx(1.5)}
+
+
+def test_loss_history_is_the_mean_over_ranks_that_reported_each_step() -> None:
+    model = model_with(A)
+    model.ingest(A, batch(report(0, 1, loss=4.0), report(1, 1, loss=2.0), report(0, 2, loss=1.0)))
+    assert model.loss_history() == [(1, pytest.approx(3.0)), (2, pytest.approx(1.0))]
+
+
+def test_restart_from_a_checkpoint_replaces_the_redone_steps() -> None:
+    model = model_with(A)
+    model.ingest(A, batch(*(report(0, s, loss=5.0) for s in range(1, 11))))
+    model.ingest(A, batch(report(0, 6, loss=2.0, restart_count=1)))  # resumed from the step-5 checkpoint
+    assert model.rank_rows()[0].step == 6
+    assert model.rank_rows()[0].restarts == 1
+    assert model.loss_history()[-1] == (6, 2.0)
+    model.ingest(A, batch(report(0, 10, loss=5.0)))  # a straggling report from before the restart
+    assert model.rank_rows()[0].step == 6
+
+
+def test_node_row_without_gpu_says_why() -> None:
+    model = model_with(A)
+    model.ingest(A, batch(info=node_info("node0", [0], gpu_available=False, gpu_status="no GPU: NVML not found")))
+    row = model.node_rows()[0]
+    assert (row.gpu_available, row.gpu_status, row.gpu_count) == (False, "no GPU: NVML not found", 0)
+
+
+def test_node_row_sums_and_averages_its_gpus() -> None:
+    model = model_with(A)
+    t = batch(info=node_info("node0", [0], gpu_available=True))
+    for index, util in enumerate([80.0, 100.0]):
+        t.gpu_samples.add(
+            node="node0",
+            wall_time=NOW,
+            index=index,
+            utilization_percent=util,
+            memory_used_bytes=10,
+            memory_total_bytes=40,
+            temperature_celsius=60.0 + index,
+            power_watts=300.0,
+        )
+    model.ingest(A, t)
+    row = model.node_rows()[0]
+    assert row.gpu_count == 2
+    assert row.gpu_utilization_percent == pytest.approx(90.0)
+    assert row.gpu_memory_percent == pytest.approx(25.0)
+    assert row.gpu_temperature_celsius == 61.0
+    assert row.gpu_power_watts == 600.0
+
+
+def test_events_from_all_agents_are_merged_oldest_first() -> None:
+    model = ClusterModel([A, B], clock=lambda: NOW, log_connections=False)
+    model.ingest(A, batch(events=[telemetry_pb2.Event(wall_time=NOW + 2, kind="late", node="node0")]))
+    model.ingest(B, batch(events=[telemetry_pb2.Event(wall_time=NOW + 1, kind="early", node="node1")]))
+    assert [e.kind for e in model.events()] == ["early", "late"]
+
+
+def test_histories_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cluster, "STEP_HISTORY", 50)
+    monkeypatch.setattr(cluster, "HOST_HISTORY", 30)
+    monkeypatch.setattr(cluster, "EVENT_HISTORY", 20)
+    model = model_with(A)
+    for step in range(1, 201):
+        model.ingest(
+            A,
+            batch(
+                report(0, step),
+                hosts=[telemetry_pb2.HostSample(node="node0", wall_time=NOW + step)],
+                events=[telemetry_pb2.Event(wall_time=NOW + step, kind="tick", text=str(step))],
+            ),
+        )
+    assert model.history_sizes() == {
+        "steps_per_rank": 50,
+        "host_samples_per_node": 30,
+        "gpu_samples_per_gpu": 0,
+        "events": 20,
+    }
+    assert model.loss_history()[0][0] == 151  # the newest are kept
+    assert model.events()[-1].text == "200"
+
+
+def test_bounded_series_keeps_the_newest_keys_and_refuses_older_ones() -> None:
+    series: cluster.Bounded[int, str] = cluster.Bounded(3)
+    for key in [5, 1, 3, 4]:
+        series.put(key, str(key))
+    assert series.keys() == [3, 4, 5]
+    assert series.put(2, "2") is False
+    assert series.keys() == [3, 4, 5]
+
+
+def _checkpoint_event(kind: str, step: int, wall_time: float) -> telemetry_pb2.Event:
+    return telemetry_pb2.Event(kind=kind, text=kind, wall_time=wall_time, node="node0",
+                               attributes={"step": str(step)})  # fmt: skip
+
+
+def test_header_shows_a_save_in_progress_then_the_last_checkpoint_and_ignores_a_failed_one() -> None:
+    now = [1000.0]
+    model = ClusterModel(["a:1"], clock=lambda: now[0])
+    assert model.header().checkpoint is None
+    model.ingest("a:1", telemetry_pb2.Telemetry(events=[_checkpoint_event("checkpoint_started", 40, 990.0)]))
+    assert model.header().checkpoint == "saving step 40"
+    model.ingest("a:1", telemetry_pb2.Telemetry(events=[_checkpoint_event("checkpoint", 40, 992.0)]))
+    assert model.header().checkpoint is not None and model.header().checkpoint.startswith("step 40, 8")
+    failed = [_checkpoint_event("checkpoint_started", 50, 995.0), _checkpoint_event("checkpoint_failed", 50, 996.0)]
+    model.ingest("a:1", telemetry_pb2.Telemetry(events=failed))
+    assert model.header().checkpoint is not None and model.header().checkpoint.startswith("step 40")
+
+
+def test_a_job_that_restarts_with_fewer_ranks_is_judged_by_the_ranks_it_has_left() -> None:
+    model = model_with(A, B)
+    model.ingest(A, batch(*(report(r, s) for r in (0, 1) for s in (1, 2)), info=node_info("node0", [0, 1])))
+    model.ingest(B, batch(*(report(r, s) for r in (2, 3) for s in (1, 2)), info=node_info("node1", [2, 3])))
+    assert model.header().step == 2
+    # node1 is lost; node0's two ranks restart alone from step 1 as a 2-rank job and go on to step 5.
+    shrunk = [report(r, s, world_size=2, restart_count=1) for r in (0, 1) for s in range(2, 6)]
+    model.ingest(A, batch(*shrunk, info=node_info("node0", [0, 1], world_size=2)))
+    model.ingest(B, batch(statuses=[running(2), running(3)], info=node_info("node1", [2, 3])))  # its stale tables
+    assert model.header().step == 5
+    assert [row.rank for row in model.rank_rows()] == [0, 1]

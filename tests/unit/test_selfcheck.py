@@ -1,0 +1,50 @@
+"""The self-check's judgement: which node, if any, is slow enough to leave the job."""
+
+from __future__ import annotations
+
+from megascope.engine.runtime.selfcheck import NodeCheck, describe, judge
+
+
+def _node(name: str, matmul: float = 100.0, memory: float = 10.0, disk: float = 500.0) -> NodeCheck:
+    return NodeCheck(node=name, matmul_gflops=matmul, memory_gbps=memory, allreduce_gbps=0.0, disk_mbps=disk)
+
+
+def _nodes(*checks: NodeCheck) -> dict[str, NodeCheck]:
+    return {check.node: check for check in checks}
+
+
+def test_a_node_far_below_the_others_on_one_measure_is_slow() -> None:
+    nodes = _nodes(_node("a"), _node("b"), _node("c", matmul=20.0))
+    verdict = judge(nodes, "c")
+    assert verdict.slow and verdict.below == ["matmul_gflops"]
+    assert describe(verdict)["verdict"] == "slow"
+
+
+def test_the_healthy_nodes_are_ok_beside_a_slow_one() -> None:
+    nodes = _nodes(_node("a"), _node("b"), _node("c", matmul=20.0))
+    assert [judge(nodes, name).slow for name in ("a", "b")] == [False, False]
+    assert describe(judge(nodes, "a"))["verdict"] == "ok"
+
+
+def test_of_two_nodes_each_below_the_other_on_some_measure_only_the_furthest_below_is_slow() -> None:
+    # Two nodes are each other's only peer: a noisy disk write puts the healthy one below too.
+    nodes = _nodes(_node("node0", disk=200.0), _node("node1", matmul=20.0))
+    assert judge(nodes, "node1").slow
+    healthy = judge(nodes, "node0")
+    assert not healthy.slow and healthy.below == ["disk_mbps"]
+    assert describe(healthy)["verdict"] == "below_peers"
+
+
+def test_a_tie_is_broken_the_same_way_on_every_rank() -> None:
+    nodes = _nodes(_node("x", matmul=20.0), _node("y", matmul=20.0), _node("z"), _node("w"))
+    assert [name for name in nodes if judge(nodes, name).slow] == ["x"]
+
+
+def test_a_node_alone_has_no_peers_and_is_never_slow() -> None:
+    verdict = judge(_nodes(_node("only", matmul=1.0)), "only")
+    assert not verdict.slow and verdict.below == []
+
+
+def test_nodes_within_the_ratio_of_each_other_are_all_ok() -> None:
+    nodes = _nodes(_node("a"), _node("b", matmul=60.0, disk=300.0))
+    assert [judge(nodes, name).below for name in nodes] == [[], []]
