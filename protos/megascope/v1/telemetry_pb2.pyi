@@ -161,7 +161,7 @@ class GpuSample(_message.Message):
     def __init__(self, node: _Optional[str] = ..., wall_time: _Optional[float] = ..., index: _Optional[int] = ..., name: _Optional[str] = ..., uuid: _Optional[str] = ..., utilization_percent: _Optional[float] = ..., memory_used_bytes: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., temperature_celsius: _Optional[float] = ..., power_watts: _Optional[float] = ..., power_limit_watts: _Optional[float] = ..., sm_clock_mhz: _Optional[int] = ..., mem_clock_mhz: _Optional[int] = ..., ecc_errors_corrected: _Optional[int] = ..., ecc_errors_uncorrected: _Optional[int] = ..., xid_errors: _Optional[_Iterable[int]] = ..., throttle_reasons: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("wall_time", "node", "kind", "severity", "rank", "step", "text", "attributes")
+    __slots__ = ("wall_time", "node", "kind", "severity", "rank", "step", "text", "crash", "hang", "restart", "checkpoint", "resume", "straggler", "self_check", "merge", "run", "job", "fault_injected", "agent_link")
     class Severity(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         SEVERITY_UNSPECIFIED: _ClassVar[Event.Severity]
@@ -174,13 +174,6 @@ class Event(_message.Message):
     SEVERITY_WARNING: Event.Severity
     SEVERITY_ERROR: Event.Severity
     SEVERITY_CRITICAL: Event.Severity
-    class AttributesEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: str
-        value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     WALL_TIME_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -188,7 +181,18 @@ class Event(_message.Message):
     RANK_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
-    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    CRASH_FIELD_NUMBER: _ClassVar[int]
+    HANG_FIELD_NUMBER: _ClassVar[int]
+    RESTART_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
+    STRAGGLER_FIELD_NUMBER: _ClassVar[int]
+    SELF_CHECK_FIELD_NUMBER: _ClassVar[int]
+    MERGE_FIELD_NUMBER: _ClassVar[int]
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    FAULT_INJECTED_FIELD_NUMBER: _ClassVar[int]
+    AGENT_LINK_FIELD_NUMBER: _ClassVar[int]
     wall_time: float
     node: str
     kind: str
@@ -196,8 +200,290 @@ class Event(_message.Message):
     rank: int
     step: int
     text: str
-    attributes: _containers.ScalarMap[str, str]
-    def __init__(self, wall_time: _Optional[float] = ..., node: _Optional[str] = ..., kind: _Optional[str] = ..., severity: _Optional[_Union[Event.Severity, str]] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., text: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    crash: CrashDetail
+    hang: HangDetail
+    restart: RestartDetail
+    checkpoint: CheckpointDetail
+    resume: ResumeDetail
+    straggler: StragglerDetail
+    self_check: SelfCheckDetail
+    merge: MergeDetail
+    run: RunDetail
+    job: JobDetail
+    fault_injected: FaultInjectedDetail
+    agent_link: AgentLinkDetail
+    def __init__(self, wall_time: _Optional[float] = ..., node: _Optional[str] = ..., kind: _Optional[str] = ..., severity: _Optional[_Union[Event.Severity, str]] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., text: _Optional[str] = ..., crash: _Optional[_Union[CrashDetail, _Mapping]] = ..., hang: _Optional[_Union[HangDetail, _Mapping]] = ..., restart: _Optional[_Union[RestartDetail, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointDetail, _Mapping]] = ..., resume: _Optional[_Union[ResumeDetail, _Mapping]] = ..., straggler: _Optional[_Union[StragglerDetail, _Mapping]] = ..., self_check: _Optional[_Union[SelfCheckDetail, _Mapping]] = ..., merge: _Optional[_Union[MergeDetail, _Mapping]] = ..., run: _Optional[_Union[RunDetail, _Mapping]] = ..., job: _Optional[_Union[JobDetail, _Mapping]] = ..., fault_injected: _Optional[_Union[FaultInjectedDetail, _Mapping]] = ..., agent_link: _Optional[_Union[AgentLinkDetail, _Mapping]] = ...) -> None: ...
+
+class CrashDetail(_message.Message):
+    __slots__ = ("exit_code", "signal", "pid", "detect_seconds", "last_step", "log_tail", "restart_count")
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    DETECT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LAST_STEP_FIELD_NUMBER: _ClassVar[int]
+    LOG_TAIL_FIELD_NUMBER: _ClassVar[int]
+    RESTART_COUNT_FIELD_NUMBER: _ClassVar[int]
+    exit_code: int
+    signal: str
+    pid: int
+    detect_seconds: float
+    last_step: int
+    log_tail: _containers.RepeatedScalarFieldContainer[str]
+    restart_count: int
+    def __init__(self, exit_code: _Optional[int] = ..., signal: _Optional[str] = ..., pid: _Optional[int] = ..., detect_seconds: _Optional[float] = ..., last_step: _Optional[int] = ..., log_tail: _Optional[_Iterable[str]] = ..., restart_count: _Optional[int] = ...) -> None: ...
+
+class HangDetail(_message.Message):
+    __slots__ = ("verdict", "culprit_rank", "reason", "how", "detect_seconds", "last_step", "ranks_answered", "ranks_total")
+    class Verdict(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        VERDICT_UNSPECIFIED: _ClassVar[HangDetail.Verdict]
+        VERDICT_CULPRIT: _ClassVar[HangDetail.Verdict]
+        VERDICT_NO_CULPRIT: _ClassVar[HangDetail.Verdict]
+        VERDICT_ELSEWHERE: _ClassVar[HangDetail.Verdict]
+    VERDICT_UNSPECIFIED: HangDetail.Verdict
+    VERDICT_CULPRIT: HangDetail.Verdict
+    VERDICT_NO_CULPRIT: HangDetail.Verdict
+    VERDICT_ELSEWHERE: HangDetail.Verdict
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    CULPRIT_RANK_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    HOW_FIELD_NUMBER: _ClassVar[int]
+    DETECT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LAST_STEP_FIELD_NUMBER: _ClassVar[int]
+    RANKS_ANSWERED_FIELD_NUMBER: _ClassVar[int]
+    RANKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    verdict: HangDetail.Verdict
+    culprit_rank: int
+    reason: str
+    how: str
+    detect_seconds: float
+    last_step: int
+    ranks_answered: int
+    ranks_total: int
+    def __init__(self, verdict: _Optional[_Union[HangDetail.Verdict, str]] = ..., culprit_rank: _Optional[int] = ..., reason: _Optional[str] = ..., how: _Optional[str] = ..., detect_seconds: _Optional[float] = ..., last_step: _Optional[int] = ..., ranks_answered: _Optional[int] = ..., ranks_total: _Optional[int] = ...) -> None: ...
+
+class RestartDetail(_message.Message):
+    __slots__ = ("cause", "mttr_seconds", "steps_lost", "resumed_step", "from_step", "reason")
+    class Cause(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        CAUSE_UNSPECIFIED: _ClassVar[RestartDetail.Cause]
+        CAUSE_CRASH: _ClassVar[RestartDetail.Cause]
+        CAUSE_HANG: _ClassVar[RestartDetail.Cause]
+        CAUSE_REQUESTED: _ClassVar[RestartDetail.Cause]
+        CAUSE_NODE_LEFT: _ClassVar[RestartDetail.Cause]
+    CAUSE_UNSPECIFIED: RestartDetail.Cause
+    CAUSE_CRASH: RestartDetail.Cause
+    CAUSE_HANG: RestartDetail.Cause
+    CAUSE_REQUESTED: RestartDetail.Cause
+    CAUSE_NODE_LEFT: RestartDetail.Cause
+    CAUSE_FIELD_NUMBER: _ClassVar[int]
+    MTTR_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_LOST_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_STEP_FIELD_NUMBER: _ClassVar[int]
+    FROM_STEP_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    cause: RestartDetail.Cause
+    mttr_seconds: float
+    steps_lost: int
+    resumed_step: int
+    from_step: int
+    reason: str
+    def __init__(self, cause: _Optional[_Union[RestartDetail.Cause, str]] = ..., mttr_seconds: _Optional[float] = ..., steps_lost: _Optional[int] = ..., resumed_step: _Optional[int] = ..., from_step: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class CheckpointDetail(_message.Message):
+    __slots__ = ("phase", "step", "path", "bytes", "block_seconds", "stage_seconds", "write_seconds", "total_seconds", "error")
+    class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        PHASE_UNSPECIFIED: _ClassVar[CheckpointDetail.Phase]
+        PHASE_REQUESTED: _ClassVar[CheckpointDetail.Phase]
+        PHASE_STARTED: _ClassVar[CheckpointDetail.Phase]
+        PHASE_SAVED: _ClassVar[CheckpointDetail.Phase]
+        PHASE_FAILED: _ClassVar[CheckpointDetail.Phase]
+        PHASE_REFUSED: _ClassVar[CheckpointDetail.Phase]
+        PHASE_CLEANUP: _ClassVar[CheckpointDetail.Phase]
+    PHASE_UNSPECIFIED: CheckpointDetail.Phase
+    PHASE_REQUESTED: CheckpointDetail.Phase
+    PHASE_STARTED: CheckpointDetail.Phase
+    PHASE_SAVED: CheckpointDetail.Phase
+    PHASE_FAILED: CheckpointDetail.Phase
+    PHASE_REFUSED: CheckpointDetail.Phase
+    PHASE_CLEANUP: CheckpointDetail.Phase
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STAGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WRITE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    phase: CheckpointDetail.Phase
+    step: int
+    path: str
+    bytes: int
+    block_seconds: float
+    stage_seconds: float
+    write_seconds: float
+    total_seconds: float
+    error: str
+    def __init__(self, phase: _Optional[_Union[CheckpointDetail.Phase, str]] = ..., step: _Optional[int] = ..., path: _Optional[str] = ..., bytes: _Optional[int] = ..., block_seconds: _Optional[float] = ..., stage_seconds: _Optional[float] = ..., write_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...
+
+class ResumeDetail(_message.Message):
+    __slots__ = ("source", "path", "step", "load_seconds", "bytes_read", "optimizer")
+    class Source(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        SOURCE_UNSPECIFIED: _ClassVar[ResumeDetail.Source]
+        SOURCE_RESUME: _ClassVar[ResumeDetail.Source]
+        SOURCE_INIT_FROM: _ClassVar[ResumeDetail.Source]
+        SOURCE_MISSING_STEP: _ClassVar[ResumeDetail.Source]
+    SOURCE_UNSPECIFIED: ResumeDetail.Source
+    SOURCE_RESUME: ResumeDetail.Source
+    SOURCE_INIT_FROM: ResumeDetail.Source
+    SOURCE_MISSING_STEP: ResumeDetail.Source
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_READ_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    source: ResumeDetail.Source
+    path: str
+    step: int
+    load_seconds: float
+    bytes_read: int
+    optimizer: str
+    def __init__(self, source: _Optional[_Union[ResumeDetail.Source, str]] = ..., path: _Optional[str] = ..., step: _Optional[int] = ..., load_seconds: _Optional[float] = ..., bytes_read: _Optional[int] = ..., optimizer: _Optional[str] = ...) -> None: ...
+
+class StragglerDetail(_message.Message):
+    __slots__ = ("cause", "ratio", "cost_seconds", "since_step", "flagged_step", "cleared_step", "cleared_reason", "threshold", "node_wide")
+    CAUSE_FIELD_NUMBER: _ClassVar[int]
+    RATIO_FIELD_NUMBER: _ClassVar[int]
+    COST_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SINCE_STEP_FIELD_NUMBER: _ClassVar[int]
+    FLAGGED_STEP_FIELD_NUMBER: _ClassVar[int]
+    CLEARED_STEP_FIELD_NUMBER: _ClassVar[int]
+    CLEARED_REASON_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    NODE_WIDE_FIELD_NUMBER: _ClassVar[int]
+    cause: str
+    ratio: float
+    cost_seconds: float
+    since_step: int
+    flagged_step: int
+    cleared_step: int
+    cleared_reason: str
+    threshold: float
+    node_wide: bool
+    def __init__(self, cause: _Optional[str] = ..., ratio: _Optional[float] = ..., cost_seconds: _Optional[float] = ..., since_step: _Optional[int] = ..., flagged_step: _Optional[int] = ..., cleared_step: _Optional[int] = ..., cleared_reason: _Optional[str] = ..., threshold: _Optional[float] = ..., node_wide: _Optional[bool] = ...) -> None: ...
+
+class SelfCheckFigures(_message.Message):
+    __slots__ = ("matmul_gflops", "memory_gbps", "allreduce_gbps", "disk_mbps")
+    MATMUL_GFLOPS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_GBPS_FIELD_NUMBER: _ClassVar[int]
+    ALLREDUCE_GBPS_FIELD_NUMBER: _ClassVar[int]
+    DISK_MBPS_FIELD_NUMBER: _ClassVar[int]
+    matmul_gflops: float
+    memory_gbps: float
+    allreduce_gbps: float
+    disk_mbps: float
+    def __init__(self, matmul_gflops: _Optional[float] = ..., memory_gbps: _Optional[float] = ..., allreduce_gbps: _Optional[float] = ..., disk_mbps: _Optional[float] = ...) -> None: ...
+
+class SelfCheckDetail(_message.Message):
+    __slots__ = ("verdict", "node", "peers_median", "slow_measures", "seconds")
+    class Verdict(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        VERDICT_UNSPECIFIED: _ClassVar[SelfCheckDetail.Verdict]
+        VERDICT_OK: _ClassVar[SelfCheckDetail.Verdict]
+        VERDICT_BELOW_PEERS: _ClassVar[SelfCheckDetail.Verdict]
+        VERDICT_SLOW: _ClassVar[SelfCheckDetail.Verdict]
+    VERDICT_UNSPECIFIED: SelfCheckDetail.Verdict
+    VERDICT_OK: SelfCheckDetail.Verdict
+    VERDICT_BELOW_PEERS: SelfCheckDetail.Verdict
+    VERDICT_SLOW: SelfCheckDetail.Verdict
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    PEERS_MEDIAN_FIELD_NUMBER: _ClassVar[int]
+    SLOW_MEASURES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    verdict: SelfCheckDetail.Verdict
+    node: SelfCheckFigures
+    peers_median: SelfCheckFigures
+    slow_measures: _containers.RepeatedScalarFieldContainer[str]
+    seconds: float
+    def __init__(self, verdict: _Optional[_Union[SelfCheckDetail.Verdict, str]] = ..., node: _Optional[_Union[SelfCheckFigures, _Mapping]] = ..., peers_median: _Optional[_Union[SelfCheckFigures, _Mapping]] = ..., slow_measures: _Optional[_Iterable[str]] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class MergeDetail(_message.Message):
+    __slots__ = ("phase", "method", "steps", "out", "val_loss", "input_val_losses")
+    class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        PHASE_UNSPECIFIED: _ClassVar[MergeDetail.Phase]
+        PHASE_STARTED: _ClassVar[MergeDetail.Phase]
+        PHASE_DONE: _ClassVar[MergeDetail.Phase]
+        PHASE_FAILED: _ClassVar[MergeDetail.Phase]
+        PHASE_CANCELLED: _ClassVar[MergeDetail.Phase]
+    PHASE_UNSPECIFIED: MergeDetail.Phase
+    PHASE_STARTED: MergeDetail.Phase
+    PHASE_DONE: MergeDetail.Phase
+    PHASE_FAILED: MergeDetail.Phase
+    PHASE_CANCELLED: MergeDetail.Phase
+    class InputValLossesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    OUT_FIELD_NUMBER: _ClassVar[int]
+    VAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_VAL_LOSSES_FIELD_NUMBER: _ClassVar[int]
+    phase: MergeDetail.Phase
+    method: str
+    steps: _containers.RepeatedScalarFieldContainer[int]
+    out: str
+    val_loss: float
+    input_val_losses: _containers.ScalarMap[int, float]
+    def __init__(self, phase: _Optional[_Union[MergeDetail.Phase, str]] = ..., method: _Optional[str] = ..., steps: _Optional[_Iterable[int]] = ..., out: _Optional[str] = ..., val_loss: _Optional[float] = ..., input_val_losses: _Optional[_Mapping[int, float]] = ...) -> None: ...
+
+class RunDetail(_message.Message):
+    __slots__ = ("device", "parameters", "param_digest", "steps", "telemetry_dropped")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    PARAM_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    TELEMETRY_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    parameters: int
+    param_digest: str
+    steps: int
+    telemetry_dropped: int
+    def __init__(self, device: _Optional[str] = ..., parameters: _Optional[int] = ..., param_digest: _Optional[str] = ..., steps: _Optional[int] = ..., telemetry_dropped: _Optional[int] = ...) -> None: ...
+
+class JobDetail(_message.Message):
+    __slots__ = ("exit_code", "restarts", "max_restarts", "ranks")
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    exit_code: int
+    restarts: int
+    max_restarts: int
+    ranks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, exit_code: _Optional[int] = ..., restarts: _Optional[int] = ..., max_restarts: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class FaultInjectedDetail(_message.Message):
+    __slots__ = ("fault",)
+    FAULT_FIELD_NUMBER: _ClassVar[int]
+    fault: str
+    def __init__(self, fault: _Optional[str] = ...) -> None: ...
+
+class AgentLinkDetail(_message.Message):
+    __slots__ = ("address",)
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    def __init__(self, address: _Optional[str] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("node", "rank", "wall_time", "step", "pid", "completed_step", "collectives_issued")

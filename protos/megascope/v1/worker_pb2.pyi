@@ -11,11 +11,9 @@ DESCRIPTOR: _descriptor.FileDescriptor
 class CommandKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     COMMAND_KIND_UNSPECIFIED: _ClassVar[CommandKind]
-    COMMAND_KIND_DUMP_STACKS: _ClassVar[CommandKind]
     COMMAND_KIND_CHECKPOINT: _ClassVar[CommandKind]
     COMMAND_KIND_STOP: _ClassVar[CommandKind]
 COMMAND_KIND_UNSPECIFIED: CommandKind
-COMMAND_KIND_DUMP_STACKS: CommandKind
 COMMAND_KIND_CHECKPOINT: CommandKind
 COMMAND_KIND_STOP: CommandKind
 
@@ -70,33 +68,58 @@ class Hello(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., local_rank: _Optional[int] = ..., world_size: _Optional[int] = ..., pid: _Optional[int] = ..., node: _Optional[str] = ..., restart_count: _Optional[int] = ..., run_id: _Optional[str] = ..., stack_file: _Optional[str] = ...) -> None: ...
 
 class AttachRequest(_message.Message):
-    __slots__ = ("hello", "step_report", "heartbeat", "event")
+    __slots__ = ("hello", "step_report", "heartbeat", "event", "finished", "failure", "self_check", "command_ack")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     STEP_REPORT_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     EVENT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
+    SELF_CHECK_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_ACK_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     step_report: _telemetry_pb2.StepReport
     heartbeat: _telemetry_pb2.Heartbeat
     event: _telemetry_pb2.Event
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., step_report: _Optional[_Union[_telemetry_pb2.StepReport, _Mapping]] = ..., heartbeat: _Optional[_Union[_telemetry_pb2.Heartbeat, _Mapping]] = ..., event: _Optional[_Union[_telemetry_pb2.Event, _Mapping]] = ...) -> None: ...
+    finished: RankFinished
+    failure: ExitReport
+    self_check: SelfCheckResult
+    command_ack: CommandAck
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., step_report: _Optional[_Union[_telemetry_pb2.StepReport, _Mapping]] = ..., heartbeat: _Optional[_Union[_telemetry_pb2.Heartbeat, _Mapping]] = ..., event: _Optional[_Union[_telemetry_pb2.Event, _Mapping]] = ..., finished: _Optional[_Union[RankFinished, _Mapping]] = ..., failure: _Optional[_Union[ExitReport, _Mapping]] = ..., self_check: _Optional[_Union[SelfCheckResult, _Mapping]] = ..., command_ack: _Optional[_Union[CommandAck, _Mapping]] = ...) -> None: ...
+
+class RankFinished(_message.Message):
+    __slots__ = ("steps", "param_digest")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    PARAM_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    steps: int
+    param_digest: str
+    def __init__(self, steps: _Optional[int] = ..., param_digest: _Optional[str] = ...) -> None: ...
+
+class SelfCheckResult(_message.Message):
+    __slots__ = ("detail",)
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    detail: _telemetry_pb2.SelfCheckDetail
+    def __init__(self, detail: _Optional[_Union[_telemetry_pb2.SelfCheckDetail, _Mapping]] = ...) -> None: ...
+
+class CommandAck(_message.Message):
+    __slots__ = ("command_id", "ok", "message")
+    COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    command_id: str
+    ok: bool
+    message: str
+    def __init__(self, command_id: _Optional[str] = ..., ok: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Command(_message.Message):
-    __slots__ = ("id", "kind", "arguments")
-    class ArgumentsEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: str
-        value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    __slots__ = ("id", "kind", "step")
     ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
-    ARGUMENTS_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
     id: str
     kind: CommandKind
-    arguments: _containers.ScalarMap[str, str]
-    def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[CommandKind, str]] = ..., arguments: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    step: int
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[CommandKind, str]] = ..., step: _Optional[int] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("node", "agent_version")
