@@ -263,7 +263,15 @@ class HangDetail(_message.Message):
     def __init__(self, verdict: _Optional[_Union[HangDetail.Verdict, str]] = ..., culprit_rank: _Optional[int] = ..., reason: _Optional[str] = ..., how: _Optional[str] = ..., detect_seconds: _Optional[float] = ..., last_step: _Optional[int] = ..., ranks_answered: _Optional[int] = ..., ranks_total: _Optional[int] = ...) -> None: ...
 
 class RestartDetail(_message.Message):
-    __slots__ = ("cause", "mttr_seconds", "steps_lost", "resumed_step", "from_step", "reason")
+    __slots__ = ("cause", "phase", "mttr_seconds", "steps_lost", "resumed_step", "from_step", "reason")
+    class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        PHASE_UNSPECIFIED: _ClassVar[RestartDetail.Phase]
+        PHASE_REQUESTED: _ClassVar[RestartDetail.Phase]
+        PHASE_DONE: _ClassVar[RestartDetail.Phase]
+    PHASE_UNSPECIFIED: RestartDetail.Phase
+    PHASE_REQUESTED: RestartDetail.Phase
+    PHASE_DONE: RestartDetail.Phase
     class Cause(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         CAUSE_UNSPECIFIED: _ClassVar[RestartDetail.Cause]
@@ -277,18 +285,20 @@ class RestartDetail(_message.Message):
     CAUSE_REQUESTED: RestartDetail.Cause
     CAUSE_NODE_LEFT: RestartDetail.Cause
     CAUSE_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
     MTTR_SECONDS_FIELD_NUMBER: _ClassVar[int]
     STEPS_LOST_FIELD_NUMBER: _ClassVar[int]
     RESUMED_STEP_FIELD_NUMBER: _ClassVar[int]
     FROM_STEP_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     cause: RestartDetail.Cause
+    phase: RestartDetail.Phase
     mttr_seconds: float
     steps_lost: int
     resumed_step: int
     from_step: int
     reason: str
-    def __init__(self, cause: _Optional[_Union[RestartDetail.Cause, str]] = ..., mttr_seconds: _Optional[float] = ..., steps_lost: _Optional[int] = ..., resumed_step: _Optional[int] = ..., from_step: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    def __init__(self, cause: _Optional[_Union[RestartDetail.Cause, str]] = ..., phase: _Optional[_Union[RestartDetail.Phase, str]] = ..., mttr_seconds: _Optional[float] = ..., steps_lost: _Optional[int] = ..., resumed_step: _Optional[int] = ..., from_step: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class CheckpointDetail(_message.Message):
     __slots__ = ("phase", "step", "path", "bytes", "block_seconds", "stage_seconds", "write_seconds", "total_seconds", "error")
@@ -448,30 +458,60 @@ class MergeDetail(_message.Message):
     def __init__(self, phase: _Optional[_Union[MergeDetail.Phase, str]] = ..., method: _Optional[str] = ..., steps: _Optional[_Iterable[int]] = ..., out: _Optional[str] = ..., val_loss: _Optional[float] = ..., input_val_losses: _Optional[_Mapping[int, float]] = ...) -> None: ...
 
 class RunDetail(_message.Message):
-    __slots__ = ("device", "parameters", "param_digest", "steps", "telemetry_dropped")
+    __slots__ = ("phase", "device", "parameters", "param_digest", "steps", "telemetry_dropped")
+    class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        PHASE_UNSPECIFIED: _ClassVar[RunDetail.Phase]
+        PHASE_STARTED: _ClassVar[RunDetail.Phase]
+        PHASE_FINISHED: _ClassVar[RunDetail.Phase]
+        PHASE_NO_VALIDATION: _ClassVar[RunDetail.Phase]
+    PHASE_UNSPECIFIED: RunDetail.Phase
+    PHASE_STARTED: RunDetail.Phase
+    PHASE_FINISHED: RunDetail.Phase
+    PHASE_NO_VALIDATION: RunDetail.Phase
+    PHASE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     PARAM_DIGEST_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     TELEMETRY_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    phase: RunDetail.Phase
     device: str
     parameters: int
     param_digest: str
     steps: int
     telemetry_dropped: int
-    def __init__(self, device: _Optional[str] = ..., parameters: _Optional[int] = ..., param_digest: _Optional[str] = ..., steps: _Optional[int] = ..., telemetry_dropped: _Optional[int] = ...) -> None: ...
+    def __init__(self, phase: _Optional[_Union[RunDetail.Phase, str]] = ..., device: _Optional[str] = ..., parameters: _Optional[int] = ..., param_digest: _Optional[str] = ..., steps: _Optional[int] = ..., telemetry_dropped: _Optional[int] = ...) -> None: ...
 
 class JobDetail(_message.Message):
-    __slots__ = ("exit_code", "restarts", "max_restarts", "ranks")
+    __slots__ = ("phase", "exit_code", "restarts", "max_restarts", "ranks")
+    class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        PHASE_UNSPECIFIED: _ClassVar[JobDetail.Phase]
+        PHASE_STARTED: _ClassVar[JobDetail.Phase]
+        PHASE_FINISHED: _ClassVar[JobDetail.Phase]
+        PHASE_FAILED: _ClassVar[JobDetail.Phase]
+        PHASE_PEER_FAILED: _ClassVar[JobDetail.Phase]
+        PHASE_NODE_LEFT: _ClassVar[JobDetail.Phase]
+        PHASE_NODE_EVICTED: _ClassVar[JobDetail.Phase]
+    PHASE_UNSPECIFIED: JobDetail.Phase
+    PHASE_STARTED: JobDetail.Phase
+    PHASE_FINISHED: JobDetail.Phase
+    PHASE_FAILED: JobDetail.Phase
+    PHASE_PEER_FAILED: JobDetail.Phase
+    PHASE_NODE_LEFT: JobDetail.Phase
+    PHASE_NODE_EVICTED: JobDetail.Phase
+    PHASE_FIELD_NUMBER: _ClassVar[int]
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
     MAX_RESTARTS_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
+    phase: JobDetail.Phase
     exit_code: int
     restarts: int
     max_restarts: int
     ranks: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, exit_code: _Optional[int] = ..., restarts: _Optional[int] = ..., max_restarts: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(self, phase: _Optional[_Union[JobDetail.Phase, str]] = ..., exit_code: _Optional[int] = ..., restarts: _Optional[int] = ..., max_restarts: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class FaultInjectedDetail(_message.Message):
     __slots__ = ("fault",)
@@ -480,10 +520,22 @@ class FaultInjectedDetail(_message.Message):
     def __init__(self, fault: _Optional[str] = ...) -> None: ...
 
 class AgentLinkDetail(_message.Message):
-    __slots__ = ("address",)
+    __slots__ = ("phase", "address")
+    class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        PHASE_UNSPECIFIED: _ClassVar[AgentLinkDetail.Phase]
+        PHASE_CONNECTED: _ClassVar[AgentLinkDetail.Phase]
+        PHASE_LOST: _ClassVar[AgentLinkDetail.Phase]
+        PHASE_STOPPED: _ClassVar[AgentLinkDetail.Phase]
+    PHASE_UNSPECIFIED: AgentLinkDetail.Phase
+    PHASE_CONNECTED: AgentLinkDetail.Phase
+    PHASE_LOST: AgentLinkDetail.Phase
+    PHASE_STOPPED: AgentLinkDetail.Phase
+    PHASE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    phase: AgentLinkDetail.Phase
     address: str
-    def __init__(self, address: _Optional[str] = ...) -> None: ...
+    def __init__(self, phase: _Optional[_Union[AgentLinkDetail.Phase, str]] = ..., address: _Optional[str] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("node", "rank", "wall_time", "step", "pid", "completed_step", "collectives_issued")
