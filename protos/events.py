@@ -154,7 +154,7 @@ def _fields(message: Message) -> dict[str, Any]:
 
 
 def _repeated(field: Any) -> bool:
-    return bool(field.label == field.LABEL_REPEATED)
+    return bool(field.is_repeated)
 
 
 _DETAIL_FIELDS: dict[type, str] = {
