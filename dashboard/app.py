@@ -16,20 +16,20 @@ from textual.css.query import NoMatches
 from textual.reactive import reactive
 from textual.screen import ModalScreen, Screen
 
-from megascope.dashboard.connection import dump_stacks, restart_job, watch_agent
-from megascope.dashboard.model.cluster import ClusterModel, ConnectionState
+from megascope.dashboard.connection import watch_agent
+from megascope.dashboard.control import DashboardControl
+from megascope.dashboard.model.cluster import ClusterModel
 from megascope.dashboard.model.diagnosis import AgentStacks, job_stacks
+from megascope.dashboard.screens.base import BACK, ModelScreen, ViewState
 from megascope.dashboard.screens.checkpoints import CheckpointsScreen
+from megascope.dashboard.screens.confirm import ConfirmScreen
 from megascope.dashboard.screens.diagnosis import DiagnosisScreen
-from megascope.dashboard.screens.main import (
-    ConfirmScreen,
-    HeatMapScreen,
-    HelpScreen,
-    MainScreen,
-    ModelScreen,
-    ViewState,
-)
-from megascope.dashboard.widgets.tables import Palette
+from megascope.dashboard.screens.heat_map import HeatMapScreen
+from megascope.dashboard.screens.help import HelpScreen, KeyRow, key_rows
+from megascope.dashboard.screens.main import MainScreen
+from megascope.dashboard.widgets.heat_map import HeatMapView
+from megascope.dashboard.widgets.palette import Palette
+from megascope.dashboard.widgets.tables import KeyedTable, NodesTable
 
 TICK_SECONDS = 1 / 3
 
@@ -43,16 +43,39 @@ class DashboardApp(App[int]):
 
     CSS_PATH = "app.tcss"
     TITLE = "megascope"
+    # Each binding's tooltip is its line in help (screens/help.py makes the key table from the bindings).
     BINDINGS = [
-        Binding("q", "quit", "Quit"),
-        Binding("p", "toggle_pause", "Pause"),
-        Binding("s", "stacks", "Stacks"),
-        Binding("h", "stragglers", "Heat map"),
-        Binding("r", "restart", "Restart"),
-        Binding("c", "checkpoints", "Checkpoints"),
-        Binding("question_mark", "help", "Help", key_display="?"),
+        Binding("q", "quit", "Quit", tooltip="quit"),
+        Binding(
+            "p", "toggle_pause", "Pause",
+            tooltip="pause / resume the view (data keeps being collected; PAUSED shows in the header)",
+        ),
+        Binding(
+            "s", "stacks", "Stacks",
+            tooltip="stacks: collect every rank's stacks now and diagnose a hang (culprit, stacks grouped, odd ones "
+            "marked); s again collects anew",
+        ),
+        Binding(
+            "h", "stragglers", "Heat map",
+            tooltip="straggler heat map: ranks x recent steps, by compute time over the median rank's, grouped by node",
+        ),
+        Binding(
+            "r", "restart", "Restart",
+            tooltip="restart the job from the newest checkpoint, after a y/n question (refused with --readonly)",
+        ),
+        Binding(
+            "c", "checkpoints", "Checkpoints",
+            tooltip="checkpoints: list them, merge some (m; x cancels; space picks a step) and compare the merge's "
+            "validation loss with its inputs' (m and x refused with --readonly)",
+        ),
+        Binding("question_mark", "help", "Help", key_display="?", tooltip="this help"),
         Binding("f1", "help", "Help", show=False),
-    ]
+        # The binding Textual adds for its command palette, made here so that help lists it.
+        Binding(
+            "ctrl+p", "command_palette", "palette", show=False, priority=True,
+            tooltip="command palette (e.g. switch to a light theme)",
+        ),
+    ]  # fmt: skip
 
     paused: reactive[bool] = reactive(False)
     """While True the screens keep their last frame; the model still takes in data."""
@@ -68,13 +91,11 @@ class DashboardApp(App[int]):
         token: str | None = None,
     ) -> None:
         super().__init__()
-        self.agents = list(agents)
-        self.readonly = readonly
-        self.token = token
-        """Sent with control calls (``authorization: Bearer TOKEN``) to agents started with ``--token``."""
         self.model = model if model is not None else ClusterModel()
-        for address in self.agents:
+        for address in agents:
             self.model.add_agent(address)
+        self.control = DashboardControl(self.model, agents, token=token, readonly=readonly)
+        """Every call on the agents goes through it: it holds the token and the read-only mode."""
         self.tick_seconds = tick_seconds
         self.frames = 0
         """Frames drawn so far (tests use it to wait for a redraw)."""
@@ -88,7 +109,7 @@ class DashboardApp(App[int]):
     def on_mount(self) -> None:
         self.theme_changed_signal.subscribe(self, self._on_theme_changed)
         # grpc.aio channels bind to the loop that creates them: the workers create theirs in this loop.
-        for address in self.agents:
+        for address in self.control.agents:
             self.run_worker(
                 watch_agent(self.model, address), name=f"watch {address}", group="agents", exit_on_error=False
             )
@@ -101,7 +122,7 @@ class DashboardApp(App[int]):
             self.screen.show(self.view_state())  # new colours even while paused
 
     def view_state(self) -> ViewState:
-        title = "megascope (read-only)" if self.readonly else "megascope"
+        title = "megascope (read-only)" if self.control.readonly else "megascope"
         return ViewState(
             model=self.model, palette=self.palette, paused=self.paused, now=self.model.clock(), title=title
         )
@@ -122,6 +143,9 @@ class DashboardApp(App[int]):
         screen.frames_drawn += 1
         self.frames += 1
 
+    def on_model_screen_redraw(self, _message: ModelScreen.Redraw) -> None:
+        self.refresh_view()
+
     def watch_paused(self, paused: bool) -> None:
         if isinstance(self.screen, ModelScreen) and self.screen.is_mounted:
             self.screen.show_paused(self.view_state())
@@ -131,7 +155,7 @@ class DashboardApp(App[int]):
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
-            self.push_screen(HelpScreen(self.palette, self.model.stragglers.config))
+            self.push_screen(HelpScreen(self.palette, help_keys(), self.model.stragglers.config))
 
     def action_stragglers(self) -> None:
         if not isinstance(self.screen, HeatMapScreen | ModalScreen):
@@ -140,10 +164,7 @@ class DashboardApp(App[int]):
     def action_checkpoints(self) -> None:
         """The run's checkpoints, merging them and the merge's result (the screen talks to the agents)."""
         if not isinstance(self.screen, CheckpointsScreen | ModalScreen):
-            self.push_screen(CheckpointsScreen())
-
-    def connected_agents(self) -> list[str]:
-        return [a.address for a in self.model.agents.values() if a.state is ConnectionState.CONNECTED]
+            self.push_screen(CheckpointsScreen(self.control))
 
     def action_stacks(self) -> None:
         """Open the diagnosis screen (or stay on it) and collect every rank's stacks anew."""
@@ -154,11 +175,12 @@ class DashboardApp(App[int]):
         else:
             screen = DiagnosisScreen()
             self.push_screen(screen)
-        if self.readonly:
-            # DumpStacks is a control call (the agent signals every rank): --readonly sends none.
-            screen.set_collecting("read-only (--readonly): stacks are not collected; hang diagnoses still show here")
+        # DumpStacks is a control call (the agent signals every rank): --readonly sends none.
+        refused = self.control.refusal("stacks are not collected; hang diagnoses still show here")
+        if refused is not None:
+            screen.set_collecting(refused)
             return
-        addresses = self.connected_agents()
+        addresses = self.control.connected_agents()
         if not addresses:
             screen.set_collecting("no agent is connected: no stacks to collect")
             return
@@ -168,7 +190,7 @@ class DashboardApp(App[int]):
 
     async def _collect_stacks(self, screen: DiagnosisScreen, addresses: list[str]) -> None:
         asked = self.model.clock()
-        replies = await dump_stacks(addresses, self.token)
+        replies = await self.control.dump_stacks(addresses)
         nodes = {row.agent: row.node for row in self.model.node_rows()}
         stacks = job_stacks(
             [AgentStacks(r.address, nodes.get(r.address, r.address), r.reply, r.error) for r in replies], asked
@@ -179,10 +201,11 @@ class DashboardApp(App[int]):
         """Ask, then have every connected agent stop its ranks so the job restarts from the newest checkpoint."""
         if isinstance(self.screen, ModalScreen):
             return
-        if self.readonly:
-            self.notify("read-only dashboard (--readonly): no restart was sent", severity="warning")
+        refused = self.control.refusal("no restart was sent")
+        if refused is not None:
+            self.notify(refused, severity="warning")
             return
-        if not self.connected_agents():
+        if not self.control.connected_agents():
             self.notify("no agent is connected: there is nothing to restart", severity="error")
             return
         step = self.model.newest_checkpoint_step()
@@ -196,12 +219,12 @@ class DashboardApp(App[int]):
         def answered(yes: bool | None) -> None:
             if yes:
                 # The agents connected now, not when the question was asked.
-                self.run_worker(self._restart(self.connected_agents()), group="control", exit_on_error=False)
+                self.run_worker(self._restart(self.control.connected_agents()), group="control", exit_on_error=False)
 
         self.push_screen(ConfirmScreen(question, detail), answered)
 
     async def _restart(self, addresses: list[str]) -> None:
-        replies = await restart_job(addresses, self.token)
+        replies = await self.control.restart(addresses)
         # An agent's message can hold brackets (IPv6 addresses, reprs): never read as markup.
         for reply in replies:
             if reply.reply is None:
@@ -217,3 +240,19 @@ class DashboardApp(App[int]):
                 f"{len(replies)} agents; resuming from step {steps}",
                 markup=False,
             )
+
+
+def help_keys() -> list[KeyRow]:
+    """The help's key table: the app's bindings, then those of its screens and widgets, then moving around."""
+    return key_rows(
+        [
+            *DashboardApp.BINDINGS,
+            BACK,
+            *NodesTable.BINDINGS,
+            *(b for b in HeatMapView.BINDINGS if isinstance(b, Binding) and b.show),
+            *(b for b in CheckpointsScreen.BINDINGS if b is not BACK),
+            *KeyedTable.BINDINGS,
+            # Textual's own: from one table to the next.
+            *(b for b in Screen.BINDINGS if isinstance(b, Binding) and b.action.startswith("app.focus_")),
+        ]
+    )

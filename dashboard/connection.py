@@ -9,11 +9,14 @@ and ends it cleanly.
 
 ``collect_once`` is the one-shot variant behind ``megascope status``: read the back-fill, then stop.
 
-``call_agents`` makes one control call on several agents at once (``dump_stacks``, ``restart_job``), with the
-dashboard's token when it has one, and returns each agent's reply or error.
+``call_agents`` makes one control call on several agents at once (``dump_stacks``, ``restart_job``,
+``save_checkpoint``), with the dashboard's token when it has one, and returns each agent's reply or error.
 
 ``list_checkpoints``, ``start_merge`` (a stream of progress), ``merge_status`` and ``cancel_merge`` are the
 checkpoints screen's calls.
+
+These are the gRPC layer only: the dashboard makes every call through its control object
+(:mod:`megascope.dashboard.control`), which holds the token and refuses control calls when read-only.
 """
 
 from __future__ import annotations
@@ -252,6 +255,19 @@ async def restart_job(
     request = agent_pb2.RestartRequest(step=step, reason=reason)
     metadata = control_metadata(token)
     return await call_agents(addresses, lambda stub: stub.Restart(request, timeout=CONTROL_TIMEOUT, metadata=metadata))
+
+
+async def save_checkpoint(
+    addresses: Sequence[str], token: str | None = None, step: int = 0
+) -> list[AgentReply[agent_pb2.SaveCheckpointResponse]]:
+    """Ask every agent's ranks to save a checkpoint after ``step`` (0: each agent picks, for a one-node job).
+
+    Every rank of a job must save the same step, so for several agents the caller picks one and sends it to all."""
+    request = agent_pb2.SaveCheckpointRequest(step=step)
+    metadata = control_metadata(token)
+    return await call_agents(
+        addresses, lambda stub: stub.SaveCheckpoint(request, timeout=CONTROL_TIMEOUT, metadata=metadata)
+    )
 
 
 # -- checkpoints and merges: one agent at a time (all agents of a job share the run's checkpoints) -------------

@@ -10,7 +10,8 @@ during the run, ascending), ``straggler_flags`` (each flag: ``rank``, ``node``, 
 hang's reason), ``text``, and ``mttr_seconds``, ``steps_lost``, ``resumed_step`` of the restart that ended it,
 null until there is one), ``restart_details`` (each restart: ``cause``, ``mttr_seconds``, ``steps_lost``,
 ``resumed_step``, ``node``, ``time``) and ``events`` (each ``{"kind", "rank", "step", "time", "text", "node",
-"attributes"}``; a flag is also an event of kind ``straggler``). Fields may be added; these are never renamed.
+"attributes"}``, where ``attributes`` holds the fields of the event's typed detail, numbers as numbers; a flag
+is also an event of kind ``straggler``). Fields may be added; these are never renamed.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from typing import Any
 
 from megascope.dashboard.connection import watch_agent
 from megascope.dashboard.local_cluster import LocalCluster
-from megascope.dashboard.model.cluster import ClusterModel, FaultView, RestartView
+from megascope.dashboard.model.cluster import ClusterModel
+from megascope.dashboard.model.incidents import FaultView, RestartView
 
 _STATUS_SECONDS = 1.0
 
@@ -105,7 +107,7 @@ def summarize(
                 "time": e.wall_time,
                 "text": e.text,
                 "node": e.node,
-                "attributes": e.attributes,
+                "attributes": e.detail,  # named before events had typed details: the contract keeps the name
             }
             for e in model.events()
         ],

@@ -104,9 +104,15 @@ def snapshot_dict(model: ClusterModel) -> dict[str, Any]:
             "ranks": [asdict(r) for r in model.rank_rows()],
             "nodes": nodes,
             "stragglers": [{**asdict(flag), "active": flag.active} for flag in model.straggler_flags()],
-            "events": [asdict(e) for e in model.events(limit=50)],
+            "events": [_event_dict(asdict(e)) for e in model.events(limit=50)],
         }
     )
+
+
+def _event_dict(event: dict[str, Any]) -> dict[str, Any]:
+    """An event row as JSON: its detail's fields under ``attributes``, the name the demo summary uses too."""
+    event["attributes"] = event.pop("detail")
+    return event
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:

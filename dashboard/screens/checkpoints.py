@@ -8,8 +8,8 @@ EMA's alpha, and whether to measure validation losses; ``m`` (or enter in the fo
 agent and follows its progress stream; ``x`` cancels it. At the end the merge's validation loss is drawn
 against its inputs'. A ``--readonly`` dashboard refuses ``m`` and ``x`` and sends nothing.
 
-Calls go through :mod:`megascope.dashboard.connection`, in workers of this screen; what they bring is kept
-here and drawn on the app's redraw tick, like every other screen.
+Calls go through the dashboard's control object (:mod:`megascope.dashboard.control`, handed to the screen), in
+workers of this screen; what they bring is kept here and drawn on the app's redraw tick, like every other screen.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Checkbox, DataTable, Footer, Input, ProgressBar, Select, Static
 
 from megascope.dashboard import formatting as fmt
-from megascope.dashboard.connection import cancel_merge, describe_error, list_checkpoints, merge_status, start_merge
+from megascope.dashboard.connection import describe_error
+from megascope.dashboard.control import DashboardControl
 from megascope.dashboard.levels import Level
 from megascope.dashboard.model.checkpoints import (
     DEFAULT_ALPHA,
@@ -39,8 +40,10 @@ from megascope.dashboard.model.checkpoints import (
     toggle_step,
     val_loss_chart,
 )
-from megascope.dashboard.screens.main import ModelScreen, ViewState
-from megascope.dashboard.widgets.tables import HeaderBar, KeyedTable, Palette, cell, word
+from megascope.dashboard.screens.base import BACK, ModelScreen, ViewState
+from megascope.dashboard.widgets.header import HeaderBar
+from megascope.dashboard.widgets.palette import Palette, cell, word
+from megascope.dashboard.widgets.tables import KeyedTable
 from megascope.protos.megascope.v1 import agent_pb2
 
 LIST_EVERY_SECONDS = 5.0
@@ -86,15 +89,30 @@ class CheckpointsScreen(ModelScreen):
     """Checkpoints of the run, merges, and the last merge's result."""
 
     BINDINGS = [
-        Binding("escape", "back", "Back"),
-        Binding("m", "merge", "Merge"),
-        Binding("x", "cancel_merge", "Cancel merge"),
-        Binding("n", "next_agent", "Next agent"),
-        Binding("space", "toggle_step", "Use/skip step"),
+        BACK,
+        Binding(
+            "m",
+            "merge",
+            "Merge",
+            tooltip="checkpoints screen: merge the steps the form names (refused with --readonly)",
+        ),
+        Binding(
+            "x",
+            "cancel_merge",
+            "Cancel merge",
+            tooltip="checkpoints screen: cancel the running merge (refused with --readonly)",
+        ),
+        Binding(
+            "n", "next_agent", "Next agent", tooltip="checkpoints screen: the next agent with a checkpoint directory"
+        ),
+        Binding(
+            "space", "toggle_step", "Use/skip step", tooltip="checkpoints screen: use or skip the step under the cursor"
+        ),
     ]
 
-    def __init__(self) -> None:
+    def __init__(self, control: DashboardControl) -> None:
         super().__init__()
+        self.control = control
         self.listings: dict[str, agent_pb2.ListCheckpointsResponse] = {}
         """The latest listing of each agent that answered."""
         self.errors: dict[str, str] = {}
@@ -150,12 +168,12 @@ class CheckpointsScreen(ModelScreen):
 
     def _addresses(self) -> list[str]:
         """The connected agents (all of them while none is yet: the screen may open before the first answer)."""
-        return self.app.connected_agents() or list(self.app.agents)  # type: ignore[attr-defined,no-any-return]
+        return self.control.reachable_agents()
 
     async def _list(self) -> None:
         first = not self._listed
         try:
-            replies = await list_checkpoints(self._addresses())
+            replies = await self.control.list_checkpoints(self._addresses())
         finally:
             self._listing = False
         for reply in replies:
@@ -177,7 +195,7 @@ class CheckpointsScreen(ModelScreen):
         """Follow the agent's merge through GetMergeStatus until it ends (no stream of ours is on it)."""
         while True:
             try:
-                progress = await merge_status(address)
+                progress = await self.control.merge_status(address)
             except grpc.aio.AioRpcError:
                 return  # the listing's errors say the agent is unreachable
             if address != self.agent:
@@ -190,7 +208,7 @@ class CheckpointsScreen(ModelScreen):
 
     async def _merge(self, address: str, request: agent_pb2.StartMergeRequest) -> None:
         try:
-            async for progress in start_merge(address, request, self.app.token):  # type: ignore[attr-defined]
+            async for progress in self.control.start_merge(address, request):
                 self.progress = progress
                 self._redraw()
         except grpc.aio.AioRpcError as error:
@@ -203,7 +221,7 @@ class CheckpointsScreen(ModelScreen):
 
     async def _cancel(self, address: str) -> None:
         try:
-            cancelled = await cancel_merge(address, self.app.token)  # type: ignore[attr-defined]
+            cancelled = await self.control.cancel_merge(address)
         except grpc.aio.AioRpcError as error:
             self.notify(f"cancel refused: {describe_error(error)}", severity="error", markup=False)
             return
@@ -212,8 +230,9 @@ class CheckpointsScreen(ModelScreen):
     # -- keys and the form ---------------------------------------------------------------------------------
 
     def action_merge(self) -> None:
-        if self.app.readonly:  # type: ignore[attr-defined]
-            self.notify("read-only dashboard (--readonly): no merge was started", severity="warning")
+        refused = self.control.refusal("no merge was started")
+        if refused is not None:
+            self.notify(refused, severity="warning")
             return
         if self.agent is None:
             self.notify("no agent with a checkpoint directory: nothing to merge", severity="error")
@@ -234,8 +253,9 @@ class CheckpointsScreen(ModelScreen):
         self.run_worker(self._merge(self.agent, request), group="merge", exclusive=True, exit_on_error=False)
 
     def action_cancel_merge(self) -> None:
-        if self.app.readonly:  # type: ignore[attr-defined]
-            self.notify("read-only dashboard (--readonly): no cancel was sent", severity="warning")
+        refused = self.control.refusal("no cancel was sent")
+        if refused is not None:
+            self.notify(refused, severity="warning")
             return
         if self.agent is not None:
             self.run_worker(self._cancel(self.agent), group="control", exit_on_error=False)
@@ -272,9 +292,6 @@ class CheckpointsScreen(ModelScreen):
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         self.action_toggle_step()  # enter on a row does what space does
 
-    def action_back(self) -> None:
-        self.app.pop_screen()
-
     def _committed(self) -> list[int]:
         listing = self.listings.get(self.agent or "")
         return [c.step for c in listing.checkpoints] if listing is not None else []
@@ -290,7 +307,7 @@ class CheckpointsScreen(ModelScreen):
 
     def _redraw(self) -> None:
         if self.is_mounted:
-            self.app.call_later(self.app.refresh_view)  # type: ignore[attr-defined]
+            self.request_redraw()
 
     # -- drawing -------------------------------------------------------------------------------------------
 
@@ -331,7 +348,7 @@ class CheckpointsScreen(ModelScreen):
                 text.append(f"   n: next agent ({others} more)", style="dim")
         for address, error in self.errors.items():
             text.append(f"   {address}: {error}", style=palette.bad)
-        if self.app.readonly:  # type: ignore[attr-defined]
+        if self.control.readonly:
             text.append("   read-only: m and x are off", style=palette.warn)
         return text
 

@@ -12,17 +12,19 @@ from __future__ import annotations
 
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.widgets import DataTable, Footer, Static
 
 from megascope.dashboard import formatting as fmt
 from megascope.dashboard import levels
 from megascope.dashboard.levels import Level
-from megascope.dashboard.model.cluster import FaultView, RankRow
 from megascope.dashboard.model.diagnosis import JobStacks, StackGroup, StackRow
-from megascope.dashboard.screens.main import ModelScreen, ViewState
-from megascope.dashboard.widgets.tables import HeaderBar, KeyedTable, Palette, cell, rank_status_word, word
+from megascope.dashboard.model.incidents import FaultView
+from megascope.dashboard.model.views import RankRow
+from megascope.dashboard.screens.base import BACK, ModelScreen, ViewState
+from megascope.dashboard.widgets.header import HeaderBar
+from megascope.dashboard.widgets.palette import Palette, cell, word
+from megascope.dashboard.widgets.tables import KeyedTable, rank_status_word
 
 CULPRIT = levels.MARKERS[Level.BAD]
 """What marks the culprit and the odd stacks besides their colour."""
@@ -75,7 +77,7 @@ def stack_group_cells(group: StackGroup, culprit: int | None, palette: Palette) 
 class DiagnosisScreen(ModelScreen):
     """Stacks of every rank, grouped, with the job-wide diagnosis; ``s`` collects them anew."""
 
-    BINDINGS = [Binding("escape", "back", "Back")]
+    BINDINGS = [BACK]
 
     def __init__(self) -> None:
         super().__init__()
@@ -113,7 +115,7 @@ class DiagnosisScreen(ModelScreen):
 
     def _redraw(self) -> None:
         if self.is_mounted:
-            self.app.call_later(self.app.refresh_view)  # type: ignore[attr-defined]
+            self.request_redraw()
 
     # -- drawing -------------------------------------------------------------------------------------------
 
@@ -204,6 +206,3 @@ class DiagnosisScreen(ModelScreen):
         if group is not None and str(group.ranks[0]) in table.rows:
             table.move_cursor(row=table.get_row_index(str(group.ranks[0])), animate=False)
             table.focus()
-
-    def action_back(self) -> None:
-        self.app.pop_screen()

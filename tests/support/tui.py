@@ -13,7 +13,8 @@ import pytest
 from textual.pilot import Pilot
 
 from megascope.dashboard.app import DashboardApp
-from megascope.dashboard.widgets.tables import HeaderBar, KeyedTable
+from megascope.dashboard.widgets.header import HeaderBar
+from megascope.dashboard.widgets.tables import KeyedTable
 from megascope.protos.megascope.v1 import telemetry_pb2
 
 SNAPSHOTS = Path(__file__).resolve().parents[1] / "tui" / "snapshots"

@@ -34,11 +34,14 @@ from support.tui import (  # noqa: F401
     until,
 )
 
-from megascope.dashboard.app import TICK_SECONDS, DashboardApp
+from megascope.dashboard.app import TICK_SECONDS, DashboardApp, help_keys
 from megascope.dashboard.connection import watch_agent
 from megascope.dashboard.model.cluster import ClusterModel, ConnectionState
-from megascope.dashboard.screens.main import KEYS, HelpScreen, MainScreen, NodeScreen
+from megascope.dashboard.screens.help import HelpScreen
+from megascope.dashboard.screens.main import MainScreen
+from megascope.dashboard.screens.node import NodeScreen
 from megascope.dashboard.widgets.tables import KeyedTable
+from megascope.protos.events import make_event
 from megascope.protos.megascope.v1 import telemetry_pb2
 
 # -- helpers -----------------------------------------------------------------------------------------------
@@ -113,8 +116,8 @@ async def test_help_key_opens_help_listing_every_key(key: str) -> None:
         await pilot.press(key)
         assert isinstance(app.screen, HelpScreen)
         help_text = rendered_text(app)
-        for keys, _ in KEYS:
-            assert keys in help_text, keys
+        for row in help_keys():
+            assert row.keys in help_text, row.keys
         assert "red >= 1.25x" in help_text  # the thresholds are listed too
         await pilot.press("escape")
         assert isinstance(app.screen, MainScreen)
@@ -151,8 +154,8 @@ async def test_event_log_shows_the_newest_event_at_the_bottom_with_a_text_tag(
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: cell(app, "ranks", "1", "step") == "1", "step 1 shown")
         for i, severity in enumerate([telemetry_pb2.Event.SEVERITY_INFO, telemetry_pb2.Event.SEVERITY_ERROR]):
-            event = telemetry_pb2.Event(wall_time=time.time() + i, node="node0", kind="crash", severity=severity)
-            event.text = f"event {i}"
+            crash = telemetry_pb2.CrashDetail(signal="SIGKILL")
+            event = make_event(f"event {i}", crash, severity=severity, node="node0", wall_time=time.time() + i)
             fake.push(telemetry_pb2.Telemetry(events=[event]))
         table = app.screen.query_one("#events", KeyedTable)
         await until(pilot, lambda: table.row_count >= 2 and _last_row(table)[-1] == "event 1", "event 1 last")

@@ -21,8 +21,10 @@ from textual.widgets import Static
 from megascope.dashboard.app import DashboardApp
 from megascope.dashboard.dashboard_cli import add_arguments
 from megascope.dashboard.model.diagnosis import AgentStacks, job_stacks
+from megascope.dashboard.screens.confirm import ConfirmScreen
 from megascope.dashboard.screens.diagnosis import DiagnosisScreen
-from megascope.dashboard.screens.main import ConfirmScreen, MainScreen
+from megascope.dashboard.screens.main import MainScreen
+from megascope.protos.events import make_event
 from megascope.protos.megascope.v1 import agent_pb2, telemetry_pb2
 
 ALL_REDUCE = faulthandler_text(
@@ -56,8 +58,8 @@ async def agents() -> AsyncIterator[tuple[list[FakeAgent], list[str]]]:
     """node0 (ranks 0, 1) and node1 (ranks 2, 3), at step 41 with a checkpoint of step 40. Rank 3 hangs: it
     waits on data with fewer collectives issued while the others wait for it in all_reduce."""
     node0, node1 = node("node0", [0, 1]), node("node1", [2, 3])
-    checkpoint = telemetry_pb2.Event(wall_time=time.time(), node="node0", kind="checkpoint", step=40, text="saved")
-    checkpoint.attributes["step"] = "40"
+    saved = telemetry_pb2.CheckpointDetail(phase=telemetry_pb2.CheckpointDetail.PHASE_SAVED, step=40)
+    checkpoint = make_event("saved", saved, node="node0", step=40)
     node0.push(telemetry_pb2.Telemetry(events=[checkpoint]))
     node0.stacks = agent_pb2.DumpStacksResponse(
         ranks=[rank_stacks(0, ALL_REDUCE, 168), rank_stacks(1, ALL_REDUCE, 168)], culprit=-1, reason="same"
@@ -76,7 +78,7 @@ async def agents() -> AsyncIterator[tuple[list[FakeAgent], list[str]]]:
 
 
 async def connected(pilot: Pilot[int], app: DashboardApp) -> None:
-    await until(pilot, lambda: len(app.connected_agents()) == len(app.agents), "every agent connected")
+    await until(pilot, lambda: len(app.control.connected_agents()) == len(app.control.agents), "every agent connected")
     await until(pilot, lambda: app.model.newest_checkpoint_step() == 40, "the checkpoint event")
 
 
@@ -195,12 +197,14 @@ def test_job_stacks_groups_ranks_by_stack_and_marks_only_groups_of_one_beside_la
 
 
 def hang_event(wall_time: float) -> telemetry_pb2.Event:
-    hang = telemetry_pb2.Event(
-        wall_time=wall_time, node="node1", kind="hang", severity=telemetry_pb2.Event.SEVERITY_ERROR, rank=3,
-        step=41, text="rank 3 hangs",
+    detail = telemetry_pb2.HangDetail(
+        verdict=telemetry_pb2.HangDetail.VERDICT_CULPRIT, culprit_rank=3, detect_seconds=31.25, last_step=41,
+        reason="rank 3 lags: step 41 with 164 collectives",
     )  # fmt: skip
-    hang.attributes.update({"detect_seconds": "31.250", "reason": "rank 3 lags: step 41 with 164 collectives"})
-    return hang
+    return make_event(
+        "rank 3 hangs", detail, severity=telemetry_pb2.Event.SEVERITY_ERROR, node="node1", rank=3, step=41,
+        wall_time=wall_time,
+    )  # fmt: skip
 
 
 @pytest.mark.usefixtures("utc")

@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from google.protobuf.message import Message
 from support.fake_agent import FakeAgent, serve
 from support.tui import SIZE, cell, drawn
 
@@ -17,7 +18,9 @@ from megascope.dashboard.app import DashboardApp
 from megascope.dashboard.connection import watch_agent
 from megascope.dashboard.headless import summarize
 from megascope.dashboard.model.cluster import ClusterModel, ConnectionState, RankStatusName
-from megascope.dashboard.widgets.tables import FaultBar, HeaderBar
+from megascope.dashboard.widgets.bars import FaultBar
+from megascope.dashboard.widgets.header import HeaderBar
+from megascope.protos.events import make_event
 from megascope.protos.megascope.v1 import telemetry_pb2
 
 A, B = "10.0.0.1:50051", "10.0.0.2:50051"
@@ -26,23 +29,30 @@ ERROR = telemetry_pb2.Event.SEVERITY_ERROR
 
 
 def event(
-    kind: str, wall_time: float, node: str, rank: int | None, step: int, **attributes: str
+    detail: Message, wall_time: float, node: str, rank: int | None, step: int, text: str = ""
 ) -> telemetry_pb2.Event:
-    message = telemetry_pb2.Event(wall_time=wall_time, node=node, kind=kind, severity=ERROR, step=step, text=kind)
-    if rank is not None:
-        message.rank = rank
-    message.attributes.update(attributes)
+    message = make_event(text, detail, severity=ERROR, node=node, rank=rank, step=step, wall_time=wall_time)
+    message.text = text or message.kind
     return message
 
 
 def crash(wall_time: float = NOW + 10) -> telemetry_pb2.Event:
-    return event("crash", wall_time, "node1", 3, 37, signal="SIGKILL", exit_code="", detect_seconds="0.420")
+    detail = telemetry_pb2.CrashDetail(signal="SIGKILL", detect_seconds=0.42, last_step=37)
+    return event(detail, wall_time, "node1", 3, 37)
 
 
 def restart(wall_time: float = NOW + 25, cause: str = "crash") -> telemetry_pb2.Event:
-    return event(
-        "restart", wall_time, "node0", 0, 35, cause=cause, mttr_seconds="15.250", steps_lost="2", resumed_step="35"
-    )
+    causes = {"crash": telemetry_pb2.RestartDetail.CAUSE_CRASH, "manual": telemetry_pb2.RestartDetail.CAUSE_REQUESTED}
+    detail = telemetry_pb2.RestartDetail(
+        cause=causes[cause], phase=telemetry_pb2.RestartDetail.PHASE_DONE, mttr_seconds=15.25, steps_lost=2,
+        resumed_step=35,
+    )  # fmt: skip
+    return event(detail, wall_time, "node0", 0, 35)
+
+
+def job_failed(wall_time: float) -> telemetry_pb2.Event:
+    detail = telemetry_pb2.JobDetail(phase=telemetry_pb2.JobDetail.PHASE_FAILED, restarts=3)
+    return event(detail, wall_time, "node0", None, 37)
 
 
 def model_with(*agents: str) -> ClusterModel:
@@ -160,7 +170,7 @@ async def test_the_main_screen_shows_the_last_fault_the_restart_count_and_how_a_
 
 async def test_the_fault_line_says_when_the_job_gave_up() -> None:
     model = model_with(A)
-    model.ingest(A, batch(crash(), event("job_failed", NOW + 20, "node0", None, 37, restarts="3")))
+    model.ingest(A, batch(crash(), job_failed(NOW + 20)))
     app = DashboardApp(model=model)
     async with app.run_test(size=SIZE) as pilot:
         await drawn(app, pilot)

@@ -27,15 +27,13 @@ from megascope.dashboard.app import DashboardApp
 from megascope.dashboard.headless import summarize
 from megascope.dashboard.model.cluster import PENDING_SECONDS, ClusterModel
 from megascope.dashboard.model.stragglers import DEFAULT_CONFIG, Cause
-from megascope.dashboard.screens.main import (
-    RANK_ROWS_SHOWN,
-    HeatMapScreen,
-    HelpScreen,
-    MainScreen,
-    RankTimelineScreen,
-)
+from megascope.dashboard.screens.heat_map import HeatMapScreen
+from megascope.dashboard.screens.help import HelpScreen
+from megascope.dashboard.screens.main import RANK_ROWS_SHOWN, MainScreen
+from megascope.dashboard.screens.timeline import RankTimelineScreen
 from megascope.dashboard.status_cli import render_text, snapshot_dict
-from megascope.dashboard.widgets.tables import KeyedTable, StragglerBar
+from megascope.dashboard.widgets.bars import StragglerBar
+from megascope.dashboard.widgets.tables import KeyedTable
 
 # -- the cluster model ---------------------------------------------------------------------------------------
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from megascope.dashboard.model import cluster
+from megascope.dashboard.control import DashboardControl, ReadOnlyError
+from megascope.dashboard.model import store
 from megascope.dashboard.model.cluster import ClusterModel, ConnectionState, RankStatusName
+from megascope.protos.events import make_event
 from megascope.protos.megascope.v1 import telemetry_pb2
 
 A, B = "10.0.0.1:50051", "10.0.0.2:50051"
@@ -118,7 +122,8 @@ def test_out_of_order_batches_do_not_move_a_rank_backwards() -> None:
 
 def test_replayed_batches_change_nothing() -> None:
     model = model_with(A)
-    event = telemetry_pb2.Event(wall_time=NOW, node="node0", kind="checkpoint", text="saved")
+    saved = telemetry_pb2.CheckpointDetail(phase=telemetry_pb2.CheckpointDetail.PHASE_SAVED, step=1)
+    event = make_event("saved", saved, node="node0", wall_time=NOW)
     host = telemetry_pb2.HostSample(node="node0", wall_time=NOW, cpu_percent=50.0)
     first = batch(report(0, 1), report(1, 1), events=[event], hosts=[host], info=node_info("node0", [0, 1]))
     model.ingest(A, first)
@@ -234,9 +239,9 @@ def test_events_from_all_agents_are_merged_oldest_first() -> None:
 
 
 def test_histories_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cluster, "STEP_HISTORY", 50)
-    monkeypatch.setattr(cluster, "HOST_HISTORY", 30)
-    monkeypatch.setattr(cluster, "EVENT_HISTORY", 20)
+    monkeypatch.setattr(store, "STEP_HISTORY", 50)
+    monkeypatch.setattr(store, "HOST_HISTORY", 30)
+    monkeypatch.setattr(store, "EVENT_HISTORY", 20)
     model = model_with(A)
     for step in range(1, 201):
         model.ingest(
@@ -258,7 +263,7 @@ def test_histories_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_bounded_series_keeps_the_newest_keys_and_refuses_older_ones() -> None:
-    series: cluster.Bounded[int, str] = cluster.Bounded(3)
+    series: store.Bounded[int, str] = store.Bounded(3)
     for key in [5, 1, 3, 4]:
         series.put(key, str(key))
     assert series.keys() == [3, 4, 5]
@@ -266,9 +271,18 @@ def test_bounded_series_keeps_the_newest_keys_and_refuses_older_ones() -> None:
     assert series.keys() == [3, 4, 5]
 
 
+_PHASES = {
+    "checkpoint_started": telemetry_pb2.CheckpointDetail.PHASE_STARTED,
+    "checkpoint": telemetry_pb2.CheckpointDetail.PHASE_SAVED,
+    "checkpoint_failed": telemetry_pb2.CheckpointDetail.PHASE_FAILED,
+}
+
+
 def _checkpoint_event(kind: str, step: int, wall_time: float) -> telemetry_pb2.Event:
-    return telemetry_pb2.Event(kind=kind, text=kind, wall_time=wall_time, node="node0",
-                               attributes={"step": str(step)})  # fmt: skip
+    detail = telemetry_pb2.CheckpointDetail(phase=_PHASES[kind], step=step)
+    event = make_event(kind, detail, wall_time=wall_time, node="node0")
+    assert event.kind == kind
+    return event
 
 
 def test_header_shows_a_save_in_progress_then_the_last_checkpoint_and_ignores_a_failed_one() -> None:
@@ -295,3 +309,24 @@ def test_a_job_that_restarts_with_fewer_ranks_is_judged_by_the_ranks_it_has_left
     model.ingest(B, batch(statuses=[running(2), running(3)], info=node_info("node1", [2, 3])))  # its stale tables
     assert model.header().step == 5
     assert [row.rank for row in model.rank_rows()] == [0, 1]
+
+
+def test_the_dashboards_own_events_carry_typed_details() -> None:
+    model = model_with(A)  # "connected"
+    model.set_disconnected(A, "UNAVAILABLE: Connection reset by peer", lost=True)  # "node_lost"
+    link = [e for e in model.events() if e.kind in ("connected", "node_lost")]
+    assert [(e.kind, e.detail) for e in link] == [
+        ("connected", {"address": A, "phase": "PHASE_CONNECTED"}),
+        ("node_lost", {"address": A, "phase": "PHASE_LOST"}),
+    ]
+
+
+def test_a_read_only_control_refuses_every_control_call_before_sending() -> None:
+    control = DashboardControl(model_with(A), [A], readonly=True)
+    assert control.refusal("no restart was sent") == "read-only dashboard (--readonly): no restart was sent"
+    for call in (control.restart([A]), control.dump_stacks([A]), control.save_checkpoint([A])):
+        with pytest.raises(ReadOnlyError):
+            asyncio.run(call)
+    with pytest.raises(ReadOnlyError, match="no cancel was sent"):
+        asyncio.run(control.cancel_merge(A))
+    assert DashboardControl(model_with(A), [A]).refusal("no restart was sent") is None

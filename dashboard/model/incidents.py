@@ -1,0 +1,234 @@
+"""Incidents: the agents' crashes, hangs and restarts paired into faults, the job giving up, and checkpoints.
+
+Read from the events' typed details, never from their text: a ``CrashDetail`` or a ``HangDetail`` (verdict
+culprit or none found) is a fault; a ``RestartDetail`` of phase done is a restart, which ends every fault before
+it (the ranks that died of a peer's crash go down in the same incident); a ``JobDetail`` of phase failed means
+torch elastic gave up; ``CheckpointDetail`` started, saved and failed give the save in progress and the newest
+checkpoint. Faults and restarts are paired by time, whatever order they arrive in (each node's agent reports its
+own, and back-fills come in any order), and kept apart from the event log, which lets old events go.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from megascope.dashboard import formatting as fmt
+from megascope.dashboard.model.store import EventLog, StoredEvent
+from megascope.protos import events as wire_events
+from megascope.protos.megascope.v1 import telemetry_pb2
+
+FAULT_HISTORY = 500
+"""Fault events kept: the event log lets go of old ones as other events come; these are few and all count."""
+_CHECKPOINT = telemetry_pb2.CheckpointDetail
+
+
+@dataclass(frozen=True)
+class RestartView:
+    """One restart of the job, from its ``restart`` event: what it took to get back to training."""
+
+    wall_time: float
+    node: str
+    cause: str
+    """What was restarted after: "crash", "hang" or "manual"."""
+    mttr_seconds: float | None
+    """From the fault to the first step done after it."""
+    steps_lost: int | None
+    """Steps done before the fault that had to be redone (those after the checkpoint resumed from)."""
+    resumed_step: int | None
+
+
+@dataclass(frozen=True)
+class FaultView:
+    """A crash or hang an agent reported (``crash`` / ``hang`` event), and the restart that ended it."""
+
+    kind: str
+    """"crash" or "hang"."""
+    wall_time: float
+    node: str
+    rank: int | None
+    """The rank that died, or the hang's culprit; None when the agent found none."""
+    step: int | None
+    """The last step the job completed before the fault."""
+    detect_seconds: float | None
+    """From the fault (the death, or the last step before the hang) to its detection."""
+    cause: str
+    """How the rank died ("SIGKILL", "exit code 1") or why it is the hang's culprit."""
+    text: str
+    restart: RestartView | None = None
+    """None until the job has done a step again after it."""
+
+    def describe(self) -> str:
+        """One line: what happened, where, how fast it was seen, what the restart cost, then why (a hang's
+        reason is long, so it comes last where a narrow screen cuts it)."""
+        line = f"{self.kind}: " + (f"rank {self.rank} on {self.node}" if self.rank is not None else self.node)
+        if self.kind == "crash" and self.cause:
+            line += f" ({self.cause})"
+        if self.step is not None:
+            line += f" after step {self.step:,}"
+        if self.detect_seconds is not None:
+            line += f", detected in {self.detect_seconds:.2f}s"
+        restart = self.restart
+        if restart is None:
+            line += "; not restarted yet"
+        else:
+            line += "; restarted"
+            if restart.resumed_step is not None:
+                line += f" from step {restart.resumed_step:,}"
+            if restart.mttr_seconds is not None:
+                line += f", MTTR {restart.mttr_seconds:.1f}s"
+            if restart.steps_lost is not None:
+                line += f", {restart.steps_lost} step{'s' if restart.steps_lost != 1 else ''} lost"
+        if self.kind != "crash":
+            line += f"; {self.cause or 'no culprit found'}"
+        return line
+
+
+_RESTART_CAUSES: dict[int, str] = {
+    telemetry_pb2.RestartDetail.CAUSE_CRASH: "crash",
+    telemetry_pb2.RestartDetail.CAUSE_HANG: "hang",
+    telemetry_pb2.RestartDetail.CAUSE_REQUESTED: "manual",
+    telemetry_pb2.RestartDetail.CAUSE_NODE_LEFT: "node_left",
+}
+"""RestartDetail.Cause as the words RestartView.cause (and the demo summary) have always used."""
+
+
+def is_fault(event: telemetry_pb2.Event) -> bool:
+    """A crash, or a hang this node acts on (a culprit, or none found); "stalled" (the culprit is on another
+    node, whose agent reports the hang) is not a fault of its own."""
+    which = event.WhichOneof("detail")
+    return which == "crash" or (which == "hang" and event.hang.verdict != telemetry_pb2.HangDetail.VERDICT_ELSEWHERE)
+
+
+def is_restart(event: telemetry_pb2.Event) -> bool:
+    """The job came back after a fault or a request (not the request itself)."""
+    return event.WhichOneof("detail") == "restart" and event.restart.phase == telemetry_pb2.RestartDetail.PHASE_DONE
+
+
+def is_job_failed(event: telemetry_pb2.Event) -> bool:
+    """Torch elastic gave up on the job."""
+    return event.WhichOneof("detail") == "job" and event.job.phase == telemetry_pb2.JobDetail.PHASE_FAILED
+
+
+def _fault_view(event: telemetry_pb2.Event) -> FaultView:
+    """A crash or hang event as a FaultView; the event's own rank and step come first, the detail's fill in."""
+    rank = event.rank if event.HasField("rank") else None
+    step = event.step if event.HasField("step") else None
+    if event.WhichOneof("detail") == "crash":
+        crash = event.crash
+        code = crash.exit_code
+        cause = crash.signal or (f"exit code {code}" if code else "")
+        detect_seconds = crash.detect_seconds
+        if step is None and crash.HasField("last_step"):
+            step = crash.last_step
+    else:
+        hang = event.hang
+        cause = hang.reason
+        detect_seconds = hang.detect_seconds
+        if rank is None and hang.HasField("culprit_rank"):
+            rank = hang.culprit_rank
+        if step is None:
+            step = hang.last_step
+    return FaultView(
+        kind=wire_events.kind_of(event),
+        wall_time=event.wall_time,
+        node=event.node,
+        rank=rank,
+        step=step,
+        detect_seconds=detect_seconds,
+        cause=cause,
+        text=event.text,
+    )
+
+
+def _restart_view(event: telemetry_pb2.Event) -> RestartView:
+    restart = event.restart
+    return RestartView(
+        wall_time=event.wall_time,
+        node=event.node,
+        cause=_RESTART_CAUSES.get(restart.cause, ""),
+        mttr_seconds=restart.mttr_seconds if restart.HasField("mttr_seconds") else None,
+        steps_lost=restart.steps_lost if restart.HasField("steps_lost") else None,
+        resumed_step=restart.resumed_step if restart.HasField("resumed_step") else None,
+    )
+
+
+class Incidents:
+    """The faults, restarts and checkpoints seen so far (fed every new event of the log)."""
+
+    def __init__(self) -> None:
+        self._events = EventLog(lambda: FAULT_HISTORY)
+        """Fault, restart and job-failed events, in time order, each once: its own dedup, so a replayed event
+        the event log had already let go of does not count as a second restart."""
+        self._checkpoint_saved: tuple[int, float] | None = None
+        """(step, wall time) of the newest committed checkpoint the agents reported."""
+        self._checkpoint_saving: tuple[int, float] | None = None
+        """(step, wall time started) of a save in progress."""
+
+    def track(self, stored: StoredEvent) -> None:
+        event = stored.event
+        if event.WhichOneof("detail") == "checkpoint":
+            self._track_checkpoint(event.checkpoint, event.wall_time)
+        elif is_fault(event) or is_restart(event) or is_job_failed(event):
+            self._events.add(stored)
+
+    def _track_checkpoint(self, detail: telemetry_pb2.CheckpointDetail, wall_time: float) -> None:
+        step = detail.step
+        if detail.phase == _CHECKPOINT.PHASE_STARTED:
+            if self._checkpoint_saved is None or step > self._checkpoint_saved[0]:
+                self._checkpoint_saving = (step, wall_time)
+            return
+        if detail.phase not in (_CHECKPOINT.PHASE_SAVED, _CHECKPOINT.PHASE_FAILED):
+            return  # requested, refused, cleanup: no save ran or ends here
+        if self._checkpoint_saving is not None and self._checkpoint_saving[0] == step:
+            self._checkpoint_saving = None
+        if detail.phase == _CHECKPOINT.PHASE_SAVED and (
+            self._checkpoint_saved is None or step >= self._checkpoint_saved[0]
+        ):
+            self._checkpoint_saved = (step, wall_time)
+
+    # -- what the views read -------------------------------------------------------------------------------
+
+    def faults(self) -> list[FaultView]:
+        """Every crash and hang, oldest first; each with the first restart after it."""
+        faults: list[FaultView] = []
+        open_from = 0
+        for stored in self._events:
+            event = stored.event
+            if is_fault(event):
+                faults.append(_fault_view(event))
+            elif is_restart(event):
+                restart = _restart_view(event)
+                faults[open_from:] = [dataclasses.replace(f, restart=restart) for f in faults[open_from:]]
+                open_from = len(faults)
+        return faults
+
+    def restarts(self) -> list[RestartView]:
+        """Every restart of the job, oldest first."""
+        return [_restart_view(s.event) for s in self._events if is_restart(s.event)]
+
+    def restart_count(self) -> int:
+        """Restarts of the job (one per restart: only the node with rank 0 reports them)."""
+        return sum(1 for s in self._events if is_restart(s.event))
+
+    def job_failed(self) -> str | None:
+        """The newest ``job_failed`` text, unless the job restarted after it (a new attempt under the same agents)."""
+        for stored in reversed(self._events):
+            if is_restart(stored.event):
+                return None
+            if is_job_failed(stored.event):
+                return stored.event.text
+        return None
+
+    def newest_checkpoint_step(self) -> int | None:
+        """The step of the newest committed checkpoint the agents reported; None before any."""
+        return self._checkpoint_saved[0] if self._checkpoint_saved is not None else None
+
+    def checkpoint_summary(self, now: float) -> str | None:
+        """ "saving step 50" while a save runs, else "step 40, 12s ago"; None before any checkpoint event."""
+        if self._checkpoint_saving is not None:
+            return f"saving step {self._checkpoint_saving[0]}"
+        if self._checkpoint_saved is not None:
+            step, when = self._checkpoint_saved
+            return f"step {step}, {fmt.duration(max(0.0, now - when))} ago"
+        return None
