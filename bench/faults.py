@@ -80,6 +80,7 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 from megascope.engine.runtime.faults import CrashFault, HangFault
+from megascope.engine.runtime.run_dir import checkpoints_dir, fault_marker, telemetry_files
 
 RANKS = 4
 PRESET = "tiny"
@@ -125,7 +126,7 @@ class Execution:
 def read_executions(run_dir: Path) -> list[Execution]:
     """Every (attempt, step) the ranks recorded, from ``telemetry/rank*.jsonl``, in order of completion."""
     ranks: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
-    for path in sorted((run_dir / "telemetry").glob("rank*.jsonl")):
+    for path in telemetry_files(run_dir):
         for line in path.read_text().splitlines():
             try:
                 record = json.loads(line)
@@ -147,10 +148,9 @@ def read_executions(run_dir: Path) -> list[Execution]:
 
 
 def marker_time(run_dir: Path, fault: Injected) -> float | None:
-    """When ``fault`` fired: its marker's mtime (engine/runtime/faults.py names the marker after ``describe()``)."""
-    name = fault.describe().replace(":", "_").replace(",", "_").replace("=", "-")
+    """When ``fault`` fired: its marker's mtime (engine/runtime/run_dir.py names the marker after ``describe()``)."""
     with contextlib.suppress(FileNotFoundError):
-        return (run_dir / "faults" / f"{name}.0").stat().st_mtime
+        return fault_marker(run_dir, fault.describe(), 0).stat().st_mtime
     return None
 
 
@@ -394,7 +394,7 @@ def write_torchrun_config(run_dir: Path, steps: int, faults: Sequence[Injected],
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    flags = [*train_flags(steps, args), "--ckpt-dir", str(run_dir / "checkpoints"), "--ckpt-keep", "10",
+    flags = [*train_flags(steps, args), "--ckpt-dir", str(checkpoints_dir(run_dir)), "--ckpt-keep", "10",
              "--run-dir", str(run_dir), "--nproc-per-node", str(RANKS), *inject_flags(faults)]  # fmt: skip
     config, _ = build(parser.parse_args(flags))
     return write_config(dataclasses.replace(config, dist_timeout_seconds=float(args.pg_timeout)))

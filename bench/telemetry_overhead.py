@@ -28,13 +28,14 @@ from pathlib import Path
 import psutil
 
 from megascope.engine.runtime.agent_link import AB_STEPS_ENV
+from megascope.engine.runtime.run_dir import telemetry_file
 from megascope.engine.summary import read_step_reports
 
 WARMUP_STEPS = 20
 
 
 def _steps_done(run_dir: Path) -> int:
-    path = run_dir / "telemetry" / "rank0.jsonl"
+    path = telemetry_file(run_dir, 0)
     return path.read_text().count('"type": "step"') if path.exists() else 0
 
 

@@ -5,7 +5,7 @@ the bucket's launch time, and the last launch marks the end of backward compute:
 spends after it is the training thread blocked on communication. The completion callback runs on the
 process group's thread and stamps each collective's end.
 
-The compute a rank did before each collective is ``start_seconds`` minus the step's data wait (the launch is
+The compute a rank did before each collective is ``start_offset_seconds`` minus the step's data wait (the launch is
 measured from the start of the step, and the step waits for its batch before computing), so the per-collective
 timings also say how far into its compute each bucket became ready.
 
@@ -100,9 +100,9 @@ class CollectiveTimer:
             timings.append(
                 CollectiveTiming(
                     name="allreduce",
-                    bucket=r.bucket,
+                    bucket_index=r.bucket,
                     bytes=r.bytes,
-                    start_seconds=r.launched - step_start,
+                    start_offset_seconds=r.launched - step_start,
                     duration_seconds=done - r.launched,
                     blocked_seconds=blocked,
                 )

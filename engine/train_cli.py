@@ -220,6 +220,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(run_dir: Path) -> None:
+    from megascope.engine.runtime.run_dir import telemetry_dir
     from megascope.engine.summary import summarize
 
     s = summarize(run_dir)
@@ -228,5 +229,5 @@ def _print_summary(run_dir: Path) -> None:
     val = f", validation loss {s['last_val_loss']:.4f}" if s["last_val_loss"] is not None else ""
     print(
         f"megascope train: done: {s['steps']} steps on {s['ranks']} rank(s), loss {s['first_loss']:.4f} -> "
-        f"{s['last_loss']:.4f}{val}, {s['tokens_per_s']:,.0f} tokens/s (median); telemetry in {run_dir / 'telemetry'}"
+        f"{s['last_loss']:.4f}{val}, {s['tokens_per_s']:,.0f} tokens/s (median); telemetry in {telemetry_dir(run_dir)}"
     )

@@ -7,31 +7,37 @@ A step is: wait for data, forward, backward, wait for gradient communication, op
 gradient buckets while backward still runs; :class:`CollectiveTimer` marks when the last bucket launched,
 which splits ``backward()`` into compute and the time blocked on communication. The phases are measured
 back to back, so they add up to the step time; ``other_seconds`` holds what falls between them.
+
+Around the steps the trainer decides nothing itself: the :class:`CheckpointManager` owns resume, init-from and
+every save, the :class:`FaultInjector` every ``--inject`` fault. Between steps the loop applies the agent's
+commands (CHECKPOINT: a save at the step named; STOP: end after the step named, as if it were the last) and
+answers each with a ``CommandAck``. Telemetry is the wire's own messages; a clean end sends ``RankFinished``, an
+exception caught in :func:`main` an ``ExitReport`` (its traceback), the self-check a ``SelfCheckResult``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import faulthandler
 import gc
 import hashlib
-import json
 import os
+import queue
 import signal
 import socket
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from google.protobuf.message import Message
 from torch.nn.parallel import DistributedDataParallel
 
-from megascope.engine.checkpoint import Checkpointer, CheckpointError, committed_steps, load, remove_unfinished
-from megascope.engine.checkpoint.format import step_dir_name
+from megascope.engine.checkpoint.manager import CheckpointManager
 from megascope.engine.collectives import CollectiveTimer, DeviceComputeTimer
 from megascope.engine.config import TrainConfig
 from megascope.engine.data import PackedBatches, Prefetcher, load_corpus, split_train_val
@@ -39,10 +45,11 @@ from megascope.engine.mfu import PeakFlops, device_peak
 from megascope.engine.model import Transformer, cross_entropy
 from megascope.engine.runtime import selfcheck
 from megascope.engine.runtime.agent_link import connect_from_environment
-from megascope.engine.runtime.faults import CrashFault, HangFault, SlowFault, claim_firing, faults_for_rank, is_spent
-from megascope.engine.runtime.launch import RESTART_FROM
-from megascope.engine.runtime.telemetry import ConsoleSink, Event, JsonlSink, Sink, StepReport, Telemetry
-from megascope.protos.megascope.v1 import worker_pb2
+from megascope.engine.runtime.faults import FaultInjector
+from megascope.engine.runtime.run_dir import stacks_file, telemetry_file
+from megascope.engine.runtime.telemetry import ConsoleSink, JsonlSink, Sink, StepReport, Telemetry
+from megascope.protos.events import INFO, WARNING, make_event
+from megascope.protos.megascope.v1 import telemetry_pb2, worker_pb2
 
 _FAILURE_TRACEBACK_LINES = 20
 
@@ -101,12 +108,14 @@ class Trainer:
             dist.new_group(backend="gloo", timeout=timedelta(seconds=120)) if config.checkpoint.dir else None
         )
 
-        run_dir = Path(config.run_dir)
-        self._stack_file = _install_stack_dumps(run_dir, self.rank)
-        sinks: list[Sink] = [JsonlSink(run_dir / "telemetry" / f"rank{self.rank}.jsonl")]
+        self._stack_file = _install_stack_dumps(stacks_file(config.run_dir, self.rank))
+        sinks: list[Sink] = [JsonlSink(telemetry_file(config.run_dir, self.rank))]
         if self.rank == 0:
             sinks.append(ConsoleSink(every=config.log_every))
-        self._requested_save_step: int | None = None
+        self._commands: queue.SimpleQueue[worker_pb2.Command] = queue.SimpleQueue()
+        """Commands from the agent, queued by the link's thread, applied by the training loop between steps."""
+        self._stop_after: int | None = None
+        """The step a STOP command ends training after."""
         self.collectives = CollectiveTimer()
         agent = connect_from_environment(
             self.rank, self.local_rank, self.world_size, self.node, self.restart_count, self._on_command,
@@ -126,16 +135,15 @@ class Trainer:
         self.ddp.register_comm_hook(None, self.collectives.hook)
         # CUDA events only on a GPU: a CPU run never touches CUDA.
         self.device_timer = DeviceComputeTimer() if self.device.type == "cuda" else None
-        self.faults = faults_for_rank(config.faults, self.rank)
+        self.faults = FaultInjector(config.faults, self.rank, config.run_dir)
         self._compute_started = 0.0
         """perf_counter at which this step's compute would have begun had it run without a break (fault timing)."""
-        for fault in self.faults:
-            if isinstance(fault, SlowFault):
-                # Sleep when backward compute is done, before the last bucket's all-reduce launches: the sleep
-                # counts as this rank's compute and the other ranks wait for it inside the collective.
-                self.collectives.before_last_launch = lambda f=fault: time.sleep(
-                    f.extra_seconds(time.perf_counter() - self._compute_started)
-                )
+        if self.faults.slow is not None:
+            # Sleep when backward compute is done, before the last bucket's all-reduce launches: the sleep
+            # counts as this rank's compute and the other ranks wait for it inside the collective.
+            self.collectives.before_last_launch = lambda: self.faults.slow_down(
+                time.perf_counter() - self._compute_started
+            )
         self.optimizer = torch.optim.AdamW(
             self._param_groups(),
             lr=config.optim.lr,
@@ -155,131 +163,54 @@ class Trainer:
             else None
         )
         self.peak: PeakFlops | None = device_peak(self.device, self.autocast, config.peak_tflops)
-        self.step = 0
-        self.checkpointer: Checkpointer | None = None
-        self.resumed_from: int | None = None
-        if config.checkpoint.dir:
-            self._set_up_checkpoints(Path(config.checkpoint.dir))
-        elif config.checkpoint.init_from:
-            self._init_from(Path(config.checkpoint.init_from))
+        self.checkpoints = CheckpointManager(
+            config, self.model, self.optimizer, self.train_batches, rank=self.rank, world_size=self.world_size,
+            group=self.ckpt_group, device=self.device, emit=self._emit, faults=self.faults,
+        )  # fmt: skip
+        self.step = self.checkpoints.load()
+        """The last step done: where a resume goes on from, then each step as it completes."""
 
     def _on_command(self, command: worker_pb2.Command) -> None:
-        # Runs on the agent sink's thread: only record the request; the training loop acts on it between
-        # steps, at the step the agent chose, so that every rank saves the same step.
-        if command.kind == worker_pb2.COMMAND_KIND_CHECKPOINT:
-            self._requested_save_step = int(command.arguments.get("step", "0"))
+        # Runs on the agent link's thread: only queue it; the training loop applies it between steps (a save at
+        # the step the agent chose, so that every rank saves the same step) and answers it.
+        self._commands.put(command)
 
-    def _set_up_checkpoints(self, directory: Path) -> None:
-        ckpt = self.config.checkpoint
-        if ckpt.resume and committed_steps(directory):
-            self._resume(self._resume_source(directory))
-        elif ckpt.init_from:  # a restart of this run resumes its own checkpoints instead (the branch above)
-            self._init_from(Path(ckpt.init_from))
-        if self.rank == 0:
-            for path in remove_unfinished(directory):
-                self._event("checkpoint_cleanup", f"removed the unfinished save {path.name}")
-        self.checkpointer = Checkpointer(
-            directory, self.rank, self.world_size, self.ckpt_group, layout="ddp", keep_last=ckpt.keep_last,
-            keep_every=ckpt.keep_every, on_event=lambda kind, text, attributes: self._event(kind, text, **attributes),
-        )  # fmt: skip
+    def _pending_commands(self) -> Iterator[worker_pb2.Command]:
+        while True:
+            try:
+                yield self._commands.get_nowait()
+            except queue.Empty:
+                return
 
-    def _resume_source(self, directory: Path) -> Path:
-        """The newest checkpoint, unless a restart asked for an earlier one (``RESTART_FROM`` in the run dir).
+    def _apply_commands(self) -> None:
+        """Apply the commands that arrived during the step just done, answering each with a CommandAck."""
+        for command in self._pending_commands():
+            if command.kind == worker_pb2.COMMAND_KIND_CHECKPOINT:
+                ok, message = self.checkpoints.request_save(command.step, self.step)
+            elif command.kind == worker_pb2.COMMAND_KIND_STOP:
+                ok, message = self._request_stop(command.step)
+            else:
+                ok, message = False, f"unknown command kind {command.kind}"
+            self.telemetry.signal(worker_pb2.CommandAck(command_id=command.id, ok=ok, message=message))
 
-        Every rank reads its own node's request and the ranks agree on one step (a collective every rank makes,
-        so a node whose agent got no request follows the others); then the request is removed, for one restart.
+    def _refuse_commands(self, reason: str) -> None:
+        """Answer the commands that came too late for the loop, so that no sender waits on an ack for ever."""
+        for command in self._pending_commands():
+            self.telemetry.signal(worker_pb2.CommandAck(command_id=command.id, ok=False, message=reason))
+
+    def _request_stop(self, step: int) -> tuple[bool, str]:
+        """STOP: end after ``step`` (0: the step just done), as if it were the run's last step.
+
+        Every rank of a job must stop after the same step, or the others wait in a collective for ever: with
+        several ranks the agent names a step a little ahead, as for a save; 0 suits a job of one rank.
         """
-        request = Path(self.config.run_dir) / RESTART_FROM
-        asked = int(json.loads(request.read_text())["step"]) if request.is_file() else 0
-        agreed = torch.tensor([asked], dtype=torch.int64, device=self.device)
-        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
-        step = int(agreed.item())
-        request.unlink(missing_ok=True)  # every rank has read it: the all-reduce waited for all
-        if not step:
-            return directory
-        if step not in committed_steps(directory):
-            self._event("restart_from_missing", f"no committed checkpoint at step {step}; resuming the newest")
-            return directory
-        return directory / step_dir_name(step)
-
-    def _checkpoint_state(self) -> dict[str, torch.Tensor]:
-        """Model and optimizer tensors by stable names (parameter names, not optimizer indices)."""
-        state = {f"model/{name}": tensor for name, tensor in self.model.state_dict().items()}
-        for name, param in self.model.named_parameters():
-            for key, value in self.optimizer.state.get(param, {}).items():
-                state[f"optim/{name}/{key}"] = value
-        return state
-
-    def _ensure_optimizer_state(self) -> None:
-        # AdamW creates its state lazily at the first step; a resume fills it in before that step.
-        fused = self.device.type == "cuda"
-        for param in self.model.parameters():
-            if not self.optimizer.state.get(param):
-                self.optimizer.state[param] = {
-                    "step": torch.zeros((), dtype=torch.float32, device=param.device if fused else "cpu"),
-                    "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
-                    "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
-                }
-
-    def _resume(self, directory: Path) -> None:
-        self._ensure_optimizer_state()
-        targets = self._checkpoint_state()
-        rng = torch.get_rng_state()
-        targets_local = {f"rng/rank{self.rank}/cpu": rng}
-        started = time.perf_counter()
-        metadata, stats = load(directory, targets)
-        # A rank that did not exist in the saving job keeps its own seed-derived RNG state.
-        load(directory, targets_local, strict=False)
-        torch.set_rng_state(rng)
-        self.train_batches.load_state_dict(metadata.extra["data"])
-        self.step = self.resumed_from = int(metadata.extra["step"])
-        seconds = time.perf_counter() - started
-        self._event(
-            "resumed",
-            f"resumed from step {self.step} ({directory}): read {stats.bytes_read / 1e6:.1f} MB in {seconds:.2f}s",
-            path=str(directory),
-            load_seconds=f"{seconds:.6f}",
-            bytes_read=str(stats.bytes_read),
-        )
-
-    def _init_from(self, path: Path) -> None:
-        """PMA-init: this run's model weights from the checkpoint at ``path`` (a merge's output, say).
-
-        Only the weights (and, with --init-optimizer keep, the optimizer state saved there); the step count,
-        learning-rate schedule, data order and RNG stay this run's own, starting at step 0. Every rank reads
-        the same file, so the replicas start identical.
-        """
-        started = time.perf_counter()
-        metadata, stats = load(path, {f"model/{name}": t for name, t in self.model.state_dict().items()})
-        optimizer = "fresh optimizer"
-        if self.config.checkpoint.init_optimizer == "keep":
-            if not any(name.startswith("optim/") for name in metadata.tensors):
-                raise CheckpointError(f"--init-optimizer keep: {path} holds no optimizer state; use fresh")
-            self._ensure_optimizer_state()
-            optim = {k: v for k, v in self._checkpoint_state().items() if k.startswith("optim/")}
-            _, more = load(path, optim)
-            stats.bytes_read += more.bytes_read
-            optimizer = "optimizer state from the checkpoint"
-        merge = metadata.extra.get("merge")
-        what = f"step {metadata.step}"
-        if isinstance(merge, dict):
-            what = f"{merge['method']} merge of steps {merge['steps']}"
-        self._event(
-            "initialized",
-            f"model weights from {path} ({what}), {optimizer}: read {stats.bytes_read / 1e6:.1f} MB "
-            f"in {time.perf_counter() - started:.2f}s",
-            path=str(path),
-        )
-
-    def _save_checkpoint(self, prefetch: Prefetcher) -> None:
-        assert self.checkpointer is not None
-        self.checkpointer.save(
-            self.step,
-            self._checkpoint_state(),
-            extra={"step": self.step, "data": prefetch.position, "world_size": self.world_size,
-                   "config": json.loads(self.config.to_json())},
-            local={f"rng/rank{self.rank}/cpu": torch.get_rng_state()},
-        )  # fmt: skip
+        at = step or self.step
+        if at < self.step:
+            return False, f"the request to stop after step {step} came too late"
+        if at >= self.config.steps:
+            return True, f"training ends at step {self.config.steps} anyway"
+        self._stop_after = at if self._stop_after is None else min(self._stop_after, at)
+        return True, f"will stop after step {self._stop_after}"
 
     def _param_groups(self) -> list[dict[str, object]]:
         # No weight decay on norms' gains (1-D): decaying them towards 0 only fights the normalisation.
@@ -295,77 +226,77 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _event(self, kind: str, text: str, **attributes: str) -> None:
+    def _emit(self, event: telemetry_pb2.Event) -> None:
+        """Send an event built elsewhere (the checkpoint manager, on any thread), stamped with this node."""
+        event.node = self.node
+        self.telemetry.event(event)
+
+    def _event(self, text: str, detail: Message, severity: int = INFO) -> None:
         self.telemetry.event(
-            Event(kind=kind, text=text, rank=self.rank, step=self.step, attributes=attributes, node=self.node)
+            make_event(text, detail, severity=severity, node=self.node, rank=self.rank, step=self.step)
         )
 
     def train(self) -> None:
         config = self.config
         params = config.model.num_params()
         peak = f"{self.peak.flops_per_second / 1e12:.2f} TFLOPS ({self.peak.source})" if self.peak else "unknown"
+        started = telemetry_pb2.RunDetail(
+            phase=telemetry_pb2.RunDetail.PHASE_STARTED,
+            device=str(self.device),
+            parameters=params,
+            param_digest=parameter_digest(self.model),
+            steps=config.steps,
+        )
         self._event(
-            "started",
             f"rank {self.rank}/{self.world_size} on {self.device}, {params / 1e6:.2f}M params, "
             f"preset {config.preset}, {config.steps} steps, peak {peak}",
-            device=str(self.device),
-            params=str(params),
-            param_digest=parameter_digest(self.model),
+            started,
         )
         if self.val_batches is None and config.val_batches:
             self._event(
-                "no_validation",
                 "no validation loss: the held-out documents are fewer than one "
                 "micro-batch; raise --val-fraction or give more --data",
+                telemetry_pb2.RunDetail(phase=telemetry_pb2.RunDetail.PHASE_NO_VALIDATION),
             )
         if config.self_check:
             self._self_check()
-        for fault in self.faults:
-            if isinstance(fault, CrashFault | HangFault) and is_spent(fault, self.config.run_dir):
-                continue  # fired before a restart: it will not fire again, so it is not announced again
-            self.telemetry.event(
-                Event(kind="fault_injected", text=f"--inject {fault.describe()} on this rank", severity="warning",
-                      rank=self.rank, step=self.step, node=self.node, attributes={"fault": fault.describe()})
-            )  # fmt: skip
+        for fault in self.faults.to_announce():
+            injected = telemetry_pb2.FaultInjectedDetail(fault=fault.describe())
+            self._event(f"--inject {fault.describe()} on this rank", injected, WARNING)
         gc_pauses = _GcPauses()
         prefetch = Prefetcher(self.train_batches, self.device)
         try:
-            while self.step < config.steps:
+            while self.step < config.steps and (self._stop_after is None or self.step < self._stop_after):
                 self.step += 1
-                self._fire_faults()
+                self.faults.at_step(self.step)
                 report = self._train_step(prefetch, gc_pauses)
-                every = config.checkpoint.every
-                scheduled = self.step == config.steps or bool(every and self.step % every == 0)
-                requested = self._requested_save_step
-                if requested is not None and self.step >= requested:
-                    self._requested_save_step = None
-                    if self.checkpointer is None:
-                        self._event("checkpoint_refused", "a checkpoint was requested, but this run has no --ckpt-dir")
-                    elif self.step > requested:
-                        self._event("checkpoint_refused", f"the request to save step {requested} came too late")
-                    else:
-                        scheduled = True
-                if self.checkpointer and scheduled:
-                    self._save_checkpoint(prefetch)
-                if (config.val_every and self.step % config.val_every == 0) or self.step == config.steps:
-                    report.val_loss = self.validate()
+                self._apply_commands()
+                last = self.step == config.steps or self.step == self._stop_after
+                self.checkpoints.save(self.step, prefetch.position, last=last)
+                if (config.val_every and self.step % config.val_every == 0) or last:
+                    val_loss = self.validate()
+                    if val_loss is not None:
+                        report.val_loss = val_loss
                 self.telemetry.step(report)
         finally:
             prefetch.close()
             gc_pauses.close()
-            if self.checkpointer is not None:
-                self.checkpointer.close()
-        self._event(
-            "finished",
-            f"trained {self.step} steps",
-            param_digest=parameter_digest(self.model),
-            telemetry_dropped=str(self.telemetry.dropped),
+            self.checkpoints.close()
+        self._refuse_commands("training has ended")
+        digest = parameter_digest(self.model)
+        finished = telemetry_pb2.RunDetail(
+            phase=telemetry_pb2.RunDetail.PHASE_FINISHED,
+            param_digest=digest,
+            steps=self.step,
+            telemetry_dropped=self.telemetry.dropped,
         )
+        self._event(f"trained {self.step} steps", finished)
+        # The control signal of a clean end; the event above is for people.
+        self.telemetry.signal(worker_pb2.RankFinished(steps=self.step, param_digest=digest))
 
     def _self_check(self) -> None:
-        slow = next((f for f in self.faults if isinstance(f, SlowFault)), None)
         disk = Path(self.config.checkpoint.dir or self.config.run_dir)
-        verdict = selfcheck.run(self.node, self.device, disk, slow)
+        verdict = selfcheck.run(self.node, self.device, disk, self.faults.slow)
         if self.local_rank != 0:
             return
         node = verdict.node
@@ -377,34 +308,10 @@ class Trainer:
         if verdict.below:
             text += f"; SLOW: {', '.join(verdict.below)} below {selfcheck.SLOW_RATIO:.0%} of the other nodes' median"
             text += "" if verdict.slow else " (another node is further below; one node leaves per start)"
-        self.telemetry.event(
-            Event(kind="self_check", text=text, severity="warning" if verdict.below else "info", rank=self.rank,
-                  step=self.step, node=self.node, attributes=selfcheck.describe(verdict))
-        )  # fmt: skip
-
-    def _fire_faults(self) -> None:
-        """Injected crashes and hangs, at the start of the step they name (before its first collective)."""
-        for fault in self.faults:
-            if not isinstance(fault, CrashFault | HangFault) or fault.step != self.step:
-                continue
-            if not claim_firing(fault, self.config.run_dir):
-                continue
-            # The event may not get out before the process dies: the agent learns of a crash on its own.
-            print(f"megascope: rank {self.rank}: injecting {fault.describe()} at step {self.step}", flush=True)
-            if isinstance(fault, HangFault):
-                if fault.how == "stop":
-                    os.kill(os.getpid(), signal.SIGSTOP)
-                while True:  # an endless loop: the process lives, answers signals, and never issues a collective
-                    time.sleep(0.05)
-            elif fault.how == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            elif fault.how == "segv":
-                ctypes.string_at(0)  # a read of address 0: a real SIGSEGV, as a bad native extension would cause
-            elif fault.how == "exit":
-                sys.stdout.flush()
-                os._exit(1)
-            else:
-                raise RuntimeError(f"injected fault {fault.describe()} at step {self.step}")
+        detail = selfcheck.to_detail(verdict)
+        self._event(text, detail, WARNING if verdict.below else INFO)
+        # What the agent acts on (eviction of a slow node); the event above is for people.
+        self.telemetry.signal(worker_pb2.SelfCheckResult(detail=detail))
 
     def _train_step(self, prefetch: Prefetcher, gc_pauses: _GcPauses) -> StepReport:
         config = self.config
@@ -455,8 +362,7 @@ class Trainer:
         t4 = time.perf_counter()
         clip = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        if self.checkpointer is not None:
-            self.checkpointer.before_optimizer_step()  # a save's staging must finish before weights change
+        self.checkpoints.before_optimizer_step()  # a save's staging must finish before weights change
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss_value = loss_sum.item()  # also waits for the device
@@ -466,7 +372,8 @@ class Trainer:
         step_seconds = t5 - step_start
         optimizer = t5 - t4
         named = data_wait + forward + backward + comm_wait + optimizer
-        return StepReport(
+        report = StepReport(
+            node=self.node,
             rank=self.rank,
             local_rank=self.local_rank,
             world_size=self.world_size,
@@ -484,16 +391,19 @@ class Trainer:
             other_seconds=max(0.0, step_seconds - named),
             tokens_per_second=tokens / step_seconds,
             model_flops=flops,
-            mfu=flops / step_seconds / self.peak.flops_per_second if self.peak else None,
             gc_pause_seconds=gc_pauses.total - gc_before,
             cpu_seconds=time.process_time() - cpu_start,
-            # Read after loss.item() above, which waited for the device: the events are complete, no extra sync.
-            device_compute_seconds=self.device_timer.seconds() if self.device_timer is not None else None,
             collectives=self.collectives.timings(step_start, compute_end),
             collectives_issued=self.collectives.issued,
             restart_count=self.restart_count,
-            node=self.node,
+            wall_time=time.time(),
         )
+        if self.peak:
+            report.mfu = flops / step_seconds / self.peak.flops_per_second
+        if self.device_timer is not None:
+            # Read after loss.item() above, which waited for the device: the events are complete, no extra sync.
+            report.device_compute_seconds = self.device_timer.seconds()
+        return report
 
     @torch.no_grad()
     def validate(self) -> float | None:
@@ -515,10 +425,17 @@ class Trainer:
     def report_failure(self, error: Exception) -> None:
         """The rank's last words, sent before it exits: the agent names the crash without waiting for the exit."""
         lines = traceback.format_exc().rstrip().splitlines()[-_FAILURE_TRACEBACK_LINES:]
-        self.telemetry.event(
-            Event(kind="rank_failed", text=f"{type(error).__name__}: {error}"[:500], severity="error", rank=self.rank,
-                  step=self.step, node=self.node, attributes={"traceback": "\n".join(lines)})
-        )  # fmt: skip
+        self.telemetry.signal(
+            worker_pb2.ExitReport(
+                rank=self.rank,
+                local_rank=self.local_rank,
+                pid=os.getpid(),
+                exit_code=1,  # what the exception will make of the process (main re-raises it)
+                wall_time=time.time(),
+                log_tail=lines or [f"{type(error).__name__}: {error}"[:500]],
+                restart_count=self.restart_count,
+            )
+        )
 
     def close(self) -> None:
         self.telemetry.close()
@@ -526,15 +443,13 @@ class Trainer:
             dist.destroy_process_group()
 
 
-def _install_stack_dumps(run_dir: Path, rank: int) -> Path:
-    """SIGUSR1 appends every thread's Python stack to ``run_dir/stacks/rankR.txt``; fatal signals to stderr.
+def _install_stack_dumps(path: Path) -> Path:
+    """SIGUSR1 appends every thread's Python stack to ``path`` (``stacks/rankR.txt``); fatal signals to stderr.
 
     faulthandler writes from the signal handler itself, in C: it answers even when the main thread is blocked
     inside a collective and never returns to the interpreter, which a Python-level handler would not.
     """
-    directory = run_dir / "stacks"
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"rank{rank}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
     stacks = path.open("a")  # kept open for the life of the process: the handler writes to its descriptor
     faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True, chain=False)
     faulthandler.enable(file=sys.stderr, all_threads=True)

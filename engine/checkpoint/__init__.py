@@ -21,9 +21,11 @@ if TYPE_CHECKING:
         resolve,
     )
     from megascope.engine.checkpoint.loader import LoadStats, load, load_state, verify
+    from megascope.engine.checkpoint.manager import CheckpointManager
 
 _WHERE = {
     "Checkpointer": "checkpointer",
+    "CheckpointManager": "manager",
     "SaveFigures": "checkpointer",
     "remove_unfinished": "checkpointer",
     "CheckpointError": "format",
@@ -40,6 +42,7 @@ _WHERE = {
 
 __all__ = [
     "CheckpointError",
+    "CheckpointManager",
     "Checkpointer",
     "LoadStats",
     "Metadata",

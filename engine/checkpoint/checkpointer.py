@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -47,15 +46,15 @@ from megascope.engine.checkpoint.format import (
 )
 from megascope.engine.checkpoint.plan import Item, plan
 from megascope.engine.checkpoint.safetensors_io import write_file
+from megascope.engine.runtime.faults import CRASH_POINT_ENV, FaultInjector
+from megascope.protos.events import make_event
+from megascope.protos.megascope.v1 import telemetry_pb2
 
-CRASH_POINT_ENV = "MEGASCOPE_CKPT_CRASH_AT"
-"""Fault injection for crash-consistency tests: ``POINT[:RANK[:STEP]]`` SIGKILLs this process when a save (of
-STEP) reaches POINT: stage, write, before_commit, commit (metadata written, not yet renamed) or publish
-(renamed, ``latest`` not yet moved). Only in a job's first attempt, so a restarted job shows what it resumes
-from rather than crashing again."""
+__all__ = ["CRASH_POINT_ENV", "Checkpointer", "EventCallback", "SaveFigures", "remove_unfinished"]
 
-EventCallback = Callable[[str, str, dict[str, str]], None]
-"""(kind, text, attributes): how the checkpointer reports saves ("checkpoint", "checkpoint_failed")."""
+EventCallback = Callable[[telemetry_pb2.Event], None]
+"""How the checkpointer reports saves: events with a CheckpointDetail (started, saved, failed), from rank 0
+(started, saved) or any rank (failed); called on the training thread (started) or the save's thread."""
 
 
 @dataclass
@@ -94,8 +93,10 @@ class Checkpointer:
         keep_last: int = 3,
         keep_every: int = 0,
         on_event: EventCallback | None = None,
+        faults: FaultInjector | None = None,
     ) -> None:
-        """``group``: a gloo group used only for checkpoint coordination (None with one process)."""
+        """``group``: a gloo group used only for checkpoint coordination (None with one process); ``faults``: the
+        rank's injector, asked at each stage of a save (by default one that applies CRASH_POINT_ENV alone)."""
         self.directory = Path(directory)
         self.rank = rank
         self.world_size = world_size
@@ -104,6 +105,7 @@ class Checkpointer:
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.on_event = on_event
+        self.faults = faults if faults is not None else FaultInjector(rank=rank)
         self.pinned = torch.cuda.is_available()
         self._buffers: dict[str, torch.Tensor] = {}
         self._job: _Job | None = None
@@ -145,7 +147,7 @@ class Checkpointer:
             self._job = self._pending = job
             self._wakeup.notify()
         if self.rank == 0:
-            self._event("checkpoint_started", f"saving step {step}", step=str(step))
+            self._event(f"saving step {step}", telemetry_pb2.CheckpointDetail.PHASE_STARTED, step)
         figures.block_seconds += time.perf_counter() - start
 
     def before_optimizer_step(self) -> None:
@@ -185,23 +187,16 @@ class Checkpointer:
                 self._run(job)
             except Exception as error:  # whatever it is, this save failed; the next one must still work
                 job.figures.error = f"step {job.step} not saved: {type(error).__name__}: {error}"
-                self._event("checkpoint_failed", f"{job.figures.error}; latest unchanged", step=str(job.step))
+                self._failed(job.step, job.figures.error)
             finally:
                 job.staged.set()
                 job.done.set()
                 self.history.append(job.figures)
 
-    def _crash_point(self, point: str, step: int) -> None:
-        name, rank, at_step = (os.environ.get(CRASH_POINT_ENV, "").split(":") + ["", ""])[:3]
-        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-        wanted = name == point and (not rank or int(rank) == self.rank) and (not at_step or int(at_step) == step)
-        if wanted and first_attempt:
-            os.kill(os.getpid(), signal.SIGKILL)
-
     def _run(self, job: _Job) -> None:
         figures = job.figures
         t0 = time.perf_counter()
-        self._crash_point("stage", job.step)
+        self.faults.at_checkpoint("stage", job.step)
         staged = {item.name: self._stage(item) for item in job.items}
         job.staged.set()
         t1 = time.perf_counter()
@@ -210,7 +205,7 @@ class Checkpointer:
         report: dict[str, Any]
         try:
             tmp.mkdir(parents=True, exist_ok=True)
-            self._crash_point("write", job.step)
+            self.faults.at_checkpoint("write", job.step)
             file = f"rank{self.rank}.safetensors"
             written = write_file(tmp / file, staged, {"step": str(job.step), "rank": str(self.rank)}) if staged else {}
             size = (tmp / file).stat().st_size if staged else 0
@@ -226,7 +221,7 @@ class Checkpointer:
         t2 = time.perf_counter()
         figures.write_seconds = t2 - t1
         reports = self._gather(report)
-        self._crash_point("before_commit", job.step)
+        self.faults.at_checkpoint("before_commit", job.step)
         if self.rank == 0:
             assert reports is not None
             self._commit(job, tmp, reports)
@@ -256,9 +251,7 @@ class Checkpointer:
         if errors:
             figures.error = "; ".join(errors)
             shutil.rmtree(tmp, ignore_errors=True)
-            self._event(
-                "checkpoint_failed", f"step {job.step} not saved: {figures.error}; latest unchanged", step=str(job.step)
-            )
+            self._failed(job.step, f"step {job.step} not saved: {figures.error}")
             return
         tensors: dict[str, TensorMeta] = {}
         for report in reports:
@@ -281,30 +274,30 @@ class Checkpointer:
                 if stale.name not in metadata.files:
                     stale.unlink()
             write_atomically(tmp / METADATA, metadata.to_json())
-            self._crash_point("commit", job.step)
+            self.faults.at_checkpoint("commit", job.step)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
             fsync_dir(self.directory)
-            self._crash_point("publish", job.step)
+            self.faults.at_checkpoint("publish", job.step)
             write_atomically(self.directory / LATEST, final.name + "\n")
         except OSError as error:
             figures.error = f"commit of step {job.step} failed: {error}"
-            self._event("checkpoint_failed", f"{figures.error}; latest unchanged", step=str(job.step))
+            self._failed(job.step, figures.error)
             return
         self._retain()
         seconds = time.perf_counter() - job.started
         self._event(
-            "checkpoint",
             f"saved step {job.step}: {metadata.total_bytes / 1e6:.1f} MB in {seconds:.2f}s "
             f"(training blocked {figures.block_seconds * 1e3:.1f} ms)",
-            step=str(job.step),
+            telemetry_pb2.CheckpointDetail.PHASE_SAVED,
+            job.step,
             path=str(final),
-            bytes=str(metadata.total_bytes),
-            block_seconds=f"{figures.block_seconds:.6f}",
-            stage_seconds=f"{figures.stage_seconds:.6f}",
-            write_seconds=f"{figures.write_seconds:.6f}",
-            total_seconds=f"{seconds:.6f}",
+            bytes=metadata.total_bytes,
+            block_seconds=figures.block_seconds,
+            stage_seconds=figures.stage_seconds,
+            write_seconds=figures.write_seconds,
+            total_seconds=seconds,
         )
 
     def _retain(self) -> None:
@@ -316,9 +309,13 @@ class Checkpointer:
             if step not in keep:
                 shutil.rmtree(self.directory / step_dir_name(step), ignore_errors=True)
 
-    def _event(self, kind: str, text: str, **attributes: str) -> None:
+    def _failed(self, step: int, error: str) -> None:
+        self._event(f"{error}; latest unchanged", telemetry_pb2.CheckpointDetail.PHASE_FAILED, step, error=error)
+
+    def _event(self, text: str, phase: int, step: int, **detail: Any) -> None:
         if self.on_event is not None:
-            self.on_event(kind, text, attributes)
+            checkpoint = telemetry_pb2.CheckpointDetail(phase=phase, step=step, **detail)  # type: ignore[arg-type]
+            self.on_event(make_event(text, checkpoint, rank=self.rank, step=step))
 
 
 def remove_unfinished(directory: Path) -> list[Path]:

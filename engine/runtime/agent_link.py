@@ -1,10 +1,15 @@
 """The telemetry sink that streams a rank's reports to its node's agent over ``WorkerService.Attach``.
 
 The agent sets ``MEGASCOPE_AGENT_ADDRESS`` for the ranks it launches. Training must never depend on the
-agent: ``write_step``/``write_event`` only put the message on a bounded queue; a connection thread owns the
-gRPC stream and reconnects with backoff. While the agent is absent or the queue is full, messages are
+agent: ``write_step``/``write_event``/``write_signal`` only put the message on a bounded queue; a connection
+thread owns the gRPC stream and reconnects with backoff. While the agent is absent or the queue is full, messages are
 dropped and counted. A heartbeat goes up every second the stream is idle, so the agent can tell a live rank
 that is slow from a dead one.
+
+Up the stream: step reports, heartbeats, events (for people) and the lifecycle signals the agent acts on
+(``finished``, ``failure``, ``self_check``, ``command_ack``: see :meth:`AgentSink.write_signal`). Down it:
+``Command`` messages, handed to ``on_command`` on this sink's thread (the trainer applies them at a step
+boundary and answers each with a ``CommandAck``).
 """
 
 from __future__ import annotations
@@ -15,11 +20,10 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
 
 import grpc
 
-from megascope.engine.runtime.telemetry import Event, StepReport
+from megascope.engine.runtime.telemetry import Event, Signal, StepReport
 from megascope.protos.megascope.v1 import telemetry_pb2, worker_pb2, worker_pb2_grpc
 
 AGENT_ADDRESS_ENV = "MEGASCOPE_AGENT_ADDRESS"
@@ -29,50 +33,6 @@ blocks of N steps (N..2N-1, 3N..4N-1, ...) are not sent, so one run holds both c
 _HEARTBEAT_SECONDS = 1.0
 _BACKOFF_START_SECONDS = 0.25
 _BACKOFF_MAX_SECONDS = 5.0
-
-_SEVERITIES = {
-    "info": telemetry_pb2.Event.SEVERITY_INFO,
-    "warning": telemetry_pb2.Event.SEVERITY_WARNING,
-    "error": telemetry_pb2.Event.SEVERITY_ERROR,
-    "critical": telemetry_pb2.Event.SEVERITY_CRITICAL,
-}
-
-
-def step_to_proto(report: StepReport) -> telemetry_pb2.StepReport:
-    fields = asdict(report)
-    collectives = [
-        telemetry_pb2.CollectiveTiming(
-            name=c["name"],
-            bucket_index=c["bucket"],
-            bytes=c["bytes"],
-            start_offset_seconds=c["start_seconds"],
-            duration_seconds=c["duration_seconds"],
-            blocked_seconds=c["blocked_seconds"],
-        )
-        for c in fields.pop("collectives")
-    ]
-    optional = {name: fields.pop(name) for name in ("mfu", "val_loss", "device_compute_seconds")}
-    message = telemetry_pb2.StepReport(**fields, collectives=collectives)
-    for name, value in optional.items():
-        if value is not None:
-            setattr(message, name, value)
-    return message
-
-
-def event_to_proto(event: Event) -> telemetry_pb2.Event:
-    message = telemetry_pb2.Event(
-        wall_time=event.wall_time,
-        node=event.node,
-        kind=event.kind,
-        severity=_SEVERITIES[event.severity],
-        text=event.text,
-        attributes=event.attributes,
-    )
-    if event.rank is not None:
-        message.rank = event.rank
-    if event.step is not None:
-        message.step = event.step
-    return message
 
 
 class AgentSink:
@@ -114,10 +74,24 @@ class AgentSink:
         self._last_step = report.step
         if self._ab_block_steps and (report.step // self._ab_block_steps) % 2 == 1:
             return
-        self._offer(worker_pb2.AttachRequest(step_report=step_to_proto(report)))
+        self._offer(worker_pb2.AttachRequest(step_report=report))
 
     def write_event(self, event: Event) -> None:
-        self._offer(worker_pb2.AttachRequest(event=event_to_proto(event)))
+        self._offer(worker_pb2.AttachRequest(event=event))
+
+    def write_signal(self, signal: Signal) -> None:
+        """A lifecycle message, as the Attach payload its type names."""
+        if isinstance(signal, worker_pb2.RankFinished):
+            request = worker_pb2.AttachRequest(finished=signal)
+        elif isinstance(signal, worker_pb2.ExitReport):
+            request = worker_pb2.AttachRequest(failure=signal)
+        elif isinstance(signal, worker_pb2.SelfCheckResult):
+            request = worker_pb2.AttachRequest(self_check=signal)
+        elif isinstance(signal, worker_pb2.CommandAck):
+            request = worker_pb2.AttachRequest(command_ack=signal)
+        else:
+            raise TypeError(f"write_signal: {type(signal).__name__} is not a lifecycle signal")
+        self._offer(request)
 
     def _offer(self, message: worker_pb2.AttachRequest) -> None:
         if not self._connected.is_set():

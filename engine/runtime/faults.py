@@ -20,11 +20,17 @@ Kinds:
   process stuck in the kernel). The other ranks then block in the step's first all-reduce. Fires once.
 
 A fault that fires once stays fired after the restart that follows it: a marker file under the run directory
-(``faults/``) records each firing, so the restarted job runs past the step.
+(``faults/``, see run_dir.py) records each firing, so the restarted job runs past the step.
+
+Checkpoint crash points (``MEGASCOPE_CKPT_CRASH_AT``, for crash-consistency tests) are fault injection too.
+
+:class:`FaultInjector` is the one object that applies all of them: the trainer asks it at each step start
+(:meth:`~FaultInjector.at_step`) and inside the step (:meth:`~FaultInjector.slow_down`), the checkpointer at
+each stage of a save (:meth:`~FaultInjector.at_checkpoint`). Nothing else in the engine tests for a fault.
 
 Adding a kind means: a dataclass here with ``kind`` and ``__post_init__`` validation, an entry in ``KINDS``, and
-the code that applies it. The parser itself needs no change: it fills a dataclass's fields from the
-``key=value`` pairs by their annotated types; fields with a default may be left out.
+the code that applies it (in :class:`FaultInjector`). The parser itself needs no change: it fills a dataclass's
+fields from the ``key=value`` pairs by their annotated types; fields with a default may be left out.
 
 Pure Python with no torch import: the command line parses faults without loading torch.
 """
@@ -32,14 +38,26 @@ Pure Python with no torch import: the command line parses faults without loading
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import os
+import signal
+import sys
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from megascope.engine.runtime.run_dir import fault_marker
+
 FLAG = "--inject"
+
+CRASH_POINT_ENV = "MEGASCOPE_CKPT_CRASH_AT"
+"""Fault injection for crash-consistency tests: ``POINT[:RANK[:STEP]]`` SIGKILLs the process when a save (of
+STEP) reaches POINT: stage, write, before_commit, commit (metadata written, not yet renamed) or publish
+(renamed, ``latest`` not yet moved). Only in a job's first attempt, so a restarted job shows what it resumes
+from rather than crashing again."""
 
 
 class FaultError(ValueError):
@@ -161,8 +179,69 @@ def is_spent(fault: CrashFault | HangFault, run_dir: str | Path) -> bool:
 
 def _marker(run_dir: str | Path, fault: CrashFault | HangFault, firing: int) -> Path:
     """The file that records firing number ``firing`` (from 0) of ``fault``."""
-    name = fault.describe().replace(":", "_").replace(",", "_").replace("=", "-")
-    return Path(run_dir) / "faults" / f"{name}.{firing}"
+    return fault_marker(run_dir, fault.describe(), firing)
+
+
+class FaultInjector:
+    """Applies one rank's faults: its ``--inject`` faults and the checkpoint crash points of the environment.
+
+    Built once per rank; ``run_dir`` holds the firing markers. Without faults it does nothing, cheaply.
+    """
+
+    def __init__(self, faults: Sequence[Fault] = (), rank: int = 0, run_dir: str | Path | None = None) -> None:
+        self.rank = rank
+        self.faults = faults_for_rank(faults, rank)
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.slow: SlowFault | None = next((f for f in self.faults if isinstance(f, SlowFault)), None)
+        """This rank's slowdown, if any (the self-check measures with it too: a slow node looks slow there)."""
+        self._at_steps = [f for f in self.faults if isinstance(f, CrashFault | HangFault)]
+
+    def to_announce(self) -> list[Fault]:
+        """The faults still to come: a crash or hang that fired before a restart will not fire again."""
+        return [f for f in self.faults if not (isinstance(f, CrashFault | HangFault) and is_spent(f, self._dir()))]
+
+    def slow_down(self, compute_seconds: float) -> None:
+        """Called when the step's compute is done (``compute_seconds`` of it): sleeps as the slow fault says."""
+        if self.slow is not None:
+            time.sleep(self.slow.extra_seconds(compute_seconds))
+
+    def at_step(self, step: int) -> None:
+        """Injected crashes and hangs, at the start of the step they name (before its first collective)."""
+        for fault in self._at_steps:
+            if fault.step == step and claim_firing(fault, self._dir()):
+                self._fire(fault, step)
+
+    def _fire(self, fault: CrashFault | HangFault, step: int) -> None:
+        # The event may not get out before the process dies: the agent learns of a crash on its own.
+        print(f"megascope: rank {self.rank}: injecting {fault.describe()} at step {step}", flush=True)
+        if isinstance(fault, HangFault):
+            if fault.how == "stop":
+                os.kill(os.getpid(), signal.SIGSTOP)
+            while True:  # an endless loop: the process lives, answers signals, and never issues a collective
+                time.sleep(0.05)
+        elif fault.how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif fault.how == "segv":
+            ctypes.string_at(0)  # a read of address 0: a real SIGSEGV, as a bad native extension would cause
+        elif fault.how == "exit":
+            sys.stdout.flush()
+            os._exit(1)
+        else:
+            raise RuntimeError(f"injected fault {fault.describe()} at step {step}")
+
+    def at_checkpoint(self, point: str, step: int) -> None:
+        """SIGKILL this process when a save of ``step`` reaches ``point`` and CRASH_POINT_ENV asks for it."""
+        # Read at each point, not once: a point is reached a few times per save, and a test may set it late.
+        name, rank, at_step = ([*os.environ.get(CRASH_POINT_ENV, "").split(":"), "", ""])[:3]
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        wanted = name == point and (not rank or int(rank) == self.rank) and (not at_step or int(at_step) == step)
+        if wanted and first_attempt:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _dir(self) -> Path:
+        if self.run_dir is None:
+            raise ValueError("FaultInjector: crash and hang faults need the run directory (their firing markers)")
+        return self.run_dir
 
 
 def _field_value(kind: str, key: str, text: str, annotation: str) -> int | float | str:

@@ -12,7 +12,6 @@ attempt's gloo addresses and fail or hang (pytorch/pytorch#135712).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from megascope.engine.config import ConfigError, TrainConfig
 from megascope.engine.runtime import parent_death
+from megascope.engine.runtime.run_dir import config_file, logs_dir
 
 _STOP_GRACE_SECONDS = 15.0
 
@@ -60,27 +60,13 @@ class LaunchOptions:
             raise ConfigError("--nnodes above 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
 
 
-RESTART_FROM = "restart_from.json"
-"""In the run directory: ``{"step": N}`` makes the ranks' next start resume from checkpoint step N rather than the
-newest (read by engine/trainer.py, then removed)."""
-
-
-def write_restart_request(run_dir: Path, step: int) -> None:
-    """Ask the next start of the ranks to resume from ``step`` (written atomically: a rank never reads half)."""
-    path = run_dir / RESTART_FROM
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"step": step}))
-    os.replace(tmp, path)
-
-
 class LaunchFailed(RuntimeError):
     """The ranks failed after the allowed restarts."""
 
 
 def write_config(config: TrainConfig) -> Path:
-    run_dir = Path(config.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "config.json"
+    path = config_file(config.run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(config.to_json())
     return path
 
@@ -177,7 +163,7 @@ def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None
 
 def launch(config: TrainConfig, options: LaunchOptions) -> None:
     """Run this node's ranks until training ends (foreground); raises LaunchFailed if they fail for good."""
-    process = start(options, trainer_entry(config), Path(config.run_dir) / "logs")
+    process = start(options, trainer_entry(config), logs_dir(config.run_dir))
     try:
         code = process.wait()
     except KeyboardInterrupt:
@@ -185,4 +171,5 @@ def launch(config: TrainConfig, options: LaunchOptions) -> None:
         stop(process)
         raise
     if code != 0:
-        raise LaunchFailed(f"torchrun exited with code {code}; its report is above, logs under {config.run_dir}/logs")
+        logs = logs_dir(config.run_dir)
+        raise LaunchFailed(f"torchrun exited with code {code}; its report is above, logs under {logs}")

@@ -8,8 +8,8 @@ every rank computes the same judgement from the same gathered figures, so at mos
 With two nodes each is compared with the other alone, and a noisy measure (a disk write beside a busy
 neighbour) can put the healthy one below on some measure too; evicting both would end the job. The next start
 checks the remaining nodes again, so a second slow node leaves then. Local rank 0 of each node reports its node
-(event ``self_check``); the agent acts on a slow verdict (``--evict-slow-nodes``: that node leaves, the job
-restarts without it).
+(a ``self_check`` event for people and a ``SelfCheckResult`` on its Attach stream); the agent acts on a slow
+verdict (``--evict-slow-nodes``: that node leaves, the job restarts without it).
 
 A rank with an injected ``slow`` fault is slow here too (a slow GPU is slow at a matmul test as in training).
 """
@@ -19,13 +19,14 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from megascope.engine.runtime.faults import SlowFault
+from megascope.protos.megascope.v1 import telemetry_pb2
 
 SLOW_RATIO = 0.5
 """A node below this share of the median node on any measure is slow."""
@@ -191,11 +192,22 @@ def _per_node(results: list[dict[str, float | str]]) -> dict[str, NodeCheck]:
     return nodes
 
 
-def describe(verdict: Verdict) -> dict[str, str]:
-    """The verdict as event attributes."""
-    values = {f"{name}": f"{value:.3f}" for name, value in asdict(verdict.node).items() if name != "node"}
-    values.update({f"peers_{name}": f"{value:.3f}" for name, value in asdict(verdict.median).items() if name != "node"})
-    values["verdict"] = "slow" if verdict.slow else "below_peers" if verdict.below else "ok"
-    values["slow_measures"] = ",".join(verdict.below)
-    values["seconds"] = f"{verdict.seconds:.3f}"
-    return values
+def to_detail(verdict: Verdict) -> telemetry_pb2.SelfCheckDetail:
+    """The verdict as the wire's typed detail (numbers as numbers)."""
+    if verdict.slow:
+        judgement = telemetry_pb2.SelfCheckDetail.VERDICT_SLOW
+    elif verdict.below:
+        judgement = telemetry_pb2.SelfCheckDetail.VERDICT_BELOW_PEERS
+    else:
+        judgement = telemetry_pb2.SelfCheckDetail.VERDICT_OK
+    return telemetry_pb2.SelfCheckDetail(
+        verdict=judgement,
+        node=_figures(verdict.node),
+        peers_median=_figures(verdict.median),
+        slow_measures=verdict.below,
+        seconds=verdict.seconds,
+    )
+
+
+def _figures(check: NodeCheck) -> telemetry_pb2.SelfCheckFigures:
+    return telemetry_pb2.SelfCheckFigures(**{name: getattr(check, name) for name in _MEASURES})

@@ -3,7 +3,13 @@
 The training thread calls :meth:`Telemetry.step` / :meth:`Telemetry.event`, which only put the record on a
 bounded queue (``put_nowait``): when the queue is full the record is dropped and counted, never waited
 for. A background thread drains the queue into the sinks (a JSONL file per rank, a one-line console log on
-rank 0, and later the agent). A sink that raises is counted and skipped; it cannot stop training.
+rank 0, and the agent). A sink that raises is counted and skipped; it cannot stop training.
+
+There is one schema: the records are the wire's own messages (``telemetry_pb2.StepReport`` and
+``telemetry_pb2.Event``, built with :func:`megascope.protos.events.make_event`), and the JSONL file is written
+from them (:func:`message_record`). Lifecycle signals for the agent (the rank finished, failed, its
+self-check, a command's answer) go through the same queue, after what was queued before them, so the agent
+sees the last step reports before the signal that ends the stream; only the agent's sink reads them.
 """
 
 from __future__ import annotations
@@ -13,72 +19,25 @@ import json
 import queue
 import sys
 import threading
-import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, TextIO
+from typing import Any, Protocol, TextIO, TypeAlias, runtime_checkable
 
-Severity = Literal["info", "warning", "error", "critical"]
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
 
+from megascope.protos.megascope.v1 import telemetry_pb2, worker_pb2
 
-@dataclass
-class CollectiveTiming:
-    name: str
-    bucket: int
-    bytes: int
-    start_seconds: float
-    """Launch time, measured from the start of the step. The rank's compute before this collective is
-    ``start_seconds`` minus the step's ``data_wait_seconds`` (the step first waits for its batch)."""
-    duration_seconds: float
-    blocked_seconds: float
-    """How long the training thread waited on this collective after its own compute was done."""
+# The wire's messages, by the names the engine has always used for them (one schema: these are the protos).
+StepReport: TypeAlias = telemetry_pb2.StepReport
+CollectiveTiming: TypeAlias = telemetry_pb2.CollectiveTiming
+Event: TypeAlias = telemetry_pb2.Event
 
+Signal: TypeAlias = worker_pb2.RankFinished | worker_pb2.ExitReport | worker_pb2.SelfCheckResult | worker_pb2.CommandAck
+"""A lifecycle message for the agent: sent on the Attach stream as its own payload, never as an event."""
 
-@dataclass
-class StepReport:
-    rank: int
-    local_rank: int
-    world_size: int
-    step: int
-    loss: float
-    lr: float
-    grad_norm: float
-    tokens: int
-    step_seconds: float
-    data_wait_seconds: float
-    forward_seconds: float
-    backward_seconds: float
-    """Backward compute only; waiting for gradient communication is ``comm_wait_seconds``."""
-    comm_wait_seconds: float
-    optimizer_seconds: float
-    other_seconds: float
-    """Whatever the named phases do not cover (logging, loop overhead)."""
-    tokens_per_second: float
-    model_flops: float
-    mfu: float | None
-    gc_pause_seconds: float = 0.0
-    cpu_seconds: float = 0.0
-    """CPU time of the whole process (every thread) during the step: telemetry threads included."""
-    device_compute_seconds: float | None = None
-    """GPU only: forward + backward compute on the device, from CUDA events (None on a CPU)."""
-    collectives: list[CollectiveTiming] = field(default_factory=list)
-    collectives_issued: int = 0
-    val_loss: float | None = None
-    restart_count: int = 0
-    node: str = ""
-    wall_time: float = field(default_factory=time.time)
-
-
-@dataclass
-class Event:
-    kind: str
-    text: str
-    severity: Severity = "info"
-    rank: int | None = None
-    step: int | None = None
-    attributes: dict[str, str] = field(default_factory=dict)
-    node: str = ""
-    wall_time: float = field(default_factory=time.time)
+SIGNAL_TIMEOUT_SECONDS = 2.0
+"""How long the training thread may wait to queue a signal when the queue is full. Signals are rare (one per
+command, one at the end) and the agent acts on them, so they wait briefly rather than being dropped."""
 
 
 class Sink(Protocol):
@@ -87,18 +46,89 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class SignalSink(Sink, Protocol):
+    """A sink that also carries lifecycle signals (the agent link)."""
+
+    def write_signal(self, signal: Signal) -> None: ...
+
+
+def message_record(message: Message) -> dict[str, Any]:
+    """A message as a JSON-ready dict: every field by its proto name, numbers as numbers, enums by name.
+
+    The proto JSON mapping (``json_format.ParseDict`` reads it back), except that int64 stays a number
+    (MessageToDict would write a string) and fields at their default are written too, as readers of the
+    telemetry files expect every step field (``restart_count`` is 0 in a first attempt). An optional scalar
+    that is absent is written as null, as the files always had it; of a oneof, only the member that is set.
+    """
+    record: dict[str, Any] = {}
+    for field, kind in _fields_of(message.DESCRIPTOR):
+        name = field.name
+        if kind in (_ONEOF, _OPTIONAL) and not message.HasField(name):
+            if kind == _OPTIONAL:
+                record[name] = None
+            continue
+        value = getattr(message, name)
+        if kind == _MAP:
+            record[name] = {k: message_record(v) if isinstance(v, Message) else v for k, v in value.items()}
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            record[name] = [message_record(v) for v in value] if kind == _REPEATED else message_record(value)
+        elif field.type == FieldDescriptor.TYPE_ENUM:
+            names = field.enum_type.values_by_number
+            record[name] = [names[v].name for v in value] if kind == _REPEATED else names[value].name
+        else:
+            record[name] = list(value) if kind == _REPEATED else value
+    return record
+
+
+_PLAIN, _OPTIONAL, _ONEOF, _REPEATED, _MAP = range(5)
+_FIELDS: dict[str, list[tuple[FieldDescriptor, int]]] = {}
+
+
+def _fields_of(descriptor: Descriptor) -> list[tuple[FieldDescriptor, int]]:
+    # Cached per message type: the step report is written every step, and this keeps it a plain loop.
+    fields = _FIELDS.get(descriptor.full_name)
+    if fields is None:
+        fields = [(field, _field_kind(field)) for field in descriptor.fields]
+        _FIELDS[descriptor.full_name] = fields
+    return fields
+
+
+def _field_kind(field: FieldDescriptor) -> int:
+    if field.is_repeated:
+        return _MAP if field.message_type is not None and field.message_type.GetOptions().map_entry else _REPEATED
+    if field.containing_oneof is not None and field.type == FieldDescriptor.TYPE_MESSAGE:
+        return _ONEOF
+    if field.has_presence and field.type != FieldDescriptor.TYPE_MESSAGE:
+        return _OPTIONAL
+    return _PLAIN
+
+
+_SIGNAL_TYPES = {
+    field.message_type.full_name: field.name
+    for field in worker_pb2.AttachRequest.DESCRIPTOR.oneofs_by_name["payload"].fields
+    if field.name in ("finished", "failure", "self_check", "command_ack")
+}
+"""A signal's record type in the JSONL file: its payload name on the Attach stream ("finished", "failure", ...)."""
+
+
 class JsonlSink:
-    """One JSON object per line: ``{"type": "step" | "event", ...}``; readable by ``jq`` and by tests."""
+    """One JSON object per line: ``{"type": "step" | "event" | <signal>, ...}`` (:func:`message_record` of the
+    message); readable by ``jq``, by tests, and by ``json_format.ParseDict`` once ``type`` is taken out."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (open for the sink's lifetime)
 
     def write_step(self, report: StepReport) -> None:
-        self._write({"type": "step", **asdict(report)})
+        self._write({"type": "step", **message_record(report)})
 
     def write_event(self, event: Event) -> None:
-        self._write({"type": "event", **asdict(event)})
+        self._write({"type": "event", **message_record(event)})
+
+    def write_signal(self, signal: Signal) -> None:
+        # Kept in the file too (a failure's traceback, the self-check verdict), typed by its Attach payload name.
+        self._write({"type": _SIGNAL_TYPES[signal.DESCRIPTOR.full_name], **message_record(signal)})
 
     def _write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
@@ -116,7 +146,7 @@ class ConsoleSink:
         self._stream = stream or sys.stdout
 
     def write_step(self, r: StepReport) -> None:
-        if r.step % self._every != 0 and r.val_loss is None:
+        if r.step % self._every != 0 and not r.HasField("val_loss"):
             return
         parts = [
             f"step {r.step}",
@@ -128,22 +158,35 @@ class ConsoleSink:
             f"data {_percent(r.data_wait_seconds, r.step_seconds)}",
             f"comm {_percent(r.comm_wait_seconds, r.step_seconds)}",
         ]
-        if r.mfu is not None:
+        if r.HasField("mfu"):
             parts.append(f"mfu {r.mfu * 100:.1f}%")
-        if r.val_loss is not None:
+        if r.HasField("val_loss"):
             parts.append(f"val {r.val_loss:.4f}")
         print(" | ".join(parts), file=self._stream, flush=True)
 
     def write_event(self, event: Event) -> None:
-        if event.severity != "info" or event.kind in ("started", "finished", "validation"):
-            print(f"[{event.severity}] {event.kind}: {event.text}", file=self._stream, flush=True)
+        if event.severity != Event.SEVERITY_INFO or event.kind in ("started", "finished", "validation"):
+            print(f"[{_SEVERITY_NAMES[event.severity]}] {event.kind}: {event.text}", file=self._stream, flush=True)
 
     def close(self) -> None:
         pass
 
 
+_SEVERITY_NAMES = {
+    Event.SEVERITY_UNSPECIFIED: "info",
+    Event.SEVERITY_INFO: "info",
+    Event.SEVERITY_WARNING: "warning",
+    Event.SEVERITY_ERROR: "error",
+    Event.SEVERITY_CRITICAL: "critical",
+}
+
+
 def _percent(part: float, whole: float) -> str:
     return f"{100 * part / whole:.0f}%" if whole > 0 else "-"
+
+
+_STEP, _EVENT, _SIGNAL = range(3)
+"""What a queued record is: the drain thread hands each kind to a different sink method."""
 
 
 class Telemetry:
@@ -151,7 +194,7 @@ class Telemetry:
 
     def __init__(self, sinks: list[Sink], capacity: int = 4096) -> None:
         self._sinks = list(sinks)
-        self._queue: queue.Queue[StepReport | Event | None] = queue.Queue(maxsize=capacity)
+        self._queue: queue.Queue[tuple[int, Any] | None] = queue.Queue(maxsize=capacity)
         self.dropped = 0
         """Records dropped because the queue was full."""
         self.sink_errors = 0
@@ -162,12 +205,19 @@ class Telemetry:
         self._sinks.append(sink)
 
     def step(self, report: StepReport) -> None:
-        self._offer(report)
+        self._offer((_STEP, report))
 
     def event(self, event: Event) -> None:
-        self._offer(event)
+        self._offer((_EVENT, event))
 
-    def _offer(self, record: StepReport | Event) -> None:
+    def signal(self, signal: Signal) -> None:
+        """Queue a lifecycle signal for the agent, behind everything queued before it (see SIGNAL_TIMEOUT_SECONDS)."""
+        try:
+            self._queue.put((_SIGNAL, signal), timeout=SIGNAL_TIMEOUT_SECONDS)
+        except queue.Full:
+            self.dropped += 1
+
+    def _offer(self, record: tuple[int, Any]) -> None:
         try:
             self._queue.put_nowait(record)
         except queue.Full:
@@ -178,12 +228,15 @@ class Telemetry:
             record = self._queue.get()
             if record is None:
                 return
+            kind, message = record
             for sink in self._sinks:
                 try:
-                    if isinstance(record, StepReport):
-                        sink.write_step(record)
-                    else:
-                        sink.write_event(record)
+                    if kind == _STEP:
+                        sink.write_step(message)
+                    elif kind == _EVENT:
+                        sink.write_event(message)
+                    elif isinstance(sink, SignalSink):
+                        sink.write_signal(message)
                 except Exception:
                     self.sink_errors += 1
 

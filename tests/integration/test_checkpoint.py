@@ -118,7 +118,7 @@ def test_verify_cli_exits_nonzero_on_damage_and_zero_when_whole(tmp_path: Path) 
 
 def test_unwritable_step_directory_fails_the_save_with_an_event_and_keeps_latest(tmp_path: Path) -> None:
     events: list[tuple[str, str]] = []
-    checkpointer = Checkpointer(tmp_path, on_event=lambda kind, text, _: events.append((kind, text)))
+    checkpointer = Checkpointer(tmp_path, on_event=lambda event: events.append((event.kind, event.text)))
     checkpointer.save(1, {"w": torch.ones(4)})
     checkpointer.wait()
     (tmp_path / "step_00000002.tmp").write_text("a file where the save wants its directory")
@@ -133,7 +133,7 @@ def test_unwritable_step_directory_fails_the_save_with_an_event_and_keeps_latest
 
 def test_disk_full_fails_the_save_with_an_event_and_keeps_latest(tmp_path: Path) -> None:
     events: list[str] = []
-    checkpointer = Checkpointer(tmp_path, on_event=lambda kind, text, _: events.append(kind))
+    checkpointer = Checkpointer(tmp_path, on_event=lambda event: events.append(event.kind))
     checkpointer.save(1, {"w": torch.ones(4)})
     checkpointer.wait()
     (tmp_path / "step_00000002.tmp").mkdir()
@@ -216,7 +216,7 @@ def test_an_unexpected_error_in_a_save_is_reported_and_the_next_save_still_works
     from megascope.engine.checkpoint import checkpointer as module
 
     events: list[str] = []
-    checkpointer = Checkpointer(tmp_path, on_event=lambda kind, text, _: events.append(kind))
+    checkpointer = Checkpointer(tmp_path, on_event=lambda event: events.append(event.kind))
     checkpointer.save(1, {"w": torch.ones(4)})
     checkpointer.wait()
     real_write = module.write_file

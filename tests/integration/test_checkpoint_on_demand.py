@@ -68,4 +68,4 @@ def test_save_requested_through_the_agent_is_committed_at_the_step_it_names(tmp_
             agent.kill()
     assert committed_steps(ckpt) == [response.step, 60]
     saves = [r for r in read_telemetry(tmp_path / "run")[0] if r["type"] == "event" and r["kind"] == "checkpoint"]
-    assert [int(e["attributes"]["step"]) for e in saves] == [response.step, 60]
+    assert [e["checkpoint"]["step"] for e in saves] == [response.step, 60]

@@ -457,7 +457,7 @@ def parameter_digest_of(checkpoint: Path) -> str:
 def test_training_with_init_from_starts_from_the_merged_weights_and_runs(pma_run: Path) -> None:
     records = read_telemetry(pma_run / "run")[0]
     started = next(r for r in records if r["type"] == "event" and r["kind"] == "started")
-    assert started["attributes"]["param_digest"] == parameter_digest_of(pma_run / "merged")
+    assert started["run"]["param_digest"] == parameter_digest_of(pma_run / "merged")
     initialized = next(r for r in records if r["type"] == "event" and r["kind"] == "initialized")
     assert "ema merge of steps [20, 30, 40]" in initialized["text"] and "fresh optimizer" in initialized["text"]
     losses = [r["loss"] for r in records if r["type"] == "step"]

@@ -58,8 +58,8 @@ def test_validation_loss_is_reported_and_agrees_across_ranks(two_rank_run: dict[
 
 
 def test_parameters_are_identical_across_ranks_after_training(two_rank_run: dict[int, list[dict[str, Any]]]) -> None:
-    final = {rank: event_of(recs, "finished")["attributes"]["param_digest"] for rank, recs in two_rank_run.items()}
-    initial = {rank: event_of(recs, "started")["attributes"]["param_digest"] for rank, recs in two_rank_run.items()}
+    final = {rank: event_of(recs, "finished")["run"]["param_digest"] for rank, recs in two_rank_run.items()}
+    initial = {rank: event_of(recs, "started")["run"]["param_digest"] for rank, recs in two_rank_run.items()}
     assert final[0] == final[1]
     assert final[0] != initial[0]  # the weights did change
 

@@ -10,9 +10,12 @@ import pytest
 from support import run_megascope
 
 from megascope.engine.config import TrainConfig
+from megascope.engine.runtime import faults as faults_module
 from megascope.engine.runtime.faults import (
+    CRASH_POINT_ENV,
     CrashFault,
     FaultError,
+    FaultInjector,
     HangFault,
     SlowFault,
     check_ranks,
@@ -24,6 +27,7 @@ from megascope.engine.runtime.faults import (
     is_spent,
     parse_fault,
 )
+from megascope.engine.runtime.run_dir import fault_marker
 
 
 def test_slow_parses_into_its_dataclass() -> None:
@@ -80,6 +84,39 @@ def test_a_fault_fires_once_across_restarts(tmp_path: Path) -> None:
 def test_a_fault_with_times_n_fires_n_times_and_with_zero_every_time(tmp_path: Path) -> None:
     assert [claim_firing(CrashFault(rank=0, step=2, times=2), tmp_path) for _ in range(3)] == [True, True, False]
     assert all(claim_firing(CrashFault(rank=0, step=3, times=0), tmp_path) for _ in range(5))
+
+
+def test_a_firing_is_recorded_where_the_run_directory_module_says(tmp_path: Path) -> None:
+    fault = CrashFault(rank=1, step=5)
+    claim_firing(fault, tmp_path)
+    assert fault_marker(tmp_path, fault.describe(), 0) == tmp_path / "faults" / "crash_rank-1_step-5_how-kill_times-1.0"
+    assert fault_marker(tmp_path, fault.describe(), 0).exists()
+
+
+def test_the_injector_holds_its_ranks_faults_and_announces_those_still_to_fire(tmp_path: Path) -> None:
+    slow, crash, other = SlowFault(rank=0, factor=2.0), CrashFault(rank=0, step=3, how="exception"), HangFault(1, 2)
+    injector = FaultInjector([slow, crash, other], rank=0, run_dir=tmp_path)
+    assert injector.slow == slow
+    assert injector.to_announce() == [slow, crash]
+    injector.at_step(2)  # not its step: nothing happens
+    with pytest.raises(RuntimeError, match="injected fault crash:rank=0,step=3"):
+        injector.at_step(3)
+    assert injector.to_announce() == [slow]  # fired: a restarted rank does not announce it again
+    injector.at_step(3)  # and does not fire it again
+
+
+def test_the_injector_kills_at_the_checkpoint_point_the_environment_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    kills: list[int] = []
+    monkeypatch.setattr(faults_module.os, "kill", lambda pid, sig: kills.append(sig))
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    injector = FaultInjector(rank=1)
+    monkeypatch.setenv(CRASH_POINT_ENV, "commit:1:8")
+    for point, step in (("write", 8), ("commit", 6), ("commit", 8)):
+        injector.at_checkpoint(point, step)
+    assert len(kills) == 1
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # a restarted job shows what it resumes from
+    injector.at_checkpoint("commit", 8)
+    assert len(kills) == 1
 
 
 def test_a_fault_is_spent_once_it_fired_as_often_as_it_may(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from megascope.engine.runtime.selfcheck import NodeCheck, describe, judge
+from megascope.engine.runtime.selfcheck import NodeCheck, judge, to_detail
+from megascope.protos.megascope.v1.telemetry_pb2 import SelfCheckDetail
 
 
 def _node(name: str, matmul: float = 100.0, memory: float = 10.0, disk: float = 500.0) -> NodeCheck:
@@ -17,13 +18,13 @@ def test_a_node_far_below_the_others_on_one_measure_is_slow() -> None:
     nodes = _nodes(_node("a"), _node("b"), _node("c", matmul=20.0))
     verdict = judge(nodes, "c")
     assert verdict.slow and verdict.below == ["matmul_gflops"]
-    assert describe(verdict)["verdict"] == "slow"
+    assert to_detail(verdict).verdict == SelfCheckDetail.VERDICT_SLOW
 
 
 def test_the_healthy_nodes_are_ok_beside_a_slow_one() -> None:
     nodes = _nodes(_node("a"), _node("b"), _node("c", matmul=20.0))
     assert [judge(nodes, name).slow for name in ("a", "b")] == [False, False]
-    assert describe(judge(nodes, "a"))["verdict"] == "ok"
+    assert to_detail(judge(nodes, "a")).verdict == SelfCheckDetail.VERDICT_OK
 
 
 def test_of_two_nodes_each_below_the_other_on_some_measure_only_the_furthest_below_is_slow() -> None:
@@ -32,7 +33,7 @@ def test_of_two_nodes_each_below_the_other_on_some_measure_only_the_furthest_bel
     assert judge(nodes, "node1").slow
     healthy = judge(nodes, "node0")
     assert not healthy.slow and healthy.below == ["disk_mbps"]
-    assert describe(healthy)["verdict"] == "below_peers"
+    assert to_detail(healthy).verdict == SelfCheckDetail.VERDICT_BELOW_PEERS
 
 
 def test_a_tie_is_broken_the_same_way_on_every_rank() -> None:
