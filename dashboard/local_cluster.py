@@ -23,6 +23,8 @@ from typing import Any
 
 import psutil
 
+from megascope.engine.runtime import run_dir as paths
+
 _STARTUP_SECONDS = 60.0
 _STOP_GRACE_SECONDS = 20.0
 _LISTENING = "megascope agent: listening on "
@@ -85,7 +87,7 @@ class LocalCluster:
         run_id = f"demo-{uuid.uuid4().hex[:8]}"
         nnodes = f"{self.min_nodes}:{self.nodes}" if self.min_nodes else str(self.nodes)
         # Every agent saves into one directory (one host): what a restart resumes from, and what merges read.
-        checkpoints = ["--ckpt-dir", str(self.run_dir / "checkpoints"), "--ckpt-keep", "10"]
+        checkpoints = ["--ckpt-dir", str(paths.checkpoints_dir(self.run_dir)), "--ckpt-keep", "10"]
         for index in range(self.nodes):
             node = f"node{index}"
             command = [
@@ -94,7 +96,7 @@ class LocalCluster:
                 "--rdzv-endpoint", rendezvous, "--rdzv-id", run_id, "--run-dir", str(self.run_dir),
                 *checkpoints, *self.train_args, *(["--exit-when-done"] if self.exit_when_done else []),
             ]  # fmt: skip
-            log = open(self.run_dir / f"agent-{node}.log", "w")  # noqa: SIM115 (handed to the child)
+            log = open(paths.agent_log(self.run_dir, node), "w")  # noqa: SIM115 (handed to the child)
             process = subprocess.Popen(
                 command, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True,
                 env=dict(os.environ, PYTHONUNBUFFERED="1"),
@@ -103,7 +105,9 @@ class LocalCluster:
             self.agents.append(process)
             self._remember_tree()
             self.addresses.append(self._read_address(process, node))
-            threading.Thread(target=_copy_rest, args=(process, self.run_dir / f"agent-{node}.out"), daemon=True).start()
+            threading.Thread(
+                target=_copy_rest, args=(process, paths.agent_output(self.run_dir, node)), daemon=True
+            ).start()
 
     def _read_address(self, process: subprocess.Popen[str], node: str) -> str:
         assert process.stdout is not None
@@ -116,12 +120,12 @@ class LocalCluster:
                 return line[len(_LISTENING) :].strip()
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=5)
-        refusal = _flag_error(self.run_dir / f"agent-{node}.log") if process.poll() == 2 else None
+        refusal = _flag_error(paths.agent_log(self.run_dir, node)) if process.poll() == 2 else None
         if refusal is not None:
             # The demo passes its training flags (--inject ...) through: say what the agent said about them.
             raise LocalClusterError(refusal, usage=True)
         raise LocalClusterError(
-            f"agent for {node} did not start (exit code {process.poll()}); see {self.run_dir}/agent-{node}.log"
+            f"agent for {node} did not start (exit code {process.poll()}); see {paths.agent_log(self.run_dir, node)}"
         )
 
     def _remember_tree(self) -> None:
