@@ -3,7 +3,8 @@
 The agent starts its gRPC server first (so ranks can attach the moment they start), prints
 ``megascope agent: listening on HOST:PORT`` as its first line, launches the node's ranks through torch
 elastic (our trainer, or any script given after ``--``), samples host and GPUs once a second, and on
-SIGTERM/SIGINT stops gracefully: health NOT_SERVING, ranks stopped, last batches flushed to watchers.
+SIGTERM/SIGINT stops gracefully: health NOT_SERVING, ranks stopped (at a step boundary, with a STOP command,
+where this node runs the whole job; else by signals), last batches flushed to watchers.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
     import socket
 
-    from megascope.agent.node import Agent, AgentOptions
+    from megascope.agent.node import DEFAULT_RUN_DIR, Agent, AgentOptions
     from megascope.engine.config import ConfigError
     from megascope.engine.data import DataError
     from megascope.engine.runtime.launch import LaunchOptions, trainer_entry
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
             )
             options.validate()
             entry, total_steps = script, 0
-            run_dir = args.run_dir or "runs/agent"
+            run_dir = args.run_dir or DEFAULT_RUN_DIR
         else:
             config, options = build(args)
             entry, total_steps, run_dir = trainer_entry(config), config.steps, config.run_dir

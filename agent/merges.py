@@ -46,6 +46,7 @@ from megascope.engine.checkpoint.format import (
 )
 from megascope.engine.checkpoint.merge import METHODS, MergeError, merge_weights, select_steps
 from megascope.engine.checkpoint.streaming import tmp_path
+from megascope.protos import events
 from megascope.protos.megascope.v1 import agent_pb2, telemetry_pb2
 
 MERGED_SUFFIX = "-merged"
@@ -55,6 +56,7 @@ CANCEL_GRACE_SECONDS = 10.0
 """After SIGTERM a merge has this long to stop cleanly before it is killed."""
 _STDERR_LINES = 20
 _MAX_LINE_BYTES = 1 << 20
+_Merge = telemetry_pb2.MergeDetail
 _RUNNING = agent_pb2.MERGE_STATE_RUNNING
 _DONE = agent_pb2.MERGE_STATE_DONE
 _FAILED = agent_pb2.MERGE_STATE_FAILED
@@ -351,11 +353,8 @@ class MergeRunner:
         )
         self._run = run
         self.state.event(
-            "merge_started",
             f"merging steps {_steps_text(plan.steps)} ({plan.method}) into {plan.out}",
-            method=plan.method,
-            steps=",".join(map(str, plan.steps)),
-            out=str(plan.out),
+            _merge_detail(_Merge.PHASE_STARTED, plan.method, plan.steps, str(plan.out)),
         )
         run.task = asyncio.ensure_future(self._execute(run))
         return run
@@ -512,27 +511,32 @@ class MergeRunner:
             inputs = {int(step): float(loss) for step, loss in result.get("input_val_losses", {}).items()}
         out = str(result.get("out") or run.plan.out)
         fields: dict[str, Any] = {"input_val_losses": inputs, "out": out}
-        attributes = {"out": out, "method": run.plan.method, "steps": ",".join(map(str, run.plan.steps))}
+        detail = _merge_detail(_Merge.PHASE_DONE, run.plan.method, run.plan.steps, out)
+        detail.input_val_losses.update(inputs)
         text = f"merged steps {_steps_text(run.plan.steps)} ({run.plan.method}) into {out}"
         if isinstance(val_loss, int | float):
-            fields["val_loss"] = float(val_loss)
+            fields["val_loss"] = detail.val_loss = float(val_loss)
             self._merged_val_losses[str(run.plan.out)] = float(val_loss)
-            attributes["val_loss"] = f"{val_loss:.6g}"
             text += f"; validation loss {val_loss:.4f}"
             if inputs:
                 text += f" (inputs {min(inputs.values()):.4f} .. {max(inputs.values()):.4f})"
         if inputs:
             self._input_val_losses.update(inputs)
-            attributes["input_val_losses"] = ",".join(f"{step}={loss:.6g}" for step, loss in sorted(inputs.items()))
         self._update(run, state=_DONE, message="done", **fields)
-        self.state.event("merge_done", text, **attributes)
+        self.state.event(text, detail)
 
     def _finish(self, run: _Run, state: int, message: str) -> None:
         self._update(run, state=state, message=message)
-        steps = ",".join(map(str, run.plan.steps))
+        out = str(run.plan.out)
         if state == _CANCELLED:
-            self.state.event("merge_cancelled", f"merge into {run.plan.out}: {message}",
-                             telemetry_pb2.Event.SEVERITY_WARNING, out=str(run.plan.out), steps=steps)  # fmt: skip
+            detail = _merge_detail(_Merge.PHASE_CANCELLED, run.plan.method, run.plan.steps, out)
+            self.state.event(f"merge into {out}: {message}", detail, severity=events.WARNING)
         else:
-            self.state.event("merge_failed", f"merge into {run.plan.out} failed: {message}",
-                             telemetry_pb2.Event.SEVERITY_ERROR, out=str(run.plan.out), steps=steps)  # fmt: skip
+            detail = _merge_detail(_Merge.PHASE_FAILED, run.plan.method, run.plan.steps, out)
+            self.state.event(f"merge into {out} failed: {message}", detail, severity=events.ERROR)
+
+
+def _merge_detail(
+    phase: telemetry_pb2.MergeDetail.Phase.ValueType, method: str, steps: Sequence[int], out: str
+) -> telemetry_pb2.MergeDetail:
+    return telemetry_pb2.MergeDetail(phase=phase, method=method, steps=steps, out=out)

@@ -11,20 +11,25 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
-from pathlib import Path
 
 from megascope.agent.collectors import GpuSampler, HostSampler
+from megascope.agent.control import ControlError, JobControl
 from megascope.agent.merges import MergeRunner
 from megascope.agent.server import AgentServer
 from megascope.agent.state import HistoryLimits, NodeState
 from megascope.agent.supervision import Supervisor
 from megascope.engine.runtime import launch as launcher
+from megascope.engine.runtime import run_dir as run_paths
 from megascope.engine.runtime.agent_link import AGENT_ADDRESS_ENV
+from megascope.protos import events
 from megascope.protos.megascope.v1 import telemetry_pb2
 
+DEFAULT_RUN_DIR = "runs/agent"
+"""The run directory of a script launched with ``megascope agent -- script.py`` and no --run-dir."""
 _SAMPLE_SECONDS = 1.0
-_WARNING = telemetry_pb2.Event.SEVERITY_WARNING
-_ERROR = telemetry_pb2.Event.SEVERITY_ERROR
+STOP_GRACE_SECONDS = 8.0
+"""On shutdown, how long ranks that accepted a STOP have to reach their step and exit before they are signalled."""
+_Job = telemetry_pb2.JobDetail
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,7 @@ class AgentOptions:
     """How to launch this node's ranks; None serves only (ranks are started elsewhere)."""
     entry: Sequence[str] = ()
     """torchrun's entry point: ``-m module args`` or ``script.py args``."""
-    run_dir: str = "runs/agent"
+    run_dir: str = DEFAULT_RUN_DIR
     total_steps: int = 0
     token: str | None = None
     """Required from callers of control RPCs when set."""
@@ -71,6 +76,7 @@ class Agent:
         self.supervisor = Supervisor(
             self.state, options.hang_timeout, evict=self._evict if options.evict_slow_nodes else None
         )
+        self.control = JobControl(self.state, self.supervisor, options.run_dir, options.ckpt_dir)
         self._evicted = False
         self.host = HostSampler(node)
         self._process: subprocess.Popen[bytes] | None = None
@@ -82,15 +88,14 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         server = AgentServer(
-            self.state, self.options.host, self.options.port, self.options.token, self.merges, self.supervisor,
-            run_dir=self.options.run_dir, ckpt_dir=self.options.ckpt_dir,
-        )  # fmt: skip
+            self.state, self.options.host, self.options.port, self.options.token, self.merges, control=self.control
+        )
         self.state.node_info.agent_address = server.address
         await server.start()
         print(f"megascope agent: listening on {server.address}", flush=True)
         if not self.gpus.available:
-            self.state.event("no_gpu", self.gpus.status, _WARNING)
-        self.state.event("agent_started", f"agent for node {self.state.node_info.node} on {server.address}")
+            self.state.event(self.gpus.status, kind=events.NO_GPU, severity=events.WARNING)
+        self.state.event(f"agent for node {self.state.node_info.node} on {server.address}", kind=events.AGENT_STARTED)
 
         self.supervisor.start()
         sampler = asyncio.ensure_future(self._sample_forever())
@@ -98,12 +103,12 @@ class Agent:
         try:
             await self._stop.wait()
         finally:
-            self.state.event("agent_stopping", "agent shutting down")
+            self.state.event("agent shutting down", kind=events.AGENT_STOPPING)
             sampler.cancel()
             supervisor.cancel()
             await self.merges.close()
             await self.supervisor.stop()
-            await self._stop_ranks()
+            await self._stop_ranks(gracefully=True)
             await server.stop()
             self.gpus.close()
         return self.exit_code
@@ -127,30 +132,33 @@ class Agent:
         self._process = launcher.start(
             options.launch,
             options.entry,
-            Path(options.run_dir) / "logs" / self.state.node_info.node,
+            run_paths.logs_dir(options.run_dir, self.state.node_info.node),
             env,
             new_session=True,
         )
+        allowed = options.launch.max_restarts
         self.state.event(
-            "job_started",
             f"torchrun (pid {self._process.pid}) launching "
             f"{options.launch.nproc_per_node} rank(s): {' '.join(options.entry)}",
+            _Job(phase=_Job.PHASE_STARTED, max_restarts=allowed),
         )
         code = await asyncio.to_thread(self._process.wait)
+        restarts = self.supervisor.restarts
         if code == 0:
-            self.state.event("job_finished", "all ranks on this node finished")
+            self.state.event("all ranks on this node finished", _Job(phase=_Job.PHASE_FINISHED, restarts=restarts))
         elif self._evicted:
-            self.state.event("node_left", "this node left the job (evicted as slow); the other nodes go on", _WARNING)
-        elif not self._stop.is_set():
-            restarts = options.launch.max_restarts
             self.state.event(
-                "job_failed",
-                f"the job gave up: torch elastic exited with code {code} after {self.supervisor.restarts} restart(s) "
-                f"of the {restarts} allowed (--max-restarts {restarts}); the last fault is above; logs under "
-                f"{options.run_dir}/logs",
-                _ERROR,
-                restarts=str(self.supervisor.restarts),
-                max_restarts=str(restarts),
+                "this node left the job (evicted as slow); the other nodes go on",
+                _Job(phase=_Job.PHASE_NODE_LEFT, exit_code=code),
+                severity=events.WARNING,
+            )
+        elif not self._stop.is_set():
+            self.state.event(
+                f"the job gave up: torch elastic exited with code {code} after {restarts} restart(s) "
+                f"of the {allowed} allowed (--max-restarts {allowed}); the last fault is above; logs under "
+                f"{run_paths.logs_dir(options.run_dir)}",
+                _Job(phase=_Job.PHASE_FAILED, exit_code=code, restarts=restarts, max_restarts=allowed),
+                severity=events.ERROR,
             )
             self.exit_code = 1
         if options.exit_when_done:
@@ -162,10 +170,39 @@ class Agent:
         if self._evicted or self._process is None:
             return
         self._evicted = True
-        self.state.event("node_evicted", f"evicting this node from the job: {reason}", _WARNING)
+        self.state.event(
+            f"evicting this node from the job: {reason}", _Job(phase=_Job.PHASE_NODE_EVICTED), severity=events.WARNING
+        )
         asyncio.ensure_future(self._stop_ranks())
 
-    async def _stop_ranks(self) -> None:
+    async def _stop_ranks(self, gracefully: bool = False) -> None:
+        """Stop torchrun and the ranks: signals (SIGTERM, then SIGKILL), after a clean STOP when ``gracefully``."""
         process = self._process
-        if process is not None and process.poll() is None:
-            await asyncio.to_thread(launcher.stop, process)
+        if process is None or process.poll() is not None:
+            return
+        if gracefully and await self._stop_cleanly(process):
+            return
+        await asyncio.to_thread(launcher.stop, process)
+
+    async def _stop_cleanly(self, process: subprocess.Popen[bytes]) -> bool:
+        """Ask the ranks to stop at a step boundary (Command STOP) and wait for torchrun to exit; whether it did.
+
+        Only where this node runs the whole job: the agent picks the step every rank stops after, and it cannot
+        pick one for another node's ranks (they would wait in a collective for ranks that left). Every rank must
+        accept (a hung rank cannot answer), or the signals do the work.
+        """
+        launch = self.options.launch
+        if launch is None or launch.node_range() != (1, 1) or not self.control.attached_ranks:
+            return False
+        try:
+            sent = await self.control.stop()
+        except ControlError:
+            return False
+        pending = self.control.command(sent.command_id)
+        if pending is None or len(pending.acks) < sent.ranks:
+            return False
+        try:
+            await asyncio.to_thread(process.wait, STOP_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            return False
+        return True

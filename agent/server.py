@@ -1,29 +1,30 @@
 """The agent's gRPC services: ``AgentService`` for dashboards, ``WorkerService`` for the node's ranks.
 
-Input from the wire is never trusted: a malformed worker message ends that worker's stream with
-``INVALID_ARGUMENT`` and a message naming the field; an oversized one gets ``RESOURCE_EXHAUSTED`` from gRPC
-itself (``max_receive_message_length``). Either way the agent keeps serving everyone else.
+The servicers are adapters: they validate (agent/validation.py), call the node state, the job control
+(agent/control.py) or the merge runner, and map errors to status codes. Input from the wire is never trusted: a
+malformed worker message ends that worker's stream with ``INVALID_ARGUMENT`` and a message naming the field; an
+oversized one gets ``RESOURCE_EXHAUSTED`` from gRPC itself (``max_receive_message_length``). Either way the agent
+keeps serving everyone else.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from megascope.agent import stacks
+from megascope.agent import stacks, validation
+from megascope.agent.control import ControlError, JobControl, NoSuchCheckpoint
 from megascope.agent.merges import MergeRefused, MergeRunner
 from megascope.agent.state import NodeState
 from megascope.agent.supervision import Supervisor
-from megascope.engine.checkpoint.format import committed_steps
-from megascope.engine.runtime.launch import write_restart_request
-from megascope.protos.megascope.v1 import agent_pb2, agent_pb2_grpc, telemetry_pb2, worker_pb2, worker_pb2_grpc
+from megascope.agent.validation import InvalidMessage
+from megascope.protos import events
+from megascope.protos.megascope.v1 import agent_pb2, agent_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 MAX_MESSAGE_BYTES = 1 << 20
 """A step report is a few hundred bytes; anything near this is garbage or an attack."""
@@ -33,49 +34,18 @@ _EXIT_LOG_LINES = 50
 AGENT_SERVICE = "megascope.v1.AgentService"
 
 
-class InvalidMessage(ValueError):
-    """A message from the wire that breaks the contract; the text names the field."""
+_REFUSALS = (InvalidMessage, ControlError)
+"""What a request can be refused with; :func:`_status` names each one's status code."""
 
 
-def _check_finite_non_negative(message: object, prefix: str, names: tuple[str, ...]) -> None:
-    for name in names:
-        value = getattr(message, name)
-        if not math.isfinite(value) or value < 0:
-            raise InvalidMessage(f"{prefix}.{name}: must be a finite number >= 0, got {value}")
-
-
-def validate_hello(hello: worker_pb2.Hello) -> None:
-    if hello.world_size < 1:
-        raise InvalidMessage(f"hello.world_size: must be at least 1, got {hello.world_size}")
-    if not 0 <= hello.rank < hello.world_size:
-        raise InvalidMessage(f"hello.rank: {hello.rank} is outside [0, world_size={hello.world_size})")
-    if hello.local_rank < 0 or hello.pid < 0:
-        raise InvalidMessage("hello.local_rank and hello.pid must be >= 0")
-
-
-def validate_step_report(report: telemetry_pb2.StepReport, rank: int) -> None:
-    if report.rank != rank:
-        raise InvalidMessage(f"step_report.rank: {report.rank} does not match this stream's rank {rank}")
-    if report.step < 0 or report.tokens < 0:
-        raise InvalidMessage(f"step_report.step and .tokens must be >= 0, got {report.step} and {report.tokens}")
-    _check_finite_non_negative(
-        report,
-        "step_report",
-        ("step_seconds", "data_wait_seconds", "forward_seconds", "backward_seconds", "comm_wait_seconds",
-         "optimizer_seconds", "other_seconds", "tokens_per_second", "model_flops", "gc_pause_seconds", "cpu_seconds",
-         "device_compute_seconds"),
-    )  # fmt: skip
-    for index, collective in enumerate(report.collectives):
-        _check_finite_non_negative(
-            collective, f"step_report.collectives[{index}]", ("duration_seconds", "blocked_seconds")
-        )
-
-
-def validate_event(event: telemetry_pb2.Event) -> None:
-    if event.severity not in telemetry_pb2.Event.Severity.values():
-        raise InvalidMessage(f"event.severity: unknown value {event.severity}")
-    if not event.kind:
-        raise InvalidMessage("event.kind: must not be empty")
+def _status(error: Exception) -> grpc.StatusCode:
+    """The status code of a refusal: INVALID_ARGUMENT for a bad request, NOT_FOUND for a missing checkpoint, and
+    FAILED_PRECONDITION for what the job's present state does not allow (:class:`~megascope.agent.control.Refused`)."""
+    if isinstance(error, InvalidMessage):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(error, NoSuchCheckpoint):
+        return grpc.StatusCode.NOT_FOUND
+    return grpc.StatusCode.FAILED_PRECONDITION
 
 
 class _Undecodable:
@@ -143,11 +113,12 @@ class _RejectUndecodable(grpc.aio.ServerInterceptor):
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
-    """One ``Attach`` stream per rank: Hello first, then step reports, heartbeats and events."""
+    """One ``Attach`` stream per rank: Hello first, then step reports, heartbeats, events and lifecycle messages
+    up; commands (from :class:`~megascope.agent.control.JobControl`) down."""
 
-    def __init__(self, state: NodeState) -> None:
+    def __init__(self, state: NodeState, control: JobControl) -> None:
         self._state = state
-        self.commands: dict[int, asyncio.Queue[worker_pb2.Command]] = {}
+        self._control = control
 
     async def Attach(  # noqa: N802 (gRPC method name)
         self, request_iterator: AsyncIterator[worker_pb2.AttachRequest], context: grpc.aio.ServicerContext
@@ -165,17 +136,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 f"AttachRequest: the first message must be hello, got {first.WhichOneof('payload') or 'nothing'}",
             )
         try:
-            validate_hello(first.hello)
+            validation.validate_hello(first.hello)
         except InvalidMessage as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        rank = first.hello.rank
-        self._state.rank_attached(first.hello)
-        commands: asyncio.Queue[worker_pb2.Command] = asyncio.Queue()
-        self.commands[rank] = commands
+        hello = first.hello
+        self._state.rank_attached(hello)
+        commands = self._control.open_channel(hello.rank)
         yield worker_pb2.AttachResponse(
             ack=worker_pb2.Ack(node=self._state.node_info.node, agent_version=self._state.node_info.agent_version)
         )
-        reader = asyncio.ensure_future(self._read(requests, rank))
+        reader = asyncio.ensure_future(self._read(requests, hello))
         try:
             while True:
                 command = asyncio.ensure_future(commands.get())
@@ -189,9 +159,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             failure = reader.result()
         finally:
             reader.cancel()
-            if self.commands.get(rank) is commands:
-                del self.commands[rank]
-            self._state.rank_detached(rank)
+            self._control.close_channel(hello.rank, commands)
+            self._state.rank_detached(hello.rank)
         if failure is not None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, failure)
 
@@ -199,30 +168,43 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self, request: worker_pb2.ReportExitRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.ReportExitResponse:
         report = request.report
-        if report.rank < 0 or report.pid < 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "report.rank and report.pid must be >= 0")
-        if not math.isfinite(report.wall_time):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "report.wall_time: must be a finite number")
+        try:
+            validation.validate_exit_report(report)
+        except InvalidMessage as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         if len(report.log_tail) > 2 * _EXIT_LOG_LINES:
             del report.log_tail[_EXIT_LOG_LINES:-_EXIT_LOG_LINES]
         self._state.rank_exited(report)
         return worker_pb2.ReportExitResponse()
 
-    async def _read(self, requests: AsyncIterator[worker_pb2.AttachRequest], rank: int) -> str | None:
+    async def _read(self, requests: AsyncIterator[worker_pb2.AttachRequest], hello: worker_pb2.Hello) -> str | None:
         """Apply the worker's messages until its stream ends; the error text if it sent something invalid."""
+        rank = hello.rank
         try:
             async for request in requests:
                 kind = request.WhichOneof("payload")
                 if kind == "step_report":
-                    validate_step_report(request.step_report, rank)
+                    validation.validate_step_report(request.step_report, rank)
                     self._state.add_step(request.step_report)
                 elif kind == "heartbeat":
                     self._state.rank_heartbeat(request.heartbeat)
                 elif kind == "event":
-                    validate_event(request.event)
-                    if request.event.kind == "finished":
-                        self._state.rank_finished(rank)
-                    self._state.add_event(request.event)
+                    validation.validate_event(request.event)
+                    if request.event.WhichOneof("detail") is not None:
+                        request.event.kind = events.kind_of(request.event)  # one spelling, whatever was sent
+                    self._state.add_event(request.event)  # for people: the agent acts on no event
+                elif kind == "finished":
+                    validation.validate_finished(request.finished)
+                    self._state.rank_finished(rank)
+                elif kind == "failure":
+                    validation.validate_failure(request.failure, rank, hello.pid)
+                    self._state.rank_failed(_failure_report(request.failure, hello))
+                elif kind == "self_check":
+                    validation.validate_self_check(request.self_check)
+                    self._state.self_checked(request.self_check)
+                elif kind == "command_ack":
+                    validation.validate_command_ack(request.command_ack)
+                    self._control.acknowledged(rank, request.command_ack)
                 elif kind == "hello":
                     raise InvalidMessage("hello: sent twice on one stream")
                 else:
@@ -234,31 +216,38 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         return None
 
 
-SAVE_MARGIN_STEPS = 3
-"""A save asked for "now" happens this many steps past the newest step reported: every rank must still
-be before it when the request arrives, or the ranks would not all save the same step."""
+def _failure_report(report: worker_pb2.ExitReport, hello: worker_pb2.Hello) -> worker_pb2.ExitReport:
+    """A rank's own failure report, completed from its Hello: it has not exited yet, so its exit code is 1
+    (what an uncaught exception gives) unless it says otherwise."""
+    complete = worker_pb2.ExitReport()
+    complete.CopyFrom(report)
+    complete.pid = complete.pid or hello.pid
+    complete.local_rank = complete.local_rank or hello.local_rank
+    complete.restart_count = complete.restart_count or hello.restart_count
+    if not complete.exit_code and not complete.signal:
+        complete.exit_code = 1
+    if len(complete.log_tail) > 2 * _EXIT_LOG_LINES:
+        del complete.log_tail[_EXIT_LOG_LINES:-_EXIT_LOG_LINES]
+    return complete
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
+    """Thin adapters: validate the request, call the job control (or the merge runner, or the node state), and
+    map errors to status codes."""
+
     def __init__(
         self,
         state: NodeState,
         stopping: asyncio.Event,
-        workers: WorkerServicer,
+        control: JobControl,
         token: str | None = None,
         merges: MergeRunner | None = None,
-        supervisor: Supervisor | None = None,
-        run_dir: str | None = None,
-        ckpt_dir: str | None = None,
     ) -> None:
         self._state = state
         self._stopping = stopping
-        self._workers = workers
+        self._control = control
         self._token = token
         self._merges = merges if merges is not None else MergeRunner(state, None)
-        self._supervisor = supervisor if supervisor is not None else Supervisor(state)
-        self._run_dir = run_dir
-        self._ckpt_dir = ckpt_dir
 
     async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
         """Control RPCs need the agent's token when it has one."""
@@ -273,36 +262,16 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         if given != f"Bearer {self._token}":
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong token for this agent")
 
-    async def SaveCheckpoint(  # noqa: N802
-        self, request: agent_pb2.SaveCheckpointRequest, context: grpc.aio.ServicerContext
-    ) -> agent_pb2.SaveCheckpointResponse:
-        await self._authorize(context)
-        if request.step < 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"step: must be >= 0, got {request.step}")
-        if not self._workers.commands:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no training rank is attached to this agent")
-        newest = max((s.last_step for s in self._state.ranks.values() if s.HasField("last_step")), default=0)
-        step = request.step or newest + SAVE_MARGIN_STEPS
-        if step <= newest:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"step: {step} is already done (ranks are at step {newest}); ask for a later step",
-            )
-        command = worker_pb2.Command(
-            id=f"checkpoint-{step}", kind=worker_pb2.COMMAND_KIND_CHECKPOINT, arguments={"step": str(step)}
-        )
-        for queue in self._workers.commands.values():
-            queue.put_nowait(command)
-        self._state.event("checkpoint_requested", f"checkpoint requested after step {step}", step=step)
-        return agent_pb2.SaveCheckpointResponse(step=step, ranks=len(self._workers.commands))
+    # --- telemetry -------------------------------------------------------------------------------------
 
     async def Watch(  # noqa: N802
         self, request: agent_pb2.WatchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[agent_pb2.WatchResponse]:
-        seconds = request.backfill_seconds
-        if not math.isfinite(seconds) or seconds < 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"backfill_seconds: must be >= 0, got {seconds}")
-        sub, backfill = self._state.subscribe(seconds)
+        try:
+            validation.validate_watch(request)
+        except _REFUSALS as error:
+            await context.abort(_status(error), str(error))
+        sub, backfill = self._state.subscribe(request.backfill_seconds)
         try:
             for batch in backfill:
                 yield agent_pb2.WatchResponse(telemetry=batch)
@@ -321,12 +290,46 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def GetEvents(  # noqa: N802
         self, request: agent_pb2.GetEventsRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.GetEventsResponse:
-        if request.limit < 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"limit: must be >= 0, got {request.limit}")
-        if not math.isfinite(request.since_wall_time):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "since_wall_time: must be a finite number")
-        events = self._state.events_since(request.since_wall_time, request.limit, set(request.kinds))
-        return agent_pb2.GetEventsResponse(events=events)
+        try:
+            validation.validate_get_events(request)
+        except _REFUSALS as error:
+            await context.abort(_status(error), str(error))
+        events_ = self._state.events_since(request.since_wall_time, request.limit, set(request.kinds))
+        return agent_pb2.GetEventsResponse(events=events_)
+
+    # --- job control (agent/control.py) ----------------------------------------------------------------
+
+    async def SaveCheckpoint(  # noqa: N802
+        self, request: agent_pb2.SaveCheckpointRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.SaveCheckpointResponse:
+        await self._authorize(context)
+        try:
+            validation.validate_step_request(request.step)
+            sent = await self._control.save_checkpoint(request.step)
+        except _REFUSALS as error:
+            await context.abort(_status(error), str(error))
+        return agent_pb2.SaveCheckpointResponse(step=sent.step, ranks=sent.ranks)
+
+    async def Restart(  # noqa: N802
+        self, request: agent_pb2.RestartRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.RestartResponse:
+        await self._authorize(context)
+        try:
+            validation.validate_step_request(request.step)
+            started = await self._control.restart(request.step, request.reason)
+        except _REFUSALS as error:
+            await context.abort(_status(error), str(error))
+        return agent_pb2.RestartResponse(ranks_stopped=started.ranks_stopped, step=started.step)
+
+    async def DumpStacks(  # noqa: N802
+        self, request: agent_pb2.DumpStacksRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.DumpStacksResponse:
+        await self._authorize(context)
+        try:
+            timeout = validation.dump_stacks_timeout(request, stacks.DEFAULT_TIMEOUT_SECONDS)
+        except _REFUSALS as error:
+            await context.abort(_status(error), str(error))
+        return await self._control.dump_stacks(timeout)
 
     # --- checkpoints and merges (agent/merges.py) ------------------------------------------------------
 
@@ -360,47 +363,6 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         await self._authorize(context)
         return agent_pb2.CancelMergeResponse(cancelled=self._merges.cancel())
 
-    # --- restarts and stacks (agent/supervision.py) -----------------------------------------------------
-
-    async def Restart(  # noqa: N802
-        self, request: agent_pb2.RestartRequest, context: grpc.aio.ServicerContext
-    ) -> agent_pb2.RestartResponse:
-        await self._authorize(context)
-        if request.step < 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"step: must be >= 0, got {request.step}")
-        ckpt_dir = self._ckpt_dir or ""
-        if not ckpt_dir:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "this run saves no checkpoints (no --ckpt-dir): a restart would start from step 0",
-            )
-        steps = committed_steps(Path(ckpt_dir))
-        if request.step and request.step not in steps:
-            known = ", ".join(map(str, steps)) or "none yet"
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND,
-                f"step: no committed checkpoint at step {request.step} in {ckpt_dir} (committed: {known})",
-            )
-        if not self._supervisor.live_ranks():
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no training rank is running on this node")
-        step = request.step or (steps[-1] if steps else 0)
-        if request.step and self._run_dir:
-            await asyncio.to_thread(write_restart_request, Path(self._run_dir), request.step)
-        reason = request.reason or "requested over the AgentService"
-        stopped = self._supervisor.request_restart(f"{reason}; resuming from step {step}")
-        return agent_pb2.RestartResponse(ranks_stopped=stopped, step=step)
-
-    async def DumpStacks(  # noqa: N802
-        self, request: agent_pb2.DumpStacksRequest, context: grpc.aio.ServicerContext
-    ) -> agent_pb2.DumpStacksResponse:
-        await self._authorize(context)
-        timeout = request.timeout_seconds or stacks.DEFAULT_TIMEOUT_SECONDS
-        if not math.isfinite(timeout) or not 0 < timeout <= 60:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"timeout_seconds: must be in (0, 60], got {request.timeout_seconds}"
-            )
-        return await self._supervisor.collect_stacks(timeout)
-
 
 class AgentServer:
     """The gRPC server with both services and the standard health service, bound to ``host:port``."""
@@ -415,12 +377,16 @@ class AgentServer:
         supervisor: Supervisor | None = None,
         run_dir: str | None = None,
         ckpt_dir: str | None = None,
+        control: JobControl | None = None,
     ) -> None:
         self.state = state
         self.stopping = asyncio.Event()
         self.health = health.aio.HealthServicer()
-        self.workers = WorkerServicer(state)
         self.merges = merges if merges is not None else MergeRunner(state, None)
+        if control is None:
+            control = JobControl(state, supervisor or Supervisor(state), run_dir, ckpt_dir)
+        self.control = control
+        self.workers = WorkerServicer(state, control)
         self._server = grpc.aio.server(
             interceptors=[_RejectUndecodable()],
             options=[
@@ -429,8 +395,7 @@ class AgentServer:
             ],
         )
         agent_pb2_grpc.add_AgentServiceServicer_to_server(
-            AgentServicer(state, self.stopping, self.workers, token, self.merges, supervisor, run_dir, ckpt_dir),
-            self._server,
+            AgentServicer(state, self.stopping, control, token, self.merges), self._server
         )
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(self.workers, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)

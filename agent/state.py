@@ -17,9 +17,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from google.protobuf.message import Message
+
+from megascope.protos import events
 from megascope.protos.megascope.v1 import agent_pb2, telemetry_pb2, worker_pb2
 
 _BACKFILL_CHUNK = 500
+RANK_LOST = "rank_lost"
+"""Kind of the event (no detail: nothing reads it but people) when a rank's stream ends without it finishing."""
 
 
 @dataclass
@@ -49,13 +54,18 @@ class Subscription:
 
 
 class RankListener(Protocol):
-    """Told of every rank's lifecycle as it happens (the agent's supervisor: crash and hang detection)."""
+    """Told of every rank's lifecycle as it happens (the agent's supervisor: crash and hang detection).
+
+    Lifecycle comes from the worker's own messages (hello, step reports, finished, failure, self-check), its
+    guard's exit report and its stream ending; never from events, which are for people.
+    """
 
     def rank_attached(self, hello: worker_pb2.Hello) -> None: ...
     def rank_stepped(self, report: telemetry_pb2.StepReport) -> None: ...
     def rank_detached(self, rank: int, pid: int, finished: bool) -> None: ...
     def rank_exited(self, report: worker_pb2.ExitReport) -> None: ...
-    def event_added(self, event: telemetry_pb2.Event) -> None: ...
+    def rank_failed(self, report: worker_pb2.ExitReport) -> None: ...
+    def self_checked(self, result: worker_pb2.SelfCheckResult) -> None: ...
 
 
 class NodeState:
@@ -106,25 +116,23 @@ class NodeState:
         self.events.append(event)
         for sub in self._subscribers:
             sub.events.append(event)
-        if self.listener is not None:
-            self.listener.event_added(event)
 
     def event(
         self,
-        kind: str,
         text: str,
-        severity: int = telemetry_pb2.Event.SEVERITY_INFO,
+        detail: Message | None = None,
+        *,
+        kind: str = "",
+        severity: int = events.INFO,
         rank: int | None = None,
         step: int | None = None,
-        **attributes: str,
-    ) -> None:
-        """Record an event of the agent's own."""
-        message = telemetry_pb2.Event(kind=kind, text=text, severity=severity, attributes=attributes)
-        if rank is not None:
-            message.rank = rank
-        if step is not None:
-            message.step = step
+    ) -> telemetry_pb2.Event:
+        """Record an event of the agent's own: with a typed detail (its kind derived from it), or a bare ``kind``."""
+        message = events.make_event(
+            text, detail, kind=kind, severity=severity, node=self.node_info.node, rank=rank, step=step
+        )
         self.add_event(message)
+        return message
 
     def rank_attached(self, hello: worker_pb2.Hello) -> None:
         status = self._rank(hello.rank)
@@ -158,9 +166,19 @@ class NodeState:
         if self.listener is not None:
             self.listener.rank_exited(report)
 
+    def rank_failed(self, report: worker_pb2.ExitReport) -> None:
+        """The rank's own report that it is about to exit abnormally (its stream ends next)."""
+        if self.listener is not None:
+            self.listener.rank_failed(report)
+
     def rank_finished(self, rank: int) -> None:
         """The rank said it finished training; its stream ending next is a clean exit."""
         self._finished.add(rank)
+
+    def self_checked(self, result: worker_pb2.SelfCheckResult) -> None:
+        """A rank's self-check verdict for this node."""
+        if self.listener is not None:
+            self.listener.self_checked(result)
 
     def rank_detached(self, rank: int) -> None:
         status = self._rank(rank)
@@ -173,9 +191,9 @@ class NodeState:
         status.state = telemetry_pb2.RANK_STATE_FAILED
         last = f"step {status.last_step}" if status.HasField("last_step") else "before its first step"
         self.event(
-            "rank_lost",
             f"rank {rank} (pid {status.pid}) went away without finishing, {last}",
-            telemetry_pb2.Event.SEVERITY_WARNING,
+            kind=RANK_LOST,
+            severity=events.WARNING,
             rank=rank,
         )
 

@@ -12,8 +12,9 @@ from support.agents import wait_until
 
 from megascope.agent.server import AgentServer
 from megascope.agent.state import NodeState
+from megascope.agent.supervision import Supervisor
 from megascope.engine.runtime.agent_link import AgentSink
-from megascope.engine.runtime.telemetry import Event, StepReport
+from megascope.engine.runtime.telemetry import StepReport
 from megascope.protos.megascope.v1 import agent_pb2, agent_pb2_grpc, telemetry_pb2, worker_pb2, worker_pb2_grpc
 
 
@@ -85,11 +86,11 @@ async def test_rank_that_finishes_is_exited_and_one_that_vanishes_is_failed(agen
     finishing, vanishing = worker_sink(agent.address, 0), worker_sink(agent.address, 1)
     await wait_until(lambda: finishing.connected and vanishing.connected)
     finishing.write_step(report(0, 1))
-    finishing.write_event(Event(kind="finished", text="done", rank=0))
+    finishing.write_signal(worker_pb2.RankFinished(steps=1))
     await asyncio.to_thread(finishing.close)
     vanishing.write_step(report(1, 1))
     await wait_until(lambda: agent.state.ranks[1].HasField("last_step"))
-    await asyncio.to_thread(vanishing.close, 0)  # the stream is cut without a "finished" event, as when a rank dies
+    await asyncio.to_thread(vanishing.close, 0)  # the stream is cut without "finished", as when a rank dies
     await wait_until(lambda: agent.state.ranks[1].state == telemetry_pb2.RANK_STATE_FAILED)
     assert agent.state.ranks[0].state == telemetry_pb2.RANK_STATE_EXITED
     lost = [e for e in agent.state.events if e.kind == "rank_lost"]
@@ -135,8 +136,18 @@ HELLO = worker_pb2.AttachRequest(hello=worker_pb2.Hello(rank=0, world_size=2, pi
         ([HELLO, worker_pb2.AttachRequest()], grpc.StatusCode.INVALID_ARGUMENT, "payload"),
         ([HELLO, worker_pb2.AttachRequest(event=telemetry_pb2.Event(kind="x", text="x" * (2 << 20)))],
          grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+        ([HELLO, worker_pb2.AttachRequest(failure=worker_pb2.ExitReport(rank=1, exit_code=1))],
+         grpc.StatusCode.INVALID_ARGUMENT, "failure.rank"),
+        ([HELLO, worker_pb2.AttachRequest(finished=worker_pb2.RankFinished(steps=-1))],
+         grpc.StatusCode.INVALID_ARGUMENT, "finished.steps"),
+        ([HELLO, worker_pb2.AttachRequest(command_ack=worker_pb2.CommandAck(ok=True))],
+         grpc.StatusCode.INVALID_ARGUMENT, "command_ack.command_id"),
+        ([HELLO, worker_pb2.AttachRequest(self_check=worker_pb2.SelfCheckResult(
+            detail=telemetry_pb2.SelfCheckDetail(verdict=42)))],  # type: ignore[arg-type]
+         grpc.StatusCode.INVALID_ARGUMENT, "self_check.detail.verdict"),
     ],
-    ids=["no-hello", "rank-out-of-range", "negative-time", "wrong-rank", "unknown-enum", "empty", "oversized"],
+    ids=["no-hello", "rank-out-of-range", "negative-time", "wrong-rank", "unknown-enum", "empty", "oversized",
+         "failure-of-another-rank", "negative-finished-steps", "ack-without-id", "unknown-self-check-verdict"],
 )  # fmt: skip
 async def test_bad_worker_input_gets_a_clear_status_and_the_agent_keeps_serving(
     agent: AgentServer, messages: list[worker_pb2.AttachRequest], code: grpc.StatusCode, names: str
@@ -174,13 +185,110 @@ async def test_watch_with_negative_backfill_is_invalid(agent: AgentServer) -> No
 
 
 async def test_get_events_filters_by_kind(agent: AgentServer) -> None:
-    agent.state.event("checkpoint", "saved step 10")
-    agent.state.event("other", "ignored")
+    saved = telemetry_pb2.CheckpointDetail(phase=telemetry_pb2.CheckpointDetail.PHASE_SAVED, step=10)
+    agent.state.event("saved step 10", saved)  # kind "checkpoint", from its detail
+    agent.state.event("ignored", kind="other")
     async with grpc.aio.insecure_channel(agent.address) as channel:
         response = await agent_pb2_grpc.AgentServiceStub(channel).GetEvents(
             agent_pb2.GetEventsRequest(kinds=["checkpoint"])
         )
     assert [e.text for e in response.events] == ["saved step 10"]
+
+
+# --- lifecycle messages and commands ------------------------------------------------------------------------
+
+
+def request(**payload: object) -> worker_pb2.AttachRequest:
+    return worker_pb2.AttachRequest(**payload)  # type: ignore[arg-type]
+
+
+async def test_a_save_goes_down_each_rank_stream_as_a_command_and_a_refusing_ack_fails_the_call(
+    agent: AgentServer,
+) -> None:
+    async with grpc.aio.insecure_channel(agent.address) as channel:
+        worker = worker_pb2_grpc.WorkerServiceStub(channel).Attach()
+        await worker.write(HELLO)
+        await worker.read()  # the Ack
+        await worker.write(request(step_report=telemetry_pb2.StepReport(rank=0, step=10)))
+        await wait_until(lambda: agent.state.ranks[0].HasField("last_step"))
+        control = agent_pb2_grpc.AgentServiceStub(channel)
+
+        save = asyncio.ensure_future(control.SaveCheckpoint(agent_pb2.SaveCheckpointRequest()))
+        command = (await worker.read()).command
+        assert command.kind == worker_pb2.COMMAND_KIND_CHECKPOINT and command.step == 13 and command.id
+        await worker.write(request(command_ack=worker_pb2.CommandAck(command_id=command.id, ok=True)))
+        assert await save == agent_pb2.SaveCheckpointResponse(step=13, ranks=1)
+        [requested] = [e for e in agent.state.events if e.kind == "checkpoint_requested"]
+        assert requested.checkpoint.step == 13
+
+        save = asyncio.ensure_future(control.SaveCheckpoint(agent_pb2.SaveCheckpointRequest(step=20)))
+        command = (await worker.read()).command
+        assert command.step == 20
+        refusal = worker_pb2.CommandAck(command_id=command.id, ok=False, message="this run saves no checkpoints")
+        await worker.write(request(command_ack=refusal))
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await save
+        assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "rank 0: this run saves no checkpoints" in (raised.value.details() or "")
+        await worker.done_writing()
+
+
+async def test_stop_goes_down_each_rank_stream_with_the_step_to_stop_after(agent: AgentServer) -> None:
+    async with grpc.aio.insecure_channel(agent.address) as channel:
+        worker = worker_pb2_grpc.WorkerServiceStub(channel).Attach()
+        await worker.write(HELLO)
+        await worker.read()
+        await worker.write(request(step_report=telemetry_pb2.StepReport(rank=0, step=4)))
+        await wait_until(lambda: agent.state.ranks[0].HasField("last_step"))
+        stop = asyncio.ensure_future(agent.control.stop())
+        command = (await worker.read()).command
+        assert command.kind == worker_pb2.COMMAND_KIND_STOP and command.step == 5
+        await worker.write(request(command_ack=worker_pb2.CommandAck(command_id=command.id, ok=True, message="ok")))
+        sent = await stop
+        assert sent.step == 5 and sent.ranks == 1
+        pending = agent.control.command(sent.command_id)
+        assert pending is not None and pending.acks[0].message == "ok"
+        await worker.done_writing()
+
+
+async def test_a_ranks_failure_message_names_the_crash_with_its_exit_code_and_traceback() -> None:
+    state = NodeState(telemetry_pb2.NodeInfo(node="node0"))
+    supervisor = Supervisor(state)
+    server = AgentServer(state, "127.0.0.1", 0, supervisor=supervisor)
+    await server.start()
+    supervisor.start()
+    try:
+        failure = worker_pb2.ExitReport(rank=0, exit_code=1, log_tail=["Traceback (most recent call last):",
+                                                                         "RuntimeError: boom"])  # fmt: skip
+        step = telemetry_pb2.StepReport(rank=0, step=3)
+        assert await attach(server.address, HELLO, request(step_report=step), request(failure=failure)) is None
+        await wait_until(lambda: any(e.kind == "crash" for e in state.events))
+    finally:
+        await supervisor.stop()
+        await server.stop(grace_seconds=0.5)
+    [crash] = [e for e in state.events if e.kind == "crash"]
+    assert crash.rank == 0 and crash.step == 3 and "exited with code 1" in crash.text
+    assert crash.crash.pid == 1 and list(crash.crash.log_tail)[-1] == "RuntimeError: boom"
+
+
+async def test_a_slow_self_check_message_evicts_the_node_and_a_self_check_event_does_not() -> None:
+    state = NodeState(telemetry_pb2.NodeInfo(node="node0"))
+    evicted: list[str] = []
+    server = AgentServer(state, "127.0.0.1", 0, supervisor=Supervisor(state, evict=evicted.append))
+    await server.start()
+    slow = telemetry_pb2.SelfCheckDetail(verdict=telemetry_pb2.SelfCheckDetail.VERDICT_SLOW,
+                                         slow_measures=["matmul_gflops"])  # fmt: skip
+    fine = telemetry_pb2.SelfCheckDetail(verdict=telemetry_pb2.SelfCheckDetail.VERDICT_OK)
+    try:
+        event = telemetry_pb2.Event(kind="self_check", text="node0: SLOW", self_check=slow)
+        await attach(server.address, HELLO, request(event=event), request(self_check=worker_pb2.SelfCheckResult(
+            detail=fine)))  # fmt: skip
+        assert evicted == [] and [e.kind for e in state.events if e.kind != "rank_lost"] == ["self_check"]
+        await attach(server.address, HELLO, request(self_check=worker_pb2.SelfCheckResult(detail=slow)))
+        await wait_until(lambda: bool(evicted))
+    finally:
+        await server.stop(grace_seconds=0.5)
+    assert "matmul_gflops" in evicted[0]
 
 
 GARBAGE = b"\xff\xff\xff"

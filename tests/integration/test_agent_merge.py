@@ -172,8 +172,8 @@ async def test_merge_streams_progress_then_done_and_is_listed_beside_the_run_wit
     assert [c.step for c in listing.checkpoints] == list(STEPS)  # the run's own directory is untouched
     assert {c.step: c.val_loss for c in listing.checkpoints if c.HasField("val_loss")} == {20: 3.02, 30: 3.01, 40: 3.0}
     assert event_kinds(agent) == ["merge_started", "merge_done"]
-    attributes = agent.state.events[-1].attributes
-    assert attributes["val_loss"] == "2.9" and attributes["input_val_losses"] == "20=3.02,30=3.01,40=3"
+    detail = agent.state.events[-1].merge
+    assert detail.val_loss == 2.9 and dict(detail.input_val_losses) == {20: 3.02, 30: 3.01, 40: 3.0}
 
 
 async def test_second_merge_while_one_runs_is_refused_naming_the_running_one(

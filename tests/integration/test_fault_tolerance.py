@@ -81,7 +81,7 @@ def test_a_rank_that_raises_is_named_with_its_exit_code_and_traceback(tmp_path: 
     assert summary["returncode"] == 0 and summary["steps"] == 6
     [crash] = events(summary, "crash")
     assert crash["rank"] == 1 and "exited with code 1" in crash["text"]
-    assert "RuntimeError: injected fault crash:rank=1,step=4" in crash["attributes"]["log_tail"]
+    assert "RuntimeError: injected fault crash:rank=1,step=4" in "\n".join(crash["attributes"]["log_tail"])
 
 
 def test_a_fault_that_fired_is_not_announced_again_after_the_restart(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FileDescriptor
 
-from megascope.protos import generate
+from megascope.protos import events, generate
 from megascope.protos.megascope.v1 import agent_pb2, telemetry_pb2, worker_pb2
 
 FILES: list[FileDescriptor] = [telemetry_pb2.DESCRIPTOR, agent_pb2.DESCRIPTOR, worker_pb2.DESCRIPTOR]
@@ -187,7 +187,7 @@ def test_telemetry_batch_round_trip() -> None:
                 rank=2,
                 step=121,
                 text="rank 2 exited with code 1",
-                attributes={"exit_code": "1"},
+                crash=telemetry_pb2.CrashDetail(exit_code=1, pid=77, detect_seconds=0.25, last_step=121),
             )
         ],
         backfill=True,
@@ -213,7 +213,7 @@ def test_telemetry_batch_round_trip() -> None:
     event = decoded.events[0]
     assert event.severity == telemetry_pb2.Event.SEVERITY_ERROR
     assert event.HasField("rank") and event.rank == 2
-    assert dict(event.attributes) == {"exit_code": "1"}
+    assert event.WhichOneof("detail") == "crash" and event.crash.exit_code == 1 and event.crash.detect_seconds == 0.25
     assert decoded.node_info.gpu_status.startswith("no GPU")
 
     # The same batch wrapped as the agent streams it.
@@ -226,12 +226,42 @@ def test_attach_oneofs_round_trip() -> None:
     assert worker_pb2.AttachRequest.FromString(hello.SerializeToString()).WhichOneof("payload") == "hello"
 
     command = worker_pb2.AttachResponse(
-        command=worker_pb2.Command(id="c1", kind=worker_pb2.COMMAND_KIND_CHECKPOINT, arguments={"path": "/ckpt"})
+        command=worker_pb2.Command(id="c1", kind=worker_pb2.COMMAND_KIND_CHECKPOINT, step=60)
     )
     decoded = worker_pb2.AttachResponse.FromString(command.SerializeToString())
     assert decoded.WhichOneof("payload") == "command"
     assert decoded.command.kind == worker_pb2.COMMAND_KIND_CHECKPOINT
-    assert dict(decoded.command.arguments) == {"path": "/ckpt"}
+    assert decoded.command.id == "c1" and decoded.command.step == 60
+
+    # The lifecycle messages a worker sends on its stream, each its own payload.
+    lifecycle = {
+        "finished": worker_pb2.RankFinished(steps=60, param_digest="abc"),
+        "failure": worker_pb2.ExitReport(rank=1, pid=7, exit_code=1, log_tail=["RuntimeError: boom"]),
+        "self_check": worker_pb2.SelfCheckResult(
+            detail=telemetry_pb2.SelfCheckDetail(verdict=telemetry_pb2.SelfCheckDetail.VERDICT_SLOW)
+        ),
+        "command_ack": worker_pb2.CommandAck(command_id="c1", ok=True, message="will save after step 60"),
+    }
+    for payload, message in lifecycle.items():
+        request = worker_pb2.AttachRequest(**{payload: message})
+        decoded_request = worker_pb2.AttachRequest.FromString(request.SerializeToString())
+        assert decoded_request.WhichOneof("payload") == payload
+        assert getattr(decoded_request, payload) == message
+
+
+def test_an_events_kind_is_derived_from_its_detail_and_numbers_stay_numbers() -> None:
+    hang = telemetry_pb2.HangDetail
+    stalled = events.make_event("waiting", hang(verdict=hang.VERDICT_ELSEWHERE, detect_seconds=4.5), wall_time=1.0)
+    assert stalled.kind == "stalled" and events.detail_fields(stalled)["detect_seconds"] == 4.5
+    culprit = events.make_event("rank 2 hangs", hang(verdict=hang.VERDICT_CULPRIT, culprit_rank=2), rank=2)
+    assert culprit.kind == "hang" and culprit.rank == 2 and culprit.wall_time > 0
+    restart = telemetry_pb2.RestartDetail
+    assert events.make_event("back", restart(phase=restart.PHASE_DONE, steps_lost=2)).kind == "restart"
+    assert events.make_event("started", kind=events.AGENT_STARTED).WhichOneof("detail") is None
+    with pytest.raises(ValueError, match="needs a kind"):
+        events.make_event("no kind, no detail")
+    with pytest.raises(TypeError, match="not an Event detail"):
+        events.make_event("wrong detail", worker_pb2.RankFinished())
 
 
 # --- conventions -------------------------------------------------------------------------------

@@ -1,0 +1,441 @@
+"""Supervision's incident logic: what happened to this node's ranks, and what to do about it. Pure: no processes,
+no gRPC, no asyncio, no clock of its own.
+
+:class:`IncidentTracker` is fed what the agent learns of its ranks (attached, stepped, ended, an exit report, a
+finish) and the passing of time (:meth:`~IncidentTracker.tick`, with an injected clock), and answers with
+:class:`Verdict` objects: the event to record (typed, built with :func:`megascope.protos.events.make_event`) and
+the :class:`Action` the caller must take. agent/supervision.py drives it with real processes and a real clock;
+tests/unit/test_incidents.py drives it with scripted ranks and a fake clock.
+
+An incident has a kind (:class:`IncidentKind`) and goes through the states of :class:`IncidentState`, never back:
+
+- crash: DETECTED when a rank's end is learned (its stream ended without finishing, or a failure report came);
+  REPORTED once the culprit is named (the first abnormal end that is not collateral, i.e. not a SIGTERM from
+  torch elastic or a peer's broken connection), or ``peer_failed`` when every death was collateral. torch
+  elastic restarts the ranks on its own, so the agent takes no action: no ACTED.
+- hang: DETECTED when no rank completes a step for the hang timeout (the caller collects the stacks); REPORTED
+  with the diagnosis: a culprit here (the node stops its ranks: ACTED at once) or none here (``stalled``: the
+  culprit is probably on another node, whose agent stops its ranks). A node that found no culprit and sees
+  nothing happen for one more timeout stops its own ranks (``hang`` without a culprit: ACTED).
+- requested: a restart asked for through the Restart RPC; ACTED at once (the ranks are stopped).
+
+Every kind is CLOSED by the first step a restarted rank completes: the ``restart`` event carries the time to
+repair (from the fault to that step) and the steps lost. Only the node that runs rank 0 reports it, so one
+restart of the job is one event. Each verdict is given once: a REPORTED incident is never reported again.
+"""
+
+from __future__ import annotations
+
+import enum
+import statistics
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from megascope.protos import events
+from megascope.protos.megascope.v1 import telemetry_pb2, worker_pb2
+
+Clock = Callable[[], float]
+"""Unix seconds now: ``time.time`` in the agent, a fake one in tests."""
+
+MIN_HANG_TIMEOUT_SECONDS = 30.0
+HANG_TIMEOUT_STEPS = 5.0
+"""Without --hang-timeout: the larger of 30 s and this many median step times."""
+FIRST_STEP_ALLOWANCE = 3.0
+"""Before an attempt's first step (rendezvous, loading, resuming), the timeout is this many times longer."""
+CRASH_REPORT_WAIT_SECONDS = 1.0
+"""After a rank vanishes, how long to wait for its guard's exit report before naming it without one."""
+LOG_TAIL_LINES = 8
+"""Lines of the culprit's log kept in the crash event (the traceback's end)."""
+# A rank killed by one of these was stopped by torch elastic because another rank failed: not a culprit.
+_COLLATERAL_SIGNALS = {"SIGTERM", "SIGINT", "SIGHUP"}
+# A rank whose log ends with one of these died because a peer vanished: not a culprit.
+_PEER_FAILURE_MARKERS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "connectFullMesh",
+    "Broken pipe",
+    "remote worker crashing",
+    "Socket Timeout",
+)
+
+_Hang = telemetry_pb2.HangDetail
+_Restart = telemetry_pb2.RestartDetail
+
+
+class IncidentKind(enum.Enum):
+    CRASH = "crash"
+    HANG = "hang"
+    REQUESTED = "requested"
+    """A restart asked for through the Restart RPC."""
+
+
+class IncidentState(enum.IntEnum):
+    """Ordered: an incident only moves forward."""
+
+    DETECTED = 1
+    REPORTED = 2
+    ACTED = 3
+    """The agent stopped its ranks for it."""
+    CLOSED = 4
+
+
+class Action(enum.Enum):
+    """What the caller must do after a verdict."""
+
+    NONE = "none"
+    COLLECT_STACKS = "collect_stacks"
+    """A hang is suspected: collect every rank's stacks, diagnose, and call :meth:`IncidentTracker.hang_diagnosed`."""
+    STOP_RANKS = "stop_ranks"
+    """Stop this node's ranks (torch elastic restarts the job); tell the tracker of each pid (expect_exit)."""
+
+
+_RESTART_CAUSES = {
+    IncidentKind.CRASH: _Restart.CAUSE_CRASH,
+    IncidentKind.HANG: _Restart.CAUSE_HANG,
+    IncidentKind.REQUESTED: _Restart.CAUSE_REQUESTED,
+}
+_LABELS = {IncidentKind.CRASH: "crash", IncidentKind.HANG: "hang", IncidentKind.REQUESTED: "restart request"}
+
+
+@dataclass
+class Failure:
+    """One rank's abnormal end, as far as the agent knows it."""
+
+    rank: int
+    pid: int
+    seen: float
+    """When the agent learned of it (the stream ended or a report came)."""
+    report: worker_pb2.ExitReport | None = None
+    from_guard: bool = False
+    """The report is the rank guard's (how the process really ended), not the rank's own last words."""
+
+    @property
+    def died(self) -> float:
+        return self.report.wall_time if self.report is not None and self.report.wall_time else self.seen
+
+    @property
+    def collateral(self) -> bool:
+        """Died because the job was going down anyway: stopped by torch elastic, or a peer vanished."""
+        if self.report is None:
+            return False
+        if self.report.signal in _COLLATERAL_SIGNALS:
+            return True
+        tail = "\n".join(self.report.log_tail)
+        return any(marker in tail for marker in _PEER_FAILURE_MARKERS)
+
+    def how(self) -> str:
+        if self.report is None:
+            return "ended without a word (its guard did not report)"
+        if self.report.signal:
+            return f"killed by {self.report.signal}"
+        return f"exited with code {self.report.exit_code}"
+
+
+@dataclass
+class Incident:
+    kind: IncidentKind
+    started: float
+    """When the fault happened: the culprit's death, the last completed step before a hang, the request."""
+    step: int
+    """The newest step completed before the fault."""
+    state: IncidentState = IncidentState.DETECTED
+    detected: float = 0.0
+    """When the verdict was reached (REPORTED)."""
+    failures: list[Failure] = field(default_factory=list)
+
+    def advance(self, state: IncidentState) -> None:
+        if state < self.state:
+            raise AssertionError(f"incident {self.kind.value}: {self.state.name} cannot go back to {state.name}")
+        self.state = state
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the tracker concluded: the incident, the event to record (None: nothing to tell) and what to do."""
+
+    incident: Incident
+    event: telemetry_pb2.Event | None = None
+    action: Action = Action.NONE
+
+
+@dataclass(frozen=True)
+class HangFindings:
+    """What collecting the stacks found (agent/stacks.py, agent/hang_rules.py)."""
+
+    culprit: int | None
+    reason: str
+    how: str = ""
+    """How the culprit's stacks were read, when not by its own handler: "stopped (SIGSTOP)", "py-spy, ..."."""
+    ranks_answered: int = 0
+    ranks_total: int = 0
+
+
+@dataclass
+class _Rank:
+    pid: int
+    attached: float
+    live: bool = True
+
+
+class IncidentTracker:
+    """The incident state machine of one node's ranks; see the module docstring."""
+
+    def __init__(self, clock: Clock, hang_timeout: float | None = None) -> None:
+        self._clock = clock
+        self.hang_timeout = hang_timeout
+        """Fixed hang timeout in seconds; None: the larger of 30 s and 5 median step times."""
+        self.incident: Incident | None = None
+        self.closed: list[Incident] = []
+        """Closed incidents, oldest first (the restarts of the job seen from this node)."""
+        self._ranks: dict[int, _Rank] = {}
+        self._expected_exits: set[int] = set()
+        """Pids the agent itself stopped: their ends are not crashes."""
+        self._last_progress = clock()
+        self._progress_step = 0
+        self._stepped_since_attach = False
+        self._step_seconds: deque[float] = deque(maxlen=50)
+
+    @property
+    def restarts(self) -> int:
+        return len(self.closed)
+
+    def current_hang_timeout(self) -> float:
+        if self.hang_timeout:
+            return self.hang_timeout
+        median = statistics.median(self._step_seconds) if self._step_seconds else 0.0
+        return max(MIN_HANG_TIMEOUT_SECONDS, HANG_TIMEOUT_STEPS * median)
+
+    # --- what the agent learns of its ranks -------------------------------------------------------------
+
+    def rank_attached(self, rank: int, pid: int) -> None:
+        now = self._clock()
+        self._ranks[rank] = _Rank(pid, now)
+        # A new process gets the whole (first-step) allowance before it can count as hung.
+        self._last_progress = now
+        self._stepped_since_attach = False
+
+    def rank_stepped(self, rank: int, step: int, step_seconds: float) -> list[Verdict]:
+        """A step report; a restarted rank's first one closes the open incident."""
+        now = self._clock()
+        incident = self.incident
+        if step > self._progress_step or incident is not None:
+            self._last_progress = now
+        # During an incident the newest step is the restarted job's, which starts again from a checkpoint.
+        self._progress_step = max(self._progress_step, step) if incident is None else step
+        self._stepped_since_attach = True
+        self._step_seconds.append(step_seconds)
+        known = self._ranks.get(rank)
+        if incident is None or known is None or known.attached <= incident.started:
+            return []
+        verdicts = []
+        if incident.state is IncidentState.DETECTED and incident.kind is IncidentKind.CRASH:
+            verdicts.append(self._report_crash(incident, now))  # never close an incident that was not told
+        verdicts.append(self._close(incident, rank, step, now))
+        return verdicts
+
+    def rank_ended(self, rank: int, pid: int) -> None:
+        """The rank's stream ended without it finishing: the process is gone."""
+        self._gone(rank, pid)
+        self._failure(rank, pid)
+
+    def rank_finished(self, rank: int) -> None:
+        """The rank finished training and its stream ended: a clean exit."""
+        known = self._ranks.get(rank)
+        if known is not None:
+            known.live = False
+
+    def exit_reported(self, report: worker_pb2.ExitReport, from_guard: bool) -> None:
+        """How a rank ended: its guard's report (``from_guard``: authoritative) or its own last words."""
+        self._gone(report.rank, report.pid)
+        failure = self._failure(report.rank, report.pid)
+        if from_guard or failure.report is None:
+            failure.report = report
+            failure.from_guard = from_guard
+
+    def expect_exit(self, pid: int) -> None:
+        """The agent is stopping this process: its end is not a fault."""
+        self._expected_exits.add(pid)
+
+    def live_ranks(self) -> list[int]:
+        return sorted(rank for rank, known in self._ranks.items() if known.live)
+
+    # --- time passing ---------------------------------------------------------------------------------
+
+    def tick(self) -> list[Verdict]:
+        """Called every fraction of a second: a crash to name, a hang suspected, a stalled node that must act."""
+        now = self._clock()
+        incident = self.incident
+        if incident is not None and incident.kind is IncidentKind.CRASH and incident.state is IncidentState.DETECTED:
+            return [self._report_crash(incident, now)] if self._crash_ready(incident, now) else []
+        if incident is None and self.live_ranks():
+            limit = self.current_hang_timeout()
+            if not self._stepped_since_attach:
+                limit *= FIRST_STEP_ALLOWANCE
+            if now - self._last_progress > limit:
+                self.incident = Incident(IncidentKind.HANG, self._last_progress, self._progress_step)
+                return [Verdict(self.incident, action=Action.COLLECT_STACKS)]
+            return []
+        if incident is not None and incident.kind is IncidentKind.HANG and incident.state is IncidentState.REPORTED:
+            # No culprit here: another node's agent should stop its ranks, and ours would then fail on the broken
+            # connections (or restart). If nothing at all happened for one more timeout, stop ours.
+            untouched = not incident.failures and all(r.attached < incident.started for r in self._ranks.values())
+            if untouched and now - incident.detected > self.current_hang_timeout():
+                return [self._hang_without_culprit(incident, now)]
+        return []
+
+    # --- answers to the tracker's requests -------------------------------------------------------------
+
+    def hang_diagnosed(self, findings: HangFindings) -> Verdict | None:
+        """The stacks of a suspected hang, diagnosed; None when the incident ended meanwhile."""
+        incident = self.incident
+        if incident is None or incident.kind is not IncidentKind.HANG or incident.state is not IncidentState.DETECTED:
+            return None
+        now = self._clock()
+        incident.detected = now
+        incident.advance(IncidentState.REPORTED)
+        waited = now - incident.started
+        collected = f"stacks of {findings.ranks_answered}/{findings.ranks_total} ranks collected"
+        detail = _Hang(
+            reason=findings.reason,
+            how=findings.how,
+            detect_seconds=waited,
+            last_step=incident.step,
+            ranks_answered=findings.ranks_answered,
+            ranks_total=findings.ranks_total,
+        )
+        if findings.culprit is None:
+            detail.verdict = _Hang.VERDICT_ELSEWHERE
+            text = (
+                f"no step completed for {waited:.1f}s after step {incident.step}; {collected}; {findings.reason}: "
+                "the culprit may be on another node"
+            )
+            return Verdict(incident, events.make_event(text, detail, severity=events.WARNING, wall_time=now))
+        detail.verdict = _Hang.VERDICT_CULPRIT
+        detail.culprit_rank = findings.culprit
+        how = f" (its stacks: {findings.how})" if findings.how else ""
+        text = (
+            f"rank {findings.culprit} hangs{how}: {findings.reason}; no step for {waited:.1f}s after step "
+            f"{incident.step}; {collected}; restarting"
+        )
+        incident.advance(IncidentState.ACTED)
+        event = events.make_event(
+            text, detail, severity=events.ERROR, rank=findings.culprit, step=incident.step, wall_time=now
+        )
+        return Verdict(incident, event, Action.STOP_RANKS)
+
+    def restart_requested(self, reason: str, from_step: int | None = None) -> Verdict:
+        """A user asked for a restart: the ranks are to be stopped; the restart event follows the first step."""
+        now = self._clock()
+        incident = self.incident
+        if incident is None:
+            incident = self.incident = Incident(IncidentKind.REQUESTED, now, self._progress_step, detected=now)
+            incident.advance(IncidentState.REPORTED)
+        if incident.state >= IncidentState.REPORTED:  # a crash not yet named stays to be named
+            incident.advance(max(incident.state, IncidentState.ACTED))
+        detail = _Restart(phase=_Restart.PHASE_REQUESTED, cause=_Restart.CAUSE_REQUESTED, reason=reason)
+        if from_step is not None:
+            detail.from_step = from_step
+        event = events.make_event(f"restart requested: {reason}", detail, severity=events.WARNING, wall_time=now)
+        return Verdict(incident, event, Action.STOP_RANKS)
+
+    # --- inside ---------------------------------------------------------------------------------------
+
+    def _gone(self, rank: int, pid: int) -> None:
+        known = self._ranks.get(rank)
+        if known is not None and known.pid == pid:
+            known.live = False
+
+    def _failure(self, rank: int, pid: int) -> Failure:
+        if pid in self._expected_exits:
+            return Failure(rank, pid, self._clock())  # stopped by the agent: recorded nowhere
+        incident = self.incident
+        if incident is None:
+            incident = self.incident = Incident(IncidentKind.CRASH, self._clock(), self._progress_step)
+        for failure in incident.failures:
+            if failure.pid == pid:
+                return failure
+        failure = Failure(rank, pid, self._clock())
+        incident.failures.append(failure)
+        return failure
+
+    def _culprits(self, incident: Incident) -> list[Failure]:
+        reported = (f for f in incident.failures if f.report is not None and not f.collateral)
+        return sorted(reported, key=lambda f: f.died)
+
+    def _crash_ready(self, incident: Incident, now: float) -> bool:
+        """A culprit is known, or its guard has had its chance to report."""
+        if self._culprits(incident):
+            return True
+        return bool(incident.failures) and now - min(f.seen for f in incident.failures) >= CRASH_REPORT_WAIT_SECONDS
+
+    def _report_crash(self, incident: Incident, now: float) -> Verdict:
+        incident.detected = now
+        incident.advance(IncidentState.REPORTED)
+        culprits = self._culprits(incident)
+        if not culprits:
+            culprits = sorted((f for f in incident.failures if f.report is None), key=lambda f: f.seen)
+        if not culprits:
+            collateral = ", ".join(f"rank {f.rank} ({f.how()})" for f in incident.failures)
+            detail = telemetry_pb2.JobDetail(
+                phase=telemetry_pb2.JobDetail.PHASE_PEER_FAILED, ranks=sorted(f.rank for f in incident.failures)
+            )
+            text = f"ranks stopped because a peer failed or torch elastic stopped them: {collateral}"
+            return Verdict(incident, events.make_event(text, detail, severity=events.WARNING, wall_time=now))
+        culprit = culprits[0]
+        incident.started = culprit.died
+        report = culprit.report
+        detail = telemetry_pb2.CrashDetail(pid=culprit.pid, detect_seconds=now - culprit.died, last_step=incident.step)
+        if report is not None:
+            detail.exit_code = report.exit_code
+            detail.signal = report.signal
+            detail.log_tail.extend(list(report.log_tail)[-LOG_TAIL_LINES:])
+            detail.restart_count = report.restart_count
+        text = (
+            f"rank {culprit.rank} (pid {culprit.pid}) {culprit.how()} after step {incident.step}; "
+            f"detected in {now - culprit.died:.2f}s"
+        )
+        others = [f for f in incident.failures if f is not culprit]
+        if others:
+            text += "; then " + ", ".join(f"rank {f.rank} {f.how()}" for f in others)
+        event = events.make_event(
+            text, detail, severity=events.ERROR, rank=culprit.rank, step=incident.step, wall_time=now
+        )
+        return Verdict(incident, event)
+
+    def _hang_without_culprit(self, incident: Incident, now: float) -> Verdict:
+        incident.advance(IncidentState.ACTED)
+        waited = now - incident.started
+        detail = _Hang(
+            verdict=_Hang.VERDICT_NO_CULPRIT,
+            reason="no culprit found here and no other node acted",
+            detect_seconds=waited,
+            last_step=incident.step,
+        )
+        text = f"no step for {waited:.1f}s and no culprit found; stopping this node's ranks so the job restarts"
+        return Verdict(
+            incident, events.make_event(text, detail, severity=events.ERROR, wall_time=now), Action.STOP_RANKS
+        )
+
+    def _close(self, incident: Incident, rank: int, step: int, now: float) -> Verdict:
+        incident.advance(IncidentState.CLOSED)
+        self.incident = None
+        self.closed.append(incident)
+        resumed = step - 1
+        lost = max(0, incident.step - resumed)
+        mttr = now - incident.started
+        if rank != 0 and 0 not in self._ranks:
+            return Verdict(incident)  # the node with rank 0 reports the job's restart
+        detail = _Restart(
+            phase=_Restart.PHASE_DONE,
+            cause=_RESTART_CAUSES[incident.kind],
+            mttr_seconds=mttr,
+            steps_lost=lost,
+            resumed_step=resumed,
+        )
+        text = (
+            f"job restarted after the {_LABELS[incident.kind]}: resumed from step {resumed}, first step done "
+            f"{mttr:.1f}s after the fault, {lost} steps lost"
+        )
+        event = events.make_event(text, detail, severity=events.WARNING, rank=rank, step=resumed, wall_time=now)
+        return Verdict(incident, event)
