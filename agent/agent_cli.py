@@ -85,14 +85,7 @@ def run(args: argparse.Namespace) -> int:
         if args.hang_timeout is not None and not args.hang_timeout > 0:
             raise ConfigError(f"--hang-timeout must be a positive number of seconds, got {args.hang_timeout}")
         if script:
-            options = LaunchOptions(
-                nproc_per_node=args.nproc_per_node,
-                nnodes=args.nnodes,
-                rdzv_endpoint=args.rdzv_endpoint,
-                rdzv_id=args.rdzv_id,
-                max_restarts=args.max_restarts,
-            )
-            options.validate()
+            options = LaunchOptions.from_args(args)
             entry, total_steps = script, 0
             run_dir = args.run_dir or DEFAULT_RUN_DIR
         else:

@@ -23,7 +23,6 @@ from megascope.protos import events
 from megascope.protos.megascope.v1 import agent_pb2, telemetry_pb2, worker_pb2
 
 _BACKFILL_CHUNK = 500
-RANK_LOST = "rank_lost"
 """Kind of the event (no detail: nothing reads it but people) when a rank's stream ends without it finishing."""
 
 
@@ -192,7 +191,7 @@ class NodeState:
         last = f"step {status.last_step}" if status.HasField("last_step") else "before its first step"
         self.event(
             f"rank {rank} (pid {status.pid}) went away without finishing, {last}",
-            kind=RANK_LOST,
+            kind=events.RANK_LOST,
             severity=events.WARNING,
             rank=rank,
         )

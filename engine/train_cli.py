@@ -145,14 +145,7 @@ def build(args: argparse.Namespace) -> tuple[TrainConfig, LaunchOptions]:
         faults=tuple(args.inject),
         self_check=not args.no_self_check,
     )
-    options = LaunchOptions(
-        nproc_per_node=args.nproc_per_node,
-        nnodes=args.nnodes,
-        rdzv_endpoint=args.rdzv_endpoint,
-        rdzv_id=args.rdzv_id,
-        max_restarts=args.max_restarts,
-    )
-    options.validate()
+    options = LaunchOptions.from_args(args)
     if config.checkpoint.init_from:
         _check_init_from(config)
     try:  # with --nnodes MIN:MAX the job may grow to MAX nodes

@@ -27,6 +27,8 @@ INFO, WARNING, ERROR, CRITICAL = (
 AGENT_STARTED = "agent_started"
 AGENT_STOPPING = "agent_stopping"
 NO_GPU = "no_gpu"
+# A rank the agent saw attached whose stream ended without a finished or failure message.
+RANK_LOST = "rank_lost"
 
 _CHECKPOINT_KINDS = {
     pb.CheckpointDetail.PHASE_REQUESTED: "checkpoint_requested",

@@ -12,6 +12,7 @@ attempt's gloo addresses and fail or hang (pytorch/pytorch#135712).
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -49,6 +50,19 @@ class LaunchOptions:
         if lo < 1 or hi < lo:
             raise ConfigError(f"--nnodes must satisfy 1 <= MIN <= MAX, got {self.nnodes!r}")
         return lo, hi
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> LaunchOptions:
+        """The launch flags (``megascope train``'s, which ``megascope agent`` shares), validated."""
+        options = cls(
+            nproc_per_node=args.nproc_per_node,
+            nnodes=args.nnodes,
+            rdzv_endpoint=args.rdzv_endpoint,
+            rdzv_id=args.rdzv_id,
+            max_restarts=args.max_restarts,
+        )
+        options.validate()
+        return options
 
     def validate(self) -> None:
         if self.nproc_per_node < 1:
