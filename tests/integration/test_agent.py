@@ -9,22 +9,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support.agents import wait_until
+from support.wire import step_report
 
 from megascope.agent.server import AgentServer
 from megascope.agent.state import NodeState
 from megascope.agent.supervision import Supervisor
 from megascope.engine.runtime.agent_link import AgentSink
-from megascope.engine.runtime.telemetry import StepReport
 from megascope.protos.megascope.v1 import agent_pb2, agent_pb2_grpc, telemetry_pb2, worker_pb2, worker_pb2_grpc
-
-
-def report(rank: int, step: int) -> StepReport:
-    return StepReport(
-        rank=rank, local_rank=rank, world_size=2, step=step, loss=5.0 - step * 0.01, lr=1e-3, grad_norm=1.0,
-        tokens=512, step_seconds=0.1, data_wait_seconds=0.01, forward_seconds=0.03, backward_seconds=0.04,
-        comm_wait_seconds=0.01, optimizer_seconds=0.01, other_seconds=0.0, tokens_per_second=5120.0,
-        model_flops=1e9, mfu=0.2, node="node0",
-    )  # fmt: skip
 
 
 @pytest.fixture
@@ -67,7 +58,7 @@ async def test_watcher_gets_live_reports_and_a_late_watcher_gets_them_back_fille
     await asyncio.sleep(0.3)
     for step in range(1, 6):
         for rank, sink in enumerate(sinks):
-            sink.write_step(report(rank, step))
+            sink.write_step(step_report(rank, step))
     live = await early
     assert steps_in(live, backfill=False) == {(rank, step) for rank in (0, 1) for step in range(1, 6)}
 
@@ -85,10 +76,10 @@ async def test_watcher_gets_live_reports_and_a_late_watcher_gets_them_back_fille
 async def test_rank_that_finishes_is_exited_and_one_that_vanishes_is_failed(agent: AgentServer) -> None:
     finishing, vanishing = worker_sink(agent.address, 0), worker_sink(agent.address, 1)
     await wait_until(lambda: finishing.connected and vanishing.connected)
-    finishing.write_step(report(0, 1))
+    finishing.write_step(step_report(0, 1))
     finishing.write_signal(worker_pb2.RankFinished(steps=1))
     await asyncio.to_thread(finishing.close)
-    vanishing.write_step(report(1, 1))
+    vanishing.write_step(step_report(1, 1))
     await wait_until(lambda: agent.state.ranks[1].HasField("last_step"))
     await asyncio.to_thread(vanishing.close, 0)  # the stream is cut without "finished", as when a rank dies
     await wait_until(lambda: agent.state.ranks[1].state == telemetry_pb2.RANK_STATE_FAILED)
@@ -157,7 +148,7 @@ async def test_bad_worker_input_gets_a_clear_status_and_the_agent_keeps_serving(
     assert names in (error.details() or "")
     good = worker_sink(agent.address, 1)
     await wait_until(lambda: good.connected)
-    good.write_step(report(1, 7))
+    good.write_step(step_report(1, 7))
     await wait_until(lambda: any(r.step == 7 for r in agent.state.step_reports))
     await asyncio.to_thread(good.close)
 

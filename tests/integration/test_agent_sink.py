@@ -9,7 +9,7 @@ from pathlib import Path
 
 from support import read_telemetry, run_megascope
 from support.agents import wait_until
-from test_agent import report
+from support.wire import step_report
 
 from megascope.agent.server import AgentServer
 from megascope.agent.state import NodeState
@@ -24,7 +24,7 @@ def test_writes_return_at_once_and_are_counted_as_dropped_while_no_agent_listens
     sink = AgentSink(f"127.0.0.1:{free_port()}", HELLO)
     start = time.perf_counter()
     for step in range(1, 1001):
-        sink.write_step(report(0, step))
+        sink.write_step(step_report(0, step))
     elapsed = time.perf_counter() - start
     sink.close(timeout=0.5)
     assert elapsed < 0.5  # no waiting on the network: ~0.1 ms a report for building the message
@@ -40,7 +40,7 @@ async def test_sink_reconnects_when_the_agent_comes_back_on_its_port() -> None:
         server = AgentServer(NodeState(telemetry_pb2.NodeInfo(node="node0")), "127.0.0.1", port)
         await server.start()
         await wait_until(lambda: sink.connected, timeout=15)
-        sink.write_step(report(0, attempt + 1))
+        sink.write_step(step_report(0, attempt + 1))
         await wait_until(lambda server=server: len(server.state.step_reports) == 1)
         await server.stop(grace_seconds=0.1)
         await wait_until(lambda: not sink.connected)

@@ -1,4 +1,4 @@
-"""Helpers for the TUI tests: Pilot waits, table cells, SVG snapshots, and the report builders they feed."""
+"""Helpers for the TUI tests: Pilot waits, table cells and SVG snapshots."""
 
 from __future__ import annotations
 
@@ -15,24 +15,11 @@ from textual.pilot import Pilot
 from megascope.dashboard.app import DashboardApp
 from megascope.dashboard.widgets.header import HeaderBar
 from megascope.dashboard.widgets.tables import KeyedTable
-from megascope.protos.megascope.v1 import telemetry_pb2
 
 SNAPSHOTS = Path(__file__).resolve().parents[1] / "tui" / "snapshots"
 
 
 SIZE = (160, 48)
-
-
-def report(rank: int, step: int) -> telemetry_pb2.StepReport:
-    """A proto step report of a 2-rank node0 job, stamped now."""
-    return telemetry_pb2.StepReport(
-        node="node0", rank=rank, world_size=2, step=step, loss=3.0 - 0.01 * step, tokens=512,
-        step_seconds=0.2, tokens_per_second=2560.0, wall_time=time.time(),
-    )  # fmt: skip
-
-
-def running(rank: int) -> telemetry_pb2.RankStatus:
-    return telemetry_pb2.RankStatus(rank=rank, pid=100 + rank, state=telemetry_pb2.RANK_STATE_RUNNING)
 
 
 async def until(pilot: Pilot[int], condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:

@@ -25,11 +25,11 @@ from support.tui import (  # noqa: F401
     drawn,
     header_text,
     rendered_text,
-    report,
-    running,
     svg_lines,
     until,
 )
+from support.wire import running
+from support.wire import step_report as report
 
 from megascope.dashboard.app import TICK_SECONDS, DashboardApp, help_keys
 from megascope.dashboard.connection import watch_agent

@@ -14,7 +14,9 @@ from pathlib import Path
 import grpc
 import pytest
 from support.fake_agent import FakeAgent, faulthandler_text, serve, synthetic_model
-from support.tui import SIZE, assert_snapshot, cell, drawn, report, running, until
+from support.tui import SIZE, assert_snapshot, cell, drawn, until
+from support.wire import running
+from support.wire import step_report as report
 from textual.pilot import Pilot
 from textual.widgets import Static
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from support.wire import batch, running, step_report
 
 from megascope.dashboard.control import DashboardControl, ReadOnlyError
 from megascope.dashboard.model import store
@@ -17,43 +18,18 @@ NOW = 1_767_225_600.0
 
 
 def report(rank: int, step: int, **fields: object) -> telemetry_pb2.StepReport:
-    values: dict[str, object] = {
-        "node": "node0" if rank < 2 else "node1",
-        "rank": rank,
-        "world_size": 4,
-        "step": step,
-        "loss": 3.0,
-        "tokens": 1000,
-        "step_seconds": 1.0,
-        "tokens_per_second": 1000.0,
-        "wall_time": NOW + step,
-    }
+    """Four ranks, two a node, one 1 s step a second from NOW."""
+    values: dict[str, object] = {"node": "node0" if rank < 2 else "node1", "world_size": 4, "loss": 3.0,
+                                 "tokens": 1000, "step_seconds": 1.0, "tokens_per_second": 1000.0,
+                                 "wall_time": NOW + step}  # fmt: skip
     values.update(fields)
-    return telemetry_pb2.StepReport(**values)  # type: ignore[arg-type]
-
-
-def batch(
-    *reports: telemetry_pb2.StepReport,
-    info: telemetry_pb2.NodeInfo | None = None,
-    statuses: list[telemetry_pb2.RankStatus] | None = None,
-    events: list[telemetry_pb2.Event] | None = None,
-    hosts: list[telemetry_pb2.HostSample] | None = None,
-) -> telemetry_pb2.Telemetry:
-    t = telemetry_pb2.Telemetry(step_reports=reports, rank_statuses=statuses or [], events=events or [])
-    t.host_samples.extend(hosts or [])
-    if info is not None:
-        t.node_info.CopyFrom(info)
-    return t
+    return step_report(rank, step, **values)
 
 
 def node_info(node: str, ranks: list[int], **fields: object) -> telemetry_pb2.NodeInfo:
     values: dict[str, object] = {"node": node, "ranks": ranks, "world_size": 4, "start_wall_time": NOW}
     values.update(fields)
     return telemetry_pb2.NodeInfo(**values)  # type: ignore[arg-type]
-
-
-def running(rank: int, state: int = telemetry_pb2.RANK_STATE_RUNNING) -> telemetry_pb2.RankStatus:
-    return telemetry_pb2.RankStatus(rank=rank, pid=100 + rank, state=state)
 
 
 def model_with(*agents: str) -> ClusterModel:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from google.protobuf import json_format
+from support.wire import step_report
 
 from megascope.engine.runtime.telemetry import (
     CollectiveTiming,
@@ -22,30 +23,17 @@ from megascope.engine.runtime.telemetry import (
 from megascope.protos.events import WARNING, make_event
 from megascope.protos.megascope.v1 import telemetry_pb2, worker_pb2
 
+# Every field of a report set (a full breakdown that adds up, MFU, throughput), for round trips.
+FULL: dict[str, object] = {
+    "loss": 2.5, "lr": 3e-4, "grad_norm": 1.25, "tokens": 4096, "step_seconds": 0.5, "data_wait_seconds": 0.05,
+    "forward_seconds": 0.1, "backward_seconds": 0.2, "comm_wait_seconds": 0.1, "optimizer_seconds": 0.03,
+    "other_seconds": 0.02, "tokens_per_second": 8192.0, "model_flops": 1.0e12, "mfu": 0.4, "node": "",
+    "wall_time": 0.0,
+}  # fmt: skip
+
 
 def _report(step: int = 3, **overrides: object) -> StepReport:
-    values: dict[str, object] = {
-        "rank": 0,
-        "local_rank": 0,
-        "world_size": 2,
-        "step": step,
-        "loss": 2.5,
-        "lr": 3e-4,
-        "grad_norm": 1.25,
-        "tokens": 4096,
-        "step_seconds": 0.5,
-        "data_wait_seconds": 0.05,
-        "forward_seconds": 0.1,
-        "backward_seconds": 0.2,
-        "comm_wait_seconds": 0.1,
-        "optimizer_seconds": 0.03,
-        "other_seconds": 0.02,
-        "tokens_per_second": 8192.0,
-        "model_flops": 1.0e12,
-        "mfu": 0.4,
-    }
-    values.update(overrides)
-    return StepReport(**values)
+    return step_report(0, step, **{**FULL, **overrides})
 
 
 class RecordingSink:
