@@ -12,6 +12,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # loaded inside run: `megascope --help` stays fast
+    from megascope.agent.auth import ServerTLS
 
 HELP = "run a node's agent: launch and supervise its training ranks, serve their telemetry over gRPC"
 
@@ -23,10 +27,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     agent.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1)")
     agent.add_argument("--port", type=int, default=50051, help="port to serve on; 0 picks a free one (default: 50051)")
     agent.add_argument("--node", help="this node's name in the dashboard (default: the hostname)")
-    agent.add_argument(
+    security = parser.add_argument_group("security (README: Security model)")
+    security.add_argument(
+        "--token-file",
+        metavar="PATH",
+        help="require the token in this file (one line; chmod 600) for control RPCs (default: $MEGASCOPE_TOKEN; "
+        "neither: no check)",
+    )
+    security.add_argument(
         "--token",
-        default=os.environ.get("MEGASCOPE_TOKEN"),
-        help="require this token for control RPCs (default: $MEGASCOPE_TOKEN; none: no check)",
+        metavar="TOKEN",
+        help="the token itself (deprecated: visible to every user in ps; use --token-file or $MEGASCOPE_TOKEN)",
+    )
+    security.add_argument(
+        "--token-reads",
+        action="store_true",
+        help="require the token for reading calls too (Watch, GetSnapshot, GetEvents, ListCheckpoints, "
+        "GetMergeStatus), not only for control",
+    )
+    security.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate (chain)")
+    security.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    security.add_argument(
+        "--tls-ca",
+        metavar="PEM",
+        help="mutual TLS: require every client to present a certificate signed by this CA",
+    )
+    security.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve on a non-loopback --host with neither TLS nor a token (refused without this flag)",
     )
     agent.add_argument(
         "--history-seconds",
@@ -55,7 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     agent.add_argument(
         "--no-launch",
         action="store_true",
-        help="serve only; ranks started elsewhere attach via MEGASCOPE_AGENT_ADDRESS",
+        help="serve only; ranks started elsewhere attach with MEGASCOPE_AGENT_ADDRESS and MEGASCOPE_AGENT_SECRET, "
+        "which the agent writes to RUN_DIR/agent-NODE.worker (mode 600)",
     )
     add_train_arguments(parser)
     parser.add_argument(
@@ -68,6 +98,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import asyncio
     import socket
+
+    from megascope.agent.auth import AuthError
+
+    try:  # first, before torch loads: a refusal to serve is immediate and writes nothing
+        token, tls = _security(args)
+    except AuthError as error:
+        print(f"megascope agent: error: {error}", file=sys.stderr)
+        return 2
 
     from megascope.agent.node import DEFAULT_RUN_DIR, Agent, AgentOptions
     from megascope.engine.config import ConfigError
@@ -106,13 +144,40 @@ def run(args: argparse.Namespace) -> int:
         entry=entry,
         run_dir=run_dir,
         total_steps=total_steps,
-        token=args.token,
+        token=token,
+        token_reads=args.token_reads,
+        tls=tls,
         ckpt_dir=ckpt_dir,
         hang_timeout=args.hang_timeout,
         evict_slow_nodes=args.evict_slow_nodes,
     )
     try:
         return asyncio.run(Agent(agent_options).run())
+    except AuthError as error:  # a TLS file that cannot be read
+        print(f"megascope agent: error: {error}", file=sys.stderr)
+        return 2
     except OSError as error:
         print(f"megascope agent: error: {error}", file=sys.stderr)
         return 1
+
+
+def _security(args: argparse.Namespace) -> tuple[str | None, ServerTLS | None]:
+    """The token and TLS settings from the flags, warnings printed; raises AuthError (exit 2) for flags that
+    cannot be used, and for a non-loopback --host with neither TLS nor a token without --insecure."""
+    from megascope.agent.auth import TOKEN_ENV, AuthError, ServerTLS, choose_token, listen_refusal, listen_warnings
+
+    choice = choose_token(args.token, args.token_file)
+    # The ranks and a user's script inherit this process's environment: they need no token, so it stops here.
+    os.environ.pop(TOKEN_ENV, None)
+    tls = ServerTLS.from_flags(args.tls_cert, args.tls_key, args.tls_ca)
+    if tls is not None:
+        tls.credentials()  # an unreadable or non-PEM file is a flag error now, not a failure to serve later
+    if args.token_reads and choice.token is None:
+        raise AuthError("--token-reads needs a token (--token-file or $MEGASCOPE_TOKEN)")
+    refused = listen_refusal(args.host, tls is not None, choice.token is not None, args.insecure)
+    if refused is not None:
+        raise AuthError(refused)
+    warnings = [*choice.warnings, *listen_warnings(args.host, tls is not None, choice.token is not None, args.insecure)]
+    for warning in warnings:
+        print(f"megascope agent: warning: {warning}", file=sys.stderr)
+    return choice.token, tls

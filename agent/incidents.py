@@ -112,7 +112,9 @@ class Failure:
 
     @property
     def died(self) -> float:
-        return self.report.wall_time if self.report is not None and self.report.wall_time else self.seen
+        """When it died: the report's time, but never after the agent learned of it (a time from the future would
+        make the detection time negative and keep the incident from ever closing)."""
+        return min(self.report.wall_time, self.seen) if self.report is not None and self.report.wall_time else self.seen
 
     @property
     def collateral(self) -> bool:
@@ -246,7 +248,13 @@ class IncidentTracker:
             known.live = False
 
     def exit_reported(self, report: worker_pb2.ExitReport, from_guard: bool) -> None:
-        """How a rank ended: its guard's report (``from_guard``: authoritative) or its own last words."""
+        """How a rank ended: its guard's report (``from_guard``: authoritative) or its own last words.
+
+        A report about another process than the one the rank runs as now, while that one is live, is not about
+        this rank's present: dropped (it must not open an incident that no restart would ever close)."""
+        known = self._ranks.get(report.rank)
+        if known is not None and known.live and known.pid != report.pid:
+            return
         self._gone(report.rank, report.pid)
         failure = self._failure(report.rank, report.pid)
         if from_guard or failure.report is None:

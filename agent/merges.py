@@ -36,6 +36,7 @@ import grpc
 import psutil
 
 from megascope.agent.state import NodeState
+from megascope.agent.validation import short
 from megascope.engine.checkpoint.format import (
     METADATA,
     CheckpointError,
@@ -46,6 +47,7 @@ from megascope.engine.checkpoint.format import (
 )
 from megascope.engine.checkpoint.merge import METHODS, MergeError, merge_weights, select_steps
 from megascope.engine.checkpoint.streaming import tmp_path
+from megascope.engine.runtime import parent_death
 from megascope.protos import events
 from megascope.protos.megascope.v1 import agent_pb2, telemetry_pb2
 
@@ -64,11 +66,15 @@ _CANCELLED = agent_pb2.MERGE_STATE_CANCELLED
 _ENDED = (_DONE, _FAILED, _CANCELLED)
 
 
+MAX_MERGE_INPUTS = 1000
+"""Steps (and weights) of one StartMerge: a bound on the work a request can ask for before anything is checked."""
+
+
 class MergeRefused(Exception):
     """A StartMerge that cannot run as asked; ``code`` is the gRPC status, the text names the field."""
 
     def __init__(self, code: grpc.StatusCode, text: str) -> None:
-        super().__init__(text)
+        super().__init__(short(text))  # a long status message is dropped by gRPC, and the caller sees no reason
         self.code = code
 
 
@@ -115,6 +121,13 @@ def plan_merge(request: agent_pb2.StartMergeRequest, ckpt_dir: Path | None, now:
     def invalid(text: str) -> MergeRefused:
         return MergeRefused(grpc.StatusCode.INVALID_ARGUMENT, text)
 
+    # The request's size first: nothing else is looked at for one that asks too much.
+    for name in ("steps", "weights"):
+        given = len(getattr(request, name))
+        if given > MAX_MERGE_INPUTS:
+            raise invalid(f"{name}: at most {MAX_MERGE_INPUTS} checkpoints in one merge, got {given}")
+    if request.last > MAX_MERGE_INPUTS:
+        raise invalid(f"last: at most {MAX_MERGE_INPUTS} checkpoints in one merge, got {request.last}")
     if ckpt_dir is None:
         raise MergeRefused(
             grpc.StatusCode.FAILED_PRECONDITION,
@@ -143,9 +156,12 @@ def plan_merge(request: agent_pb2.StartMergeRequest, ckpt_dir: Path | None, now:
     if request.last == 1 or len(request.steps) == 1:
         raise invalid("steps or last: a merge needs at least 2 checkpoints, got 1")
     steps = list(request.steps)
-    repeated = sorted({s for s in steps if steps.count(s) > 1})
+    seen: set[int] = set()
+    repeated: set[int] = set()
+    for step in steps:  # linear: a request may list a thousand steps
+        (repeated if step in seen else seen).add(step)
     if repeated:
-        raise invalid(f"steps: {_steps_text(repeated)} listed more than once")
+        raise invalid(f"steps: {_steps_text(sorted(repeated))} listed more than once")
 
     try:
         chosen = select_steps(ckpt_dir, steps or None, request.last or None, request.every or None)
@@ -447,9 +463,10 @@ class MergeRunner:
             return
         try:
             plan.out.parent.mkdir(parents=True, exist_ok=True)
+            # Tied to the agent as the ranks are: if the agent dies (kill -9 included), the merge gets SIGTERM,
+            # stops and publishes nothing, rather than publish into a run no agent watches any more.
             process = await asyncio.create_subprocess_exec(
-                *self.command,
-                *plan.arguments(ckpt_dir),
+                *parent_death.command(signal.SIGTERM, [*self.command, *plan.arguments(ckpt_dir)]),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,

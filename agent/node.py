@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -12,15 +13,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
 
+from megascope.agent.auth import ServerTLS
 from megascope.agent.collectors import GpuSampler, HostSampler
 from megascope.agent.control import ControlError, JobControl
 from megascope.agent.merges import MergeRunner
+from megascope.agent.processes import is_descendant, is_own_user, launched_rank
 from megascope.agent.server import AgentServer
 from megascope.agent.state import HistoryLimits, NodeState
 from megascope.agent.supervision import Supervisor
+from megascope.agent.validation import Launched
 from megascope.engine.runtime import launch as launcher
 from megascope.engine.runtime import run_dir as run_paths
-from megascope.engine.runtime.agent_link import AGENT_ADDRESS_ENV
+from megascope.engine.runtime.agent_link import AGENT_ADDRESS_ENV, AGENT_SECRET_ENV
 from megascope.protos import events
 from megascope.protos.megascope.v1 import telemetry_pb2
 
@@ -47,6 +51,10 @@ class AgentOptions:
     total_steps: int = 0
     token: str | None = None
     """Required from callers of control RPCs when set."""
+    token_reads: bool = False
+    """The token is required from callers of the reading RPCs too (Watch, GetSnapshot, ...)."""
+    tls: ServerTLS | None = None
+    """Serve TLS (mutual TLS when it names a CA); None: plaintext."""
     ckpt_dir: str | None = None
     """The run's checkpoint directory (listed and merged through the agent); None when it saves none."""
     hang_timeout: float | None = None
@@ -88,7 +96,16 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         server = AgentServer(
-            self.state, self.options.host, self.options.port, self.options.token, self.merges, control=self.control
+            self.state,
+            self.options.host,
+            self.options.port,
+            self.options.token,
+            self.merges,
+            control=self.control,
+            token_reads=self.options.token_reads,
+            tls=self.options.tls,
+            worker_socket=run_paths.worker_socket(self.options.run_dir, self.state.node_info.node),
+            launched=self._launched(),
         )
         self.state.node_info.agent_address = server.address
         await server.start()
@@ -99,7 +116,9 @@ class Agent:
 
         self.supervisor.start()
         sampler = asyncio.ensure_future(self._sample_forever())
-        supervisor = asyncio.ensure_future(self._supervise(server.address))
+        if self.options.launch is None:
+            self._tell_outside_ranks(server)
+        supervisor = asyncio.ensure_future(self._supervise(server.worker_address, server.worker_secret))
         try:
             await self._stop.wait()
         finally:
@@ -123,11 +142,44 @@ class Agent:
                 self.state.add_gpu_samples(gpus)
             await asyncio.sleep(max(0.0, _SAMPLE_SECONDS - (time.monotonic() - start)))
 
-    async def _supervise(self, address: str) -> None:
+    def _launched(self) -> Launched:
+        """What this agent launches: what its ranks' Hellos, reports and pids are checked against."""
+        launch, started = self.options.launch, self.state.node_info.start_wall_time
+        if launch is None:  # --no-launch: ranks started elsewhere, by this agent's user
+            return Launched(started=started, owns_pid=is_own_user, running=is_own_user)
+        low, high = launch.node_range()
+        trainer = list(self.options.entry[:2]) == ["-m", "megascope.engine.trainer"]
+        return Launched(
+            started=started,
+            world_sizes=(low * launch.nproc_per_node, high * launch.nproc_per_node),
+            local_world_size=launch.nproc_per_node,
+            owns_pid=is_descendant,
+            running=is_descendant,
+            rank_of=launched_rank,
+            # Our trainer keeps its stacks in the run directory; a script of the user's may keep them anywhere.
+            stacks_dir=os.path.abspath(run_paths.stacks_file(self.options.run_dir, 0).parent) if trainer else None,
+        )
+
+    def _tell_outside_ranks(self, server: AgentServer) -> None:
+        """With --no-launch, ranks started elsewhere need the worker channel and the secret: a file only this
+        user can read."""
+        path = run_paths.worker_info(self.options.run_dir, self.state.node_info.node)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            json.dump({"address": server.worker_address, "secret": server.worker_secret}, file)
+        print(
+            f"megascope agent: ranks attach with {AGENT_ADDRESS_ENV} and {AGENT_SECRET_ENV} as given in {path}",
+            flush=True,
+        )
+
+    async def _supervise(self, address: str, secret: str) -> None:
         options = self.options
         if options.launch is None:
             return
-        env = {AGENT_ADDRESS_ENV: address, "MEGASCOPE_NODE": self.state.node_info.node}
+        # The worker channel and the job's secret: only the ranks launched here get them.
+        env = {AGENT_ADDRESS_ENV: address, AGENT_SECRET_ENV: secret, "MEGASCOPE_NODE": self.state.node_info.node}
         # Its own process group, so that stopping the agent stops torchrun and every rank with it.
         self._process = launcher.start(
             options.launch,

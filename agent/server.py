@@ -5,24 +5,42 @@ The servicers are adapters: they validate (agent/validation.py), call the node s
 malformed worker message ends that worker's stream with ``INVALID_ARGUMENT`` and a message naming the field; an
 oversized one gets ``RESOURCE_EXHAUSTED`` from gRPC itself (``max_receive_message_length``). Either way the agent
 keeps serving everyone else.
+
+The two services listen apart. ``AgentService`` (and health) on the public ``host:port``; ``WorkerService`` only on
+the worker channel, a Unix socket of mode 0600 (in the run directory, or a private temporary directory), and only
+for callers that send the job's secret (random, made by the agent, handed to the ranks it launches through their
+environment: engine/runtime/agent_link.py). What a rank then says is checked against what the agent launched
+(:class:`~megascope.agent.validation.Launched`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
+import os
+import secrets
+import shutil
+import socket
+import stat
+import tempfile
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from megascope.agent import stacks, validation
+from megascope.agent import auth, stacks, validation
 from megascope.agent.control import ControlError, JobControl, NoSuchCheckpoint
 from megascope.agent.merges import MergeRefused, MergeRunner
+from megascope.agent.processes import is_descendant, launched_rank
 from megascope.agent.state import NodeState
 from megascope.agent.supervision import Supervisor
-from megascope.agent.validation import InvalidMessage
+from megascope.agent.validation import InvalidMessage, Launched
+from megascope.engine.runtime.agent_link import SECRET_METADATA_KEY
+from megascope.engine.runtime.run_dir import SOCKET_PATH_MAX
 from megascope.protos import events
 from megascope.protos.megascope.v1 import agent_pb2, agent_pb2_grpc, worker_pb2, worker_pb2_grpc
 
@@ -116,13 +134,27 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     """One ``Attach`` stream per rank: Hello first, then step reports, heartbeats, events and lifecycle messages
     up; commands (from :class:`~megascope.agent.control.JobControl`) down."""
 
-    def __init__(self, state: NodeState, control: JobControl) -> None:
+    def __init__(self, state: NodeState, control: JobControl, secret: str, launched: Launched) -> None:
         self._state = state
         self._control = control
+        self._secret = secret
+        self.launched = launched
+
+    async def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
+        """Only the ranks this agent launched know the job's secret."""
+        given = dict(context.invocation_metadata() or ()).get(SECRET_METADATA_KEY)
+        if given is None:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"WorkerService is for the ranks this agent launched: send metadata {SECRET_METADATA_KEY!r}",
+            )
+        if not hmac.compare_digest(str(given).encode(), self._secret.encode()):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong worker secret for this agent")
 
     async def Attach(  # noqa: N802 (gRPC method name)
         self, request_iterator: AsyncIterator[worker_pb2.AttachRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.AttachResponse]:
+        await self._authenticate(context)
         requests = request_iterator.__aiter__()
         try:
             first = await requests.__anext__()
@@ -135,11 +167,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"AttachRequest: the first message must be hello, got {first.WhichOneof('payload') or 'nothing'}",
             )
+        hello = first.hello
+        if hello.stack_file:
+            hello.stack_file = os.path.abspath(hello.stack_file)  # the ranks run in the agent's directory
         try:
-            validation.validate_hello(first.hello)
+            validation.validate_hello(hello, self.launched)
         except InvalidMessage as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        hello = first.hello
         self._state.rank_attached(hello)
         commands = self._control.open_channel(hello.rank)
         yield worker_pb2.AttachResponse(
@@ -167,38 +201,41 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def ReportExit(  # noqa: N802
         self, request: worker_pb2.ReportExitRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.ReportExitResponse:
+        await self._authenticate(context)
         report = request.report
         try:
-            validation.validate_exit_report(report)
+            validation.validate_exit_report(report, self.launched, time.time(), self._state.node_info.world_size)
         except InvalidMessage as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         if len(report.log_tail) > 2 * _EXIT_LOG_LINES:
             del report.log_tail[_EXIT_LOG_LINES:-_EXIT_LOG_LINES]
-        self._state.rank_exited(report)
+        self._state.rank_exited(validation.trim_exit_report(report))
         return worker_pb2.ReportExitResponse()
 
     async def _read(self, requests: AsyncIterator[worker_pb2.AttachRequest], hello: worker_pb2.Hello) -> str | None:
         """Apply the worker's messages until its stream ends; the error text if it sent something invalid."""
-        rank = hello.rank
+        rank, launched = hello.rank, self.launched
         try:
             async for request in requests:
                 kind = request.WhichOneof("payload")
                 if kind == "step_report":
-                    validation.validate_step_report(request.step_report, rank)
+                    validation.validate_step_report(request.step_report, rank, hello, launched, time.time())
                     self._state.add_step(request.step_report)
                 elif kind == "heartbeat":
+                    validation.validate_heartbeat(request.heartbeat, hello, launched, time.time())
                     self._state.rank_heartbeat(request.heartbeat)
                 elif kind == "event":
-                    validation.validate_event(request.event)
+                    validation.validate_event(request.event, rank, launched, time.time())
                     if request.event.WhichOneof("detail") is not None:
                         request.event.kind = events.kind_of(request.event)  # one spelling, whatever was sent
-                    self._state.add_event(request.event)  # for people: the agent acts on no event
+                    # For people: the agent acts on no event. Its text is trimmed to a size.
+                    self._state.add_event(validation.trim_event(request.event))
                 elif kind == "finished":
                     validation.validate_finished(request.finished)
                     self._state.rank_finished(rank)
                 elif kind == "failure":
-                    validation.validate_failure(request.failure, rank, hello.pid)
-                    self._state.rank_failed(_failure_report(request.failure, hello))
+                    validation.validate_failure(request.failure, rank, hello.pid, launched, time.time())
+                    self._state.rank_failed(validation.trim_exit_report(_failure_report(request.failure, hello)))
                 elif kind == "self_check":
                     validation.validate_self_check(request.self_check)
                     self._state.self_checked(request.self_check)
@@ -251,16 +288,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
     async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
         """Control RPCs need the agent's token when it has one."""
-        if not self._token:
-            return
-        given = dict(context.invocation_metadata() or ()).get("authorization")
-        if given is None:
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "this agent requires a token: send metadata 'authorization: Bearer TOKEN'",
-            )
-        if given != f"Bearer {self._token}":
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong token for this agent")
+        # The server's TokenCheck interceptor (agent/auth.py) already refused it; checked here again so that a
+        # servicer served without that interceptor still refuses.
+        refused = auth.token_refusal(context.invocation_metadata(), self._token)
+        if refused is not None:
+            await context.abort(*refused)
 
     # --- telemetry -------------------------------------------------------------------------------------
 
@@ -278,7 +310,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             while not self._stopping.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), WATCH_TICK_SECONDS)
-                yield agent_pb2.WatchResponse(telemetry=self._state.take(sub))
+                for batch in self._state.take(sub):  # one, unless more came than one message may hold
+                    yield agent_pb2.WatchResponse(telemetry=batch)
         finally:
             self._state.unsubscribe(sub)
 
@@ -294,8 +327,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             validation.validate_get_events(request)
         except _REFUSALS as error:
             await context.abort(_status(error), str(error))
-        events_ = self._state.events_since(request.since_wall_time, request.limit, set(request.kinds))
-        return agent_pb2.GetEventsResponse(events=events_)
+        return self._state.get_events(request.since_wall_time, request.limit, set(request.kinds))
 
     # --- job control (agent/control.py) ----------------------------------------------------------------
 
@@ -365,7 +397,13 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
 
 class AgentServer:
-    """The gRPC server with both services and the standard health service, bound to ``host:port``."""
+    """``AgentService`` and the standard health service on ``host:port``; ``WorkerService`` on the worker channel
+    (:attr:`worker_address`, a Unix socket), for callers with :attr:`worker_secret` only.
+
+    ``worker_socket``: where the socket goes (the agent: the run directory's; a path too long for a socket, or
+    None, gets a private temporary directory). ``launched``: what the ranks' claims are checked against (default:
+    pids must be this process's descendants, wall times after now).
+    """
 
     def __init__(
         self,
@@ -378,6 +416,11 @@ class AgentServer:
         run_dir: str | None = None,
         ckpt_dir: str | None = None,
         control: JobControl | None = None,
+        token_reads: bool = False,
+        tls: auth.ServerTLS | None = None,
+        worker_socket: str | Path | None = None,
+        worker_secret: str | None = None,
+        launched: Launched | None = None,
     ) -> None:
         self.state = state
         self.stopping = asyncio.Event()
@@ -386,9 +429,15 @@ class AgentServer:
         if control is None:
             control = JobControl(state, supervisor or Supervisor(state), run_dir, ckpt_dir)
         self.control = control
-        self.workers = WorkerServicer(state, control)
+        self.worker_secret = worker_secret or secrets.token_urlsafe(32)
+        if launched is None:
+            launched = Launched(
+                started=time.time(), owns_pid=is_descendant, running=is_descendant, rank_of=launched_rank
+            )
+        self.workers = WorkerServicer(state, control, self.worker_secret, launched)
         self._server = grpc.aio.server(
-            interceptors=[_RejectUndecodable()],
+            # The token first: a caller without it learns nothing, not even whether its bytes parse.
+            interceptors=[auth.TokenCheck(token, reads=token_reads), _RejectUndecodable()],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.so_reuseport", 0),
@@ -397,14 +446,24 @@ class AgentServer:
         agent_pb2_grpc.add_AgentServiceServicer_to_server(
             AgentServicer(state, self.stopping, control, token, self.merges), self._server
         )
-        worker_pb2_grpc.add_WorkerServiceServicer_to_server(self.workers, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        if tls is not None:
+            self.port = self._server.add_secure_port(f"{host}:{port}", tls.credentials())
+        else:
+            self.port = self._server.add_insecure_port(f"{host}:{port}")
         if self.port == 0:
             raise OSError(f"could not bind the agent to {host}:{port}; is the port taken? Use --port 0 for any")
         self.address = f"{host}:{self.port}"
+        # The ranks' own channel: WorkerService only, never on the public port.
+        self._worker_server = grpc.aio.server(
+            interceptors=[_RejectUndecodable()], options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+        )
+        worker_pb2_grpc.add_WorkerServiceServicer_to_server(self.workers, self._worker_server)
+        self.worker_socket, self._private_dir = _socket_path(worker_socket)
+        self.worker_address = _bind_socket(self._worker_server, self.worker_socket)
 
     async def start(self) -> None:
+        await self._worker_server.start()
         await self._server.start()
         for service in ("", AGENT_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -415,4 +474,42 @@ class AgentServer:
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.stopping.set()
         await asyncio.sleep(0.05)  # let each Watch stream send its final batch
-        await self._server.stop(grace_seconds)
+        await asyncio.gather(self._server.stop(grace_seconds), self._worker_server.stop(grace_seconds))
+        with contextlib.suppress(OSError):
+            self.worker_socket.unlink()
+        if self._private_dir is not None:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
+
+
+def _socket_path(wanted: str | Path | None) -> tuple[Path, Path | None]:
+    """The worker socket's path, and the private directory made for it (None: ``wanted`` was usable)."""
+    if wanted is not None and len(os.fsencode(os.path.abspath(wanted))) <= SOCKET_PATH_MAX:
+        return Path(os.path.abspath(wanted)), None
+    private = Path(tempfile.mkdtemp(prefix="megascope-agent-"))  # mode 0700: only this user enters
+    return private / "worker.sock", private
+
+
+def _bind_socket(server: grpc.aio.Server, path: Path) -> str:
+    """Bind ``server`` to the Unix socket ``path`` (mode 0600); its gRPC address."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise OSError(f"{path} exists and is not a socket: the agent's worker channel goes there")
+        if _listening(path):
+            raise OSError(f"another agent serves its ranks on {path}: give this one another --run-dir or --node")
+        path.unlink()  # left by an agent that was killed
+    address = f"unix:{path}"
+    if server.add_insecure_port(address) == 0:
+        raise OSError(f"could not listen on the Unix socket {path}")
+    os.chmod(path, 0o600)  # only this user's processes may connect (the secret is checked besides)
+    return address
+
+
+def _listening(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True

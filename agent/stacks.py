@@ -5,6 +5,9 @@ its Hello (see engine/trainer.py). The agent notes each file's size, signals eve
 was appended once the file stops growing. faulthandler writes from inside the signal handler, in C, so a rank
 blocked in a collective answers too. A rank that cannot run its handler (SIGSTOP, stuck in the kernel) does
 not answer; where ``py-spy`` is installed and may attach, it reads that rank's stacks from outside instead.
+
+Only the agent's own descendants are signalled or read (agent/processes.py), checked at the moment of signalling:
+a pid from the wire is a claim. What is read back is capped (:data:`MAX_STACK_BYTES` a rank).
 """
 
 from __future__ import annotations
@@ -19,7 +22,14 @@ from dataclasses import dataclass
 
 import psutil
 
+from megascope.agent.processes import is_descendant, signal_descendant
+
 DEFAULT_TIMEOUT_SECONDS = 5.0
+MAX_STACK_BYTES = 256 * 1024
+"""Of one rank's stacks, at most this much is kept (its newest)."""
+MAX_ANSWER_BYTES = 3 << 20
+"""All ranks' stacks together: a DumpStacks answer must fit a client's 4 MiB (each rank's share is cut further)."""
+NOT_OURS = "not a process of this agent"
 _POLL_SECONDS = 0.05
 
 
@@ -47,10 +57,14 @@ def _size(path: str) -> int:
         return 0
 
 
-def _read_from(path: str, offset: int) -> str:
+def _read_from(path: str, offset: int, most: int = MAX_STACK_BYTES) -> str:
+    """What was appended to ``path`` after ``offset``: its last ``most`` bytes, with a marker if more was there."""
     with open(path, "rb") as file:
-        file.seek(offset)
-        return file.read().decode(errors="replace")
+        end = file.seek(0, os.SEEK_END)
+        start = max(offset, end - most)
+        file.seek(start)
+        text = file.read(most).decode(errors="replace")
+    return f"[... {start - offset} bytes trimmed]\n{text}" if start > offset else text
 
 
 def _process_state(pid: int) -> str | None:
@@ -68,7 +82,7 @@ def _process_state(pid: int) -> str | None:
     return None
 
 
-async def _py_spy(pid: int, timeout: float) -> str | None:
+async def _py_spy(pid: int, timeout: float, most: int = MAX_STACK_BYTES) -> str | None:
     exe = shutil.which("py-spy")
     if exe is None:
         return None
@@ -83,24 +97,23 @@ async def _py_spy(pid: int, timeout: float) -> str | None:
         with contextlib.suppress(ProcessLookupError):
             process.kill()
         return None
-    return out.decode(errors="replace") if process.returncode == 0 and out else None
+    return out[-most:].decode(errors="replace") if process.returncode == 0 and out else None
 
 
 async def collect(targets: list[RankTarget], timeout: float = DEFAULT_TIMEOUT_SECONDS) -> list[RankStackDump]:
     """Every target's stacks, in ``timeout`` seconds at most."""
     deadline = time.monotonic() + timeout
+    most = min(MAX_STACK_BYTES, MAX_ANSWER_BYTES // max(1, len(targets)))
     offsets = {t.rank: _size(t.stack_file) for t in targets}
     pending: dict[int, RankTarget] = {}
     results: dict[int, RankStackDump] = {}
     for target in targets:
         why_not = _process_state(target.pid)
         if why_not is None and target.stack_file:
-            try:
-                os.kill(target.pid, signal.SIGUSR1)
+            if signal_descendant(target.pid, signal.SIGUSR1):  # checked now: the pid may have changed hands
                 pending[target.rank] = target
                 continue
-            except ProcessLookupError:
-                why_not = "exited"
+            why_not = _process_state(target.pid) or NOT_OURS
         results[target.rank] = RankStackDump(target.rank, target.pid, None, why_not or "no stack file")
     sizes = dict(offsets)
     steady: dict[int, int] = {}
@@ -112,14 +125,14 @@ async def collect(targets: list[RankTarget], timeout: float = DEFAULT_TIMEOUT_SE
             steady[rank] = steady.get(rank, 0) + 1 if size == sizes[rank] and size > offsets[rank] else 0
             sizes[rank] = size
             if steady[rank] >= 2:
-                text = await asyncio.to_thread(_read_from, target.stack_file, offsets[rank])
+                text = await asyncio.to_thread(_read_from, target.stack_file, offsets[rank], most)
                 results[rank] = RankStackDump(rank, target.pid, text, "signal")
                 del pending[rank]
     for rank, target in pending.items():
         results[rank] = RankStackDump(rank, target.pid, None, _process_state(target.pid) or "no answer")
     for rank, dump in list(results.items()):
-        if dump.text is None and dump.method != "exited":
-            spied = await _py_spy(dump.pid, max(1.0, deadline - time.monotonic()))
+        if dump.text is None and dump.method != "exited" and is_descendant(dump.pid):
+            spied = await _py_spy(dump.pid, max(1.0, deadline - time.monotonic()), most)
             if spied is not None:
                 results[rank] = RankStackDump(rank, dump.pid, spied, f"py-spy, {dump.method}")
     return [results[rank] for rank in sorted(results)]

@@ -1,8 +1,12 @@
 """What an agent knows about its node: bounded history, rank statuses, and the live subscribers.
 
 Everything here runs on the agent's one asyncio loop, so there are no locks. History is bounded (an hour
-of host samples at 1 Hz by default, a cap on step reports and events), so a dashboard that connects late is
-back-filled and a long run never grows the agent's memory without bound.
+of host samples at 1 Hz by default, a cap on the count and the bytes of step reports and events), so a dashboard
+that connects late is back-filled and a long run never grows the agent's memory without bound.
+
+No answer is built larger than a client can receive (gRPC's default limit is 4 MiB): Watch batches are split
+at :data:`WATCH_BATCH_BYTES` (and built as the stream sends them), and GetSnapshot/GetEvents stay under
+:data:`MAX_ANSWER_BYTES`, leaving out events and saying how many.
 
 A subscriber (one ``Watch`` stream) gets a :class:`Subscription`: messages accumulate there between the
 stream's ticks and are sent as one batch, so a fast producer never means one gRPC message per report.
@@ -23,7 +27,16 @@ from megascope.protos import events
 from megascope.protos.megascope.v1 import agent_pb2, telemetry_pb2, worker_pb2
 
 _BACKFILL_CHUNK = 500
-"""Kind of the event (no detail: nothing reads it but people) when a rank's stream ends without it finishing."""
+"""Step reports of one back-fill batch."""
+MAX_ANSWER_BYTES = 3 << 20
+"""The largest message this agent builds: gRPC clients refuse more than 4 MiB by default; a margin for the
+node info and rank statuses that ride along."""
+_ITEM_OVERHEAD_BYTES = 8
+"""A repeated field's item costs its size plus its tag and length prefix."""
+WATCH_BATCH_BYTES = 256 << 10
+"""A Watch batch's size: well under a client's limit, and what a stream that does not read holds at most."""
+_PARTS = ("host_samples", "gpu_samples", "events", "step_reports")
+"""The lists of a Telemetry batch, in the order a back-fill sends them."""
 
 
 @dataclass
@@ -31,24 +44,57 @@ class HistoryLimits:
     seconds: float = 3600.0
     """How far back host and GPU samples (1 Hz) are kept."""
     step_reports: int = 200_000
+    step_report_bytes: int = 64 << 20
     events: int = 10_000
+    event_bytes: int = 16 << 20
+    """Events kept, by count and by bytes (the oldest go first)."""
     pending_step_reports: int = 20_000
     """Per subscriber: step reports waiting to be sent before the oldest are dropped."""
+    pending_events: int = 2_000
+    pending_samples: int = 3_600
+    """Per subscriber: events, and host or GPU samples, waiting to be sent (a stream that does not read)."""
+
+
+class _Bounded:
+    """A deque of messages bounded by count and by bytes: the oldest go first."""
+
+    def __init__(self, count: int, size: int) -> None:
+        self.items: deque = deque()  # type: ignore[type-arg]
+        self._sizes: deque[int] = deque()
+        self._count, self._size, self.bytes = count, size, 0
+
+    def append(self, message: Message) -> None:
+        size = message.ByteSize()
+        self.items.append(message)
+        self._sizes.append(size)
+        self.bytes += size
+        while len(self.items) > self._count or (self.bytes > self._size and len(self.items) > 1):
+            self.items.popleft()
+            self.bytes -= self._sizes.popleft()
 
 
 @dataclass(eq=False)  # identity, not value: subscriptions live in a set
 class Subscription:
     limit: int
     step_reports: deque[telemetry_pb2.StepReport] = field(default_factory=deque)
-    host_samples: list[telemetry_pb2.HostSample] = field(default_factory=list)
-    gpu_samples: list[telemetry_pb2.GpuSample] = field(default_factory=list)
-    events: list[telemetry_pb2.Event] = field(default_factory=list)
+    host_samples: deque[telemetry_pb2.HostSample] = field(default_factory=deque)
+    gpu_samples: deque[telemetry_pb2.GpuSample] = field(default_factory=deque)
+    events: deque[telemetry_pb2.Event] = field(default_factory=deque)
     dropped: int = 0
+    event_limit: int = 2_000
+    sample_limit: int = 3_600
 
     def add_step(self, report: telemetry_pb2.StepReport) -> None:
         self.step_reports.append(report)
         if len(self.step_reports) > self.limit:
             self.step_reports.popleft()
+            self.dropped += 1
+
+    def add(self, part: deque, message: Message, limit: int) -> None:  # type: ignore[type-arg]
+        """Queue a message of one part; the oldest is dropped (counted) past ``limit``."""
+        part.append(message)
+        if len(part) > limit:
+            part.popleft()
             self.dropped += 1
 
 
@@ -72,10 +118,12 @@ class NodeState:
         self.node_info = node_info
         self.limits = limits or HistoryLimits()
         samples = max(1, int(self.limits.seconds))
-        self.step_reports: deque[telemetry_pb2.StepReport] = deque(maxlen=self.limits.step_reports)
+        self._step_history = _Bounded(self.limits.step_reports, self.limits.step_report_bytes)
+        self.step_reports: deque[telemetry_pb2.StepReport] = self._step_history.items
         self.host_samples: deque[telemetry_pb2.HostSample] = deque(maxlen=samples)
         self.gpu_samples: deque[telemetry_pb2.GpuSample] = deque(maxlen=samples * 8)
-        self.events: deque[telemetry_pb2.Event] = deque(maxlen=self.limits.events)
+        self._event_history = _Bounded(self.limits.events, self.limits.event_bytes)
+        self.events: deque[telemetry_pb2.Event] = self._event_history.items
         self.ranks: dict[int, telemetry_pb2.RankStatus] = {}
         self._finished: set[int] = set()
         self._subscribers: set[Subscription] = set()
@@ -85,8 +133,13 @@ class NodeState:
 
     # --- incoming ------------------------------------------------------------------------------------
 
+    @property
+    def history_bytes(self) -> int:
+        """Bytes of the step reports and events kept (the parts a client can grow)."""
+        return self._step_history.bytes + self._event_history.bytes
+
     def add_step(self, report: telemetry_pb2.StepReport) -> None:
-        self.step_reports.append(report)
+        self._step_history.append(report)
         status = self._rank(report.rank)
         status.state = telemetry_pb2.RANK_STATE_RUNNING
         status.last_step = report.step
@@ -100,21 +153,22 @@ class NodeState:
     def add_host_sample(self, sample: telemetry_pb2.HostSample) -> None:
         self.host_samples.append(sample)
         for sub in self._subscribers:
-            sub.host_samples.append(sample)
+            sub.add(sub.host_samples, sample, sub.sample_limit)
 
     def add_gpu_samples(self, samples: list[telemetry_pb2.GpuSample]) -> None:
         self.gpu_samples.extend(samples)
         for sub in self._subscribers:
-            sub.gpu_samples.extend(samples)
+            for sample in samples:
+                sub.add(sub.gpu_samples, sample, sub.sample_limit * 8)
 
     def add_event(self, event: telemetry_pb2.Event) -> None:
         if not event.node:
             event.node = self.node_info.node
         if not event.wall_time:
             event.wall_time = time.time()
-        self.events.append(event)
+        self._event_history.append(event)
         for sub in self._subscribers:
-            sub.events.append(event)
+            sub.add(sub.events, event, sub.event_limit)
 
     def event(
         self,
@@ -204,43 +258,63 @@ class NodeState:
 
     # --- outgoing ------------------------------------------------------------------------------------
 
-    def subscribe(self, backfill_seconds: float) -> tuple[Subscription, list[telemetry_pb2.Telemetry]]:
+    def subscribe(self, backfill_seconds: float) -> tuple[Subscription, Iterator[telemetry_pb2.Telemetry]]:
         """A new subscription and the back-fill batches it should send first.
 
-        Both are taken in one synchronous step, so nothing arriving afterwards is missed or sent twice.
+        Both are taken in one synchronous step, so nothing arriving afterwards is missed or sent twice. The
+        back-fill's messages are chosen now, but its batches are built as the stream sends them: a Watch stream
+        that does not read holds one batch, not a copy of the history.
         """
         since = time.time() - backfill_seconds if backfill_seconds > 0 else 0.0
-        backfill = list(self._backfill(since))
-        sub = Subscription(limit=self.limits.pending_step_reports)
+        backfill = self._backfill(since)
+        sub = Subscription(
+            limit=self.limits.pending_step_reports,
+            event_limit=self.limits.pending_events,
+            sample_limit=self.limits.pending_samples,
+        )
         self._subscribers.add(sub)
         return sub, backfill
 
     def unsubscribe(self, sub: Subscription) -> None:
         self._subscribers.discard(sub)
 
-    def take(self, sub: Subscription) -> telemetry_pb2.Telemetry:
-        """Everything the subscription accumulated since the last take, as one live batch."""
-        batch = self._telemetry(
-            step_reports=list(sub.step_reports),
-            host_samples=sub.host_samples,
-            gpu_samples=sub.gpu_samples,
-            events=sub.events,
-        )
-        sub.step_reports.clear()
-        sub.host_samples, sub.gpu_samples, sub.events = [], [], []
-        return batch
+    def take(self, sub: Subscription) -> list[telemetry_pb2.Telemetry]:
+        """Everything the subscription accumulated since the last take, as live batches (one, unless it is more
+        than one message may hold)."""
+        parts = {name: list(getattr(sub, name)) for name in _PARTS}
+        for name in _PARTS:
+            getattr(sub, name).clear()
+        return list(self._batches(parts, backfill=False))
 
     def _backfill(self, since: float) -> Iterator[telemetry_pb2.Telemetry]:
-        steps = [r for r in self.step_reports if r.wall_time >= since]
-        host = [s for s in self.host_samples if s.wall_time >= since]
-        gpu = [s for s in self.gpu_samples if s.wall_time >= since]
-        events = [e for e in self.events if e.wall_time >= since]
-        # Host, GPU and events go in the first batch; step reports, the bulk, in chunks.
-        yield self._telemetry(
-            step_reports=steps[:_BACKFILL_CHUNK], host_samples=host, gpu_samples=gpu, events=events, backfill=True
-        )
-        for start in range(_BACKFILL_CHUNK, len(steps), _BACKFILL_CHUNK):
-            yield self._telemetry(step_reports=steps[start : start + _BACKFILL_CHUNK], backfill=True)
+        parts = {name: [m for m in getattr(self, name) if m.wall_time >= since] for name in _PARTS}
+        # Host, GPU and events first; step reports, the bulk, in chunks.
+        return self._batches(parts, backfill=True, steps_per_batch=_BACKFILL_CHUNK)
+
+    def _batches(
+        self,
+        parts: dict[str, list[Message]],
+        backfill: bool,
+        steps_per_batch: int = 0,
+    ) -> Iterator[telemetry_pb2.Telemetry]:
+        """``parts`` in batches of at most :data:`WATCH_BATCH_BYTES` (and ``steps_per_batch`` step reports); at
+        least one batch, even an empty one."""
+        budget = WATCH_BATCH_BYTES - self._telemetry().ByteSize()
+        batch: dict[str, list[Message]] = {name: [] for name in _PARTS}
+        size = 0
+        sent = False
+        for name in _PARTS:
+            for message in parts[name]:
+                cost = message.ByteSize() + _ITEM_OVERHEAD_BYTES
+                full = size + cost > budget or (name == "step_reports" and len(batch[name]) == steps_per_batch)
+                if full and size:
+                    yield self._telemetry(backfill=backfill, **batch)
+                    sent = True
+                    batch, size = {part: [] for part in _PARTS}, 0
+                batch[name].append(message)
+                size += cost
+        if size or not sent:
+            yield self._telemetry(backfill=backfill, **batch)
 
     def _telemetry(self, backfill: bool = False, **lists: list) -> telemetry_pb2.Telemetry:  # type: ignore[type-arg]
         return telemetry_pb2.Telemetry(
@@ -248,6 +322,8 @@ class NodeState:
         )
 
     def snapshot(self, recent_events: int = 100) -> agent_pb2.GetSnapshotResponse:
+        """The node now: the latest report of each rank, the latest samples, the recent events (as many of them
+        as fit the answer's budget, the newest; ``events_left_out`` counts the others)."""
         latest: dict[int, telemetry_pb2.StepReport] = {}
         for report in reversed(self.step_reports):
             if report.rank not in latest:
@@ -257,7 +333,6 @@ class NodeState:
         response = agent_pb2.GetSnapshotResponse(
             node_info=self.node_info,
             step_reports=[latest[rank] for rank in sorted(latest)],
-            events=list(self.events)[-recent_events:],
             rank_statuses=list(self.ranks.values()),
         )
         if self.host_samples:
@@ -265,8 +340,44 @@ class NodeState:
         if self.gpu_samples:
             newest = self.gpu_samples[-1].wall_time
             response.gpu_samples.extend(s for s in self.gpu_samples if s.wall_time == newest)
+        recent = list(self.events)[-recent_events:] if recent_events > 0 else []
+        kept = newest_that_fit(recent, MAX_ANSWER_BYTES - response.ByteSize())
+        response.events.extend(kept)
+        response.events_left_out = len(recent) - len(kept)
         return response
 
     def events_since(self, since: float, limit: int, kinds: set[str]) -> list[telemetry_pb2.Event]:
-        selected = [e for e in self.events if e.wall_time >= since and (not kinds or e.kind in kinds)]
+        # Strictly after (as the wire says), so a client that pages from the last event it got gets none twice.
+        selected = [e for e in self.events if e.wall_time > since and (not kinds or e.kind in kinds)]
         return selected[-limit:] if limit > 0 else selected
+
+    def get_events(self, since: float, limit: int, kinds: set[str]) -> agent_pb2.GetEventsResponse:
+        """The GetEvents answer: as many matching events as fit in one message, and how many were left out. Without
+        ``since``, the newest (the recent past); with it, the oldest after it, so a client pages forward by asking
+        again from the last event it got."""
+        selected = self.events_since(since, limit, kinds)
+        fit = newest_that_fit if since <= 0 else oldest_that_fit
+        kept = fit(selected, MAX_ANSWER_BYTES)
+        return agent_pb2.GetEventsResponse(events=kept, events_left_out=len(selected) - len(kept))
+
+
+def oldest_that_fit(messages: list[Message], budget: int) -> list:  # type: ignore[type-arg]
+    """The oldest of ``messages`` whose sizes add up to at most ``budget`` bytes."""
+    size, end = 0, 0
+    while end < len(messages):
+        size += messages[end].ByteSize() + _ITEM_OVERHEAD_BYTES
+        if size > budget:
+            break
+        end += 1
+    return messages[:end]
+
+
+def newest_that_fit(messages: list[Message], budget: int) -> list:  # type: ignore[type-arg]
+    """The newest of ``messages`` whose sizes add up to at most ``budget`` bytes, oldest first."""
+    size, start = 0, len(messages)
+    while start > 0:
+        size += messages[start - 1].ByteSize() + _ITEM_OVERHEAD_BYTES
+        if size > budget:
+            break
+        start -= 1
+    return messages[start:]

@@ -22,16 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import time
 from collections.abc import Callable
 
-import psutil
-
 from megascope.agent import stacks
 from megascope.agent.hang_rules import Diagnosis, RankProgress, diagnose
 from megascope.agent.incidents import Action, Clock, HangFindings, IncidentTracker, Verdict
+from megascope.agent.processes import is_descendant, signal_descendant
 from megascope.agent.state import NodeState
 from megascope.protos.megascope.v1 import agent_pb2, telemetry_pb2, worker_pb2
 
@@ -171,11 +169,10 @@ class Supervisor:
         """
         stopped = 0
         for status in self.live_ranks():
-            if status.pid and _is_descendant(status.pid):
+            if is_descendant(status.pid):
                 self.incidents.expect_exit(status.pid)
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(status.pid, signal.SIGKILL)
-                    stopped += 1
+                # Checked again at the moment of signalling: the process may have ended and its pid been reused.
+                stopped += signal_descendant(status.pid, signal.SIGKILL)
         return stopped
 
     def request_restart(self, reason: str, from_step: int | None = None) -> int:
@@ -184,13 +181,6 @@ class Supervisor:
         if verdict.event is not None:
             self.state.add_event(verdict.event)
         return self.stop_ranks()
-
-
-def _is_descendant(pid: int) -> bool:
-    try:
-        return any(parent.pid == os.getpid() for parent in psutil.Process(pid).parents())
-    except psutil.Error:
-        return False
 
 
 def _response(

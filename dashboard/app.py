@@ -27,6 +27,7 @@ from megascope.dashboard.screens.diagnosis import DiagnosisScreen
 from megascope.dashboard.screens.heat_map import HeatMapScreen
 from megascope.dashboard.screens.help import HelpScreen, KeyRow, key_rows
 from megascope.dashboard.screens.main import MainScreen
+from megascope.dashboard.transport import PLAINTEXT, Transport
 from megascope.dashboard.widgets.heat_map import HeatMapView
 from megascope.dashboard.widgets.palette import Palette
 from megascope.dashboard.widgets.tables import KeyedTable, NodesTable
@@ -89,12 +90,13 @@ class DashboardApp(App[int]):
         theme: str | None = None,
         tick_seconds: float = TICK_SECONDS,
         token: str | None = None,
+        transport: Transport = PLAINTEXT,
     ) -> None:
         super().__init__()
         self.model = model if model is not None else ClusterModel()
         for address in agents:
             self.model.add_agent(address)
-        self.control = DashboardControl(self.model, agents, token=token, readonly=readonly)
+        self.control = DashboardControl(self.model, agents, token=token, readonly=readonly, transport=transport)
         """Every call on the agents goes through it: it holds the token and the read-only mode."""
         self.tick_seconds = tick_seconds
         self.frames = 0
@@ -111,7 +113,10 @@ class DashboardApp(App[int]):
         # grpc.aio channels bind to the loop that creates them: the workers create theirs in this loop.
         for address in self.control.agents:
             self.run_worker(
-                watch_agent(self.model, address), name=f"watch {address}", group="agents", exit_on_error=False
+                watch_agent(self.model, address, transport=self.control.transport),
+                name=f"watch {address}",
+                group="agents",
+                exit_on_error=False,
             )
         self.set_interval(self.tick_seconds, self.refresh_view)
         self.refresh_view()

@@ -10,7 +10,11 @@ and ends it cleanly.
 ``collect_once`` is the one-shot variant behind ``megascope status``: read the back-fill, then stop.
 
 ``call_agents`` makes one control call on several agents at once (``dump_stacks``, ``restart_job``,
-``save_checkpoint``), with the dashboard's token when it has one, and returns each agent's reply or error.
+``save_checkpoint``) and returns each agent's reply or error.
+
+Every call goes over the client's :class:`~megascope.dashboard.transport.Transport` (plaintext or TLS, with a
+client certificate for mutual TLS) and carries its token when it has one: control calls need it, and reads too
+on agents started with ``--token-reads``.
 
 ``list_checkpoints``, ``start_merge`` (a stream of progress), ``merge_status`` and ``cancel_merge`` are the
 checkpoints screen's calls.
@@ -33,6 +37,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 
 from megascope.dashboard.model.cluster import ClusterModel
+from megascope.dashboard.transport import PLAINTEXT, Transport
 from megascope.protos.megascope.v1 import agent_pb2, agent_pb2_grpc
 
 INITIAL_BACKOFF = 0.25
@@ -90,6 +95,7 @@ async def watch_agent(
     initial_backoff: float = INITIAL_BACKOFF,
     max_backoff: float = MAX_BACKOFF,
     stale_after: float = STALE_AFTER,
+    transport: Transport = PLAINTEXT,
 ) -> None:
     """Keep ``model`` fed from the agent at ``address`` until cancelled. Never raises (except cancellation)."""
     backoff = _Backoff(initial_backoff, max_backoff, 0.2, random.Random())
@@ -101,7 +107,7 @@ async def watch_agent(
         batches_before = agent.batches
         lost = True
         try:
-            await _stream_once(model, address, backfill_seconds, stale_after)
+            await _stream_once(model, address, backfill_seconds, stale_after, transport)
             error, lost = "stream ended (agent stopped?)", False
         except asyncio.CancelledError:
             raise
@@ -115,12 +121,14 @@ async def watch_agent(
         await asyncio.sleep(backoff.next())
 
 
-async def _stream_once(model: ClusterModel, address: str, backfill_seconds: float, stale_after: float) -> None:
+async def _stream_once(
+    model: ClusterModel, address: str, backfill_seconds: float, stale_after: float, transport: Transport
+) -> None:
     """Read one Watch stream until it ends (returns) or fails (raises)."""
     received = False
-    async with grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS) as channel:
+    async with transport.channel(address, _CHANNEL_OPTIONS) as channel:
         stub = agent_pb2_grpc.AgentServiceStub(channel)
-        call = stub.Watch(agent_pb2.WatchRequest(backfill_seconds=backfill_seconds))
+        call = stub.Watch(agent_pb2.WatchRequest(backfill_seconds=backfill_seconds), metadata=transport.metadata())
         try:
             while True:
                 # A live agent sends a batch every ~250 ms; a long silence means it is stuck or unreachable
@@ -136,7 +144,7 @@ async def _stream_once(model: ClusterModel, address: str, backfill_seconds: floa
             call.cancel()
 
 
-async def collect_once(model: ClusterModel, address: str, timeout: float) -> None:
+async def collect_once(model: ClusterModel, address: str, timeout: float, transport: Transport = PLAINTEXT) -> None:
     """Fill ``model`` with what the agent at ``address`` has, within ``timeout`` seconds, then disconnect.
 
     Reads the Watch back-fill and the first live batch (which carries the current rank statuses). Leaves the
@@ -147,9 +155,9 @@ async def collect_once(model: ClusterModel, address: str, timeout: float) -> Non
     answered = False
     error = f"no answer within {timeout:g}s"
     try:
-        async with grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS) as channel:
+        async with transport.channel(address, _CHANNEL_OPTIONS) as channel:
             stub = agent_pb2_grpc.AgentServiceStub(channel)
-            call = stub.Watch(agent_pb2.WatchRequest())
+            call = stub.Watch(agent_pb2.WatchRequest(), metadata=transport.metadata())
             try:
                 while (remaining := deadline - time.monotonic()) > 0:
                     response = await _read(call, remaining)
@@ -174,9 +182,11 @@ async def collect_once(model: ClusterModel, address: str, timeout: float) -> Non
         model.set_disconnected(address, error)
 
 
-async def collect_all(model: ClusterModel, addresses: list[str], timeout: float) -> None:
+async def collect_all(
+    model: ClusterModel, addresses: list[str], timeout: float, transport: Transport = PLAINTEXT
+) -> None:
     """``collect_once`` for every agent, concurrently."""
-    await asyncio.gather(*(collect_once(model, a, timeout) for a in addresses))
+    await asyncio.gather(*(collect_once(model, a, timeout, transport) for a in addresses))
 
 
 async def cancel_quietly(tasks: list[asyncio.Task[None]]) -> None:
@@ -210,13 +220,10 @@ class AgentReply(Generic[T]):
     error: str = ""
 
 
-def control_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
-    """What a control RPC carries: the token agents started with ``--token`` require, when the dashboard has one."""
-    return (("authorization", f"Bearer {token}"),) if token else ()
-
-
 async def call_agents(
-    addresses: Sequence[str], call: Callable[[agent_pb2_grpc.AgentServiceStub], Awaitable[T]]
+    addresses: Sequence[str],
+    call: Callable[[agent_pb2_grpc.AgentServiceStub], Awaitable[T]],
+    transport: Transport = PLAINTEXT,
 ) -> list[AgentReply[T]]:
     """``call`` on every agent concurrently, each over a channel of its own; every agent's reply or error, in
     order. Never raises: a refusal (NOT_FOUND, FAILED_PRECONDITION, PERMISSION_DENIED ...) or an unreachable
@@ -224,7 +231,7 @@ async def call_agents(
 
     async def one(address: str) -> AgentReply[T]:
         try:
-            async with grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS) as channel:
+            async with transport.channel(address, _CHANNEL_OPTIONS) as channel:
                 return AgentReply(address, await call(agent_pb2_grpc.AgentServiceStub(channel)))
         except asyncio.CancelledError:
             raise
@@ -235,38 +242,45 @@ async def call_agents(
 
 
 async def dump_stacks(
-    addresses: Sequence[str], token: str | None = None, timeout: float = STACKS_TIMEOUT
+    addresses: Sequence[str], transport: Transport = PLAINTEXT, timeout: float = STACKS_TIMEOUT
 ) -> list[AgentReply[agent_pb2.DumpStacksResponse]]:
     """Every rank's stacks and progress from each agent (``DumpStacks``), all agents at once."""
     request = agent_pb2.DumpStacksRequest(timeout_seconds=timeout)
-    metadata = control_metadata(token)
+    metadata = transport.metadata()
     return await call_agents(
-        addresses, lambda stub: stub.DumpStacks(request, timeout=timeout + _DEADLINE_MARGIN, metadata=metadata)
+        addresses,
+        lambda stub: stub.DumpStacks(request, timeout=timeout + _DEADLINE_MARGIN, metadata=metadata),
+        transport,
     )
 
 
 async def restart_job(
-    addresses: Sequence[str], token: str | None = None, step: int = 0, reason: str = "requested from the dashboard"
+    addresses: Sequence[str],
+    transport: Transport = PLAINTEXT,
+    step: int = 0,
+    reason: str = "requested from the dashboard",
 ) -> list[AgentReply[agent_pb2.RestartResponse]]:
     """Ask every agent to stop its ranks so torch elastic restarts the job from checkpoint ``step`` (0: newest).
 
     Every agent is asked so that every node's ranks stop at once, rather than each node's waiting to fail on
     connections broken by another's."""
     request = agent_pb2.RestartRequest(step=step, reason=reason)
-    metadata = control_metadata(token)
-    return await call_agents(addresses, lambda stub: stub.Restart(request, timeout=CONTROL_TIMEOUT, metadata=metadata))
+    metadata = transport.metadata()
+    return await call_agents(
+        addresses, lambda stub: stub.Restart(request, timeout=CONTROL_TIMEOUT, metadata=metadata), transport
+    )
 
 
 async def save_checkpoint(
-    addresses: Sequence[str], token: str | None = None, step: int = 0
+    addresses: Sequence[str], transport: Transport = PLAINTEXT, step: int = 0
 ) -> list[AgentReply[agent_pb2.SaveCheckpointResponse]]:
     """Ask every agent's ranks to save a checkpoint after ``step`` (0: each agent picks, for a one-node job).
 
     Every rank of a job must save the same step, so for several agents the caller picks one and sends it to all."""
     request = agent_pb2.SaveCheckpointRequest(step=step)
-    metadata = control_metadata(token)
+    metadata = transport.metadata()
     return await call_agents(
-        addresses, lambda stub: stub.SaveCheckpoint(request, timeout=CONTROL_TIMEOUT, metadata=metadata)
+        addresses, lambda stub: stub.SaveCheckpoint(request, timeout=CONTROL_TIMEOUT, metadata=metadata), transport
     )
 
 
@@ -276,30 +290,37 @@ LIST_TIMEOUT = 10.0
 """Deadline of ListCheckpoints and GetMergeStatus: the agent reads each checkpoint's metadata from its disk."""
 
 
-async def list_checkpoints(addresses: Sequence[str]) -> list[AgentReply[agent_pb2.ListCheckpointsResponse]]:
+async def list_checkpoints(
+    addresses: Sequence[str], transport: Transport = PLAINTEXT
+) -> list[AgentReply[agent_pb2.ListCheckpointsResponse]]:
     """Each agent's committed checkpoints and merges (``ListCheckpoints``), all agents at once."""
     request = agent_pb2.ListCheckpointsRequest()
-    return await call_agents(addresses, lambda stub: stub.ListCheckpoints(request, timeout=LIST_TIMEOUT))
+    metadata = transport.metadata()
+    return await call_agents(
+        addresses, lambda stub: stub.ListCheckpoints(request, timeout=LIST_TIMEOUT, metadata=metadata), transport
+    )
 
 
-async def merge_status(address: str) -> agent_pb2.MergeProgress:
+async def merge_status(address: str, transport: Transport = PLAINTEXT) -> agent_pb2.MergeProgress:
     """The agent's running or last merge (``GetMergeStatus``). Raises grpc.aio.AioRpcError."""
-    async with grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS) as channel:
+    async with transport.channel(address, _CHANNEL_OPTIONS) as channel:
         stub = agent_pb2_grpc.AgentServiceStub(channel)
-        response = await stub.GetMergeStatus(agent_pb2.GetMergeStatusRequest(), timeout=LIST_TIMEOUT)
+        response = await stub.GetMergeStatus(
+            agent_pb2.GetMergeStatusRequest(), timeout=LIST_TIMEOUT, metadata=transport.metadata()
+        )
         return response.progress
 
 
 async def start_merge(
-    address: str, request: agent_pb2.StartMergeRequest, token: str | None = None
+    address: str, request: agent_pb2.StartMergeRequest, transport: Transport = PLAINTEXT
 ) -> AsyncIterator[agent_pb2.MergeProgress]:
     """Start a merge on the agent and follow it (``StartMerge``): its progress until it ends, the end last.
 
     A refusal (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ...) raises grpc.aio.AioRpcError before any
     progress. Leaving the loop early stops following, not the merge (``cancel_merge`` does that).
     """
-    async with grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS) as channel:
-        call = agent_pb2_grpc.AgentServiceStub(channel).StartMerge(request, metadata=control_metadata(token))
+    async with transport.channel(address, _CHANNEL_OPTIONS) as channel:
+        call = agent_pb2_grpc.AgentServiceStub(channel).StartMerge(request, metadata=transport.metadata())
         try:
             async for response in call:
                 yield response.progress
@@ -307,11 +328,11 @@ async def start_merge(
             call.cancel()
 
 
-async def cancel_merge(address: str, token: str | None = None) -> bool:
+async def cancel_merge(address: str, transport: Transport = PLAINTEXT) -> bool:
     """Stop the agent's running merge (``CancelMerge``); False when none was running. Raises grpc.aio.AioRpcError."""
-    async with grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS) as channel:
+    async with transport.channel(address, _CHANNEL_OPTIONS) as channel:
         stub = agent_pb2_grpc.AgentServiceStub(channel)
         reply = await stub.CancelMerge(
-            agent_pb2.CancelMergeRequest(), timeout=CONTROL_TIMEOUT, metadata=control_metadata(token)
+            agent_pb2.CancelMergeRequest(), timeout=CONTROL_TIMEOUT, metadata=transport.metadata()
         )
         return bool(reply.cancelled)

@@ -6,8 +6,13 @@ Imports here stay cheap (argparse only): Textual and gRPC load inside ``run`` so
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+from typing import TYPE_CHECKING
+
+from megascope.dashboard import transport as transports
+
+if TYPE_CHECKING:
+    from megascope.dashboard.transport import Transport
 
 HELP = "Live terminal dashboard: connect to every node's agent and watch the cluster."
 
@@ -46,21 +51,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_agents_argument(parser)
     parser.add_argument("--readonly", action="store_true", help="watch only: never send a control command to an agent")
     parser.add_argument(
-        "--token",
-        default=os.environ.get("MEGASCOPE_TOKEN") or None,
-        metavar="TOKEN",
-        help="sent with control commands, for agents started with --token (default: $MEGASCOPE_TOKEN)",
-    )
-    parser.add_argument(
         "--theme", default=None, metavar="NAME", help="Textual theme, e.g. textual-light (default textual-dark)"
     )
+    transports.add_arguments(parser)
 
 
-def run_dashboard(agents: list[str], readonly: bool = False, theme: str | None = None, token: str | None = None) -> int:
+def client_transport(args: argparse.Namespace, command: str) -> Transport | None:
+    """The transport the client flags describe, its warnings printed; None (after printing why) when they cannot
+    be used: the command then exits 2."""
+    try:
+        transport, warnings = transports.from_args(args)
+    except transports.TransportError as error:
+        print(f"megascope {command}: error: {error}", file=sys.stderr)
+        return None
+    for warning in warnings:
+        print(f"megascope {command}: warning: {warning}", file=sys.stderr)
+    return transport
+
+
+def run_dashboard(
+    agents: list[str],
+    readonly: bool = False,
+    theme: str | None = None,
+    token: str | None = None,
+    transport: Transport = transports.PLAINTEXT,
+) -> int:
     """Run the dashboard in this process until the user quits; returns the exit status."""
     from megascope.dashboard.app import DashboardApp
 
-    app = DashboardApp(agents, readonly=readonly, theme=theme, token=token)
+    app = DashboardApp(agents, readonly=readonly, theme=theme, token=token, transport=transport)
     app.run()
     return app.return_code or 0
 
@@ -74,7 +93,10 @@ def run(args: argparse.Namespace) -> int:
             names = ", ".join(sorted(themes))
             print(f"megascope dashboard: error: --theme: unknown theme {args.theme!r}; one of {names}", file=sys.stderr)
             return 2
-    return run_dashboard(args.agents, readonly=args.readonly, theme=args.theme, token=args.token)
+    transport = client_transport(args, "dashboard")
+    if transport is None:
+        return 2
+    return run_dashboard(args.agents, readonly=args.readonly, theme=args.theme, transport=transport)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,9 @@ the tiny model; all ranks meet in one c10d rendezvous, as the nodes of a real jo
 the dashboard on every agent or, with ``--headless``, prints one status line a second and a final summary
 (``--json``: the last stdout line is one JSON object; scripts rely on its keys).
 
+The agents require a token the demo generates for them (handed over in their environment, never on a command
+line); its own dashboard or headless client sends it.
+
 Everything the demo starts is stopped when it ends, on ``q``, Ctrl-C and SIGTERM: each agent is asked to stop
 (it stops its ranks), and any process of the demo's tree still alive after the grace period is killed.
 The dashboard side never imports torch: the agents are separate processes.
@@ -116,13 +119,18 @@ def run(args: argparse.Namespace) -> int:
                 flush=True,
             )  # stdout's last line is the JSON
             cluster.start()
+            print(
+                f"megascope demo: the agents' token is in {cluster.token_file} (megascope dashboard --token-file)",
+                file=sys.stderr if args.json else sys.stdout,
+                flush=True,
+            )
             if args.headless:
                 from megascope.dashboard.headless import run_headless
 
                 return run_headless(cluster, args.steps, as_json=args.json)
             from megascope.dashboard.dashboard_cli import run_dashboard
 
-            return run_dashboard(cluster.addresses, readonly=args.readonly)
+            return run_dashboard(cluster.addresses, readonly=args.readonly, transport=cluster.transport)
     except LocalClusterError as error:
         print(f"megascope demo: error: {error}", file=sys.stderr)
         return 2 if error.usage else 1

@@ -38,7 +38,9 @@ def run_headless(cluster: LocalCluster, steps: int, as_json: bool) -> int:
 
 async def _run(cluster: LocalCluster, steps: int, as_json: bool) -> int:
     model = ClusterModel(cluster.addresses)
-    watchers = [asyncio.ensure_future(watch_agent(model, address)) for address in cluster.addresses]
+    watchers = [
+        asyncio.ensure_future(watch_agent(model, address, transport=cluster.transport)) for address in cluster.addresses
+    ]
     out = sys.stderr if as_json else sys.stdout
     started = time.monotonic()
     first_loss: float | None = None

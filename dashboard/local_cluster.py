@@ -1,5 +1,8 @@
 """A cluster of agents on this machine, started as child processes: what ``megascope demo`` runs on.
 
+The agents share a token generated here (:attr:`LocalCluster.transport` carries it for the demo's own client): it
+reaches them in ``$MEGASCOPE_TOKEN``, not on their command line, where every user of the host could read it.
+
 Each agent is ``megascope agent --port 0 ...`` in its own session (so a Ctrl-C in the terminal reaches the
 demo, which then stops them in order, rather than killing them mid-write). Its first stdout line gives its
 address; the rest of its output goes to ``<run_dir>/agent-<node>.log``. On exit every agent gets SIGTERM
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -23,6 +27,7 @@ from typing import Any
 
 import psutil
 
+from megascope.dashboard.transport import TOKEN_ENV, Transport
 from megascope.engine.runtime import run_dir as paths
 
 _STARTUP_SECONDS = 60.0
@@ -66,6 +71,8 @@ class LocalCluster:
         self._known: dict[int, psutil.Process] = {}
         """Every process of the tree seen so far, by pid, so that none outlives the demo."""
         self._previous_handlers: dict[signal.Signals, Any] = {}
+        self.transport = Transport(token=secrets.token_urlsafe(32))
+        """How the demo's client reaches these agents: plaintext on 127.0.0.1, with the agents' generated token."""
 
     def __enter__(self) -> LocalCluster:
         # SIGTERM and SIGHUP (the terminal went away) become KeyboardInterrupt, so one path (unwinding
@@ -81,8 +88,16 @@ class LocalCluster:
             for sig, handler in self._previous_handlers.items():
                 signal.signal(sig, handler)
 
+    @property
+    def token_file(self) -> Path:
+        """The agents' token, for another client of the demo's agents (``megascope dashboard --token-file``)."""
+        return self.run_dir / "agent-token"
+
     def start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as out:
+            out.write(f"{self.transport.token}\n")
         rendezvous = f"127.0.0.1:{free_port()}"
         run_id = f"demo-{uuid.uuid4().hex[:8]}"
         nnodes = f"{self.min_nodes}:{self.nodes}" if self.min_nodes else str(self.nodes)
@@ -99,7 +114,7 @@ class LocalCluster:
             log = open(paths.agent_log(self.run_dir, node), "w")  # noqa: SIM115 (handed to the child)
             process = subprocess.Popen(
                 command, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True,
-                env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                env=dict(os.environ, PYTHONUNBUFFERED="1", **{TOKEN_ENV: self.transport.token or ""}),
             )  # fmt: skip
             log.close()
             self.agents.append(process)

@@ -11,7 +11,8 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
-from megascope.dashboard.dashboard_cli import add_agents_argument
+from megascope.dashboard import transport as transports
+from megascope.dashboard.dashboard_cli import add_agents_argument, client_transport
 
 if TYPE_CHECKING:  # the real imports happen inside the functions: `megascope --help` must stay fast
     from megascope.dashboard.model.cluster import ClusterModel
@@ -39,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="seconds to wait for each agent (default 5)",
     )
+    transports.add_arguments(
+        parser, token_help="(reads need it on agents started with --token-reads; default: $MEGASCOPE_TOKEN)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,8 +52,11 @@ def run(args: argparse.Namespace) -> int:
     from megascope.dashboard.connection import collect_all
     from megascope.dashboard.model.cluster import ClusterModel, ConnectionState
 
+    transport = client_transport(args, "status")
+    if transport is None:
+        return 2
     model = ClusterModel(args.agents, log_connections=False)
-    asyncio.run(collect_all(model, args.agents, args.timeout))
+    asyncio.run(collect_all(model, args.agents, args.timeout, transport))
     snapshot = snapshot_dict(model)
     if args.json:
         print(json.dumps(snapshot, indent=2, allow_nan=False))

@@ -69,6 +69,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ckpt.add_argument("--ckpt-keep", type=int, default=3, help="keep the newest N; 0 keeps all (default: 3)")
     ckpt.add_argument("--ckpt-keep-every", type=int, default=0, help="also keep every step divisible by N (default: 0)")
     ckpt.add_argument("--no-resume", action="store_true", help="start from scratch even if --ckpt-dir has checkpoints")
+    ckpt.add_argument(
+        "--allow-failed-saves",
+        action="store_true",
+        help="exit 0 even when every checkpoint save of the run failed (by default such a run exits 1)",
+    )
     train.add_argument(
         "--no-self-check",
         action="store_true",
@@ -148,6 +153,8 @@ def build(args: argparse.Namespace) -> tuple[TrainConfig, LaunchOptions]:
     options = LaunchOptions.from_args(args)
     if config.checkpoint.init_from:
         _check_init_from(config)
+    if config.checkpoint.dir and config.checkpoint.resume:
+        _check_resume(Path(config.checkpoint.dir))
     try:  # with --nnodes MIN:MAX the job may grow to MAX nodes
         check_ranks(config.faults, options.nproc_per_node * options.node_range()[1])
     except FaultError as error:
@@ -160,6 +167,28 @@ def build(args: argparse.Namespace) -> tuple[TrainConfig, LaunchOptions]:
             "tokens); lower --batch-tokens or give more --data"
         )
     return config, options
+
+
+def _check_resume(directory: Path) -> None:
+    """Some committed checkpoint in ``directory`` opens (metadata, every file with its size and header), or there is
+    none at all: otherwise the run would stop in every rank, so it stops here, in one line naming each. The ranks
+    themselves skip any that does not verify (and check every block they read)."""
+    from megascope.engine.checkpoint import CheckpointError, committed_steps, open_checkpoint
+    from megascope.engine.checkpoint.format import step_dir_name
+    from megascope.engine.config import ConfigError
+
+    reasons = []
+    for step in reversed(committed_steps(directory)):
+        try:
+            open_checkpoint(directory / step_dir_name(step))
+            return
+        except (CheckpointError, OSError) as error:
+            reasons.append(f"{step_dir_name(step)}: {' '.join(str(error).split())}")
+    if reasons:
+        raise ConfigError(
+            f"--ckpt-dir: no checkpoint in {directory} can be resumed from ({'; '.join(reasons)}); "
+            "start over with --no-resume, or repair them"
+        )
 
 
 def _check_init_from(config: TrainConfig) -> None:
@@ -209,7 +238,44 @@ def run(args: argparse.Namespace) -> int:
         print(f"megascope train: failed: {error}", file=sys.stderr)
         return 1
     _print_summary(Path(config.run_dir))
+    if config.checkpoint.dir and not _report_saves(Path(config.run_dir)) and not args.allow_failed_saves:
+        return 1
     return 0
+
+
+def _report_saves(run_dir: Path) -> bool:
+    """Say which checkpoint saves failed (from the ranks' telemetry); False when saves were made and all failed."""
+    import json
+
+    from megascope.engine.runtime.run_dir import telemetry_files
+
+    saved: set[int] = set()
+    failed: dict[int, str] = {}
+    for path in telemetry_files(run_dir):
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+            if not isinstance(record, dict) or record.get("type") != "event":
+                continue
+            step = int((record.get("checkpoint") or {}).get("step") or record.get("step") or 0)
+            if record.get("kind") == "checkpoint":
+                saved.add(step)
+            elif record.get("kind") == "checkpoint_failed":
+                failed.setdefault(step, str((record.get("checkpoint") or {}).get("error") or record.get("text")))
+    failed = {step: error for step, error in failed.items() if step not in saved}  # a later attempt saved it
+    if not failed:
+        return True
+    steps = ", ".join(map(str, sorted(failed)[:10])) + (", ..." if len(failed) > 10 else "")
+    last = failed[max(failed)]
+    if saved:
+        print(f"megascope train: warning: {len(failed)} checkpoint save(s) failed (step {steps}): {last}",
+              file=sys.stderr)  # fmt: skip
+        return True
+    print(f"megascope train: error: every checkpoint save failed (step {steps}); nothing of this run is saved: "
+          f"{last} (--allow-failed-saves exits 0 anyway)", file=sys.stderr)  # fmt: skip
+    return False
 
 
 def _print_summary(run_dir: Path) -> None:

@@ -37,13 +37,14 @@ import torch.distributed as dist
 from google.protobuf.message import Message
 from torch.nn.parallel import DistributedDataParallel
 
+from megascope.engine.checkpoint.format import CheckpointError
 from megascope.engine.checkpoint.manager import CheckpointManager
 from megascope.engine.collectives import CollectiveTimer, DeviceComputeTimer
 from megascope.engine.config import TrainConfig
 from megascope.engine.data import PackedBatches, Prefetcher, load_corpus, split_train_val
 from megascope.engine.mfu import PeakFlops, device_peak
 from megascope.engine.model import Transformer, cross_entropy
-from megascope.engine.runtime import selfcheck
+from megascope.engine.runtime import bound_stores, selfcheck
 from megascope.engine.runtime.agent_link import connect_from_environment
 from megascope.engine.runtime.faults import FaultInjector
 from megascope.engine.runtime.run_dir import stacks_file, telemetry_file
@@ -100,6 +101,7 @@ class Trainer:
         self.node = os.environ.get("MEGASCOPE_NODE", socket.gethostname())
         self.device = _pick_device(config, self.local_rank)
         backend = "nccl" if self.device.type == "cuda" else "gloo"
+        bound_stores.bind_from_env()  # a one-node job: rank 0's store on loopback only, not on every interface
         dist.init_process_group(backend, timeout=timedelta(seconds=config.dist_timeout_seconds))
         # Checkpoint coordination gets its own gloo group, so a save's commit (on a background thread)
         # can never interleave with, or wait behind, the training group's gradient all-reduces.
@@ -461,7 +463,12 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m megascope.engine.trainer CONFIG_JSON", file=sys.stderr)
         return 2
-    trainer = Trainer(TrainConfig.load(args[0]))
+    config = TrainConfig.load(args[0])
+    try:
+        trainer = Trainer(config)
+    except CheckpointError as error:  # no checkpoint to resume from or init from: one line, not a traceback
+        print(f"megascope: rank {os.environ.get('RANK', 0)}: error: {error}", file=sys.stderr, flush=True)
+        return 1
     try:
         trainer.train()
     except Exception as error:

@@ -37,11 +37,13 @@ _CHECKPOINT_KINDS = {
     pb.CheckpointDetail.PHASE_FAILED: "checkpoint_failed",
     pb.CheckpointDetail.PHASE_REFUSED: "checkpoint_refused",
     pb.CheckpointDetail.PHASE_CLEANUP: "checkpoint_cleanup",
+    pb.CheckpointDetail.PHASE_MADE_ROOM: "checkpoint_made_room",
 }
 _RESUME_KINDS = {
     pb.ResumeDetail.SOURCE_RESUME: "resumed",
     pb.ResumeDetail.SOURCE_INIT_FROM: "initialized",
     pb.ResumeDetail.SOURCE_MISSING_STEP: "restart_from_missing",
+    pb.ResumeDetail.SOURCE_SKIPPED: "resume_skipped",
 }
 _MERGE_KINDS = {
     pb.MergeDetail.PHASE_STARTED: "merge_started",

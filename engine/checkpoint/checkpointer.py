@@ -6,18 +6,21 @@ A save runs as a job on one background thread per rank, in three stages:
    on GPU). This runs while the next forward and backward run, which read the weights but do not change
    them; the training thread waits only in :meth:`Checkpointer.before_optimizer_step` if staging is
    still going when the optimizer is about to change them.
-2. write: serialise the staged buffers to ``<step>.tmp/rank<R>.safetensors``, fsync.
+2. write: serialise the staged buffers to ``<step>.tmp/rank<R>.safetensors``, fsync. Before that, when the
+   disk has less free space than the save needs, rank 0 removes the checkpoints retention would remove after
+   it (``checkpoint_made_room``), so that one full disk does not fail every later save.
 3. commit: every rank reports what it wrote (or its error) to rank 0 over the checkpoint's own gloo
    process group (never the training group, so it cannot deadlock with gradient all-reduces). Rank 0
    writes ``metadata.json``, fsyncs, renames the directory to its final name, then moves ``latest``.
-   Any rank's failure (disk full, unwritable directory) aborts the commit: the save is reported as failed,
-   the unfinished directory is removed, ``latest`` is untouched, and training goes on.
+   Any rank's failure (disk full, unwritable directory), or a failed commit, aborts it: the save is reported
+   as failed (a warning), the unfinished directory is removed, ``latest`` is untouched, and training goes on.
 
 At most one save is in flight: a new save waits for the previous one to finish before staging.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -41,13 +44,14 @@ from megascope.engine.checkpoint.format import (
     TensorMeta,
     committed_steps,
     fsync_dir,
+    read_metadata,
     step_dir_name,
     write_atomically,
 )
 from megascope.engine.checkpoint.plan import Item, plan
 from megascope.engine.checkpoint.safetensors_io import write_file
 from megascope.engine.runtime.faults import CRASH_POINT_ENV, FaultInjector
-from megascope.protos.events import make_event
+from megascope.protos.events import INFO, WARNING, make_event
 from megascope.protos.megascope.v1 import telemetry_pb2
 
 __all__ = ["CRASH_POINT_ENV", "Checkpointer", "EventCallback", "SaveFigures", "remove_unfinished"]
@@ -113,6 +117,8 @@ class Checkpointer:
         self._pending: _Job | None = None
         self._closed = False
         self.history: list[SaveFigures] = []
+        self._last_total = 0
+        """Bytes of the last save this checkpointer committed (rank 0): the next save's estimate."""
         self.directory.mkdir(parents=True, exist_ok=True)
         self._thread = threading.Thread(target=self._work, name="megascope-checkpoint", daemon=True)
         self._thread.start()
@@ -187,6 +193,8 @@ class Checkpointer:
                 self._run(job)
             except Exception as error:  # whatever it is, this save failed; the next one must still work
                 job.figures.error = f"step {job.step} not saved: {type(error).__name__}: {error}"
+                if self.rank == 0:  # nothing of a failed save stays behind
+                    shutil.rmtree(self.directory / (step_dir_name(job.step) + ".tmp"), ignore_errors=True)
                 self._failed(job.step, job.figures.error)
             finally:
                 job.staged.set()
@@ -203,18 +211,23 @@ class Checkpointer:
         figures.stage_seconds = t1 - t0
         tmp = self.directory / (step_dir_name(job.step) + ".tmp")
         report: dict[str, Any]
+        if self.rank == 0:
+            with contextlib.suppress(OSError, CheckpointError):  # best effort: the write itself says if it fails
+                self._make_room(job)
         try:
             tmp.mkdir(parents=True, exist_ok=True)
             self.faults.at_checkpoint("write", job.step)
             file = f"rank{self.rank}.safetensors"
-            written = write_file(tmp / file, staged, {"step": str(job.step), "rank": str(self.rank)}) if staged else {}
+            result = write_file(tmp / file, staged, {"step": str(job.step), "rank": str(self.rank)}) if staged else None
+            written = result.tensors if result is not None else {}
             size = (tmp / file).stat().st_size if staged else 0
             shards = [
                 (item.name, item.global_shape, DTYPES[item.data.dtype],
                  Shard(file, item.name, item.offset, item.rows, w.byte_start, w.byte_end, w.crc32))
                 for item, w in ((item, written[item.name]) for item in job.items)
             ]  # fmt: skip
-            report = {"rank": self.rank, "file": file if staged else None, "size": size, "shards": shards}
+            report = {"rank": self.rank, "file": file if staged else None, "size": size, "shards": shards,
+                      "header_crc32": result.header_crc32 if result is not None else None}  # fmt: skip
             figures.bytes_written = size
         except OSError as error:
             report = {"rank": self.rank, "error": f"rank {self.rank} could not write {tmp}: {error}"}
@@ -266,6 +279,7 @@ class Checkpointer:
             tensors=dict(sorted(tensors.items())),
             files={r["file"]: r["size"] for r in reports if r["file"]},
             extra=job.extra,
+            headers={r["file"]: r["header_crc32"] for r in reports if r["file"]},
             created=time.time(),
         )
         final = self.directory / step_dir_name(job.step)
@@ -283,8 +297,10 @@ class Checkpointer:
             write_atomically(self.directory / LATEST, final.name + "\n")
         except OSError as error:
             figures.error = f"commit of step {job.step} failed: {error}"
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed commit leaves nothing behind (it may be a full disk)
             self._failed(job.step, figures.error)
             return
+        self._last_total = metadata.total_bytes
         self._retain()
         seconds = time.perf_counter() - job.started
         self._event(
@@ -300,22 +316,75 @@ class Checkpointer:
             total_seconds=seconds,
         )
 
-    def _retain(self) -> None:
-        steps = committed_steps(self.directory)
+    def _beyond_keep(self, steps: list[int]) -> list[int]:
+        """Of ``steps`` (committed, oldest first), those the keep rules do not keep, oldest first."""
         keep = set(steps[-self.keep_last :]) if self.keep_last > 0 else set(steps)
         if self.keep_every > 0:
             keep |= {s for s in steps if s % self.keep_every == 0}
-        for step in steps:
-            if step not in keep:
-                shutil.rmtree(self.directory / step_dir_name(step), ignore_errors=True)
+        return [s for s in steps if s not in keep]
+
+    def _retain(self) -> None:
+        for step in self._beyond_keep(committed_steps(self.directory)):
+            shutil.rmtree(self.directory / step_dir_name(step), ignore_errors=True)
+
+    def _make_room(self, job: _Job) -> None:
+        """Before writing: when the disk has less free space than the save needs (estimated from the previous
+        save, else from the state's size), remove now the checkpoints retention would remove after this save,
+        oldest first, until it fits; said in an event (``checkpoint_made_room``). Without this, a full disk
+        would fail every later save: retention frees space only after a commit."""
+        steps = committed_steps(self.directory)
+        needed = self._estimate_bytes(job, steps)
+        try:
+            free = shutil.disk_usage(self.directory).free
+        except OSError:
+            return
+        if free >= needed:
+            return
+        removed = []
+        with_this = sorted({*steps, job.step})
+        for step in self._beyond_keep(with_this):
+            if shutil.disk_usage(self.directory).free >= needed:
+                break
+            if step == job.step:
+                continue
+            shutil.rmtree(self.directory / step_dir_name(step), ignore_errors=True)
+            removed.append(step)
+        now = shutil.disk_usage(self.directory).free
+        names = ", ".join(step_dir_name(s) for s in removed) or "nothing (every checkpoint is kept by --ckpt-keep)"
+        outcome = "" if now >= needed else "; still short, the save may fail"
+        self._event(
+            f"disk short for step {job.step}: {free / 1e6:.1f} MB free, about {needed / 1e6:.1f} MB needed; "
+            f"removed {names} before writing (retention would after this save){outcome}",
+            telemetry_pb2.CheckpointDetail.PHASE_MADE_ROOM,
+            job.step,
+            severity=WARNING,
+            path=str(self.directory),
+            bytes=needed,
+            removed=removed,
+            free_bytes=free,
+        )
+
+    def _estimate_bytes(self, job: _Job, steps: list[int]) -> int:
+        """The bytes a save of ``job`` will take: the newest checkpoint's size, else this rank's share times the
+        world size; with a margin for the metadata and the filesystem's own blocks."""
+        estimate = self._last_total
+        if not estimate and steps:
+            with contextlib.suppress(CheckpointError, OSError):
+                estimate = read_metadata(self.directory / step_dir_name(steps[-1])).total_bytes
+        if not estimate:
+            estimate = sum(item.data.numel() * item.data.element_size() for item in job.items) * self.world_size
+        return int(estimate * 1.05) + (1 << 20)
 
     def _failed(self, step: int, error: str) -> None:
-        self._event(f"{error}; latest unchanged", telemetry_pb2.CheckpointDetail.PHASE_FAILED, step, error=error)
+        self._event(
+            f"{error}; latest unchanged", telemetry_pb2.CheckpointDetail.PHASE_FAILED, step, severity=WARNING,
+            error=error,
+        )  # fmt: skip
 
-    def _event(self, text: str, phase: int, step: int, **detail: Any) -> None:
+    def _event(self, text: str, phase: int, step: int, severity: int = INFO, **detail: Any) -> None:
         if self.on_event is not None:
             checkpoint = telemetry_pb2.CheckpointDetail(phase=phase, step=step, **detail)  # type: ignore[arg-type]
-            self.on_event(make_event(text, checkpoint, rank=self.rank, step=step))
+            self.on_event(make_event(text, checkpoint, severity=severity, rank=self.rank, step=step))
 
 
 def remove_unfinished(directory: Path) -> list[Path]:

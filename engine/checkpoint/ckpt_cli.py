@@ -32,6 +32,14 @@ def run(args: argparse.Namespace) -> int:
     except CheckpointError as error:
         print(f"megascope ckpt {args.ckpt_command}: error: {error}", file=sys.stderr)
         return 1
+    except OSError as error:  # permission denied, I/O error, ...: one line naming the file, no traceback
+        print(f"megascope ckpt {args.ckpt_command}: error: {_os_error(error)}", file=sys.stderr)
+        return 1
+
+
+def _os_error(error: OSError) -> str:
+    where = f"{error.filename}: " if error.filename else ""
+    return f"{where}{error.strerror or error}"
 
 
 def _size(n: float) -> str:
@@ -43,29 +51,49 @@ def _size(n: float) -> str:
 
 
 def _ls(args: argparse.Namespace) -> int:
-    from megascope.engine.checkpoint.format import LATEST, CheckpointError, read_metadata
+    from megascope.engine.checkpoint.format import (
+        CheckpointError,
+        check_header,
+        check_sizes,
+        read_latest,
+        read_metadata,
+    )
 
     directory: Path = args.dir
     if not directory.is_dir():
         print(f"megascope ckpt ls: error: {directory}: no such directory", file=sys.stderr)
         return 1
-    latest = (directory / LATEST).read_text().strip() if (directory / LATEST).is_file() else None
+    entries = sorted(directory.iterdir())  # unreadable: one line (run)
+    try:
+        latest = read_latest(directory)
+    except (CheckpointError, OSError) as error:
+        reason = _os_error(error) if isinstance(error, OSError) else str(error)
+        print(f"megascope ckpt ls: warning: {reason}", file=sys.stderr)
+        latest = None
     rows = []
-    for entry in sorted(directory.iterdir()):
-        if not entry.is_dir() or not entry.name.startswith("step_"):
+    for entry in entries:
+        if not entry.name.startswith("step_") or not entry.is_dir():
             continue
-        size = sum(f.stat().st_size for f in entry.iterdir() if f.is_file())
+        step = entry.name.removeprefix("step_").split(".")[0].lstrip("0") or "0"
+        size = 0
         try:
+            size = sum(f.stat().st_size for f in entry.iterdir() if f.is_file())
             if entry.name.endswith(".tmp"):
                 raise CheckpointError("unfinished")
+            if "." in entry.name:
+                raise CheckpointError(f"set aside ({entry.name.split('.', 1)[1]}), never loaded")
             meta = read_metadata(entry)
+            check_sizes(entry, meta)  # a step with a missing or truncated file is not "complete"
+            for file in meta.files:
+                check_header(entry, meta, file)  # a few KB per file: ls stays cheap
             status = "complete, latest" if entry.name == latest else "complete"
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(meta.created))
             rows.append((str(meta.step), when, _size(size), str(meta.world_size), meta.layout, status))
         except CheckpointError as error:
             state = "INCOMPLETE: unfinished save, never loaded" if entry.name.endswith(".tmp") else f"DAMAGED: {error}"
-            rows.append((entry.name.removeprefix("step_").removesuffix(".tmp").lstrip("0") or "0", "-", _size(size),
-                         "-", "-", state))  # fmt: skip
+            rows.append((step, "-", _size(size), "-", "-", state))
+        except OSError as error:
+            rows.append((step, "-", _size(size) if size else "-", "-", "-", f"UNREADABLE: {_os_error(error)}"))
     if not rows:
         print(f"no checkpoints in {directory}")
         return 0

@@ -106,6 +106,10 @@ class Metadata:
     """Every data file and its exact size in bytes."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Anything JSON the caller saved beside the tensors: run config, data position, step, ..."""
+    headers: dict[str, int] = field(default_factory=dict)
+    """CRC-32 of each data file's safetensors header (its first 8 bytes and the JSON after them), so that every
+    byte of a file is checksummed. Absent in checkpoints written before it existed: those are still read, and
+    their headers are checked against the metadata's tensors instead (see :func:`check_header`)."""
     created: float = 0.0
     format: str = FORMAT_NAME
     version: int = FORMAT_VERSION
@@ -125,11 +129,31 @@ class Metadata:
                 name: TensorMeta(t["shape"], t["dtype"], [Shard(**s) for s in t["shards"]])
                 for name, t in raw.pop("tensors").items()
             }
-            return cls(tensors=tensors, **raw)
+            metadata = cls(tensors=tensors, **raw)
         except CheckpointError:
             raise
-        except (KeyError, TypeError, ValueError) as error:
+        except (AttributeError, KeyError, TypeError, ValueError) as error:
             raise CheckpointError(f"{where}: damaged metadata ({type(error).__name__}: {error})") from None
+        metadata._confine(where)
+        return metadata
+
+    def _confine(self, where: Path) -> None:
+        """Every file the metadata names is a plain file name inside the checkpoint's own directory (a name such
+        as ``../../outside/r1.safetensors`` would make verify, load and merge read another directory's files)."""
+        if not isinstance(self.files, dict) or not all(isinstance(v, int) for v in self.files.values()):
+            raise CheckpointError(f"{where}: damaged metadata (files: not a map of names to sizes)")
+        names = [*self.files, *self.headers, *(s.file for t in self.tensors.values() for s in t.shards)]
+        for name in names:
+            if not is_plain_name(name):
+                raise CheckpointError(f"{where}: names the file {name!r}, outside the checkpoint's directory; refused")
+        for tensor_name, tensor in self.tensors.items():
+            if tensor.dtype not in DTYPE_BYTES:
+                raise CheckpointError(f"{where}: {tensor_name}: unknown dtype {tensor.dtype!r}")
+            for shard in tensor.shards:
+                if shard.file not in self.files:
+                    raise CheckpointError(
+                        f"{where}: {tensor_name}: its shard is in {shard.file}, which the metadata does not list"
+                    )
 
     @property
     def total_bytes(self) -> int:
@@ -138,6 +162,30 @@ class Metadata:
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def is_plain_name(name: object) -> bool:
+    """A bare file name: no directory part, not ``.`` or ``..``, no NUL (what metadata.json may name)."""
+    return (
+        isinstance(name, str) and bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name
+        and "\0" not in name
+    )  # fmt: skip
+
+
+def read_latest(directory: Path) -> str | None:
+    """The step directory name ``latest`` holds (None without a ``latest``); raises CheckpointError when it holds
+    anything but a step directory name of this checkpoint root (an absolute path, or one into another run)."""
+    path = directory / LATEST
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: not a step directory name (damaged)") from None
+    if not _STEP_DIR.match(text):
+        shown = text if len(text) <= 80 else text[:77] + "..."
+        raise CheckpointError(f"{path} holds {shown!r}, not a step directory of {directory} (step_NNNNNNNN); refused")
+    return text
 
 
 def committed_steps(directory: Path) -> list[int]:
@@ -160,7 +208,8 @@ def resolve(path: Path) -> Path:
         return path
     latest = path / LATEST
     if latest.is_file():
-        target = path / latest.read_text().strip()
+        name = read_latest(path)
+        target = path / str(name)
         if not (target / METADATA).is_file():
             raise CheckpointError(f"{latest} points to {target.name}, which is not a committed checkpoint")
         return target
@@ -173,18 +222,72 @@ def read_metadata(step_dir: Path) -> Metadata:
         return Metadata.from_json(path.read_text(), path)
     except FileNotFoundError:
         raise CheckpointError(f"{step_dir}: no {METADATA}; the save never committed") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: damaged metadata (not text)") from None
+
+
+def check_sizes(step_dir: Path, metadata: Metadata) -> None:
+    """Every data file the metadata lists is there with its exact size."""
+    for file, size in metadata.files.items():
+        try:
+            actual = (step_dir / file).stat().st_size
+        except FileNotFoundError:
+            raise CheckpointError(f"{step_dir / file}: missing (the metadata lists it with {size} bytes)") from None
+        if actual != size:
+            raise CheckpointError(f"{step_dir / file}: {actual} bytes, the metadata says {size}: truncated or replaced")
+
+
+def header_bytes(path: Path) -> bytes:
+    """A safetensors file's header: the 8-byte length and the JSON it announces (CheckpointError if it cannot be)."""
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path}: damaged safetensors header (file shorter than 8 bytes)")
+        length = int.from_bytes(prefix, "little")
+        if length > _MAX_HEADER_BYTES or length > os.fstat(f.fileno()).st_size - 8:
+            raise CheckpointError(f"{path}: damaged safetensors header (announces {length} bytes of header)")
+        return prefix + f.read(length)
+
+
+_MAX_HEADER_BYTES = 100 << 20
+"""safetensors' own limit on a header's size."""
+
+
+def check_header(step_dir: Path, metadata: Metadata, file: str) -> None:
+    """The file's safetensors header is the one written: its CRC-32 when the metadata has it, and in any case a
+    header that parses and places each of the metadata's shards in this file where the metadata says."""
+    path = step_dir / file
+    raw = header_bytes(path)
+    expected = metadata.headers.get(file)
+    if expected is not None and zlib.crc32(raw) != expected:
+        raise CheckpointError(f"{path}: checksum mismatch in the safetensors header; the file is damaged")
+    try:
+        header = json.loads(raw[8:])
+        data_start = len(raw)
+        for name, tensor in metadata.tensors.items():
+            for shard in tensor.shards:
+                if shard.file != file:
+                    continue
+                entry = header[shard.key]
+                start, end = (data_start + int(o) for o in entry["data_offsets"])
+                shape = [shard.rows, *tensor.shape[1:]] if tensor.shape else []
+                placed = (start, end) == (shard.byte_start, shard.byte_end)
+                if not placed or entry["dtype"] != tensor.dtype or list(entry["shape"]) != shape:
+                    raise CheckpointError(f"{path}: the safetensors header disagrees with the metadata on {name}")
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: damaged safetensors header ({type(error).__name__}: {error})") from None
 
 
 def open_checkpoint(path: str | Path) -> tuple[Path, Metadata]:
-    """The step directory and its metadata, after checking every data file is there with its full size."""
+    """The step directory and its metadata, after checking every data file is there with its full size and the
+    header it was written with (a load then checks the CRC of every block it reads)."""
     step_dir = resolve(Path(path))
     metadata = read_metadata(step_dir)
-    for file, size in metadata.files.items():
-        actual = (step_dir / file).stat().st_size if (step_dir / file).exists() else None
-        if actual is None:
-            raise CheckpointError(f"{step_dir / file}: missing (the metadata lists it with {size} bytes)")
-        if actual != size:
-            raise CheckpointError(f"{step_dir / file}: {actual} bytes, the metadata says {size}: truncated or replaced")
+    check_sizes(step_dir, metadata)
+    for file in metadata.files:
+        check_header(step_dir, metadata, file)
     return step_dir, metadata
 
 

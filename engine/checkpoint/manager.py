@@ -7,14 +7,15 @@ optimizer, data loader, RNG) once, then calls :meth:`CheckpointManager.load` bef
 :meth:`~CheckpointManager.close` at the end. The manager owns:
 
 - resume: this run's newest committed checkpoint, or the step a restart asked for (the run directory's
-  restart request, agreed on by every rank);
+  restart request, agreed on by every rank); one that does not verify is skipped with a warning
+  (``resume_skipped``) for the next older one, and set aside as ``step_N.damaged`` when damaged;
 - init-from (``--init-from``): another run's weights, with its optimizer state or a fresh one;
 - the save schedule (``--ckpt-every`` and the last step) and saves requested by a ``CHECKPOINT`` command
   (:meth:`~CheckpointManager.request_save`, accepted or refused with a reason);
 - retention (``keep_last`` / ``keep_every``, applied by the :class:`Checkpointer` after each commit) and the
   cleanup of saves an earlier attempt left unfinished;
-- the events that say so (``resumed``, ``initialized``, ``restart_from_missing``, ``checkpoint_cleanup``,
-  ``checkpoint_refused``, and the checkpointer's own).
+- the events that say so (``resumed``, ``resume_skipped``, ``initialized``, ``restart_from_missing``,
+  ``checkpoint_cleanup``, ``checkpoint_refused``, and the checkpointer's own).
 
 A run without ``--ckpt-dir`` has a manager too: it may still init from a checkpoint, and refuses requested
 saves.
@@ -22,6 +23,7 @@ saves.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -33,12 +35,20 @@ import torch.distributed as dist
 from google.protobuf.message import Message
 
 from megascope.engine.checkpoint.checkpointer import Checkpointer, remove_unfinished
-from megascope.engine.checkpoint.format import CheckpointError, committed_steps, step_dir_name
+from megascope.engine.checkpoint.format import (
+    LATEST,
+    METADATA,
+    CheckpointError,
+    committed_steps,
+    read_latest,
+    step_dir_name,
+    write_atomically,
+)
 from megascope.engine.checkpoint.loader import load
 from megascope.engine.config import TrainConfig
 from megascope.engine.runtime.faults import FaultInjector
 from megascope.engine.runtime.run_dir import clear_restart_request, read_restart_request
-from megascope.protos.events import make_event
+from megascope.protos.events import ERROR, INFO, WARNING, make_event
 from megascope.protos.megascope.v1 import telemetry_pb2
 
 
@@ -86,6 +96,7 @@ class CheckpointManager:
         self.resumed_from: int | None = None
         """The step this start resumed from; None when it started fresh (or from --init-from)."""
         self._requested: set[int] = set()
+        self._resumed_event: tuple[str, Message, int] | None = None
         """Steps a CHECKPOINT command asked to save after, accepted and not reached yet."""
 
     # --- start --------------------------------------------------------------------------------------------
@@ -99,7 +110,7 @@ class CheckpointManager:
             return 0
         step = 0
         if ckpt.resume and committed_steps(self.directory):
-            step = self._resume(self._resume_source(self.directory))
+            step = self._resume_first_good(self._resume_candidates(self.directory))
         elif ckpt.init_from:  # a restart of this run resumes its own checkpoints instead (the branch above)
             self._init_from(Path(ckpt.init_from))
         if self.rank == 0:
@@ -114,11 +125,14 @@ class CheckpointManager:
         )  # fmt: skip
         return step
 
-    def _resume_source(self, directory: Path) -> Path:
-        """The newest checkpoint, unless a restart asked for an earlier one (the run directory's restart request).
+    def _resume_candidates(self, directory: Path) -> list[Path]:
+        """Where to resume from, best first: the step a restart asked for (the run directory's restart request)
+        or else the one ``latest`` names, then every older committed step, newest first.
 
         Every rank reads its own node's request and the ranks agree on one step (a collective every rank makes,
         so a node whose agent got no request follows the others); then the request is removed, for one restart.
+        ``latest`` naming no committed checkpoint (a missing directory, an absolute path) is a skipped
+        candidate: said, and the newest committed step is tried instead.
         """
         asked = read_restart_request(self.config.run_dir)
         step = asked
@@ -127,15 +141,123 @@ class CheckpointManager:
             dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
             step = int(agreed.item())
         clear_restart_request(self.config.run_dir)  # every rank has read it: the all-reduce waited for all
-        if not step:
-            return directory
-        if step not in committed_steps(directory):
-            missing = telemetry_pb2.ResumeDetail(
-                source=telemetry_pb2.ResumeDetail.SOURCE_MISSING_STEP, path=str(directory), step=step
-            )
-            self._event(f"no committed checkpoint at step {step}; resuming the newest", missing, 0)
-            return directory
-        return directory / step_dir_name(step)
+        steps = committed_steps(directory)
+        first: int | None = None
+        if step:
+            if step in steps:
+                first = step
+            else:
+                missing = telemetry_pb2.ResumeDetail(
+                    source=telemetry_pb2.ResumeDetail.SOURCE_MISSING_STEP, path=str(directory), step=step
+                )
+                self._event(f"no committed checkpoint at step {step}; resuming the newest", missing, 0)
+        if first is None:
+            first = self._latest_step(directory, steps)
+        if first is not None:
+            steps = [s for s in steps if s <= first]
+        return [directory / step_dir_name(s) for s in reversed(steps)]
+
+    def _latest_step(self, directory: Path, steps: list[int]) -> int | None:
+        """The committed step ``latest`` names; None (said, as a skipped candidate) when it names none."""
+        try:
+            name = read_latest(directory)
+        except (CheckpointError, OSError) as error:
+            self._skipped(directory / LATEST, 0, _one_line(error))
+            return None
+        if name is None:
+            return None
+        step = int(name.removeprefix("step_"))
+        if step not in steps:
+            self._skipped(directory / LATEST, step, f"{LATEST} names {name}, which is not a committed checkpoint")
+            return None
+        return step
+
+    def _resume_first_good(self, candidates: list[Path]) -> int:
+        """Resume from the first candidate every rank can load (metadata readable, every file there with its size
+        and header, every block read matching its CRC); the ones before it are said (``resume_skipped``, a
+        warning) and set aside as ``step_N.damaged`` when damaged, so no later start tries them again."""
+        reasons: list[str] = []
+        passed: list[tuple[Path, str, bool, bool]] = []
+        """(candidate, why, damaged, whether this rank's own read failed) of each candidate passed over."""
+        for path in candidates:
+            outcome, reason, own = _OK, "", True
+            try:
+                step = self._resume(path)
+            except CheckpointError as error:
+                outcome, reason = _DAMAGED, _one_line(error)
+            except (KeyError, TypeError, ValueError) as error:  # metadata that parses but lacks what a resume reads
+                outcome, reason = _DAMAGED, f"damaged metadata ({type(error).__name__}: {_one_line(error)})"
+            except OSError as error:  # unreadable (permissions, I/O error): not set aside, only passed over
+                outcome, reason = _UNREADABLE, _one_line(error)
+            if dist.is_initialized():  # every rank resumes from the same checkpoint, or none does
+                outcomes = torch.zeros(dist.get_world_size(), dtype=torch.int64, device=self.device)
+                outcomes[dist.get_rank()] = outcome
+                dist.all_reduce(outcomes, op=dist.ReduceOp.MAX)
+                worst = int(outcomes.max().item())
+                if worst != _OK and outcome == _OK:
+                    failed = ", ".join(str(r) for r in outcomes.nonzero().flatten().tolist()[:8])
+                    outcome, own = worst, False
+                    reason = f"rank {failed} could not read it (its resume_skipped event says why)"
+                    self.resumed_from = None
+            if outcome == _OK:
+                for skipped, why, damaged, mine in passed:  # set aside only once there is something to resume from
+                    aside = self._set_aside(skipped) if damaged else None
+                    self._skipped(skipped, int(skipped.name.removeprefix("step_")), why, aside, mine)
+                self._point_latest_at(path)
+                if self._resumed_event is not None:
+                    self._event(*self._resumed_event)
+                return step
+            reasons.append(f"{path.name}: {reason}")
+            passed.append((path, reason, outcome == _DAMAGED, own))
+        for skipped, why, _, mine in passed:
+            self._skipped(skipped, int(skipped.name.removeprefix("step_")), why, None, mine)
+        raise CheckpointError(
+            f"no checkpoint in {self.directory} can be resumed from ({'; '.join(reasons)}); "
+            "start over with --no-resume, or repair them"
+        )
+
+    def _set_aside(self, path: Path) -> Path | None:
+        """Rank 0 renames a damaged checkpoint to ``step_N.damaged`` (kept for a look, never loaded, not counted
+        by retention)."""
+        if self.rank != 0:
+            return None
+        target = path.with_name(path.name + ".damaged")
+        n = 1
+        while target.exists():
+            n += 1
+            target = path.with_name(f"{path.name}.damaged{n}")
+        try:
+            path.rename(target)
+        except OSError:
+            return None
+        return target
+
+    def _point_latest_at(self, path: Path) -> None:
+        """After a fallback, ``latest`` names the checkpoint resumed from (rank 0), so that it names a checkpoint."""
+        if self.rank != 0 or self.directory is None:
+            return
+        try:
+            current = read_latest(self.directory)
+        except (CheckpointError, OSError):
+            current = None
+        if current is None or not (self.directory / current / METADATA).is_file():
+            with contextlib.suppress(OSError):
+                write_atomically(self.directory / LATEST, path.name + "\n")
+
+    def _skipped(self, path: Path, step: int, reason: str, set_aside: Path | None = None, own: bool = False) -> None:
+        """Say a candidate was passed over: rank 0 always, another rank only for a failure of its own read (the
+        ranks see the same directory: one warning per job, not one per rank)."""
+        if self.rank != 0 and not own:
+            return
+        detail = telemetry_pb2.ResumeDetail(
+            source=telemetry_pb2.ResumeDetail.SOURCE_SKIPPED,
+            path=str(path),
+            step=step,
+            error=reason,
+            set_aside=str(set_aside or ""),
+        )
+        aside = f"; set aside as {set_aside.name}" if set_aside is not None else ""
+        self._event(f"not resuming from {path.name}: {reason}{aside}", detail, 0, WARNING)
 
     def _resume(self, directory: Path) -> int:
         self._ensure_optimizer_state()
@@ -158,7 +280,7 @@ class CheckpointManager:
             bytes_read=stats.bytes_read,
         )
         text = f"resumed from step {step} ({directory}): read {stats.bytes_read / 1e6:.1f} MB in {seconds:.2f}s"
-        self._event(text, resumed, step)
+        self._resumed_event = (text, resumed, step)  # said once every rank agrees on this checkpoint
         return step
 
     def _init_from(self, path: Path) -> None:
@@ -255,6 +377,14 @@ class CheckpointManager:
         """Wait for the save in flight and stop the checkpointer."""
         if self.checkpointer is not None:
             self.checkpointer.close()
+            history = self.checkpointer.history
+            if self.rank == 0 and history and all(figures.error for figures in history):
+                last = history[-1]
+                failed = telemetry_pb2.CheckpointDetail(
+                    phase=telemetry_pb2.CheckpointDetail.PHASE_FAILED, step=last.step, error=last.error or ""
+                )
+                text = f"every checkpoint save of this start failed ({len(history)}); nothing of it is saved"
+                self._event(text, failed, last.step, ERROR)
 
     # --- state --------------------------------------------------------------------------------------------
 
@@ -277,6 +407,19 @@ class CheckpointManager:
                     "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
                 }
 
-    def _event(self, text: str, detail: Message, step: int) -> None:
+    def _event(self, text: str, detail: Message, step: int, severity: int = INFO) -> None:
         if self._emit is not None:
-            self._emit(make_event(text, detail, rank=self.rank, step=step))
+            self._emit(make_event(text, detail, severity=severity, rank=self.rank, step=step))
+
+
+_OK, _UNREADABLE, _DAMAGED = 0, 1, 2
+"""A resume candidate's outcome on one rank; the ranks agree on the worst (all-reduce MAX)."""
+
+
+def _one_line(error: BaseException) -> str:
+    text = (
+        str(error)
+        if not isinstance(error, OSError) or not error.strerror
+        else (f"{error.filename}: {error.strerror}" if error.filename else error.strerror)
+    )
+    return " ".join(text.split()) or type(error).__name__

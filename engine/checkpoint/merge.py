@@ -565,6 +565,7 @@ def merge(
             tensors=shards,
             files={OUTPUT_FILE: writer.size},
             extra=extra,
+            headers={OUTPUT_FILE: writer.header_crc32},
             created=time.time(),
         )
         write_atomically(step_dir / METADATA, metadata.to_json())

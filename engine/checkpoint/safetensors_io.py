@@ -40,6 +40,13 @@ class Written:
     crc32: list[int]
 
 
+@dataclass
+class WrittenFile:
+    tensors: dict[str, Written]
+    header_crc32: int
+    """CRC-32 of the file's header bytes (the 8-byte length and the JSON), for the metadata's ``headers``."""
+
+
 def _bytes_of(data: Data) -> memoryview:
     """The raw bytes of a CPU tensor or a numpy array, without a copy (a contiguous copy if it is not)."""
     if isinstance(data, np.ndarray):
@@ -94,8 +101,11 @@ class SafetensorsWriter:
         self.size = self._data_start + position
         """The file's final size in bytes."""
         self.path = path
+        prefix = struct.pack("<Q", len(encoded))
+        self.header_crc32 = zlib.crc32(encoded, zlib.crc32(prefix))
+        """CRC-32 of the header bytes as written (the metadata's ``headers``: every byte checksummed)."""
         self._file = open(path, "wb")  # noqa: SIM115  # closed by close() or abort()
-        self._file.write(struct.pack("<Q", len(encoded)))
+        self._file.write(prefix)
         self._file.write(encoded)
         self._written = 0
 
@@ -131,10 +141,9 @@ class SafetensorsWriter:
         self._file.close()
 
 
-def write_file(
-    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
-) -> dict[str, Written]:
-    """Write ``tensors`` (CPU, contiguous) as one safetensors file, fsync it; their byte ranges and CRCs."""
+def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> WrittenFile:
+    """Write ``tensors`` (CPU, contiguous) as one safetensors file, fsync it; their byte ranges and CRCs, and the
+    header's CRC."""
     from megascope.engine.checkpoint.format import DTYPES
 
     writer = SafetensorsWriter(path, {key: (DTYPES[t.dtype], list(t.shape)) for key, t in tensors.items()}, metadata)
@@ -144,7 +153,7 @@ def write_file(
         writer.abort()
         raise
     writer.close()
-    return written
+    return WrittenFile(written, writer.header_crc32)
 
 
 def read_checked(

@@ -1,6 +1,8 @@
 """The telemetry sink that streams a rank's reports to its node's agent over ``WorkerService.Attach``.
 
-The agent sets ``MEGASCOPE_AGENT_ADDRESS`` for the ranks it launches. Training must never depend on the
+The agent sets ``MEGASCOPE_AGENT_ADDRESS`` (its worker channel: a Unix socket only its user can open, apart from
+the public port) and ``MEGASCOPE_AGENT_SECRET`` (a per-job secret, sent as call metadata; the agent refuses a
+worker call without it) for the ranks it launches. Training must never depend on the
 agent: ``write_step``/``write_event``/``write_signal`` only put the message on a bounded queue; a connection
 thread owns the gRPC stream and reconnects with backoff. While the agent is absent or the queue is full, messages are
 dropped and counted. A heartbeat goes up every second the stream is idle, so the agent can tell a live rank
@@ -27,6 +29,17 @@ from megascope.engine.runtime.telemetry import Event, Signal, StepReport
 from megascope.protos.megascope.v1 import telemetry_pb2, worker_pb2, worker_pb2_grpc
 
 AGENT_ADDRESS_ENV = "MEGASCOPE_AGENT_ADDRESS"
+AGENT_SECRET_ENV = "MEGASCOPE_AGENT_SECRET"
+"""The per-job secret the agent hands the ranks it launches; sent with every WorkerService call."""
+SECRET_METADATA_KEY = "x-megascope-worker-secret"
+"""The call metadata key that carries the secret (gRPC keys are lower case)."""
+
+
+def secret_metadata(secret: str) -> tuple[tuple[str, str], ...]:
+    """The metadata of a WorkerService call: the secret when there is one."""
+    return ((SECRET_METADATA_KEY, secret),) if secret else ()
+
+
 AB_STEPS_ENV = "MEGASCOPE_AGENT_SINK_AB_STEPS"
 """For measuring this sink's cost (bench/telemetry_overhead.py): with N set, step reports of steps in odd
 blocks of N steps (N..2N-1, 3N..4N-1, ...) are not sent, so one run holds both conditions, interleaved."""
@@ -46,8 +59,10 @@ class AgentSink:
         capacity: int = 1024,
         ab_block_steps: int = 0,
         collectives_issued: Callable[[], int] | None = None,
+        secret: str = "",
     ) -> None:
         self._address = address
+        self._metadata = secret_metadata(secret)
         self._collectives_issued = collectives_issued
         self._ab_block_steps = ab_block_steps
         self._hello = hello
@@ -130,7 +145,9 @@ class AgentSink:
             channel = grpc.insecure_channel(self._address)
             self._outbox = queue.Queue(maxsize=self._capacity)
             try:
-                call = worker_pb2_grpc.WorkerServiceStub(channel).Attach(self._requests(self._outbox))
+                call = worker_pb2_grpc.WorkerServiceStub(channel).Attach(
+                    self._requests(self._outbox), metadata=self._metadata
+                )
                 self._call = call
                 for response in call:
                     if response.HasField("ack"):
@@ -182,7 +199,8 @@ def connect_from_environment(
     stack_file: str = "",
     collectives_issued: Callable[[], int] | None = None,
 ) -> AgentSink | None:
-    """An AgentSink when this process was launched by an agent (``MEGASCOPE_AGENT_ADDRESS`` is set)."""
+    """An AgentSink when this process was launched by an agent (``MEGASCOPE_AGENT_ADDRESS`` is set; the secret
+    from ``MEGASCOPE_AGENT_SECRET``)."""
     address = os.environ.get(AGENT_ADDRESS_ENV)
     if not address:
         return None
@@ -202,4 +220,5 @@ def connect_from_environment(
         on_command,
         ab_block_steps=int(os.environ.get(AB_STEPS_ENV, "0")),
         collectives_issued=collectives_issued,
+        secret=os.environ.get(AGENT_SECRET_ENV, ""),
     )

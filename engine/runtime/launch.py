@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megascope.engine.config import ConfigError, TrainConfig
-from megascope.engine.runtime import parent_death
+from megascope.engine.runtime import bound_stores, parent_death
 from megascope.engine.runtime.run_dir import config_file, logs_dir
 
 _STOP_GRACE_SECONDS = 15.0
@@ -97,8 +97,16 @@ def torchrun_command(options: LaunchOptions, entry: Sequence[str], log_dir: Path
     """
     options.validate()
     low, high = options.node_range()
+    store_host = loopback_store_host(options)
+    # On loopback, torchrun with its stores bound there (engine/runtime/bound_stores.py), and this node's address
+    # (MASTER_ADDR, where rank 0's store is) the same loopback address rather than the host's name.
+    launcher = (
+        ["megascope.engine.runtime.bound_stores", f"--local-addr={store_host}"]
+        if store_host
+        else ["torch.distributed.run"]
+    )
     return [
-        sys.executable, "-m", "torch.distributed.run",
+        sys.executable, "-m", *launcher,
         f"--nnodes={low}" if low == high else f"--nnodes={low}:{high}",
         f"--nproc-per-node={options.nproc_per_node}",
         "--rdzv-backend=c10d",
@@ -124,9 +132,22 @@ def _rendezvous_settings(low: int, high: int) -> list[str]:
     return [f"--rdzv-conf=last_call_timeout={ELASTIC_LAST_CALL_SECONDS}"]
 
 
+def loopback_store_host(options: LaunchOptions) -> str | None:
+    """The loopback address of a job whose rendezvous is on loopback (one node, or nodes on one host): its stores
+    listen there only. None for a rendezvous on a network address (torch's stores then listen on every interface)."""
+    host = (options.rdzv_endpoint or "127.0.0.1:0").rpartition(":")[0].strip("[]")
+    return host if bound_stores.is_loopback_address(host) and host != "localhost" else None
+
+
 def launcher_environment(options: LaunchOptions, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    store_host = loopback_store_host(options)
+    if store_host:
+        env[bound_stores.STORE_HOST_ENV] = store_host  # rank 0 binds the process group's store there too
+        interface = bound_stores.loopback_interface(store_host)
+        if interface and "GLOO_SOCKET_IFNAME" not in env:
+            env["GLOO_SOCKET_IFNAME"] = interface  # gloo's listeners too, not on the address of the host's name
     # As torchrun's own CLI would for several ranks, but a share of the cores rather than one thread each.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // options.nproc_per_node)))
     env.setdefault("PYTHONUNBUFFERED", "1")

@@ -10,8 +10,8 @@ until it gives up. So each rank runs one level down, under this small guard (no 
 - it forwards SIGTERM/SIGINT/SIGHUP to the rank (torch elastic stopping the group);
 - it copies the rank's stdout and stderr through, keeping the last lines;
 - when the rank ends abnormally, it sends an :class:`ExitReport` (exit code or signal, log tail) to the
-  node's agent (``MEGASCOPE_AGENT_ADDRESS``) at once, then exits the same way, so torch elastic sees exactly
-  what the rank did.
+  node's agent (``MEGASCOPE_AGENT_ADDRESS``, with the job's secret ``MEGASCOPE_AGENT_SECRET``) at once, then
+  exits the same way, so torch elastic sees exactly what the rank did.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def describe_exit(code: int) -> tuple[int, str]:
 
 def _report(code: int, pid: int, died: float, tail: list[str]) -> None:
     # Imported here, not at the top: a guard whose rank exits cleanly never loads grpc.
-    from megascope.engine.runtime.agent_link import AGENT_ADDRESS_ENV
+    from megascope.engine.runtime.agent_link import AGENT_ADDRESS_ENV, AGENT_SECRET_ENV, secret_metadata
 
     address = os.environ.get(AGENT_ADDRESS_ENV)
     if not address:
@@ -76,7 +76,9 @@ def _report(code: int, pid: int, died: float, tail: list[str]) -> None:
     # Best effort: the agent may be gone too; the exit status still reaches torch elastic below.
     with contextlib.suppress(grpc.RpcError), grpc.insecure_channel(address) as channel:
         request = worker_pb2.ReportExitRequest(report=report)
-        worker_pb2_grpc.WorkerServiceStub(channel).ReportExit(request, timeout=2.0)
+        worker_pb2_grpc.WorkerServiceStub(channel).ReportExit(
+            request, timeout=2.0, metadata=secret_metadata(os.environ.get(AGENT_SECRET_ENV, ""))
+        )
 
 
 def run(argv: Sequence[str]) -> int:

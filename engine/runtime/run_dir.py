@@ -18,6 +18,8 @@ the path from here, so a file cannot be renamed on one side only.
                               agent: logs/<node>/)
       checkpoints/            the conventional --ckpt-dir of the demo and benches (any directory works)
       agent-<node>.log|.out   the demo's agents' stderr and stdout (dashboard/local_cluster.py)
+      agent-<node>.sock       the agent's worker channel: a Unix socket (mode 0600) serving only WorkerService
+      agent-<node>.worker     {"address", "secret"} (mode 0600): how ranks the agent did not launch reach it
 
 Pure standard library: the agent and the dashboard import it without torch.
 """
@@ -89,6 +91,20 @@ def agent_log(run_dir: str | Path, node: str) -> Path:
 def agent_output(run_dir: str | Path, node: str) -> Path:
     """The demo's agent stdout, after the line that gives its address."""
     return Path(run_dir) / f"agent-{node}.out"
+
+
+SOCKET_PATH_MAX = 100
+"""A Unix socket's path must fit ``sun_path`` (108 bytes on Linux, 104 on macOS): longer ones go elsewhere."""
+
+
+def worker_socket(run_dir: str | Path, node: str) -> Path:
+    """The agent's worker channel (a Unix socket); absolute, because the ranks may start in another directory."""
+    return Path(run_dir).resolve() / f"agent-{node}.sock"
+
+
+def worker_info(run_dir: str | Path, node: str) -> Path:
+    """The worker channel's address and the job's secret, for ranks that the agent did not launch."""
+    return Path(run_dir) / f"agent-{node}.worker"
 
 
 def write_restart_request(run_dir: str | Path, step: int) -> None:

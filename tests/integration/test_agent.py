@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support.agents import wait_until
+from support.agents import STAND_IN_RANKS, attach, wait_until, worker_metadata
+from support.agents import worker_sink as sink_on
 from support.wire import step_report
 
 from megascope.agent.server import AgentServer
@@ -21,16 +22,16 @@ from megascope.protos.megascope.v1 import agent_pb2, agent_pb2_grpc, telemetry_p
 @pytest.fixture
 async def agent() -> AsyncIterator[AgentServer]:
     state = NodeState(telemetry_pb2.NodeInfo(node="node0", total_steps=100))
-    server = AgentServer(state, "127.0.0.1", 0)
+    server = AgentServer(state, "127.0.0.1", 0, launched=STAND_IN_RANKS)
     await server.start()
     yield server
     await server.stop(grace_seconds=0.5)
 
 
-def worker_sink(address: str, rank: int) -> AgentSink:
+def worker_sink(agent: AgentServer, rank: int) -> AgentSink:
     """The engine's real sink, as a training rank uses it (its own thread, a sync gRPC stream)."""
     hello = worker_pb2.Hello(rank=rank, local_rank=rank, world_size=2, pid=1000 + rank, node="node0")
-    return AgentSink(address, hello)
+    return sink_on(agent, hello)
 
 
 async def collect(address: str, until, timeout: float = 10.0) -> list[telemetry_pb2.Telemetry]:  # type: ignore[no-untyped-def]
@@ -52,7 +53,7 @@ def steps_in(batches: list[telemetry_pb2.Telemetry], backfill: bool | None = Non
 
 
 async def test_watcher_gets_live_reports_and_a_late_watcher_gets_them_back_filled(agent: AgentServer) -> None:
-    sinks = [worker_sink(agent.address, rank) for rank in (0, 1)]
+    sinks = [worker_sink(agent, rank) for rank in (0, 1)]
     await wait_until(lambda: all(s.connected for s in sinks))
     early = asyncio.ensure_future(collect(agent.address, lambda b: len(steps_in(b)) >= 10))
     await asyncio.sleep(0.3)
@@ -74,7 +75,7 @@ async def test_watcher_gets_live_reports_and_a_late_watcher_gets_them_back_fille
 
 
 async def test_rank_that_finishes_is_exited_and_one_that_vanishes_is_failed(agent: AgentServer) -> None:
-    finishing, vanishing = worker_sink(agent.address, 0), worker_sink(agent.address, 1)
+    finishing, vanishing = worker_sink(agent, 0), worker_sink(agent, 1)
     await wait_until(lambda: finishing.connected and vanishing.connected)
     finishing.write_step(step_report(0, 1))
     finishing.write_signal(worker_pb2.RankFinished(steps=1))
@@ -94,18 +95,6 @@ async def test_health_service_reports_serving(agent: AgentServer) -> None:
             health_pb2.HealthCheckRequest(service="megascope.v1.AgentService")
         )
     assert response.status == health_pb2.HealthCheckResponse.SERVING
-
-
-async def attach(address: str, *messages: worker_pb2.AttachRequest) -> grpc.aio.AioRpcError | None:
-    """Send raw messages on a worker stream; the error the agent ended it with, or None."""
-    async with grpc.aio.insecure_channel(address) as channel:
-        call = worker_pb2_grpc.WorkerServiceStub(channel).Attach(iter(messages))
-        try:
-            async for _ in call:
-                pass
-        except grpc.aio.AioRpcError as error:
-            return error
-    return None
 
 
 HELLO = worker_pb2.AttachRequest(hello=worker_pb2.Hello(rank=0, world_size=2, pid=1, node="node0"))
@@ -143,10 +132,10 @@ HELLO = worker_pb2.AttachRequest(hello=worker_pb2.Hello(rank=0, world_size=2, pi
 async def test_bad_worker_input_gets_a_clear_status_and_the_agent_keeps_serving(
     agent: AgentServer, messages: list[worker_pb2.AttachRequest], code: grpc.StatusCode, names: str
 ) -> None:
-    error = await attach(agent.address, *messages)
-    assert error is not None and error.code() == code
+    error = await attach(agent, *messages)
+    assert isinstance(error, grpc.aio.AioRpcError) and error.code() == code
     assert names in (error.details() or "")
-    good = worker_sink(agent.address, 1)
+    good = worker_sink(agent, 1)
     await wait_until(lambda: good.connected)
     good.write_step(step_report(1, 7))
     await wait_until(lambda: any(r.step == 7 for r in agent.state.step_reports))
@@ -154,8 +143,8 @@ async def test_bad_worker_input_gets_a_clear_status_and_the_agent_keeps_serving(
 
 
 async def test_worker_that_disconnects_mid_stream_does_not_disturb_the_agent(agent: AgentServer) -> None:
-    async with grpc.aio.insecure_channel(agent.address) as channel:
-        call = worker_pb2_grpc.WorkerServiceStub(channel).Attach()
+    async with grpc.aio.insecure_channel(agent.worker_address) as channel:
+        call = worker_pb2_grpc.WorkerServiceStub(channel).Attach(metadata=worker_metadata(agent))
         await call.write(HELLO)
         await call.read()  # the Ack
         call.cancel()
@@ -196,8 +185,11 @@ def request(**payload: object) -> worker_pb2.AttachRequest:
 async def test_a_save_goes_down_each_rank_stream_as_a_command_and_a_refusing_ack_fails_the_call(
     agent: AgentServer,
 ) -> None:
-    async with grpc.aio.insecure_channel(agent.address) as channel:
-        worker = worker_pb2_grpc.WorkerServiceStub(channel).Attach()
+    async with (
+        grpc.aio.insecure_channel(agent.worker_address) as worker_channel,
+        grpc.aio.insecure_channel(agent.address) as channel,
+    ):
+        worker = worker_pb2_grpc.WorkerServiceStub(worker_channel).Attach(metadata=worker_metadata(agent))
         await worker.write(HELLO)
         await worker.read()  # the Ack
         await worker.write(request(step_report=telemetry_pb2.StepReport(rank=0, step=10)))
@@ -225,8 +217,8 @@ async def test_a_save_goes_down_each_rank_stream_as_a_command_and_a_refusing_ack
 
 
 async def test_stop_goes_down_each_rank_stream_with_the_step_to_stop_after(agent: AgentServer) -> None:
-    async with grpc.aio.insecure_channel(agent.address) as channel:
-        worker = worker_pb2_grpc.WorkerServiceStub(channel).Attach()
+    async with grpc.aio.insecure_channel(agent.worker_address) as channel:
+        worker = worker_pb2_grpc.WorkerServiceStub(channel).Attach(metadata=worker_metadata(agent))
         await worker.write(HELLO)
         await worker.read()
         await worker.write(request(step_report=telemetry_pb2.StepReport(rank=0, step=4)))
@@ -245,14 +237,14 @@ async def test_stop_goes_down_each_rank_stream_with_the_step_to_stop_after(agent
 async def test_a_ranks_failure_message_names_the_crash_with_its_exit_code_and_traceback() -> None:
     state = NodeState(telemetry_pb2.NodeInfo(node="node0"))
     supervisor = Supervisor(state)
-    server = AgentServer(state, "127.0.0.1", 0, supervisor=supervisor)
+    server = AgentServer(state, "127.0.0.1", 0, supervisor=supervisor, launched=STAND_IN_RANKS)
     await server.start()
     supervisor.start()
     try:
         failure = worker_pb2.ExitReport(rank=0, exit_code=1, log_tail=["Traceback (most recent call last):",
                                                                          "RuntimeError: boom"])  # fmt: skip
         step = telemetry_pb2.StepReport(rank=0, step=3)
-        assert await attach(server.address, HELLO, request(step_report=step), request(failure=failure)) is None
+        assert await attach(server, HELLO, request(step_report=step), request(failure=failure)) is None
         await wait_until(lambda: any(e.kind == "crash" for e in state.events))
     finally:
         await supervisor.stop()
@@ -265,17 +257,19 @@ async def test_a_ranks_failure_message_names_the_crash_with_its_exit_code_and_tr
 async def test_a_slow_self_check_message_evicts_the_node_and_a_self_check_event_does_not() -> None:
     state = NodeState(telemetry_pb2.NodeInfo(node="node0"))
     evicted: list[str] = []
-    server = AgentServer(state, "127.0.0.1", 0, supervisor=Supervisor(state, evict=evicted.append))
+    server = AgentServer(
+        state, "127.0.0.1", 0, supervisor=Supervisor(state, evict=evicted.append), launched=STAND_IN_RANKS
+    )
     await server.start()
     slow = telemetry_pb2.SelfCheckDetail(verdict=telemetry_pb2.SelfCheckDetail.VERDICT_SLOW,
                                          slow_measures=["matmul_gflops"])  # fmt: skip
     fine = telemetry_pb2.SelfCheckDetail(verdict=telemetry_pb2.SelfCheckDetail.VERDICT_OK)
     try:
         event = telemetry_pb2.Event(kind="self_check", text="node0: SLOW", self_check=slow)
-        await attach(server.address, HELLO, request(event=event), request(self_check=worker_pb2.SelfCheckResult(
+        await attach(server, HELLO, request(event=event), request(self_check=worker_pb2.SelfCheckResult(
             detail=fine)))  # fmt: skip
         assert evicted == [] and [e.kind for e in state.events if e.kind != "rank_lost"] == ["self_check"]
-        await attach(server.address, HELLO, request(self_check=worker_pb2.SelfCheckResult(detail=slow)))
+        await attach(server, HELLO, request(self_check=worker_pb2.SelfCheckResult(detail=slow)))
         await wait_until(lambda: bool(evicted))
     finally:
         await server.stop(grace_seconds=0.5)
@@ -288,12 +282,17 @@ GARBAGE = b"\xff\xff\xff"
 async def test_undecodable_request_bytes_get_invalid_argument_on_unary_and_streaming_methods(
     agent: AgentServer,
 ) -> None:
-    async with grpc.aio.insecure_channel(agent.address) as channel:
+    async with (
+        grpc.aio.insecure_channel(agent.address) as channel,
+        grpc.aio.insecure_channel(agent.worker_address) as workers,
+    ):
         calls = {
             "GetEventsRequest": lambda: channel.unary_unary("/megascope.v1.AgentService/GetEvents")(GARBAGE),
             "WatchRequest": lambda: _drain(channel.unary_stream("/megascope.v1.AgentService/Watch")(GARBAGE)),
             "AttachRequest": lambda: _drain(
-                channel.stream_stream("/megascope.v1.WorkerService/Attach")(iter([HELLO.SerializeToString(), GARBAGE]))
+                workers.stream_stream("/megascope.v1.WorkerService/Attach")(
+                    iter([HELLO.SerializeToString(), GARBAGE]), metadata=worker_metadata(agent)
+                )
             ),
         }
         for type_name, call in calls.items():

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 import time
 from pathlib import Path
 
 from support import read_telemetry, run_megascope
-from support.agents import wait_until
+from support.agents import STAND_IN_RANKS, wait_until
 from support.wire import step_report
 
 from megascope.agent.server import AgentServer
@@ -32,15 +33,18 @@ def test_writes_return_at_once_and_are_counted_as_dropped_while_no_agent_listens
 
 
 async def test_sink_reconnects_when_the_agent_comes_back_on_its_port() -> None:
-    port = free_port()
-    sink = AgentSink(f"127.0.0.1:{port}", HELLO)
+    socket = Path(tempfile.mkdtemp(prefix="sink-")) / "agent.sock"  # short: a socket's path has a length limit
+    sink = AgentSink(f"unix:{socket}", HELLO, secret="the job's secret")
     await asyncio.sleep(0.5)  # a few failed connection attempts
     assert not sink.connected
     for attempt in range(2):  # the agent starts, dies, and comes back
-        server = AgentServer(NodeState(telemetry_pb2.NodeInfo(node="node0")), "127.0.0.1", port)
+        server = AgentServer(
+            NodeState(telemetry_pb2.NodeInfo(node="node0")), "127.0.0.1", 0,
+            worker_socket=socket, worker_secret="the job's secret", launched=STAND_IN_RANKS,
+        )  # fmt: skip
         await server.start()
         await wait_until(lambda: sink.connected, timeout=15)
-        sink.write_step(step_report(0, attempt + 1))
+        sink.write_step(step_report(0, attempt + 1, world_size=1))  # HELLO's world: the agent checks it
         await wait_until(lambda server=server: len(server.state.step_reports) == 1)
         await server.stop(grace_seconds=0.1)
         await wait_until(lambda: not sink.connected)

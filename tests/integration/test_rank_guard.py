@@ -26,8 +26,15 @@ async def agent() -> AsyncIterator[AgentServer]:
     await server.stop(grace_seconds=0.5)
 
 
-async def guard(script: Path, address: str) -> tuple[int, bytes]:
-    env = dict(os.environ, MEGASCOPE_AGENT_ADDRESS=address, RANK="3", LOCAL_RANK="1")
+async def guard(script: Path, agent: AgentServer) -> tuple[int, bytes]:
+    """The guard as torch elastic starts it under an agent: the worker channel and the job's secret given."""
+    env = dict(
+        os.environ,
+        MEGASCOPE_AGENT_ADDRESS=agent.worker_address,
+        MEGASCOPE_AGENT_SECRET=agent.worker_secret,
+        RANK="3",
+        LOCAL_RANK="1",
+    )
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "megascope.engine.runtime.rank_guard", str(script),
         env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
@@ -64,7 +71,7 @@ async def test_a_killed_rank_is_reported_with_its_signal_and_last_lines_and_the_
         "sys.stdout.flush(); sys.stderr.flush()\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
-    code, out = await guard(script, agent.address)
+    code, out = await guard(script, agent)
     assert code == -signal.SIGKILL  # torch elastic sees the signal, not the guard's own exit
     assert b"line 29" in out and b"about to die" in out  # the rank's output still flows through
     [report] = exits
@@ -76,7 +83,7 @@ async def test_without_stderr_the_report_carries_the_last_lines_of_stdout(agent:
     exits = await reports_of(agent)
     script = tmp_path / "rank.py"
     script.write_text("import os\nfor i in range(30):\n    print(f'line {i}', flush=True)\nos._exit(3)\n")
-    code, _ = await guard(script, agent.address)
+    code, _ = await guard(script, agent)
     assert code == 3
     [report] = exits
     assert report.exit_code == 3 and report.log_tail == [f"line {i}" for i in range(30 - LOG_TAIL_LINES, 30)]
@@ -86,7 +93,7 @@ async def test_an_exception_is_reported_with_its_exit_code_and_traceback(agent: 
     exits = await reports_of(agent)
     script = tmp_path / "rank.py"
     script.write_text("raise RuntimeError('out of memory, pretend')\n")
-    code, _ = await guard(script, agent.address)
+    code, _ = await guard(script, agent)
     assert code == 1
     [report] = exits
     assert report.exit_code == 1 and report.signal == ""
@@ -97,5 +104,5 @@ async def test_a_clean_exit_is_not_reported(agent: AgentServer, tmp_path: Path) 
     exits = await reports_of(agent)
     script = tmp_path / "rank.py"
     script.write_text("print('done')\n")
-    code, out = await guard(script, agent.address)
+    code, out = await guard(script, agent)
     assert code == 0 and b"done" in out and exits == []

@@ -1,4 +1,5 @@
-"""Helpers for tests that serve a real AgentService in-process: waits, checkpoints to list, a merge-capable agent."""
+"""Helpers for tests that serve a real AgentService in-process: waits, checkpoints to list, a merge-capable agent,
+and stand-in ranks on the agent's worker channel (its Unix socket, with the job's secret)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,46 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import torch
 
 from megascope.agent.merges import MergeRunner
 from megascope.agent.server import AgentServer
 from megascope.agent.state import NodeState
+from megascope.agent.validation import Launched
 from megascope.engine.checkpoint import Checkpointer
-from megascope.protos.megascope.v1 import telemetry_pb2
+from megascope.engine.runtime.agent_link import AgentSink, secret_metadata
+from megascope.protos.megascope.v1 import telemetry_pb2, worker_pb2, worker_pb2_grpc
 from support import REPO
+
+STAND_IN_RANKS = Launched()
+"""What an agent checks the claims of this test's stand-in ranks against: nothing about processes (their pids are
+made up; the agent never signals them, as they are not its descendants) nor the world (any size)."""
+
+
+def worker_metadata(server: AgentServer) -> tuple[tuple[str, str], ...]:
+    """The metadata a rank that ``server`` launched sends: the job's secret."""
+    return secret_metadata(server.worker_secret)
+
+
+def worker_sink(server: AgentServer, hello: worker_pb2.Hello) -> AgentSink:
+    """The engine's real sink on ``server``'s worker channel, as a rank the agent launched uses it."""
+    return AgentSink(server.worker_address, hello, secret=server.worker_secret)
+
+
+async def attach(server: AgentServer, *messages: worker_pb2.AttachRequest, metadata: object = None) -> Exception | None:
+    """Send raw messages on a worker stream (with the job's secret unless ``metadata`` says otherwise); the error
+    the agent ended it with, or None."""
+    async with grpc.aio.insecure_channel(server.worker_address) as channel:
+        call = worker_pb2_grpc.WorkerServiceStub(channel).Attach(
+            iter(messages), metadata=worker_metadata(server) if metadata is None else metadata
+        )
+        try:
+            async for _ in call:
+                pass
+        except grpc.aio.AioRpcError as error:
+            return error
+    return None
 
 
 async def wait_until(condition, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]

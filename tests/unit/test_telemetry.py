@@ -198,7 +198,8 @@ def test_a_jsonl_record_is_the_proto_message_with_numbers_as_numbers_and_reads_b
     assert event["kind"] == "checkpoint"
     assert event["checkpoint"] == {
         "phase": "PHASE_SAVED", "step": 9, "path": "", "bytes": 123, "block_seconds": 0.25,
-        "stage_seconds": 0.0, "write_seconds": 0.0, "total_seconds": 0.0, "error": "",
+        "stage_seconds": 0.0, "write_seconds": 0.0, "total_seconds": 0.0, "error": "", "removed": [],
+        "free_bytes": 0,
     }  # fmt: skip
     assert "run" not in event  # of the oneof, only the detail that is set
     for record, message in ((step, report), (event, telemetry_pb2.Event())):

@@ -38,20 +38,22 @@ class GetSnapshotRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetSnapshotResponse(_message.Message):
-    __slots__ = ("node_info", "step_reports", "host_sample", "gpu_samples", "events", "rank_statuses")
+    __slots__ = ("node_info", "step_reports", "host_sample", "gpu_samples", "events", "rank_statuses", "events_left_out")
     NODE_INFO_FIELD_NUMBER: _ClassVar[int]
     STEP_REPORTS_FIELD_NUMBER: _ClassVar[int]
     HOST_SAMPLE_FIELD_NUMBER: _ClassVar[int]
     GPU_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     RANK_STATUSES_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_LEFT_OUT_FIELD_NUMBER: _ClassVar[int]
     node_info: _telemetry_pb2.NodeInfo
     step_reports: _containers.RepeatedCompositeFieldContainer[_telemetry_pb2.StepReport]
     host_sample: _telemetry_pb2.HostSample
     gpu_samples: _containers.RepeatedCompositeFieldContainer[_telemetry_pb2.GpuSample]
     events: _containers.RepeatedCompositeFieldContainer[_telemetry_pb2.Event]
     rank_statuses: _containers.RepeatedCompositeFieldContainer[_telemetry_pb2.RankStatus]
-    def __init__(self, node_info: _Optional[_Union[_telemetry_pb2.NodeInfo, _Mapping]] = ..., step_reports: _Optional[_Iterable[_Union[_telemetry_pb2.StepReport, _Mapping]]] = ..., host_sample: _Optional[_Union[_telemetry_pb2.HostSample, _Mapping]] = ..., gpu_samples: _Optional[_Iterable[_Union[_telemetry_pb2.GpuSample, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[_telemetry_pb2.Event, _Mapping]]] = ..., rank_statuses: _Optional[_Iterable[_Union[_telemetry_pb2.RankStatus, _Mapping]]] = ...) -> None: ...
+    events_left_out: int
+    def __init__(self, node_info: _Optional[_Union[_telemetry_pb2.NodeInfo, _Mapping]] = ..., step_reports: _Optional[_Iterable[_Union[_telemetry_pb2.StepReport, _Mapping]]] = ..., host_sample: _Optional[_Union[_telemetry_pb2.HostSample, _Mapping]] = ..., gpu_samples: _Optional[_Iterable[_Union[_telemetry_pb2.GpuSample, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[_telemetry_pb2.Event, _Mapping]]] = ..., rank_statuses: _Optional[_Iterable[_Union[_telemetry_pb2.RankStatus, _Mapping]]] = ..., events_left_out: _Optional[int] = ...) -> None: ...
 
 class GetEventsRequest(_message.Message):
     __slots__ = ("since_wall_time", "limit", "kinds")
@@ -64,10 +66,12 @@ class GetEventsRequest(_message.Message):
     def __init__(self, since_wall_time: _Optional[float] = ..., limit: _Optional[int] = ..., kinds: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetEventsResponse(_message.Message):
-    __slots__ = ("events",)
+    __slots__ = ("events", "events_left_out")
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_LEFT_OUT_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[_telemetry_pb2.Event]
-    def __init__(self, events: _Optional[_Iterable[_Union[_telemetry_pb2.Event, _Mapping]]] = ...) -> None: ...
+    events_left_out: int
+    def __init__(self, events: _Optional[_Iterable[_Union[_telemetry_pb2.Event, _Mapping]]] = ..., events_left_out: _Optional[int] = ...) -> None: ...
 
 class SaveCheckpointRequest(_message.Message):
     __slots__ = ("step",)

@@ -301,7 +301,7 @@ class RestartDetail(_message.Message):
     def __init__(self, cause: _Optional[_Union[RestartDetail.Cause, str]] = ..., phase: _Optional[_Union[RestartDetail.Phase, str]] = ..., mttr_seconds: _Optional[float] = ..., steps_lost: _Optional[int] = ..., resumed_step: _Optional[int] = ..., from_step: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class CheckpointDetail(_message.Message):
-    __slots__ = ("phase", "step", "path", "bytes", "block_seconds", "stage_seconds", "write_seconds", "total_seconds", "error")
+    __slots__ = ("phase", "step", "path", "bytes", "block_seconds", "stage_seconds", "write_seconds", "total_seconds", "error", "removed", "free_bytes")
     class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         PHASE_UNSPECIFIED: _ClassVar[CheckpointDetail.Phase]
@@ -311,6 +311,7 @@ class CheckpointDetail(_message.Message):
         PHASE_FAILED: _ClassVar[CheckpointDetail.Phase]
         PHASE_REFUSED: _ClassVar[CheckpointDetail.Phase]
         PHASE_CLEANUP: _ClassVar[CheckpointDetail.Phase]
+        PHASE_MADE_ROOM: _ClassVar[CheckpointDetail.Phase]
     PHASE_UNSPECIFIED: CheckpointDetail.Phase
     PHASE_REQUESTED: CheckpointDetail.Phase
     PHASE_STARTED: CheckpointDetail.Phase
@@ -318,6 +319,7 @@ class CheckpointDetail(_message.Message):
     PHASE_FAILED: CheckpointDetail.Phase
     PHASE_REFUSED: CheckpointDetail.Phase
     PHASE_CLEANUP: CheckpointDetail.Phase
+    PHASE_MADE_ROOM: CheckpointDetail.Phase
     PHASE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
@@ -327,6 +329,8 @@ class CheckpointDetail(_message.Message):
     WRITE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
     phase: CheckpointDetail.Phase
     step: int
     path: str
@@ -336,33 +340,41 @@ class CheckpointDetail(_message.Message):
     write_seconds: float
     total_seconds: float
     error: str
-    def __init__(self, phase: _Optional[_Union[CheckpointDetail.Phase, str]] = ..., step: _Optional[int] = ..., path: _Optional[str] = ..., bytes: _Optional[int] = ..., block_seconds: _Optional[float] = ..., stage_seconds: _Optional[float] = ..., write_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...
+    removed: _containers.RepeatedScalarFieldContainer[int]
+    free_bytes: int
+    def __init__(self, phase: _Optional[_Union[CheckpointDetail.Phase, str]] = ..., step: _Optional[int] = ..., path: _Optional[str] = ..., bytes: _Optional[int] = ..., block_seconds: _Optional[float] = ..., stage_seconds: _Optional[float] = ..., write_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., error: _Optional[str] = ..., removed: _Optional[_Iterable[int]] = ..., free_bytes: _Optional[int] = ...) -> None: ...
 
 class ResumeDetail(_message.Message):
-    __slots__ = ("source", "path", "step", "load_seconds", "bytes_read", "optimizer")
+    __slots__ = ("source", "path", "step", "load_seconds", "bytes_read", "optimizer", "error", "set_aside")
     class Source(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         SOURCE_UNSPECIFIED: _ClassVar[ResumeDetail.Source]
         SOURCE_RESUME: _ClassVar[ResumeDetail.Source]
         SOURCE_INIT_FROM: _ClassVar[ResumeDetail.Source]
         SOURCE_MISSING_STEP: _ClassVar[ResumeDetail.Source]
+        SOURCE_SKIPPED: _ClassVar[ResumeDetail.Source]
     SOURCE_UNSPECIFIED: ResumeDetail.Source
     SOURCE_RESUME: ResumeDetail.Source
     SOURCE_INIT_FROM: ResumeDetail.Source
     SOURCE_MISSING_STEP: ResumeDetail.Source
+    SOURCE_SKIPPED: ResumeDetail.Source
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     BYTES_READ_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    SET_ASIDE_FIELD_NUMBER: _ClassVar[int]
     source: ResumeDetail.Source
     path: str
     step: int
     load_seconds: float
     bytes_read: int
     optimizer: str
-    def __init__(self, source: _Optional[_Union[ResumeDetail.Source, str]] = ..., path: _Optional[str] = ..., step: _Optional[int] = ..., load_seconds: _Optional[float] = ..., bytes_read: _Optional[int] = ..., optimizer: _Optional[str] = ...) -> None: ...
+    error: str
+    set_aside: str
+    def __init__(self, source: _Optional[_Union[ResumeDetail.Source, str]] = ..., path: _Optional[str] = ..., step: _Optional[int] = ..., load_seconds: _Optional[float] = ..., bytes_read: _Optional[int] = ..., optimizer: _Optional[str] = ..., error: _Optional[str] = ..., set_aside: _Optional[str] = ...) -> None: ...
 
 class StragglerDetail(_message.Message):
     __slots__ = ("cause", "ratio", "cost_seconds", "since_step", "flagged_step", "cleared_step", "cleared_reason", "threshold", "node_wide")
