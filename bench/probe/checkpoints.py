@@ -1,4 +1,5 @@
-"""Checkpoints under hostile conditions (issue 17, "Data safety and visible failures"); every input made here.
+"""Checkpoints under hostile conditions (issue 17, "Data safety and visible failures"); every input made here
+(the damage by tests/support/damage.py, as the tests make it).
 
 - resume with only the newest checkpoint damaged (truncated, a flipped data byte, a flipped header byte, no
   metadata.json, ``latest`` on a missing directory, ``latest`` holding an absolute path into another run, a
@@ -32,11 +33,17 @@ import sys
 import textwrap
 import time
 from collections import namedtuple
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from probe import Case
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))  # the probe makes the damage the tests make
+
+from support.agents import AGENT_WITH_A_MERGE  # noqa: E402
+from support.damage import damage, denied, escape, flip, header_length  # noqa: E402
+from support.manager_rank import Rank  # noqa: E402
 
 AREA = "checkpoints"
 REPO = Path(__file__).resolve().parents[2]
@@ -62,105 +69,33 @@ def trying(name: str, attempt: Callable[[], tuple[bool, str]]) -> Case:
     return Case(AREA, name, handled, " ".join(detail.split())[:300])
 
 
-# --- damage ---------------------------------------------------------------------------------------------
-
-
-def flip(path: Path, position: int) -> None:
-    raw = bytearray(path.read_bytes())
-    raw[position] ^= 0x01
-    path.write_bytes(bytes(raw))
-
-
-def header_length(path: Path) -> int:
-    return int.from_bytes(path.read_bytes()[:8], "little")
-
-
-def escape(step_dir: Path, outside: Path) -> None:
-    """metadata.json names ``../../outside/r1.safetensors`` (a real copy of the data, so a reader would use it)."""
-    outside.mkdir(parents=True, exist_ok=True)
-    shutil.copy(step_dir / "rank0.safetensors", outside / "r1.safetensors")
-    name = os.path.relpath(outside / "r1.safetensors", step_dir)
-    meta = step_dir / "metadata.json"
-    meta.write_text(meta.read_text().replace('"rank0.safetensors"', json.dumps(name)))
-    (step_dir / "rank0.safetensors").unlink()
-
-
-def damage(root: Path, how: str, outside: Path) -> None:
-    step_dir = root / "step_00000006"
-    data = step_dir / "rank0.safetensors"
-    if how == "truncated file":
-        data.write_bytes(data.read_bytes()[:-100])
-    elif how == "flipped data byte":
-        flip(data, data.stat().st_size - 10)
-    elif how == "flipped header byte":
-        flip(data, 8 + header_length(data) // 2)
-    elif how == "no metadata.json":
-        (step_dir / "metadata.json").unlink()
-    elif how == "latest on a missing directory":
-        (root / "latest").write_text("step_00000099\n")
-    elif how == "latest absolute, into another run":
-        shutil.copytree(step_dir, outside / "other-run" / step_dir.name)
-        (root / "latest").write_text(str(outside / "other-run" / step_dir.name) + "\n")
-    elif how == "file name escaping the checkpoint":
-        escape(step_dir, outside)
-
-
 # --- resume, in process ---------------------------------------------------------------------------------
 
 
-class _Data:
-    state: Any = None
-
-    def load_state_dict(self, state: Any) -> None:
-        self.state = state
-
-
-def _manager(workdir: Path, events: list[Any]) -> Any:
-    import torch
-
-    from megascope.engine.checkpoint.manager import CheckpointManager
-    from megascope.engine.config import CheckpointConfig, TrainConfig
-
-    config = TrainConfig(steps=6, run_dir=str(workdir / "run"),
-                         checkpoint=CheckpointConfig(dir=str(workdir / "ckpt"), every=2, keep_last=0))  # fmt: skip
-    torch.manual_seed(0)
-    model = torch.nn.Linear(32, 32)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    return CheckpointManager(config, model, optimizer, _Data(), emit=events.append), model, optimizer
-
-
-def _train_six_steps(workdir: Path) -> None:
-    events: list[Any] = []
-    manager, model, optimizer = _manager(workdir, events)
-    manager.load()
-    for step in range(1, 7):
-        model(__import__("torch").ones(2, 32)).sum().backward()
-        manager.before_optimizer_step()
-        optimizer.step()
-        optimizer.zero_grad()
-        manager.save(step, {"consumed": step})
-    manager.close()
+def _rank(workdir: Path) -> Rank:
+    """The run's own manager, as its trainer drives it: saving every second step, keeping them all."""
+    return Rank(workdir, features=(32, 32), every=2, keep_last=0)
 
 
 def resume_case(workdir: Path, how: str) -> tuple[bool, str]:
     from megascope.protos.events import WARNING
 
-    _train_six_steps(workdir)
-    damage(workdir / "ckpt", how, workdir / "outside")
-    events: list[Any] = []
-    manager = _manager(workdir, events)[0]
+    first = _rank(workdir)
+    first.manager.load()
+    first.run(range(1, 7))
+    damage(workdir / "ckpt", 6, _DAMAGE.get(how, how), workdir / "outside")
+    rank = _rank(workdir)
     try:
-        step = manager.load()
+        step = rank.manager.load()
     except Exception as error:
         return False, f"the start failed: {type(error).__name__}: {error}"
     finally:
-        manager.close()
-    skipped = [e for e in events if e.kind == "resume_skipped"]
-    again: list[Any] = []
-    second = _manager(workdir, again)[0]
-    second_step = second.load()
-    second.close()
-    retried = [e for e in again if e.kind == "resume_skipped"]
+        rank.manager.close()
+    skipped = rank.of_kind("resume_skipped")
+    second = _rank(workdir)
+    second_step = second.manager.load()
+    second.manager.close()
+    retried = second.of_kind("resume_skipped")
     expected = 6 if how.startswith("latest") else 4
     handled = (step == expected and len(skipped) == 1 and skipped[0].severity == WARNING and not retried
                and second_step == expected)  # fmt: skip
@@ -344,37 +279,6 @@ def truncated_in_ls(workdir: Path) -> tuple[bool, str]:
     return result.returncode == 0 and "DAMAGED" in row and "complete" not in row, row
 
 
-@contextlib.contextmanager
-def _denied(below: Path) -> Iterator[None]:
-    """Permission denied under ``below``, in process (root reads a chmod 000 directory anyway)."""
-    real_iterdir, real_read_text, real_open = Path.iterdir, Path.read_text, Path.open
-
-    def check(path: Path) -> None:
-        if str(path).startswith(str(below)):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
-
-    def iterdir(self: Path) -> Any:
-        check(self)
-        return real_iterdir(self)
-
-    def read_text(self: Path, *args: Any, **kwargs: Any) -> Any:
-        check(self)
-        return real_read_text(self, *args, **kwargs)
-
-    def open_(self: Path, *args: Any, **kwargs: Any) -> Any:
-        check(self)
-        return real_open(self, *args, **kwargs)
-
-    patched: dict[str, Any] = {"iterdir": iterdir, "read_text": read_text, "open": open_}
-    for name, function in patched.items():
-        setattr(Path, name, function)
-    try:
-        yield
-    finally:
-        for name, function in {"iterdir": real_iterdir, "read_text": real_read_text, "open": real_open}.items():
-            setattr(Path, name, function)
-
-
 def permission(workdir: Path, action: str) -> tuple[bool, str]:
     step_dir = _saved(workdir)
     if os.geteuid() != 0:  # the real thing
@@ -391,7 +295,7 @@ def permission(workdir: Path, action: str) -> tuple[bool, str]:
 
     out, err = io.StringIO(), io.StringIO()
     args = argparse.Namespace(ckpt_command=action, dir=workdir, path=step_dir)
-    with _denied(step_dir), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with denied(step_dir), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             code = ckpt_cli.run(args)
         except Exception as error:
@@ -404,35 +308,14 @@ def permission(workdir: Path, action: str) -> tuple[bool, str]:
 
 # --- the agent's merge -----------------------------------------------------------------------------------
 
-_AGENT = textwrap.dedent(
-    """
-    import asyncio, sys
-    from pathlib import Path
-    from megascope.agent.merges import MergeRunner
-    from megascope.agent.state import NodeState
-    from megascope.protos.megascope.v1 import agent_pb2, telemetry_pb2
-
-    async def main():
-        command = ["sh", "-c", 'exec "$@" > "$0.out"', sys.argv[3], sys.executable, sys.argv[2]]
-        runner = MergeRunner(NodeState(telemetry_pb2.NodeInfo(node="n")), Path(sys.argv[1]), command=command)
-        run = runner.start(runner.plan(agent_pb2.StartMergeRequest(method="sma", last=2)))
-        while run.process is None:
-            await asyncio.sleep(0.01)
-        print(run.process.pid, run.plan.out, flush=True)
-        await asyncio.sleep(3600)
-
-    asyncio.run(main())
-    """
-)
-
 
 def agent_killed_during_merge(workdir: Path) -> tuple[bool, str]:
     import psutil
 
     _saved(workdir / "ckpt", (1, 2))
     env = dict(os.environ, STAND_IN_SECONDS="20")
-    agent = subprocess.Popen([sys.executable, "-c", _AGENT, str(workdir / "ckpt"), str(STAND_IN), str(workdir / "m")],
-                             stdout=subprocess.PIPE, text=True, cwd=REPO, env=env)  # fmt: skip
+    script = [sys.executable, "-c", AGENT_WITH_A_MERGE, str(workdir / "ckpt"), str(STAND_IN), str(workdir / "m")]
+    agent = subprocess.Popen(script, stdout=subprocess.PIPE, text=True, cwd=REPO, env=env)
     try:
         assert agent.stdout is not None
         pid, out_text = agent.stdout.readline().split()
@@ -455,6 +338,9 @@ def agent_killed_during_merge(workdir: Path) -> tuple[bool, str]:
             agent.kill()
             agent.wait()
 
+
+_DAMAGE = {"truncated file": "truncated"}
+"""A case's name for a damage, where it is not the name :func:`support.damage.damage` knows it by."""
 
 RESUME_DAMAGES = ("truncated file", "flipped data byte", "flipped header byte", "no metadata.json",
                   "latest on a missing directory", "latest absolute, into another run",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -59,6 +60,32 @@ async def wait_until(condition, timeout: float = 10.0) -> None:  # type: ignore[
 
 
 STAND_IN = [sys.executable, str(REPO / "tests" / "support" / "merge_stand_in.py")]
+
+
+AGENT_WITH_A_MERGE = textwrap.dedent(
+    """
+    import asyncio, sys
+    from pathlib import Path
+    from megascope.agent.merges import MergeRunner
+    from megascope.agent.state import NodeState
+    from megascope.protos.megascope.v1 import agent_pb2, telemetry_pb2
+
+    async def main():
+        # The merge's stdout goes to a file, not to the agent: its death must come from the parent-death tie,
+        # not from a broken pipe on its next progress line.
+        command = ["sh", "-c", 'exec "$@" > "$0.out"', sys.argv[3], sys.executable, sys.argv[2]]
+        runner = MergeRunner(NodeState(telemetry_pb2.NodeInfo(node="n")), Path(sys.argv[1]), command=command)
+        run = runner.start(runner.plan(agent_pb2.StartMergeRequest(method="sma", last=2)))
+        while run.process is None:
+            await asyncio.sleep(0.01)
+        print(run.process.pid, run.plan.out, flush=True)
+        await asyncio.sleep(3600)
+
+    asyncio.run(main())
+    """
+)
+"""An agent that starts a merge (``sma``, the last 2) of checkpoint directory ARGV[1] with the merge command ARGV[2]
+(its stdout to ARGV[3].out), prints the merge's pid and output path, then waits to be killed."""
 
 
 STEPS = (10, 20, 30, 40)

@@ -3,55 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
+from support.manager_rank import Rank
 
 from megascope.engine.checkpoint import committed_steps
-from megascope.engine.checkpoint.manager import CheckpointManager
-from megascope.engine.config import CheckpointConfig, TrainConfig
 from megascope.engine.runtime.run_dir import restart_request_file, write_restart_request
-from megascope.protos.megascope.v1 import telemetry_pb2
-
-
-class FakeData:
-    """The data loader's position, as the manager restores it."""
-
-    def __init__(self) -> None:
-        self.state: dict[str, Any] | None = None
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.state = state
-
-
-class Rank:
-    """What a trainer hands its manager: a model, its optimizer, the data, and where events go."""
-
-    def __init__(self, tmp_path: Path, steps: int = 6, seed: int = 0, **checkpoint: Any) -> None:
-        checkpoint.setdefault("dir", str(tmp_path / "ckpt"))
-        self.config = TrainConfig(steps=steps, run_dir=str(tmp_path / "run"), checkpoint=CheckpointConfig(**checkpoint))
-        torch.manual_seed(seed)
-        self.model = torch.nn.Linear(4, 3)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=0.1)
-        self.data = FakeData()
-        self.events: list[telemetry_pb2.Event] = []
-        self.manager = CheckpointManager(self.config, self.model, self.optimizer, self.data, emit=self.events.append)
-
-    def train_step(self) -> None:
-        self.model(torch.ones(2, 4)).sum().backward()
-        self.manager.before_optimizer_step()
-        self.optimizer.step()
-        self.optimizer.zero_grad()
-
-    def run(self, steps: range) -> None:
-        """Train and save as the trainer does, then wait for the last save."""
-        for step in steps:
-            self.train_step()
-            self.manager.save(step, {"consumed": step})
-        self.manager.close()
-
-    def kinds(self) -> list[str]:
-        return [event.kind for event in self.events]
 
 
 def test_the_schedule_saves_every_n_steps_and_the_last_one(tmp_path: Path) -> None:

@@ -15,107 +15,29 @@ import os
 import shutil
 from collections import namedtuple
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
+from support.damage import damage, denied, escape, flip, header_length
+from support.manager_rank import Rank
 
 from megascope.engine.checkpoint import Checkpointer, CheckpointError, ckpt_cli, committed_steps, load_state, verify
 from megascope.engine.checkpoint import checkpointer as checkpointer_module
 from megascope.engine.checkpoint.format import BLOCK_BYTES, LATEST, METADATA, read_metadata, step_dir_name
-from megascope.engine.checkpoint.manager import CheckpointManager
-from megascope.engine.config import CheckpointConfig, TrainConfig
 from megascope.protos.events import ERROR, WARNING
 from megascope.protos.megascope.v1 import telemetry_pb2
-
-# --- damage, made here ----------------------------------------------------------------------------------
-
-
-def flip(path: Path, position: int) -> None:
-    raw = bytearray(path.read_bytes())
-    raw[position] ^= 0x01
-    path.write_bytes(bytes(raw))
-
-
-def header_length(path: Path) -> int:
-    return int.from_bytes(path.read_bytes()[:8], "little")
-
-
-def damage(root: Path, step: int, how: str, outside: Path) -> None:
-    """Damage checkpoint ``step`` of ``root`` (or its ``latest``) as ``how`` says."""
-    step_dir = root / step_dir_name(step)
-    data = step_dir / "rank0.safetensors"
-    if how == "truncated":
-        data.write_bytes(data.read_bytes()[:-100])
-    elif how == "flipped data byte":
-        flip(data, data.stat().st_size - 10)
-    elif how == "flipped header byte":
-        flip(data, 8 + header_length(data) // 2)
-    elif how == "no metadata.json":
-        (step_dir / METADATA).unlink()
-    elif how == "latest on a missing directory":
-        (root / LATEST).write_text("step_00000099\n")
-    elif how == "latest absolute, into another run":
-        other = outside / "other-run"
-        Checkpointer(other).close()
-        shutil.copytree(step_dir, other / step_dir.name)
-        (root / LATEST).write_text(str(other / step_dir.name) + "\n")
-    elif how == "file name escaping the checkpoint":
-        escape(step_dir, outside)
-    else:
-        raise AssertionError(how)
-
-
-def escape(step_dir: Path, outside: Path) -> str:
-    """Point metadata.json's file at ``../../outside/r1.safetensors`` (a copy of the real one, so it would load)."""
-    outside.mkdir(parents=True, exist_ok=True)
-    shutil.copy(step_dir / "rank0.safetensors", outside / "r1.safetensors")
-    name = os.path.relpath(outside / "r1.safetensors", step_dir)
-    assert name.startswith("..")
-    text = (step_dir / METADATA).read_text().replace('"rank0.safetensors"', json.dumps(name))
-    (step_dir / METADATA).write_text(text)
-    (step_dir / "rank0.safetensors").unlink()
-    return name
-
 
 # --- a rank, as the trainer drives its manager ---------------------------------------------------------
 
 
-class FakeData:
-    def __init__(self) -> None:
-        self.state: dict[str, Any] | None = None
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.state = state
-
-
-class Rank:
-    def __init__(self, tmp_path: Path, steps: int = 6, **checkpoint: Any) -> None:
-        checkpoint.setdefault("dir", str(tmp_path / "ckpt"))
-        self.config = TrainConfig(steps=steps, run_dir=str(tmp_path / "run"), checkpoint=CheckpointConfig(**checkpoint))
-        torch.manual_seed(0)
-        self.model = torch.nn.Linear(64, 64)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=0.1)
-        self.data = FakeData()
-        self.events: list[telemetry_pb2.Event] = []
-        self.manager = CheckpointManager(self.config, self.model, self.optimizer, self.data, emit=self.events.append)
-
-    def run(self, steps: range) -> None:
-        for step in steps:
-            self.model(torch.ones(2, 64)).sum().backward()
-            self.manager.before_optimizer_step()
-            self.optimizer.step()
-            self.optimizer.zero_grad()
-            self.manager.save(step, {"consumed": step})
-        self.manager.close()
-
-    def of_kind(self, kind: str) -> list[telemetry_pb2.Event]:
-        return [event for event in self.events if event.kind == kind]
+def a_rank(tmp_path: Path) -> Rank:
+    """A rank with a 64x64 model, saving every second step and keeping them all."""
+    return Rank(tmp_path, features=(64, 64), every=2, keep_last=0)
 
 
 def trained(tmp_path: Path) -> Path:
     """Checkpoints at steps 2, 4, 6 (all kept)."""
-    first = Rank(tmp_path, every=2, keep_last=0)
+    first = a_rank(tmp_path)
     first.manager.load()
     first.run(range(1, 7))
     return tmp_path / "ckpt"
@@ -141,7 +63,7 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_verifies_says_why_and_n
     damage(root, 6, how, tmp_path / "outside")
     resumed_from, set_aside = DAMAGES[how]
 
-    rank = Rank(tmp_path, every=2, keep_last=0)
+    rank = a_rank(tmp_path)
     assert rank.manager.load() == resumed_from
     assert rank.data.state == {"consumed": resumed_from}
     (skipped,) = rank.of_kind("resume_skipped")
@@ -153,7 +75,7 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_verifies_says_why_and_n
     # latest now names a real checkpoint; a second start (an automatic restart) skips nothing: no loop.
     assert (root / (root / LATEST).read_text().strip() / METADATA).is_file()
     rank.manager.close()
-    again = Rank(tmp_path, every=2, keep_last=0)
+    again = a_rank(tmp_path)
     assert again.manager.load() == resumed_from
     assert not again.of_kind("resume_skipped")
     again.manager.close()
@@ -166,7 +88,7 @@ def test_a_damaged_checkpoint_a_restart_asked_for_falls_back_to_an_older_one(tmp
     damage(root, 4, "truncated", tmp_path / "outside")
     (tmp_path / "run").mkdir(exist_ok=True)
     write_restart_request(tmp_path / "run", 4)
-    rank = Rank(tmp_path, every=2, keep_last=0)
+    rank = a_rank(tmp_path)
     assert rank.manager.load() == 2
     assert [e.resume.step for e in rank.of_kind("resume_skipped")] == [4]
     rank.manager.close()
@@ -176,7 +98,7 @@ def test_when_no_checkpoint_verifies_the_start_fails_with_one_line_naming_each(t
     root = trained(tmp_path)
     for step in (2, 4, 6):
         damage(root, step, "truncated", tmp_path / "outside")
-    rank = Rank(tmp_path, every=2, keep_last=0)
+    rank = a_rank(tmp_path)
     with pytest.raises(CheckpointError, match="no checkpoint in .* can be resumed from") as raised:
         rank.manager.load()
     message = str(raised.value)
@@ -213,7 +135,7 @@ def test_a_failed_commit_is_a_warning_and_leaves_no_tmp_directory(
 
 
 def test_a_start_whose_saves_all_failed_says_so_as_an_error(tmp_path: Path) -> None:
-    rank = Rank(tmp_path, every=2, keep_last=0)
+    rank = a_rank(tmp_path)
     rank.manager.load()
     for step in (2, 4, 6):  # a file where each save wants its directory: every save fails
         (tmp_path / "ckpt" / f"{step_dir_name(step)}.tmp").write_text("in the way")
@@ -344,46 +266,18 @@ def test_ckpt_ls_shows_a_step_with_a_truncated_or_missing_file_as_damaged_not_co
     assert "DAMAGED" in rows["3"] and "truncated" in rows["3"] and "complete" not in rows["3"]
 
 
-def deny(monkeypatch: pytest.MonkeyPatch, below: Path) -> None:
-    """Permission denied on anything under ``below`` (what chmod 000 does for a user who is not root)."""
-    real_iterdir, real_open = Path.iterdir, Path.open
-    real_read_text = Path.read_text
-
-    def denied(path: Path) -> None:
-        if str(path).startswith(str(below)):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
-
-    def iterdir(self: Path) -> Any:
-        denied(self)
-        return real_iterdir(self)
-
-    def read_text(self: Path, *args: Any, **kwargs: Any) -> str:
-        denied(self)
-        return real_read_text(self, *args, **kwargs)
-
-    def open_(self: Path, *args: Any, **kwargs: Any) -> Any:
-        denied(self)
-        return real_open(self, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "iterdir", iterdir)
-    monkeypatch.setattr(Path, "read_text", read_text)
-    monkeypatch.setattr(Path, "open", open_)
-
-
 def test_ckpt_ls_and_verify_answer_a_permission_error_with_one_line(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     step_dir = saved(tmp_path)
-    with monkeypatch.context() as patch:
-        deny(patch, step_dir)
+    with denied(step_dir):
         assert cli("ls", tmp_path) == 0
         listing = capsys.readouterr()
         assert "UNREADABLE" in listing.out and "Permission denied" in listing.out and not listing.err
         assert cli("verify", step_dir) == 1
         error = capsys.readouterr().err
         assert error.count("\n") == 1 and "Permission denied" in error and "Traceback" not in error
-    with monkeypatch.context() as patch:
-        deny(patch, tmp_path)
+    with denied(tmp_path):
         assert cli("ls", tmp_path) == 1
         error = capsys.readouterr().err
         assert error.count("\n") == 1 and "Permission denied" in error

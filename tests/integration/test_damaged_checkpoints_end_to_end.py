@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 from support import REPO, read_telemetry, run_megascope
-from support.agents import write_checkpoints
+from support.agents import AGENT_WITH_A_MERGE, write_checkpoints
 
 from megascope.engine.checkpoint import committed_steps
 from megascope.engine.checkpoint.format import LATEST, step_dir_name
@@ -178,30 +178,6 @@ def test_ckpt_ls_and_verify_on_an_unreadable_checkpoint_answer_in_one_line(tmp_p
         step_dir.chmod(0o755)
     assert listing.returncode == 0 and "Traceback" not in listing.stderr and "complete" not in listing.stdout
     assert verify.returncode == 1 and verify.stderr.count("\n") == 1 and "Traceback" not in verify.stderr
-
-
-AGENT_WITH_A_MERGE = textwrap.dedent(
-    """
-    import asyncio, sys
-    from pathlib import Path
-    from megascope.agent.merges import MergeRunner
-    from megascope.agent.state import NodeState
-    from megascope.protos.megascope.v1 import agent_pb2, telemetry_pb2
-
-    async def main():
-        # The merge's stdout goes to a file, not to the agent: its death must come from the parent-death tie,
-        # not from a broken pipe on its next progress line.
-        command = ["sh", "-c", 'exec "$@" > "$0.out"', sys.argv[3], sys.executable, sys.argv[2]]
-        runner = MergeRunner(NodeState(telemetry_pb2.NodeInfo(node="n")), Path(sys.argv[1]), command=command)
-        run = runner.start(runner.plan(agent_pb2.StartMergeRequest(method="sma", last=2)))
-        while run.process is None:
-            await asyncio.sleep(0.01)
-        print(run.process.pid, run.plan.out, flush=True)
-        await asyncio.sleep(3600)
-
-    asyncio.run(main())
-    """
-)
 
 
 def test_a_merge_started_by_the_agent_dies_with_it_and_publishes_nothing(tmp_path: Path) -> None:
