@@ -270,29 +270,20 @@ def _failure_report(report: worker_pb2.ExitReport, hello: worker_pb2.Hello) -> w
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     """Thin adapters: validate the request, call the job control (or the merge runner, or the node state), and
-    map errors to status codes."""
+    map errors to status codes. The token is checked before any of them, by the server's TokenCheck
+    interceptor (agent/auth.py)."""
 
     def __init__(
         self,
         state: NodeState,
         stopping: asyncio.Event,
         control: JobControl,
-        token: str | None = None,
         merges: MergeRunner | None = None,
     ) -> None:
         self._state = state
         self._stopping = stopping
         self._control = control
-        self._token = token
         self._merges = merges if merges is not None else MergeRunner(state, None)
-
-    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
-        """Control RPCs need the agent's token when it has one."""
-        # The server's TokenCheck interceptor (agent/auth.py) already refused it; checked here again so that a
-        # servicer served without that interceptor still refuses.
-        refused = auth.token_refusal(context.invocation_metadata(), self._token)
-        if refused is not None:
-            await context.abort(*refused)
 
     # --- telemetry -------------------------------------------------------------------------------------
 
@@ -334,7 +325,6 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def SaveCheckpoint(  # noqa: N802
         self, request: agent_pb2.SaveCheckpointRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.SaveCheckpointResponse:
-        await self._authorize(context)
         try:
             validation.validate_step_request(request.step)
             sent = await self._control.save_checkpoint(request.step)
@@ -345,7 +335,6 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def Restart(  # noqa: N802
         self, request: agent_pb2.RestartRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.RestartResponse:
-        await self._authorize(context)
         try:
             validation.validate_step_request(request.step)
             started = await self._control.restart(request.step, request.reason)
@@ -356,7 +345,6 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def DumpStacks(  # noqa: N802
         self, request: agent_pb2.DumpStacksRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.DumpStacksResponse:
-        await self._authorize(context)
         try:
             timeout = validation.dump_stacks_timeout(request, stacks.DEFAULT_TIMEOUT_SECONDS)
         except _REFUSALS as error:
@@ -373,7 +361,6 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def StartMerge(  # noqa: N802
         self, request: agent_pb2.StartMergeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[agent_pb2.StartMergeResponse]:
-        await self._authorize(context)
         try:
             # Everything is checked before the merge process starts, so a bad request costs nothing.
             plan = await asyncio.to_thread(self._merges.plan, request)
@@ -392,7 +379,6 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def CancelMerge(  # noqa: N802
         self, request: agent_pb2.CancelMergeRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.CancelMergeResponse:
-        await self._authorize(context)
         return agent_pb2.CancelMergeResponse(cancelled=self._merges.cancel())
 
 
@@ -444,7 +430,7 @@ class AgentServer:
             ],
         )
         agent_pb2_grpc.add_AgentServiceServicer_to_server(
-            AgentServicer(state, self.stopping, control, token, self.merges), self._server
+            AgentServicer(state, self.stopping, control, self.merges), self._server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         if tls is not None:
