@@ -14,7 +14,7 @@ from megascope.engine.runtime.run_dir import telemetry_files
 def read_step_reports(run_dir: Path) -> dict[int, list[dict[str, Any]]]:
     """Step reports by step number (one per rank that reported it), from ``<run_dir>/telemetry/rank*.jsonl``.
 
-    The records are step reports as :func:`megascope.engine.runtime.telemetry.message_record` writes them; the
+    The records are step reports as :func:`megascope.protos.records.message_record` writes them; the
     fields read here kept their names through the move to the proto, so files of older runs read the same.
     """
     by_step: dict[int, list[dict[str, Any]]] = defaultdict(list)

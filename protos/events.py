@@ -14,6 +14,7 @@ from typing import Any
 from google.protobuf.message import Message
 
 from megascope.protos.megascope.v1 import telemetry_pb2 as pb
+from megascope.protos.records import message_record
 
 Event = pb.Event
 INFO, WARNING, ERROR, CRITICAL = (
@@ -138,27 +139,7 @@ def make_event(
 def detail_fields(event: pb.Event) -> dict[str, Any]:
     """The detail's fields by name, for display and JSON (empty without a detail). Never parse these back."""
     which = event.WhichOneof("detail")
-    return {} if which is None else _fields(getattr(event, which))
-
-
-def _fields(message: Message) -> dict[str, Any]:
-    """Set fields as Python values: numbers stay numbers (MessageToDict writes int64 as strings), enums by name."""
-    values: dict[str, Any] = {}
-    for field, value in message.ListFields():
-        if field.message_type is not None and field.message_type.GetOptions().map_entry:
-            values[field.name] = dict(value)
-        elif field.message_type is not None:
-            values[field.name] = [_fields(v) for v in value] if _repeated(field) else _fields(value)
-        elif field.enum_type is not None:
-            names = field.enum_type.values_by_number
-            values[field.name] = [names[v].name for v in value] if _repeated(field) else names[value].name
-        else:
-            values[field.name] = list(value) if _repeated(field) else value
-    return values
-
-
-def _repeated(field: Any) -> bool:
-    return bool(field.is_repeated)
+    return {} if which is None else message_record(getattr(event, which), set_only=True)
 
 
 _DETAIL_FIELDS: dict[type, str] = {

@@ -22,10 +22,8 @@ import threading
 from pathlib import Path
 from typing import Any, Protocol, TextIO, TypeAlias, runtime_checkable
 
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
-from google.protobuf.message import Message
-
 from megascope.protos.megascope.v1 import telemetry_pb2, worker_pb2
+from megascope.protos.records import message_record
 
 # The wire's messages, by the names the engine has always used for them (one schema: these are the protos).
 StepReport: TypeAlias = telemetry_pb2.StepReport
@@ -51,57 +49,6 @@ class SignalSink(Sink, Protocol):
     """A sink that also carries lifecycle signals (the agent link)."""
 
     def write_signal(self, signal: Signal) -> None: ...
-
-
-def message_record(message: Message) -> dict[str, Any]:
-    """A message as a JSON-ready dict: every field by its proto name, numbers as numbers, enums by name.
-
-    The proto JSON mapping (``json_format.ParseDict`` reads it back), except that int64 stays a number
-    (MessageToDict would write a string) and fields at their default are written too, as readers of the
-    telemetry files expect every step field (``restart_count`` is 0 in a first attempt). An optional scalar
-    that is absent is written as null, as the files always had it; of a oneof, only the member that is set.
-    """
-    record: dict[str, Any] = {}
-    for field, kind in _fields_of(message.DESCRIPTOR):
-        name = field.name
-        if kind in (_ONEOF, _OPTIONAL) and not message.HasField(name):
-            if kind == _OPTIONAL:
-                record[name] = None
-            continue
-        value = getattr(message, name)
-        if kind == _MAP:
-            record[name] = {k: message_record(v) if isinstance(v, Message) else v for k, v in value.items()}
-        elif field.type == FieldDescriptor.TYPE_MESSAGE:
-            record[name] = [message_record(v) for v in value] if kind == _REPEATED else message_record(value)
-        elif field.type == FieldDescriptor.TYPE_ENUM:
-            names = field.enum_type.values_by_number
-            record[name] = [names[v].name for v in value] if kind == _REPEATED else names[value].name
-        else:
-            record[name] = list(value) if kind == _REPEATED else value
-    return record
-
-
-_PLAIN, _OPTIONAL, _ONEOF, _REPEATED, _MAP = range(5)
-_FIELDS: dict[str, list[tuple[FieldDescriptor, int]]] = {}
-
-
-def _fields_of(descriptor: Descriptor) -> list[tuple[FieldDescriptor, int]]:
-    # Cached per message type: the step report is written every step, and this keeps it a plain loop.
-    fields = _FIELDS.get(descriptor.full_name)
-    if fields is None:
-        fields = [(field, _field_kind(field)) for field in descriptor.fields]
-        _FIELDS[descriptor.full_name] = fields
-    return fields
-
-
-def _field_kind(field: FieldDescriptor) -> int:
-    if field.is_repeated:
-        return _MAP if field.message_type is not None and field.message_type.GetOptions().map_entry else _REPEATED
-    if field.containing_oneof is not None and field.type == FieldDescriptor.TYPE_MESSAGE:
-        return _ONEOF
-    if field.has_presence and field.type != FieldDescriptor.TYPE_MESSAGE:
-        return _OPTIONAL
-    return _PLAIN
 
 
 _SIGNAL_TYPES = {
