@@ -143,6 +143,5 @@ def detail_fields(event: pb.Event) -> dict[str, Any]:
 
 
 _DETAIL_FIELDS: dict[type, str] = {
-    field.message_type._concrete_class: field.name  # type: ignore[attr-defined]
-    for field in pb.Event.DESCRIPTOR.oneofs_by_name["detail"].fields
+    type(getattr(pb.Event(), field.name)): field.name for field in pb.Event.DESCRIPTOR.oneofs_by_name["detail"].fields
 }
