@@ -41,6 +41,18 @@ def _init(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
 
 
+def finish() -> None:
+    """Leave together, then exit without interpreter finalization.
+
+    Under load, a gloo worker thread still holding a finished AsyncWork can abort the process while Python
+    tears down ("terminate called without an active exception", SIGABRT; see pytorch#179291). Each worker's
+    results are already on disk when this runs, so the exit status says nothing the files do not.
+    """
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
 def _sharded(tensors: dict[str, torch.Tensor], world: int) -> dict[str, torch.Tensor]:
     mesh = init_device_mesh("cpu", (world,))
     return {k: distribute_tensor(v, mesh, [Shard(0)]) if v.dim() else v for k, v in tensors.items()}
@@ -67,7 +79,7 @@ def save_worker(rank: int, world: int, port: int, root: str) -> None:
         checkpointer = Checkpointer(Path(root) / f"{layout}_by_{world}", rank, world, group, layout=layout)
         checkpointer.save(1, state)
         checkpointer.close()
-    dist.destroy_process_group()
+    finish()
 
 
 def load_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
@@ -94,4 +106,4 @@ def load_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
                 if not torch.equal(got, reference[name]):
                     problems.append(f"{directory.name} -> {world} ranks {kind}: {name} differs")
     Path(out, f"rank{rank}.json").write_text(json.dumps({"problems": problems}))
-    dist.destroy_process_group()
+    finish()

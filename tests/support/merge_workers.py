@@ -22,6 +22,7 @@ from megascope.engine.checkpoint import Checkpointer
 from megascope.engine.config import TrainConfig
 from megascope.engine.data import DataConfig
 from megascope.engine.model import ModelConfig, Transformer, preset
+from support.checkpoint_workers import finish
 
 MODEL = preset("tiny")
 """The tiny preset, so that `megascope train --preset tiny --init-from` can start from a merge of these."""
@@ -69,4 +70,4 @@ def save_series(rank: int, world: int, port: int, directory: str) -> None:
             )
             checkpointer.close()
         dist.barrier()
-    dist.destroy_process_group()
+    finish()
