@@ -39,7 +39,14 @@ class CollectiveTiming(_message.Message):
     def __init__(self, name: _Optional[str] = ..., bucket_index: _Optional[int] = ..., bytes: _Optional[int] = ..., start_offset_seconds: _Optional[float] = ..., duration_seconds: _Optional[float] = ..., blocked_seconds: _Optional[float] = ...) -> None: ...
 
 class StepReport(_message.Message):
-    __slots__ = ("node", "rank", "local_rank", "world_size", "step", "loss", "lr", "grad_norm", "tokens", "step_seconds", "data_wait_seconds", "forward_seconds", "backward_seconds", "comm_wait_seconds", "optimizer_seconds", "other_seconds", "tokens_per_second", "mfu", "model_flops", "collectives", "gc_pause_seconds", "wall_time", "restart_count", "collectives_issued", "val_loss", "cpu_seconds", "device_compute_seconds")
+    __slots__ = ("node", "rank", "local_rank", "world_size", "step", "loss", "lr", "grad_norm", "tokens", "step_seconds", "data_wait_seconds", "forward_seconds", "backward_seconds", "comm_wait_seconds", "optimizer_seconds", "other_seconds", "tokens_per_second", "mfu", "model_flops", "collectives", "gc_pause_seconds", "wall_time", "restart_count", "collectives_issued", "val_loss", "cpu_seconds", "device_compute_seconds", "scalars")
+    class ScalarsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     NODE_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     LOCAL_RANK_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +74,7 @@ class StepReport(_message.Message):
     VAL_LOSS_FIELD_NUMBER: _ClassVar[int]
     CPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SCALARS_FIELD_NUMBER: _ClassVar[int]
     node: str
     rank: int
     local_rank: int
@@ -94,7 +102,8 @@ class StepReport(_message.Message):
     val_loss: float
     cpu_seconds: float
     device_compute_seconds: float
-    def __init__(self, node: _Optional[str] = ..., rank: _Optional[int] = ..., local_rank: _Optional[int] = ..., world_size: _Optional[int] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ..., lr: _Optional[float] = ..., grad_norm: _Optional[float] = ..., tokens: _Optional[int] = ..., step_seconds: _Optional[float] = ..., data_wait_seconds: _Optional[float] = ..., forward_seconds: _Optional[float] = ..., backward_seconds: _Optional[float] = ..., comm_wait_seconds: _Optional[float] = ..., optimizer_seconds: _Optional[float] = ..., other_seconds: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., mfu: _Optional[float] = ..., model_flops: _Optional[float] = ..., collectives: _Optional[_Iterable[_Union[CollectiveTiming, _Mapping]]] = ..., gc_pause_seconds: _Optional[float] = ..., wall_time: _Optional[float] = ..., restart_count: _Optional[int] = ..., collectives_issued: _Optional[int] = ..., val_loss: _Optional[float] = ..., cpu_seconds: _Optional[float] = ..., device_compute_seconds: _Optional[float] = ...) -> None: ...
+    scalars: _containers.ScalarMap[str, float]
+    def __init__(self, node: _Optional[str] = ..., rank: _Optional[int] = ..., local_rank: _Optional[int] = ..., world_size: _Optional[int] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ..., lr: _Optional[float] = ..., grad_norm: _Optional[float] = ..., tokens: _Optional[int] = ..., step_seconds: _Optional[float] = ..., data_wait_seconds: _Optional[float] = ..., forward_seconds: _Optional[float] = ..., backward_seconds: _Optional[float] = ..., comm_wait_seconds: _Optional[float] = ..., optimizer_seconds: _Optional[float] = ..., other_seconds: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., mfu: _Optional[float] = ..., model_flops: _Optional[float] = ..., collectives: _Optional[_Iterable[_Union[CollectiveTiming, _Mapping]]] = ..., gc_pause_seconds: _Optional[float] = ..., wall_time: _Optional[float] = ..., restart_count: _Optional[int] = ..., collectives_issued: _Optional[int] = ..., val_loss: _Optional[float] = ..., cpu_seconds: _Optional[float] = ..., device_compute_seconds: _Optional[float] = ..., scalars: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class HostSample(_message.Message):
     __slots__ = ("node", "wall_time", "cpu_percent", "cpu_percents", "memory_used_bytes", "memory_total_bytes", "disk_read_bytes_per_second", "disk_write_bytes_per_second", "net_recv_bytes_per_second", "net_sent_bytes_per_second", "load_average_1m")

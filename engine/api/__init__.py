@@ -1,0 +1,1 @@
+"""megascope's public API for your own training loop (placeholder)."""
