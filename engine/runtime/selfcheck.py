@@ -7,7 +7,12 @@ gathered on every rank, each node is compared with the median of the other nodes
 every rank computes the same judgement from the same gathered figures, so at most one node leaves per start.
 With two nodes each is compared with the other alone, and a noisy measure (a disk write beside a busy
 neighbour) can put the healthy one below on some measure too; evicting both would end the job. The next start
-checks the remaining nodes again, so a second slow node leaves then. Local rank 0 of each node reports its node
+checks the remaining nodes again, so a second slow node leaves then.
+
+Nodes on one machine (several agents on one host, as in the demo and in tests) share its memory bus, its disk
+and its cores: their node-local all-reduces run at the same time and slow each other, so on those measures a
+node is compared only with nodes on other machines (none: not compared). Compute (the matmul) is still
+compared, as it is what a slow device shows. Local rank 0 of each node reports its node
 (a ``self_check`` event for people and a ``SelfCheckResult`` on its Attach stream); the agent acts on a slow
 verdict (``--evict-slow-nodes``: that node leaves, the job restarts without it).
 
@@ -17,6 +22,7 @@ A rank with an injected ``slow`` fault is slow here too (a slow GPU is slow at a
 from __future__ import annotations
 
 import os
+import socket
 import statistics
 import time
 from dataclasses import dataclass
@@ -50,6 +56,9 @@ class NodeCheck:
     memory_gbps: float
     allreduce_gbps: float
     disk_mbps: float
+    machine: str = ""
+    """Which machine the node runs on (its kernel's boot id): nodes on one machine share what SHARED_MEASURES
+    measure. Empty when unknown: then the node is taken to be a machine of its own."""
 
 
 @dataclass(frozen=True)
@@ -142,7 +151,7 @@ def run(node: str, device: torch.device, disk_dir: Path, slow: SlowFault | None 
     allreduce = _allreduce_gbps(node_group, device) if node_group is not None else 0.0
     disk = _disk_mbps(disk_dir) if int(os.environ.get("LOCAL_RANK", 0)) == 0 else 0.0
     mine = {"node": node, "matmul_gflops": matmul, "memory_gbps": memory, "allreduce_gbps": allreduce,
-            "disk_mbps": disk}  # fmt: skip
+            "disk_mbps": disk, "machine": machine_id()}  # fmt: skip
     everyone: list[dict[str, float | str]] = [{} for _ in range(dist.get_world_size())]
     dist.all_gather_object(everyone, mine)
     return judge(_per_node(everyone), node, time.perf_counter() - started)
@@ -158,21 +167,40 @@ def judge(nodes: dict[str, NodeCheck], node: str, seconds: float = 0.0) -> Verdi
     return Verdict(nodes[node], _median_of_peers(nodes, node), below[node], node == slowest, seconds)
 
 
+def _peers(nodes: dict[str, NodeCheck], node: str, measure: str) -> list[NodeCheck]:
+    """The nodes ``node`` is compared with on ``measure``: the others, but on a shared measure only those on
+    other machines."""
+    me = nodes[node]
+    shared = measure in SHARED_MEASURES
+    return [n for name, n in nodes.items() if name != node and not (shared and me.machine and n.machine == me.machine)]
+
+
 def _median_of_peers(nodes: dict[str, NodeCheck], node: str) -> NodeCheck:
-    peers = [n for name, n in nodes.items() if name != node] or [nodes[node]]  # one node: nothing to compare with
-    return NodeCheck(
-        node="median of the other nodes",
-        **{name: statistics.median(getattr(n, name) for n in peers) for name in _MEASURES},
-    )
+    """The peers' median on each measure; a measure without peers shows the node's own figure (ratio 1)."""
+    figures = {}
+    for name in _MEASURES:
+        peers = _peers(nodes, node, name) or [nodes[node]]
+        figures[name] = statistics.median(getattr(n, name) for n in peers)
+    return NodeCheck(node="median of the other nodes", **figures)
 
 
 def _ratios_to_peers(nodes: dict[str, NodeCheck], node: str) -> dict[str, float]:
-    """Each measure of the node over the other nodes' median, for the measures the peers have (not 0)."""
+    """Each measure of the node over its peers' median, for the measures the peers have (not 0)."""
     median = _median_of_peers(nodes, node)
     return {name: getattr(nodes[node], name) / getattr(median, name) for name in _MEASURES if getattr(median, name) > 0}
 
 
 _MEASURES = ("matmul_gflops", "memory_gbps", "allreduce_gbps", "disk_mbps")
+SHARED_MEASURES = ("memory_gbps", "allreduce_gbps", "disk_mbps")
+"""Measures of what nodes on one machine share: compared only between nodes on different machines."""
+
+
+def machine_id() -> str:
+    """This machine's identity: the kernel's boot id (the same in every container on the host), else the hostname."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return socket.gethostname()
 
 
 def _per_node(results: list[dict[str, float | str]]) -> dict[str, NodeCheck]:
@@ -188,6 +216,7 @@ def _per_node(results: list[dict[str, float | str]]) -> dict[str, NodeCheck]:
             memory_gbps=min(float(r["memory_gbps"]) for r in ranks),
             allreduce_gbps=min(float(r["allreduce_gbps"]) for r in ranks),
             disk_mbps=max(float(r["disk_mbps"]) for r in ranks),
+            machine=str(ranks[0].get("machine", "")),
         )
     return nodes
 

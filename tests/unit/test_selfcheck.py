@@ -6,8 +6,17 @@ from megascope.engine.runtime.selfcheck import NodeCheck, judge, to_detail
 from megascope.protos.megascope.v1.telemetry_pb2 import SelfCheckDetail
 
 
-def _node(name: str, matmul: float = 100.0, memory: float = 10.0, disk: float = 500.0) -> NodeCheck:
-    return NodeCheck(node=name, matmul_gflops=matmul, memory_gbps=memory, allreduce_gbps=0.0, disk_mbps=disk)
+def _node(
+    name: str,
+    matmul: float = 100.0,
+    memory: float = 10.0,
+    disk: float = 500.0,
+    allreduce: float = 0.0,
+    machine: str = "",
+) -> NodeCheck:
+    return NodeCheck(
+        node=name, matmul_gflops=matmul, memory_gbps=memory, allreduce_gbps=allreduce, disk_mbps=disk, machine=machine
+    )
 
 
 def _nodes(*checks: NodeCheck) -> dict[str, NodeCheck]:
@@ -49,3 +58,25 @@ def test_a_node_alone_has_no_peers_and_is_never_slow() -> None:
 def test_nodes_within_the_ratio_of_each_other_are_all_ok() -> None:
     nodes = _nodes(_node("a"), _node("b", matmul=60.0, disk=300.0))
     assert [judge(nodes, name).below for name in nodes] == [[], []]
+
+
+def test_nodes_on_one_machine_are_not_compared_on_what_they_share() -> None:
+    # Two agents on one host: their node-local all-reduces ran at the same time on the same cores.
+    nodes = _nodes(_node("node0", allreduce=2.0, machine="m"), _node("node1", allreduce=0.3, memory=3.0, machine="m"))
+    assert [judge(nodes, name).below for name in nodes] == [[], []]
+
+
+def test_nodes_on_one_machine_are_still_compared_on_compute() -> None:
+    nodes = _nodes(_node("node0", machine="m"), _node("node1", matmul=20.0, machine="m"))
+    verdict = judge(nodes, "node1")
+    assert verdict.slow and verdict.below == ["matmul_gflops"]
+
+
+def test_a_shared_measure_is_compared_with_the_nodes_on_other_machines() -> None:
+    nodes = _nodes(
+        _node("a", allreduce=2.0, machine="m1"),
+        _node("b", allreduce=2.0, machine="m1"),
+        _node("c", allreduce=0.2, machine="m2"),
+    )
+    assert judge(nodes, "c").below == ["allreduce_gbps"]
+    assert judge(nodes, "a").below == []
