@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 # Dense TFLOPS by substring of torch.cuda.get_device_name(), (bf16/fp16 tensor core, fp32). First match wins,
 # so the more specific names come first.
@@ -66,3 +67,22 @@ def _measured_matmul_flops(size: int = 512, seconds: float = 0.25) -> float:
         elapsed = time.perf_counter() - start
         best = max(best, 2 * size**3 / elapsed)
     return best
+
+
+def job_peak(peak: PeakFlops | None, group: dist.ProcessGroup | None = None) -> PeakFlops | None:
+    """One peak for the whole job: the highest any rank found (a collective: every rank calls it).
+
+    Ranks doing identical work must show identical MFU; a measured CPU peak differs from rank to rank with
+    whatever else ran on the cores at that moment (24.5% vs 11% was seen), and a table lookup can differ where
+    the devices do. The best figure is the machine's capability, so every rank divides by it. No rank knowing
+    a peak leaves MFU unknown everywhere; some ranks not knowing one take the others'.
+    """
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return peak
+    figures: list[tuple[float, str] | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(figures, None if peak is None else (peak.flops_per_second, peak.source), group=group)
+    known = [f for f in figures if f is not None]
+    if not known:
+        return None
+    flops, source = max(known)
+    return PeakFlops(flops, source if len(known) == 1 else f"{source}, best of {len(known)} ranks")
