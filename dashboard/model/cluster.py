@@ -168,6 +168,10 @@ class ClusterModel:
         for status in telemetry.rank_statuses:
             rank = self._rank(status.rank, address, node.name)
             rank.status = copy_message(status)
+            if status.restart_count > rank.attempt:
+                # The agent already sees the restarted process: the old attempt's step and status are stale
+                # from now on, not from the new attempt's first step (which may be a minute of loading away).
+                self._new_attempt(rank, status.restart_count, resume_step=None)
         self._judge_steps()
         self.version += 1
 
@@ -201,18 +205,14 @@ class ClusterModel:
             self._world_size_limit = None  # the job grew again
         entry = self._rank(report.rank, address, report.node or node.name)
         entry.heard = self.clock()
-        latest = entry.latest
-        if latest is not None and report.restart_count < latest.restart_count:
+        if report.restart_count < entry.attempt:
             return  # a late report from before the rank restarted: superseded
-        if latest is not None and report.restart_count > latest.restart_count:
-            # Restarted from a checkpoint: steps from here on are being redone, forget the old attempt's.
-            entry.history.drop_from(report.step)
-            for step, losses_at in self._losses.items():
-                if step >= report.step:
-                    losses_at.pop(report.rank, None)
-            entry.latest = None
-            latest = None
-            self._alignment.restart_from(report.rank, report.step)
+        if report.restart_count > entry.attempt or entry.resume_pending:
+            if entry.latest is None and not entry.history and not entry.resume_pending:
+                entry.attempt = report.restart_count  # the first we hear of this rank: nothing older to forget
+            else:
+                self._new_attempt(entry, report.restart_count, resume_step=report.step)
+        latest = entry.latest
         self._alignment.offer(report)
         if entry.history.put(report.step, report):
             losses = self._losses.get(report.step)
@@ -226,6 +226,20 @@ class ClusterModel:
             entry.latest = report
         if report.restart_count > 0 and report.rank < report.world_size < len(self._ranks):
             self._forget_ranks_outside(report.world_size)
+
+    def _new_attempt(self, entry: RankRecord, attempt: int, resume_step: int | None) -> None:
+        """``entry``'s process was restarted (attempt ``attempt``): its row starts afresh. Once the first step of
+        the new attempt is known, the steps from there on are being redone: the old attempt's are forgotten."""
+        entry.attempt = attempt
+        entry.latest = None
+        entry.resume_pending = resume_step is None
+        if resume_step is None:
+            return
+        entry.history.drop_from(resume_step)
+        for step, losses_at in self._losses.items():
+            if step >= resume_step:
+                losses_at.pop(entry.rank, None)
+        self._alignment.restart_from(entry.rank, resume_step)
 
     def _forget_ranks_outside(self, world_size: int) -> None:
         """The job restarted smaller (a node lost or evicted, ``--nnodes MIN:MAX``): ranks past its world size

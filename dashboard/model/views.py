@@ -303,9 +303,8 @@ def rank_rows(
         rep = entry.latest
         if rep is None:
             step = step_ms = data = comm = loss = tps = mfu = ratio = None
-            restarts = 0
         else:
-            step, loss, tps, restarts = rep.step, rep.loss, rep.tokens_per_second, rep.restart_count
+            step, loss, tps = rep.step, rep.loss, rep.tokens_per_second
             step_ms = rep.step_seconds * 1000.0
             share = 100.0 / rep.step_seconds if rep.step_seconds > 0 else None
             data = rep.data_wait_seconds * share if share is not None else None
@@ -326,7 +325,7 @@ def rank_rows(
                 loss=loss,
                 tokens_per_second=tps,
                 mfu=mfu,
-                restarts=restarts,
+                restarts=entry.attempt,
                 pid=pid,
                 status=rank_status(entry, agents.get(entry.agent)),
                 step_time_ratio=ratio,

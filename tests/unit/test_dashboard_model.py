@@ -177,6 +177,35 @@ def test_restart_from_a_checkpoint_replaces_the_redone_steps() -> None:
     assert model.rank_rows()[0].step == 6
 
 
+def test_a_rank_restarted_by_its_agent_resets_its_row_before_its_first_step() -> None:
+    model = model_with(A)
+    model.ingest(A, batch(*(report(0, s) for s in range(1, 40)), statuses=[running(0)]))
+    restarted = running(0, telemetry_pb2.RANK_STATE_STARTING)
+    restarted.restart_count = 1
+    model.ingest(A, batch(statuses=[restarted]))  # the new process attached; its first step is a while off
+    row = model.rank_rows()[0]
+    assert (row.step, row.status) == (None, RankStatusName.STARTING)
+
+
+def test_the_first_step_after_a_restart_seen_in_a_status_forgets_the_redone_steps() -> None:
+    model = model_with(A)
+    model.ingest(A, batch(*(report(0, s, loss=5.0) for s in range(1, 40))))
+    restarted = running(0)
+    restarted.restart_count = 1
+    model.ingest(A, batch(statuses=[restarted]))
+    model.ingest(A, batch(report(0, 26, loss=2.0, restart_count=1)))  # resumed from the step-25 checkpoint
+    assert model.rank_rows()[0].step == 26
+    assert model.loss_history()[-1] == (26, 2.0)
+    model.ingest(A, batch(report(0, 39, loss=5.0)))  # a straggling report of the old attempt
+    assert model.rank_rows()[0].step == 26
+
+
+def test_a_dashboard_that_connects_after_restarts_keeps_the_first_steps_it_hears() -> None:
+    model = model_with(A)
+    model.ingest(A, batch(report(0, 30, restart_count=2), report(0, 31, restart_count=2)))
+    assert [s for s, _ in model.loss_history()] == [30, 31]
+
+
 def test_node_row_without_gpu_says_why() -> None:
     model = model_with(A)
     model.ingest(A, batch(info=node_info("node0", [0], gpu_available=False, gpu_status="no GPU: NVML not found")))
