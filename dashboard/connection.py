@@ -48,15 +48,43 @@ STALE_AFTER = 15.0
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
 
 
+LISTEN_HINT = "an agent listens on 127.0.0.1 only, unless started with --host"
+
+
 def describe_error(error: BaseException) -> str:
-    """A one-line reason a person can act on, e.g. ``UNAVAILABLE: failed to connect to all addresses``."""
+    """A one-line reason a person can act on: what went wrong, then what to do about it."""
     if isinstance(error, grpc.aio.AioRpcError):
-        details = (error.details() or "").splitlines()
-        first = details[0] if details else ""
-        return f"{error.code().name}: {first}" if first else error.code().name
+        return describe_rpc_error(error.code(), error.details() or "")
     if isinstance(error, asyncio.TimeoutError):
         return f"no telemetry for {STALE_AFTER:g}s"
     return f"{type(error).__name__}: {error}"
+
+
+def describe_rpc_error(code: grpc.StatusCode, details: str) -> str:
+    text = details.lower()
+    first = details.splitlines()[0] if details else ""
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return f"no token ({first}): pass the agent's token with --token-file or $MEGASCOPE_TOKEN"
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return f"wrong token ({first}): pass the agent's token with --token-file or $MEGASCOPE_TOKEN"
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return "timeout: no answer (the host down, a firewall dropping the port, or the agent stuck)"
+    if "connection refused" in text:
+        return f"refused: nothing listens at that address (is the agent running? {LISTEN_HINT})"
+    if "wrong_version_number" in text:
+        return "TLS: the agent speaks plaintext; leave out --tls (or start the agent with --tls-cert/--tls-key)"
+    if "certificate_verify_failed" in text:
+        return "TLS: the agent's certificate is not signed by --tls-ca (or the system's roots); check --tls-ca"
+    if "handshake" in text or "ssl" in text:
+        return f"TLS handshake failed ({first}): check --tls-ca, --tls-cert/--tls-key and --tls-server-name"
+    if "socket closed" in text:
+        return (
+            "closed while connecting: the agent may serve TLS (pass --tls and --tls-ca) "
+            "or require a client certificate (--tls-cert/--tls-key)"
+        )
+    if "resolving" in text or "domain name not found" in text or "dns" in text:
+        return f"unknown host: its name does not resolve ({first})"
+    return f"{code.name}: {first}" if first else code.name
 
 
 class _Backoff:

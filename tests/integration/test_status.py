@@ -54,7 +54,8 @@ def test_unreachable_agent_exits_1_with_connected_false_and_the_reason() -> None
     assert result.returncode == 1
     snapshot = json.loads(result.stdout)
     assert snapshot["agents"] == [{"address": NOBODY, "connected": False, "error": snapshot["agents"][0]["error"]}]
-    assert "UNAVAILABLE" in snapshot["agents"][0]["error"]
+    assert "refused: nothing listens" in snapshot["agents"][0]["error"]
+    assert "--host" in snapshot["agents"][0]["error"]
     assert f"agent {NOBODY} unreachable" in result.stderr
     assert "Traceback" not in result.stderr
 
