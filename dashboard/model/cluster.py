@@ -133,7 +133,8 @@ class ClusterModel:
         """The agent's stream ended, or could not be opened; ``lost``: it broke or went silent (not closed by the
         agent). See connections.py for the states."""
         self.add_agent(address)
-        went_down, change = self._connections.set_disconnected(address, error, lost=lost)
+        job_done = self._incidents.node_finished(self._nodes[address].name)
+        went_down, change = self._connections.set_disconnected(address, error, lost=lost, job_done=job_done)
         if went_down:
             self._judge_steps()  # steps waiting for this agent's ranks wait no more
         self._log_link(change)
@@ -289,10 +290,13 @@ class ClusterModel:
         world_sizes = [i.world_size for i in infos if i.world_size > 0]
         world_sizes += [r.latest.world_size for r in ranks if r.latest is not None and r.latest.world_size > 0]
         faults = self._incidents.faults()
+        finished = self._incidents.job_finished([n.name for n in self._nodes.values() if n.info is not None])
+        if finished is not None:
+            eta = None  # nothing left to do, and no throughput to speak of now
         return HeaderView(
             step=progress.step,
             total_steps=total_steps,
-            tokens_per_second=progress.tokens_per_second,
+            tokens_per_second=None if finished is not None else progress.tokens_per_second,
             mfu=progress.mfu,
             loss=progress.loss,
             step_seconds=progress.step_seconds,
@@ -308,6 +312,7 @@ class ClusterModel:
             restarts=self._incidents.restart_count(),
             last_fault=faults[-1] if faults else None,
             job_failed=self._incidents.job_failed(),
+            finished=finished,
         )
 
     def rank_rows(self) -> list[RankRow]:
@@ -362,6 +367,10 @@ class ClusterModel:
     def loss_history(self) -> list[tuple[int, float]]:
         """(step, mean loss over the ranks that reported that step), oldest first."""
         return [(step, sum(losses.values()) / len(losses)) for step, losses in self._losses.items() if losses]
+
+    def training_series(self) -> views.TrainingSeries:
+        """Each rank's loss, and lr, grad norm and the script's own scalars, over the steps kept (the plots)."""
+        return views.training_series(self._ranks)
 
     def events(self, limit: int | None = None) -> list[EventRow]:
         """The merged event log, oldest first; the newest ``limit`` when given."""

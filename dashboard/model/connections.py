@@ -113,12 +113,17 @@ class Connections:
         agent.ever_connected = True
         return LinkChange(address, _LINK.PHASE_CONNECTED, wire_events.INFO, "agent connected")
 
-    def set_disconnected(self, address: str, error: str, *, lost: bool) -> tuple[bool, LinkChange | None]:
+    def set_disconnected(
+        self, address: str, error: str, *, lost: bool, job_done: bool = False
+    ) -> tuple[bool, LinkChange | None]:
         """The agent's stream ended, or could not be opened; ``lost``: it broke or went silent (not closed by the
         agent). Only a connected agent becomes LOST. Returns whether it went down just now (steps waiting for its
         ranks wait no more) and the change to log: the loss of a live agent once, not every failed retry after it.
+        ``job_done``: its node's job had finished, so an agent closing its stream is a clean shutdown, not an error.
         """
         agent, _ = self.add(address)
+        if job_done and not lost:
+            error = "agent stopped after its job finished"
         was_connected = agent.state is ConnectionState.CONNECTED
         went_down = not agent.down
         if went_down:
@@ -131,6 +136,8 @@ class Connections:
             return went_down, None
         if agent.state is ConnectionState.LOST:
             return went_down, LinkChange(address, _LINK.PHASE_LOST, wire_events.ERROR, f"agent lost: {error}")
+        if job_done and not lost:
+            return went_down, LinkChange(address, _LINK.PHASE_STOPPED, wire_events.INFO, error)
         return went_down, LinkChange(address, _LINK.PHASE_STOPPED, wire_events.ERROR, f"agent went away: {error}")
 
     def _set_state(self, agent: AgentState, state: ConnectionState, error: str) -> None:

@@ -164,11 +164,17 @@ class Incidents:
         """(step, wall time) of the newest committed checkpoint the agents reported."""
         self._checkpoint_saving: tuple[int, float] | None = None
         """(step, wall time started) of a save in progress."""
+        self._job_phases: dict[str, tuple[float, int]] = {}
+        """Node -> (wall time, phase) of the newest ``JobDetail`` event from it: started, finished, failed ..."""
 
     def track(self, stored: StoredEvent) -> None:
         event = stored.event
         if event.WhichOneof("detail") == "checkpoint":
             self._track_checkpoint(event.checkpoint, event.wall_time)
+        if event.WhichOneof("detail") == "job":
+            newest = self._job_phases.get(event.node)
+            if newest is None or event.wall_time >= newest[0]:
+                self._job_phases[event.node] = (event.wall_time, event.job.phase)
         elif is_fault(event) or is_restart(event) or is_job_failed(event):
             self._events.add(stored)
 
@@ -219,6 +225,18 @@ class Incidents:
             if is_job_failed(stored.event):
                 return stored.event.text
         return None
+
+    def node_finished(self, node: str) -> bool:
+        """The newest job event from ``node`` says its ranks finished (a clean end, not a failure)."""
+        phase = self._job_phases.get(node)
+        return phase is not None and phase[1] == telemetry_pb2.JobDetail.PHASE_FINISHED
+
+    def job_finished(self, nodes: list[str]) -> float | None:
+        """When the last of ``nodes`` finished, if every one of them has; None while any is training (or none
+        is known)."""
+        if not nodes or not all(self.node_finished(node) for node in nodes):
+            return None
+        return max(self._job_phases[node][0] for node in nodes)
 
     def newest_checkpoint_step(self) -> int | None:
         """The step of the newest committed checkpoint the agents reported; None before any."""

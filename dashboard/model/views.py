@@ -86,6 +86,8 @@ class HeaderView:
     """The newest crash or hang, with the restart that ended it once there is one."""
     job_failed: str | None = None
     """The text of the newest ``job_failed`` event (torch elastic gave up), when the job has given up."""
+    finished: float | None = None
+    """When the job finished (every node's ranks ended cleanly), Unix seconds; None while it runs."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,8 @@ class RankRow:
     """The straggler flag standing on this rank, if any."""
     exit_reason: str = ""
     """How the rank's process last failed ("SIGKILL", "exit code 1"); empty unless it failed."""
+    last_step_wall_time: float | None = None
+    """When the rank finished its latest step (its own clock): the rank table's "last step" age."""
 
 
 @dataclass(frozen=True)
@@ -331,6 +335,7 @@ def rank_rows(
                 step_time_ratio=ratio,
                 straggler=by_rank.get(rank),
                 exit_reason=exit_reason,
+                last_step_wall_time=rep.wall_time if rep is not None and rep.wall_time else None,
             )
         )
     return rows
@@ -441,3 +446,65 @@ def event_rows(stored: Sequence[StoredEvent]) -> list[EventRow]:
         )
         for s in stored
     ]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training curves (the plots screen, ``g``)
+
+
+@dataclass(frozen=True)
+class TrainingSeries:
+    """What the step reports say about training, oldest step first, over the steps the model keeps per rank."""
+
+    loss_by_rank: dict[int, list[tuple[int, float]]]
+    """Each rank's own loss: in data parallelism each rank sees other data, so their curves differ."""
+    loss: list[tuple[int, float]]
+    """The mean over the ranks that reported each step."""
+    lr: list[tuple[int, float]]
+    grad_norm: list[tuple[int, float]]
+    """Mean over ranks (after the all-reduce every rank's is the same)."""
+    scalars: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    """The script's own scalars (``StepReport.scalars``), each the mean over the ranks that sent it."""
+
+
+def training_series(ranks: Mapping[int, RankRecord]) -> TrainingSeries:
+    by_rank: dict[int, list[tuple[int, float]]] = {}
+    per_step: dict[int, list[telemetry_pb2.StepReport]] = {}
+    for rank in sorted(ranks):
+        reports = ranks[rank].history.values()
+        by_rank[rank] = [(r.step, r.loss) for r in reports]
+        for report in reports:
+            per_step.setdefault(report.step, []).append(report)
+    steps = sorted(per_step)
+
+    def mean(pick: str) -> list[tuple[int, float]]:
+        return [(s, statistics.fmean(getattr(r, pick) for r in per_step[s])) for s in steps]
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for step in steps:
+        values: dict[str, list[float]] = {}
+        for report in per_step[step]:
+            for name, value in report.scalars.items():
+                values.setdefault(name, []).append(value)
+        for name, found in values.items():
+            scalars.setdefault(name, []).append((step, statistics.fmean(found)))
+    return TrainingSeries(
+        loss_by_rank=by_rank, loss=mean("loss"), lr=mean("lr"), grad_norm=mean("grad_norm"),
+        scalars=dict(sorted(scalars.items())),
+    )  # fmt: skip
+
+
+SMOOTHING_WEIGHTS = (0.0, 0.6, 0.9, 0.99)
+"""The smoothing steps ``e`` goes through (TensorBoard's slider, in four stops); 0 is the raw curve."""
+
+
+def ema(points: Sequence[tuple[int, float]], weight: float) -> list[tuple[int, float]]:
+    """TensorBoard's smoothing: an exponential moving average, debiased so the curve does not start at zero."""
+    if weight <= 0.0:
+        return list(points)
+    out, last, debias = [], 0.0, 1.0
+    for step, value in points:
+        last = weight * last + (1.0 - weight) * value
+        debias *= weight
+        out.append((step, last / (1.0 - debias)))
+    return out

@@ -335,3 +335,38 @@ def test_a_read_only_control_refuses_every_control_call_before_sending() -> None
     with pytest.raises(ReadOnlyError, match="no cancel was sent"):
         asyncio.run(control.cancel_merge(A))
     assert DashboardControl(model_with(A), [A]).refusal("no restart was sent") is None
+
+
+def _job(phase: int, node: str, wall_time: float) -> telemetry_pb2.Event:
+    return make_event(f"job {phase}", telemetry_pb2.JobDetail(phase=phase), node=node, wall_time=wall_time)  # type: ignore[arg-type]
+
+
+FINISHED = telemetry_pb2.JobDetail.PHASE_FINISHED
+
+
+def test_a_job_whose_every_node_finished_is_marked_finished_without_a_live_throughput() -> None:
+    model = model_with(A, B)
+    model.ingest(A, batch(report(0, 5), report(1, 5), info=node_info("node0", [0, 1], total_steps=5)))
+    model.ingest(B, batch(report(2, 5), report(3, 5), info=node_info("node1", [2, 3], total_steps=5)))
+    model.ingest(A, batch(events=[_job(FINISHED, "node0", NOW + 6)]))
+    assert model.header().finished is None  # node1 is still at it
+    model.ingest(B, batch(events=[_job(FINISHED, "node1", NOW + 7)]))
+    header = model.header()
+    assert (header.finished, header.tokens_per_second, header.eta_seconds) == (NOW + 7, None, None)
+
+
+def test_an_agent_that_stops_after_its_job_finished_is_not_an_error() -> None:
+    model = model_with(A)
+    model.ingest(A, batch(report(0, 5), info=node_info("node0", [0])))
+    model.ingest(A, batch(events=[_job(FINISHED, "node0", NOW + 6)]))
+    model.set_disconnected(A, "stream ended (agent stopped?)")
+    link = model.events()[-1]
+    assert (link.severity, link.text) == ("INFO", "agent stopped after its job finished")
+    assert model.agents[A].error == "agent stopped after its job finished"
+
+
+def test_an_agent_that_stops_while_its_job_runs_is_an_error() -> None:
+    model = model_with(A)
+    model.ingest(A, batch(report(0, 5), info=node_info("node0", [0])))
+    model.set_disconnected(A, "stream ended (agent stopped?)")
+    assert model.events()[-1].severity == "ERROR"
