@@ -224,6 +224,8 @@ class ClusterModel:
             losses[report.rank] = report.loss
         # Out-of-order batches must not move a rank backwards.
         if latest is None or report.step >= latest.step:
+            if latest is None or report.step > latest.step:
+                entry.stepped = self.clock()
             entry.latest = report
         if report.restart_count > 0 and report.rank < report.world_size < len(self._ranks):
             self._forget_ranks_outside(report.world_size)
@@ -291,8 +293,15 @@ class ClusterModel:
         world_sizes += [r.latest.world_size for r in ranks if r.latest is not None and r.latest.world_size > 0]
         faults = self._incidents.faults()
         finished = self._incidents.job_finished([n.name for n in self._nodes.values() if n.info is not None])
-        if finished is not None:
-            eta = None  # nothing left to do, and no throughput to speak of now
+        stepped = [r.stepped for r in ranks if r.latest is not None]
+        last_step_age = self.clock() - max(stepped) if stepped else None
+        stalled = (
+            finished is None
+            and last_step_age is not None
+            and last_step_age > views.stall_threshold(progress.step_seconds)
+        )
+        if finished is not None or stalled:
+            eta = None  # nothing left to do, or no telling when the job will move again
         return HeaderView(
             step=progress.step,
             total_steps=total_steps,
@@ -313,10 +322,16 @@ class ClusterModel:
             last_fault=faults[-1] if faults else None,
             job_failed=self._incidents.job_failed(),
             finished=finished,
+            last_step_age=last_step_age,
+            stalled=stalled,
         )
 
+    def stalled(self) -> bool:
+        """No rank has stepped for the stall threshold while the job runs (see views.stall_threshold)."""
+        return self.header().stalled
+
     def rank_rows(self) -> list[RankRow]:
-        return views.rank_rows(self._ranks, self.agents, self.stragglers.active())
+        return views.rank_rows(self._ranks, self.agents, self.stragglers.active(), self.clock())
 
     def node_rows(self) -> list[NodeRow]:
         return [self._node_row(node) for node in self._nodes.values()]

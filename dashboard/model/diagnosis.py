@@ -5,6 +5,10 @@ ranks (the one rank of the job that issued fewer collectives, the one stack no o
 dashboard runs the agents' own rules (:func:`megascope.agent.hang_rules.diagnose`, the same code, so the two
 never disagree on the same input) over every rank of every agent that answered, and groups the ranks by the
 signature of their main thread's innermost frames: the groups of one are the odd ones.
+
+Stacks taken while the job is stepping (no rank stalled) name no culprit: on a healthy job one rank's stack
+always differs from the others' in some way (it was caught in another layer), and blaming it sends on-call after
+the wrong rank. Then the groups are shown without blame.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from megascope.agent.hang_rules import RankProgress, diagnose
+from megascope.dashboard import formatting as fmt
 from megascope.protos.megascope.v1 import agent_pb2
 
 UNREADABLE = "(stack text not readable as faulthandler output)"
@@ -76,6 +81,8 @@ class JobStacks:
     """Largest first."""
     culprit: int | None
     reason: str
+    stalled: bool = True
+    """The job had stalled when the stacks were taken; if not, no rank is blamed."""
 
     def row(self, rank: int) -> StackRow | None:
         return next((row for row in self.rows if row.rank == rank), None)
@@ -84,6 +91,8 @@ class JobStacks:
         """One line: the culprit and why, or that no rank stands out."""
         if not self.rows:
             return "no stacks: " + ("; ".join(f"{a}: {e}" for a, e in self.errors) or "no rank is running")
+        if not self.stalled:
+            return f"no stall: stacks at {fmt.clock(self.wall_time)}, every rank stepping; groups shown without blame"
         if self.culprit is None:
             return f"no culprit: {self.reason}"
         row = self.row(self.culprit)
@@ -91,8 +100,9 @@ class JobStacks:
         return f"culprit: rank {self.culprit}{where}: {self.reason}"
 
 
-def job_stacks(replies: Sequence[AgentStacks], wall_time: float) -> JobStacks:
-    """Merge the agents' replies and diagnose the job as a whole."""
+def job_stacks(replies: Sequence[AgentStacks], wall_time: float, stalled: bool = True) -> JobStacks:
+    """Merge the agents' replies and diagnose the job as a whole; ``stalled``: the job had stopped stepping when
+    they were asked for (if not, nobody is blamed)."""
     answered = [(agent, ranks) for agent in replies if agent.reply is not None for ranks in agent.reply.ranks]
     diagnosis = diagnose(
         [
@@ -116,7 +126,9 @@ def job_stacks(replies: Sequence[AgentStacks], wall_time: float) -> JobStacks:
     ordered = sorted(by_signature.items(), key=lambda item: (-len(item[1]), item[1]))
     largest = len(ordered[0][1]) if ordered else 0
     groups = tuple(
-        StackGroup(label=str(i + 1), signature=signature, ranks=tuple(ranks), odd=len(ranks) == 1 and largest > 1)
+        StackGroup(
+            label=str(i + 1), signature=signature, ranks=tuple(ranks), odd=stalled and len(ranks) == 1 and largest > 1
+        )
         for i, (signature, ranks) in enumerate(ordered)
     )
     label_of = {rank: group.label for group in groups for rank in group.ranks}
@@ -142,6 +154,7 @@ def job_stacks(replies: Sequence[AgentStacks], wall_time: float) -> JobStacks:
         errors=tuple((agent.address, agent.error) for agent in replies if agent.reply is None),
         rows=rows,
         groups=groups,
-        culprit=diagnosis.culprit,
-        reason=diagnosis.reason,
+        culprit=diagnosis.culprit if stalled else None,
+        reason=diagnosis.reason if stalled else "no stall",
+        stalled=stalled,
     )

@@ -173,6 +173,8 @@ class RankRecord:
     status: telemetry_pb2.RankStatus | None = None
     heard: float = 0.0
     """Model clock when this rank was announced or last sent a report."""
+    stepped: float = 0.0
+    """Model clock when this rank last reported a step beyond its latest (a rank that stops stepping stalls)."""
     attempt: int = 0
     """The torch elastic restart count of what ``latest`` and ``history`` hold: a report of an older attempt is
     late and dropped; a newer attempt (seen in a report or in the agent's rank status) resets the row."""

@@ -22,6 +22,15 @@ from megascope.protos.megascope.v1 import telemetry_pb2
 
 RECENT_STEPS = 10
 """Complete steps the throughput and ETA medians look back over."""
+STALL_STEPS = 3.0
+"""A rank with no new step for this many median step times is STALLED (the agents' hang verdict comes at 5)."""
+STALL_MIN_SECONDS = 5.0
+"""... and for at least this long: fast steps jitter by more than three of themselves."""
+
+
+def stall_threshold(step_seconds: float | None) -> float:
+    """Seconds without a new step after which a running rank is STALLED."""
+    return max(STALL_MIN_SECONDS, STALL_STEPS * (step_seconds or 0.0))
 
 
 class RankStatusName(str, enum.Enum):
@@ -32,6 +41,9 @@ class RankStatusName(str, enum.Enum):
     EXITED = "EXITED"
     FAILED = "FAILED"
     HUNG = "HUNG"
+    STALLED = "STALLED"
+    """Running, by its agent's account, but no new step for a few median step times: a hang in the making, shown
+    well before the agents' hang timeout gives its verdict."""
     DISCONNECTED = "DISCONNECTED"
     LOST = "LOST"
     """Its node's agent was lost (see ConnectionState.LOST)."""
@@ -88,6 +100,10 @@ class HeaderView:
     """The text of the newest ``job_failed`` event (torch elastic gave up), when the job has given up."""
     finished: float | None = None
     """When the job finished (every node's ranks ended cleanly), Unix seconds; None while it runs."""
+    last_step_age: float | None = None
+    """Seconds since any rank last reported a new step; None before the first."""
+    stalled: bool = False
+    """No rank has stepped for the stall threshold (see stall_threshold) while the job runs."""
 
 
 @dataclass(frozen=True)
@@ -284,23 +300,40 @@ def job_progress(ranks: Sequence[RankRecord]) -> JobProgress:
     return JobProgress(step, tokens_per_second, mfu, loss, step_seconds)
 
 
-def rank_status(entry: RankRecord, agent: AgentState | None) -> RankStatusName:
+def rank_status(
+    entry: RankRecord, agent: AgentState | None, now: float | None = None, stall_after: float | None = None
+) -> RankStatusName:
+    """The agent's view of the rank's process, unless the agent is out of sight; RUNNING becomes STALLED when the
+    rank has not stepped for ``stall_after`` seconds by ``now``."""
     if agent is not None and agent.state is ConnectionState.LOST:
         return RankStatusName.LOST
     if agent is None or agent.state is not ConnectionState.CONNECTED:
         # We cannot see the process any more; its last state might be long stale.
         return RankStatusName.DISCONNECTED
     if entry.status is not None:
-        return _RANK_STATES.get(entry.status.state, RankStatusName.UNKNOWN)
-    return RankStatusName.RUNNING if entry.latest is not None else RankStatusName.STARTING
+        status = _RANK_STATES.get(entry.status.state, RankStatusName.UNKNOWN)
+    else:
+        status = RankStatusName.RUNNING if entry.latest is not None else RankStatusName.STARTING
+    stalled = (
+        status is RankStatusName.RUNNING
+        and entry.latest is not None
+        and now is not None
+        and stall_after is not None
+        and now - entry.stepped > stall_after
+    )
+    return RankStatusName.STALLED if stalled else status
 
 
 def rank_rows(
-    ranks: Mapping[int, RankRecord], agents: Mapping[str, AgentState], flags: Sequence[StragglerFlag]
+    ranks: Mapping[int, RankRecord],
+    agents: Mapping[str, AgentState],
+    flags: Sequence[StragglerFlag],
+    now: float | None = None,
 ) -> list[RankRow]:
     by_rank = {flag.rank: flag for flag in flags}
     latest_times = [r.latest.step_seconds for r in ranks.values() if r.latest is not None]
     median_time = statistics.median(latest_times) if latest_times else 0.0
+    stall_after = stall_threshold(median_time)
     rows = []
     for rank in sorted(ranks):
         entry = ranks[rank]
@@ -331,7 +364,7 @@ def rank_rows(
                 mfu=mfu,
                 restarts=entry.attempt,
                 pid=pid,
-                status=rank_status(entry, agents.get(entry.agent)),
+                status=rank_status(entry, agents.get(entry.agent), now, stall_after),
                 step_time_ratio=ratio,
                 straggler=by_rank.get(rank),
                 exit_reason=exit_reason,

@@ -395,12 +395,16 @@ def synthetic_model(
         first.node_info.CopyFrom(sim.node_info())
         model.ingest(sim.agent_address, first)
         model.set_connected(sim.agent_address)
+    batches = []
     for sim in sims:
         batch = sim.advance(steps)
         batch.node_info.CopyFrom(sim.node_info())
         batch.rank_statuses.extend(sim.rank_statuses())
-        model.ingest(sim.agent_address, batch)
+        batches.append((sim.agent_address, batch))
+    # The batches arrive as their last steps are done: the ranks are seen stepping just now, not stalled.
     now[0] = max(sim.now for sim in sims) + 0.2
+    for address, batch in batches:
+        model.ingest(address, batch)
     return model
 
 

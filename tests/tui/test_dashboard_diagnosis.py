@@ -49,8 +49,9 @@ def rank_stacks(rank: int, text: str, collectives: int) -> agent_pb2.RankStacks:
 
 
 def node(name: str, ranks: list[int]) -> FakeAgent:
+    """The agents found the job hung: every rank HUNG (stacks taken of a job that steps blame nobody)."""
     info = telemetry_pb2.NodeInfo(node=name, ranks=ranks, world_size=4, start_wall_time=time.time())
-    fake = FakeAgent(info, [running(r) for r in ranks], interval=0.05)
+    fake = FakeAgent(info, [running(r, telemetry_pb2.RANK_STATE_HUNG) for r in ranks], interval=0.05)
     fake.push(telemetry_pb2.Telemetry(step_reports=[report(r, 41) for r in ranks]))
     return fake
 
@@ -196,6 +197,18 @@ def test_job_stacks_groups_ranks_by_stack_and_marks_only_groups_of_one_beside_la
     assert [(g.ranks, g.odd) for g in stacks.groups] == [((0, 1), False), ((2,), True)]
     assert [r.group for r in stacks.rows] == ["1", "1", "2", "-"]
     assert stacks.culprit == 2  # progress is level: the one stack no other rank shares
+
+
+def test_stacks_of_a_job_that_steps_blame_no_rank_and_mark_no_group() -> None:
+    response = agent_pb2.DumpStacksResponse(
+        ranks=[rank_stacks(0, ALL_REDUCE, 8), rank_stacks(1, ALL_REDUCE, 8), rank_stacks(2, DATA_WAIT, 8)],
+        culprit=2,
+        reason="rank 2's stack differs",
+    )
+    stacks = job_stacks([AgentStacks("a:1", "node0", response)], wall_time=0.0, stalled=False)
+    assert stacks.culprit is None and not any(group.odd for group in stacks.groups)
+    assert stacks.summary().startswith("no stall: stacks at ")
+    assert [group.ranks for group in stacks.groups] == [(0, 1), (2,)]  # still grouped, for the curious
 
 
 def hang_event(wall_time: float) -> telemetry_pb2.Event:
