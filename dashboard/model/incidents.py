@@ -64,8 +64,7 @@ class FaultView:
         line = f"{self.kind}: " + (f"rank {self.rank} on {self.node}" if self.rank is not None else self.node)
         if self.kind == "crash" and self.cause:
             line += f" ({self.cause})"
-        if self.step is not None:
-            line += f" after step {self.step:,}"
+        line += f" after step {self.step:,}" if self.step is not None else ", step unknown"
         if self.detect_seconds is not None:
             line += f", detected in {self.detect_seconds:.2f}s"
         restart = self.restart

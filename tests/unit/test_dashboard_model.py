@@ -370,3 +370,10 @@ def test_an_agent_that_stops_while_its_job_runs_is_an_error() -> None:
     model.ingest(A, batch(report(0, 5), info=node_info("node0", [0])))
     model.set_disconnected(A, "stream ended (agent stopped?)")
     assert model.events()[-1].severity == "ERROR"
+
+
+def test_a_crash_whose_step_nobody_knows_says_step_unknown_not_step_0() -> None:
+    model = model_with(A)
+    crash = telemetry_pb2.CrashDetail(signal="SIGKILL")
+    model.ingest(A, batch(events=[make_event("rank 1 died", crash, node="node0", rank=1, wall_time=NOW)]))
+    assert model.faults()[0].describe().startswith("crash: rank 1 on node0 (SIGKILL), step unknown")
