@@ -20,13 +20,15 @@ from megascope.dashboard.connection import watch_agent
 from megascope.dashboard.control import DashboardControl
 from megascope.dashboard.model.cluster import ClusterModel
 from megascope.dashboard.model.diagnosis import AgentStacks, job_stacks
+from megascope.dashboard.model.views import SMOOTHING_WEIGHTS
 from megascope.dashboard.screens.base import BACK, ModelScreen, ViewState
 from megascope.dashboard.screens.checkpoints import CheckpointsScreen
 from megascope.dashboard.screens.confirm import ConfirmScreen
 from megascope.dashboard.screens.diagnosis import DiagnosisScreen
 from megascope.dashboard.screens.heat_map import HeatMapScreen
 from megascope.dashboard.screens.help import HelpScreen, KeyRow, key_rows
-from megascope.dashboard.screens.main import MainScreen
+from megascope.dashboard.screens.main import TALL, WIDE, MainScreen
+from megascope.dashboard.screens.training import TrainingScreen
 from megascope.dashboard.transport import PLAINTEXT, Transport
 from megascope.dashboard.widgets.heat_map import HeatMapView
 from megascope.dashboard.widgets.palette import Palette
@@ -43,10 +45,16 @@ class DashboardApp(App[int]):
     """
 
     CSS_PATH = "app.tcss"
+    # Every screen gets -narrow/-wide and -short/-tall, and app.tcss lays each out for the terminal it is in.
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (WIDE, "-wide")]
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (TALL, "-tall")]
     TITLE = "megascope"
     # Each binding's tooltip is its line in help (screens/help.py makes the key table from the bindings).
     BINDINGS = [
         Binding("q", "quit", "Quit", tooltip="quit"),
+        # Second in the footer, so that an 80-column terminal still shows where every other key is explained.
+        Binding("question_mark", "help", "Help", key_display="?", tooltip="this help"),
+        Binding("f1", "help", "Help", show=False),
         Binding(
             "p", "toggle_pause", "Pause",
             tooltip="pause / resume the view (data keeps being collected; PAUSED shows in the header)",
@@ -65,12 +73,19 @@ class DashboardApp(App[int]):
             tooltip="restart the job from the newest checkpoint, after a y/n question (refused with --readonly)",
         ),
         Binding(
+            "g", "plots", "Plots",
+            tooltip="plots: loss (the mean or each rank's, a toggles), learning rate, gradient norm and the script's "
+            "own scalars",
+        ),
+        Binding(
+            "e", "smoothing", "Smoothing", show=False,
+            tooltip="smoothing of the loss and gradient-norm curves: EMA 0 (raw), 0.6, 0.9, 0.99 in turn",
+        ),
+        Binding(
             "c", "checkpoints", "Checkpoints",
             tooltip="checkpoints: list them, merge some (m; x cancels; space picks a step) and compare the merge's "
             "validation loss with its inputs' (m and x refused with --readonly)",
         ),
-        Binding("question_mark", "help", "Help", key_display="?", tooltip="this help"),
-        Binding("f1", "help", "Help", show=False),
         # The binding Textual adds for its command palette, made here so that help lists it.
         Binding(
             "ctrl+p", "command_palette", "palette", show=False, priority=True,
@@ -80,6 +95,11 @@ class DashboardApp(App[int]):
 
     paused: reactive[bool] = reactive(False)
     """While True the screens keep their last frame; the model still takes in data."""
+    smoothing: reactive[float] = reactive(SMOOTHING_WEIGHTS[1])
+    """The EMA weight of the loss and gradient-norm curves, on every screen."""
+
+    CONTROL_ACTIONS = frozenset({"restart"})
+    """The app's actions that change the job: a ``--readonly`` dashboard leaves them out of the footer."""
 
     def __init__(
         self,
@@ -126,15 +146,35 @@ class DashboardApp(App[int]):
         if isinstance(self.screen, ModelScreen):
             self.screen.show(self.view_state())  # new colours even while paused
 
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # Read-only: the restart is not offered (the footer leaves it out); pressing r still says why not (key_r).
+        return not (action in self.CONTROL_ACTIONS and self.control.readonly)
+
+    def key_r(self) -> None:
+        """``r`` on a read-only dashboard, whose restart binding is off: say so rather than nothing."""
+        if self.control.readonly and not isinstance(self.screen, ModalScreen):
+            self.notify(self.control.refusal("no restart was sent") or "", severity="warning")
+
     def view_state(self) -> ViewState:
         title = "megascope (read-only)" if self.control.readonly else "megascope"
         return ViewState(
-            model=self.model, palette=self.palette, paused=self.paused, now=self.model.clock(), title=title
-        )
+            model=self.model, palette=self.palette, paused=self.paused, now=self.model.clock(), title=title,
+            smoothing=self.smoothing,
+        )  # fmt: skip
+
+    def _drawn_screen(self) -> Screen[object] | None:
+        """The screen the tick draws: the top one, or under a modal (help, an event, a question) the one it covers,
+        which shows around the modal and so keeps updating (or says PAUSED) like any other frame."""
+        for screen in reversed(self.screen_stack):
+            if isinstance(screen, ModelScreen):
+                return screen
+            if not isinstance(screen, ModalScreen):
+                return None
+        return None
 
     def refresh_view(self) -> None:
         """Draw the model on the top screen. Paused, a screen keeps its last frame (a new one gets a first)."""
-        screen = self.screen
+        screen = self._drawn_screen()
         if not isinstance(screen, ModelScreen) or not screen.is_mounted:
             return
         state = self.view_state()
@@ -152,11 +192,27 @@ class DashboardApp(App[int]):
         self.refresh_view()
 
     def watch_paused(self, paused: bool) -> None:
-        if isinstance(self.screen, ModelScreen) and self.screen.is_mounted:
-            self.screen.show_paused(self.view_state())
+        screen = self._drawn_screen()
+        if isinstance(screen, ModelScreen) and screen.is_mounted:
+            screen.show_paused(self.view_state())
+
+    def watch_smoothing(self, smoothing: float) -> None:
+        screen = self._drawn_screen()
+        if isinstance(screen, ModelScreen) and screen.is_mounted and not self.paused:
+            screen.show(self.view_state())
 
     def action_toggle_pause(self) -> None:
         self.paused = not self.paused
+
+    def action_smoothing(self) -> None:
+        weights = SMOOTHING_WEIGHTS
+        index = weights.index(self.smoothing) if self.smoothing in weights else 0
+        self.smoothing = weights[(index + 1) % len(weights)]
+        self.notify(f"smoothing: {'EMA ' + format(self.smoothing, 'g') if self.smoothing else 'off (raw curves)'}")
+
+    def action_plots(self) -> None:
+        if not isinstance(self.screen, TrainingScreen | ModalScreen):
+            self.push_screen(TrainingScreen())
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
@@ -198,7 +254,9 @@ class DashboardApp(App[int]):
         replies = await self.control.dump_stacks(addresses)
         nodes = {row.agent: row.node for row in self.model.node_rows()}
         stacks = job_stacks(
-            [AgentStacks(r.address, nodes.get(r.address, r.address), r.reply, r.error) for r in replies], asked
+            [AgentStacks(r.address, nodes.get(r.address, r.address), r.reply, r.error) for r in replies],
+            asked,
+            stalled=self.model.stalled() or any(row.status.value == "HUNG" for row in self.model.rank_rows()),
         )
         screen.set_stacks(stacks)
 
@@ -252,7 +310,9 @@ def help_keys() -> list[KeyRow]:
     return key_rows(
         [
             *DashboardApp.BINDINGS,
+            *MainScreen.BINDINGS,
             BACK,
+            *(b for b in TrainingScreen.BINDINGS if b is not BACK),
             *NodesTable.BINDINGS,
             *(b for b in HeatMapView.BINDINGS if isinstance(b, Binding) and b.show),
             *(b for b in CheckpointsScreen.BINDINGS if b is not BACK),

@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command without the ``megascope`` dispatcher (``python -m megascope.dashboard.dashboard_cli``)."""
-    parser = argparse.ArgumentParser(prog="megascope dashboard", description=HELP)
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="megascope dashboard", description=HELP)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -17,6 +17,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Sequence
+
+FaultCheck = Callable[[Sequence[str], int], str | None]
+"""Why ``--inject`` values cannot run in a job of N ranks (None: they can); the dispatcher supplies it."""
 
 HELP = "start a local cluster (agents + training ranks of the tiny model) and open the dashboard on it"
 
@@ -82,6 +86,14 @@ def run(args: argparse.Namespace) -> int:
         errors.append(f"--min-nodes must be in 1..--nodes ({args.nodes}), got {args.min_nodes}")
     if args.json and not args.headless:
         errors.append("--json needs --headless (the TUI owns the terminal)")
+    # The engine's fault grammar, handed over by the `megascope` dispatcher (the dashboard never imports the
+    # engine); checked here so a bad --inject starts nothing and leaves no run directory behind.
+    check_faults: FaultCheck | None = getattr(args, "check_faults", None)
+    if args.inject and check_faults is not None and not errors:
+        max_nodes = args.nodes  # with --min-nodes the job still starts with every node's ranks
+        problem = check_faults(args.inject, max_nodes * args.ranks_per_node)
+        if problem:
+            errors.append(problem)
     if errors:
         print(f"megascope demo: error: {'; '.join(errors)}", file=sys.stderr)
         return 2

@@ -28,25 +28,33 @@ _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
 
 def size(num_bytes: float | None) -> str:
-    """Bytes in binary units with three significant figures: ``512B``, ``1.50GiB``."""
+    """Bytes in binary units, three significant figures, the unit always written: ``512 B``, ``4.98 GiB``.
+
+    The one size formatter of the dashboard and ``megascope status``: every screen says "GiB" for the same
+    quantity, never "G" on one screen and "GB" (decimal) on another.
+    """
     if num_bytes is None:
         return MISSING
     value = float(num_bytes)
     for unit in _UNITS:
-        if abs(value) < 1024 or unit == _UNITS[-1]:
+        # 1023.6 KiB would print as "1.02e+03 KiB": move up a unit before three figures round to 1024.
+        if abs(value) < 999.5 or unit == _UNITS[-1]:
             if unit == "B":
-                return f"{value:.0f}B"
-            return f"{value:.3g}{unit}"
+                return f"{value:.0f} B"
+            return f"{value:.3g} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
 
 
-def compact(num_bytes: float | None) -> str:
-    """Bytes in at most five characters for narrow table cells: ``512``, ``36.2K``, ``1.50G``."""
-    if num_bytes is None:
+def size_pair(used: float | None, total: float | None) -> str:
+    """``6.70 / 24.0 GiB`` when both are in one unit, else ``512 MiB / 24.0 GiB``."""
+    if used is None or total is None:
         return MISSING
-    text = size(num_bytes)
-    return text[:-1] if text.endswith("B") and not text.endswith("iB") else text.replace("iB", "")
+    left, right = size(used), size(total)
+    unit = right.rsplit(" ", 1)[-1]
+    if left.endswith(f" {unit}"):
+        return f"{left.rsplit(' ', 1)[0]} / {right}"
+    return f"{left} / {right}"
 
 
 def rate(bytes_per_second: float | None) -> str:

@@ -191,7 +191,7 @@ def render_text(model: ClusterModel) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``status`` without the ``megascope`` dispatcher (``python -m megascope.dashboard.status_cli``)."""
-    parser = argparse.ArgumentParser(prog="megascope status", description=HELP)
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="megascope status", description=HELP)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -168,14 +168,15 @@ class Incidents:
 
     def track(self, stored: StoredEvent) -> None:
         event = stored.event
-        if event.WhichOneof("detail") == "checkpoint":
+        which = event.WhichOneof("detail")
+        if which == "checkpoint":
             self._track_checkpoint(event.checkpoint, event.wall_time)
-        if event.WhichOneof("detail") == "job":
+        elif is_fault(event) or is_restart(event) or is_job_failed(event):
+            self._events.add(stored)
+        if which == "job":
             newest = self._job_phases.get(event.node)
             if newest is None or event.wall_time >= newest[0]:
                 self._job_phases[event.node] = (event.wall_time, event.job.phase)
-        elif is_fault(event) or is_restart(event) or is_job_failed(event):
-            self._events.add(stored)
 
     def _track_checkpoint(self, detail: telemetry_pb2.CheckpointDetail, wall_time: float) -> None:
         step = detail.step

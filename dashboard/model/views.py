@@ -127,8 +127,8 @@ class RankRow:
     """The straggler flag standing on this rank, if any."""
     exit_reason: str = ""
     """How the rank's process last failed ("SIGKILL", "exit code 1"); empty unless it failed."""
-    last_step_wall_time: float | None = None
-    """When the rank finished its latest step (its own clock): the rank table's "last step" age."""
+    last_step_at: float | None = None
+    """Model clock when the rank's latest new step arrived (the rank table's "last step" age); None before one."""
 
 
 @dataclass(frozen=True)
@@ -368,7 +368,7 @@ def rank_rows(
                 step_time_ratio=ratio,
                 straggler=by_rank.get(rank),
                 exit_reason=exit_reason,
-                last_step_wall_time=rep.wall_time if rep is not None and rep.wall_time else None,
+                last_step_at=entry.stepped if rep is not None and entry.stepped else None,
             )
         )
     return rows

@@ -31,6 +31,8 @@ class ViewState:
     paused: bool
     now: float
     title: str
+    smoothing: float = 0.6
+    """The EMA weight of the loss and gradient-norm curves (``e`` changes it); 0 draws them raw."""
 
 
 class ModelScreen(Screen[None]):
@@ -43,6 +45,11 @@ class ModelScreen(Screen[None]):
 
     def show(self, state: ViewState) -> None:
         raise NotImplementedError
+
+    def show_header(self, state: ViewState) -> None:
+        self.query_one(HeaderBar).show(
+            state.model.header(), state.paused, state.palette, state.title, faults=len(state.model.faults())
+        )
 
     def show_paused(self, state: ViewState) -> None:
         """Paused: only the badge changes, the figures stay as they were."""

@@ -229,6 +229,18 @@ class CheckpointsScreen(ModelScreen):
 
     # -- keys and the form ---------------------------------------------------------------------------------
 
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # Read-only: merge and cancel are not offered (the footer leaves them out); the keys still say why not.
+        return not (self.control.readonly and action in ("merge", "cancel_merge"))
+
+    def key_m(self) -> None:
+        if self.control.readonly:
+            self.action_merge()
+
+    def key_x(self) -> None:
+        if self.control.readonly:
+            self.action_cancel_merge()
+
     def action_merge(self) -> None:
         refused = self.control.refusal("no merge was started")
         if refused is not None:
@@ -312,7 +324,7 @@ class CheckpointsScreen(ModelScreen):
     # -- drawing -------------------------------------------------------------------------------------------
 
     def show(self, state: ViewState) -> None:
-        self.query_one(HeaderBar).show(state.model.header(), state.paused, state.palette, state.title)
+        self.show_header(state)
         self._draw(state.palette)
 
     def show_paused(self, state: ViewState) -> None:
@@ -338,7 +350,7 @@ class CheckpointsScreen(ModelScreen):
         if not self._listed:
             return text.append("asking the agents for their checkpoints ...", style="italic")
         if listing is None or self.agent is None:
-            text.append("no agent has a checkpoint directory (start the run with --ckpt-dir)", style=palette.warn)
+            text.append(self._why_none(), style=palette.warn)
         else:
             text.append(f"{self.agent}: ", style="bold")
             counts = f"{len(listing.checkpoints)} checkpoint(s), {len(listing.merged)} merge(s)"
@@ -351,6 +363,14 @@ class CheckpointsScreen(ModelScreen):
         if self.control.readonly:
             text.append("   read-only: m and x are off", style=palette.warn)
         return text
+
+    def _why_none(self) -> str:
+        """Why no checkpoints are listed: only an agent that answered can say it has no checkpoint directory."""
+        if any(not reply.directory for reply in self.listings.values()):
+            return "no agent has a checkpoint directory (start the run with --ckpt-dir)"
+        if self.errors:
+            return "no agent answered (each one's reason follows)"
+        return "no agent is connected: checkpoints are listed once one answers"
 
     def _preview(self, palette: Palette) -> Text:
         if self.problem:

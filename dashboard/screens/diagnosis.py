@@ -120,7 +120,7 @@ class DiagnosisScreen(ModelScreen):
     # -- drawing -------------------------------------------------------------------------------------------
 
     def show(self, state: ViewState) -> None:
-        self.query_one(HeaderBar).show(state.model.header(), state.paused, state.palette, state.title)
+        self.show_header(state)
         self._draw(state)
 
     def show_paused(self, state: ViewState) -> None:

@@ -32,7 +32,7 @@ class HeatMapScreen(ModelScreen):
 
     def show(self, state: ViewState) -> None:
         model, palette = state.model, state.palette
-        self.query_one(HeaderBar).show(model.header(), state.paused, palette, state.title)
+        self.show_header(state)
         view = self.query_one(HeatMapView)
         heat = model.heat_map(view.step_columns())
         flags = {flag.rank: flag for flag in model.straggler_flags(active_only=True)}

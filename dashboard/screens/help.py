@@ -127,6 +127,8 @@ class HelpScreen(ModalScreen[None]):
         Binding("escape", "dismiss", "Back"),
         Binding("question_mark", "dismiss", "Close", key_display="?"),
         Binding("f1", "dismiss", "Close", show=False),
+        # A modal keeps the app's keys away; pausing is still wanted here: the screen behind keeps updating.
+        Binding("p", "app.toggle_pause", "Pause"),
     ]
 
     def __init__(self, palette: Palette, keys: Sequence[KeyRow], rules: StragglerConfig = DEFAULT_CONFIG) -> None:
@@ -139,4 +141,8 @@ class HelpScreen(ModalScreen[None]):
         with Vertical(id="help-box"):
             with VerticalScroll():
                 yield Static(help_renderable(self.palette, self.keys, self.rules), id="help-text")
-            yield Static("esc, ? or F1 closes this help", id="help-hint")
+            yield Static("esc, ? or F1 closes this help; arrows, PgUp/PgDn and the wheel scroll it", id="help-hint")
+
+    def on_mount(self) -> None:
+        # Focused, so the keys scroll it at once: on a short terminal most of it is below the fold.
+        self.query_one(VerticalScroll).focus()

@@ -54,7 +54,7 @@ class NodeScreen(ModelScreen):
 
     def show(self, state: ViewState) -> None:
         model, palette, now = state.model, state.palette, state.now
-        self.query_one(HeaderBar).show(model.header(), state.paused, palette, state.title)
+        self.show_header(state)
         row = next((r for r in model.node_rows() if r.agent == self.agent), None)
         history = model.node_history(self.agent)
         if row is None or history is None:
@@ -106,4 +106,4 @@ class NodeScreen(ModelScreen):
             plot.set_points(series(values))
             plot.display = bool(values) or not plot_id.startswith("gpu")
         ranks = [r for r in model.rank_rows() if r.agent == self.agent]
-        self.query_one("#node-ranks", RanksTable).show(ranks, palette)
+        self.query_one("#node-ranks", RanksTable).show(ranks, palette, now)

@@ -37,7 +37,7 @@ class RankTimelineScreen(ModelScreen):
 
     def show(self, state: ViewState) -> None:
         model, palette = state.model, state.palette
-        self.query_one(HeaderBar).show(model.header(), state.paused, palette, state.title)
+        self.show_header(state)
         left = self.query_one("#timeline-rank", Static)
         right = self.query_one("#timeline-median", Static)
         steps = max(1, left.content_size.height or 20)

@@ -47,7 +47,8 @@ class FaultBar(Static):
     def show(self, header: HeaderView, palette: Palette) -> None:
         fault = header.last_fault
         self.display = fault is not None or header.job_failed is not None
-        text = Text(no_wrap=True, overflow="ellipsis")
+        # Wrapped, never cut: the whole line is what to act on (and enter on its event in the log shows it all).
+        text = Text()
         if header.job_failed is not None:
             text.append(f" JOB FAILED{levels.MARKERS[Level.BAD]} ", style=f"bold {palette.bad}")
             text.append(header.job_failed)

@@ -210,3 +210,14 @@ def test_chart_marks_the_merge_and_says_how_it_compares() -> None:
     assert "│" in lines[1] and "│" in lines[2]
     assert lines[-1] == "the merge is 0.0500 above the best input (step 20), 0.0500 above the newest (step 20)"
     assert "no validation loss" in val_loss_chart({}, None, 60).plain
+
+
+async def test_with_no_agent_answering_the_screen_names_that_not_a_missing_ckpt_dir() -> None:
+    app = DashboardApp(["127.0.0.1:1"])  # nothing listens there: every call is refused
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("c")
+        await until(pilot, lambda: isinstance(app.screen, CheckpointsScreen), "the checkpoints screen")
+        await until(pilot, lambda: "no agent answered" in text_of(app, "ckpt-where"), "the reason", 30)
+        where = text_of(app, "ckpt-where")
+        assert "--ckpt-dir" not in where
+        assert "127.0.0.1:1:" in where  # the agent's own error follows
