@@ -9,14 +9,19 @@ so ``megascope --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import difflib
+import re
 import sys
+from collections.abc import Sequence
 from importlib.metadata import version
 from types import ModuleType
+from typing import Any, NoReturn
 
 from megascope.agent import agent_cli
 from megascope.dashboard import dashboard_cli, demo_cli, status_cli
 from megascope.engine import train_cli
 from megascope.engine.checkpoint import ckpt_cli, merge_cli
+from megascope.engine.runtime.faults import FaultError, check_ranks, parse_fault
 
 # name -> module defining ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``.
 _COMMANDS: dict[str, ModuleType] = {
@@ -30,8 +35,55 @@ _COMMANDS: dict[str, ModuleType] = {
 }
 
 
+class CommandParser(argparse.ArgumentParser):
+    """argparse as every ``megascope`` command uses it: a flag is spelled out in full (no prefix matching, so
+    ``--ckpt`` never silently means ``--ckpt-dir``), and an unknown flag is reported by the (sub)command it was
+    given to, with that command's usage and the closest flag it has ("did you mean --ckpt-keep?").
+
+    Subcommand parsers are made with the class of their parent (argparse's default), so every level is one.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            # The innermost command reports it: argparse would hand the leftovers up to `megascope`, whose usage
+            # says nothing about the flags of the command that was mistyped.
+            self.error(unrecognized(self, extras))
+        return parsed, extras
+
+    def error(self, message: str) -> NoReturn:
+        choice = _INVALID_CHOICE.search(message)
+        if choice:  # a mistyped command or choice: argparse lists them all; name the nearest
+            given, options = choice.group(1), [o.strip(" '") for o in choice.group(2).split(",")]
+            close = difflib.get_close_matches(given, options, n=1, cutoff=0.6)
+            if close:
+                message += f" (did you mean {close[0]}?)"
+        super().error(message)
+
+
+_INVALID_CHOICE = re.compile(r"invalid choice: '([^']*)' \(choose from ([^)]*)\)")
+
+
+def unrecognized(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """argparse's "unrecognized arguments" message, with the nearest flag of ``parser`` for each unknown one."""
+    flags = [flag for action in parser._actions for flag in action.option_strings if flag.startswith("--")]
+    hints = []
+    for extra in extras:
+        if extra.startswith("-"):
+            close = difflib.get_close_matches(extra.split("=", 1)[0], flags, n=1, cutoff=0.6)
+            if close:
+                hints.append(f"did you mean {close[0]}?")
+    return f"unrecognized arguments: {' '.join(extras)}" + (f" ({'; '.join(hints)})" if hints else "")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="megascope",
         description="Monitor, diagnose and control large-model training from a terminal.",
     )
@@ -41,7 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
         sub = subcommands.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(sub)
         sub.set_defaults(_run=module.run)
+    # The demo may not import the engine (import contracts), so the composition root hands it the engine's
+    # fault grammar: a bad --inject is refused before any agent starts or any run directory is made.
+    subcommands.choices["demo"].set_defaults(check_faults=check_fault_specs)
     return parser
+
+
+def check_fault_specs(specs: Sequence[str], world_size: int) -> str | None:
+    """Why these ``--inject`` values cannot run in a job of ``world_size`` ranks, or None when they can."""
+    try:
+        check_ranks([parse_fault(spec) for spec in specs], world_size)
+    except FaultError as error:
+        return f"--inject: {error}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

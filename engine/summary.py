@@ -30,7 +30,11 @@ def read_step_reports(run_dir: Path) -> dict[int, list[dict[str, Any]]]:
 
 
 def summarize(run_dir: Path) -> dict[str, Any]:
-    """Steps every rank completed, first/last loss (mean over ranks), job tokens/s (median over steps)."""
+    """Steps every rank completed, first/last loss (mean over ranks), job tokens/s (median over steps).
+
+    ``steps`` is the last step completed and ``first_step`` the first: a run that resumed from a checkpoint
+    starts past step 1, so the steps it trained are ``first_step..steps``.
+    """
     by_step = read_step_reports(run_dir)
     if not by_step:
         return {"steps": 0}
@@ -48,6 +52,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     val = [(s, r["val_loss"]) for s in complete for r in by_step[s][:1] if r.get("val_loss") is not None]
     return {
         "steps": complete[-1],
+        "first_step": complete[0],
         "ranks": world,
         "first_loss": mean_loss(complete[0]),
         "last_loss": mean_loss(complete[-1]),

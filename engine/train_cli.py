@@ -286,7 +286,9 @@ def _print_summary(run_dir: Path) -> None:
     if not s["steps"]:
         return
     val = f", validation loss {s['last_val_loss']:.4f}" if s["last_val_loss"] is not None else ""
+    first, last = s["first_step"], s["steps"]
+    trained = f"{last - first + 1} step{'s' if last != first else ''} ({first}..{last})"
     print(
-        f"megascope train: done: {s['steps']} steps on {s['ranks']} rank(s), loss {s['first_loss']:.4f} -> "
+        f"megascope train: done: {trained} on {s['ranks']} rank(s), loss {s['first_loss']:.4f} -> "
         f"{s['last_loss']:.4f}{val}, {s['tokens_per_s']:,.0f} tokens/s (median); telemetry in {telemetry_dir(run_dir)}"
     )

@@ -301,13 +301,19 @@ class Checkpointer:
             self._failed(job.step, figures.error)
             return
         self._last_total = metadata.total_bytes
-        self._retain()
+        removed = self._retain()
         seconds = time.perf_counter() - job.started
+        # Retention deletes checkpoints a person may want (to verify, merge or resume from): say which.
+        retention = ""
+        if removed:
+            every = f" and every multiple of {self.keep_every}" if self.keep_every else ""
+            retention = f"; removed {', '.join(map(step_dir_name, removed))} (keeps the newest {self.keep_last}{every})"
         self._event(
             f"saved step {job.step}: {metadata.total_bytes / 1e6:.1f} MB in {seconds:.2f}s "
-            f"(training blocked {figures.block_seconds * 1e3:.1f} ms)",
+            f"(training blocked {figures.block_seconds * 1e3:.1f} ms){retention}",
             telemetry_pb2.CheckpointDetail.PHASE_SAVED,
             job.step,
+            removed=removed,
             path=str(final),
             bytes=metadata.total_bytes,
             block_seconds=figures.block_seconds,
@@ -323,9 +329,12 @@ class Checkpointer:
             keep |= {s for s in steps if s % self.keep_every == 0}
         return [s for s in steps if s not in keep]
 
-    def _retain(self) -> None:
-        for step in self._beyond_keep(committed_steps(self.directory)):
+    def _retain(self) -> list[int]:
+        """Remove the committed steps the keep rules do not keep; the steps removed."""
+        removed = self._beyond_keep(committed_steps(self.directory))
+        for step in removed:
             shutil.rmtree(self.directory / step_dir_name(step), ignore_errors=True)
+        return removed
 
     def _make_room(self, job: _Job) -> None:
         """Before writing: when the disk has less free space than the save needs (estimated from the previous

@@ -1,4 +1,6 @@
-"""Export a checkpoint's model as a Hugging Face Llama model: ``config.json`` + ``model.safetensors``.
+"""Export a checkpoint's model as a Hugging Face Llama model: ``config.json``, ``model.safetensors`` and a
+byte-level tokenizer (``tokenizer.json``, ``tokenizer_config.json``), so ``AutoTokenizer`` and
+``AutoModelForCausalLM`` load the directory offline.
 
 Our default model is Llama's architecture, so the export is a renaming, with no tensor changed:
 
@@ -40,6 +42,8 @@ from megascope.engine.model import ModelConfig
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 _TOP = {
     "model/embedding.weight": "model.embed_tokens.weight",
@@ -126,6 +130,57 @@ def hf_config(model: ModelConfig, dtype: str) -> dict[str, Any]:
     }
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte, which the ``tokenizers`` ByteLevel pre-tokenizer and decoder use:
+    printable bytes stand for themselves, the others for the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
+
+
+def byte_level_tokenizer() -> dict[str, Any]:
+    """``tokenizer.json`` (the ``tokenizers`` format) mapping each UTF-8 byte to the token id of its value, as our
+    data does (engine/data.py): a byte-level BPE with the 256 bytes and no merges, so ``AutoTokenizer`` encodes
+    any text to exactly the ids the model was trained on and decodes them back. Written by hand so the export
+    needs no tokenizer library."""
+    vocab = {char: byte for byte, char in sorted(_bytes_to_unicode().items())}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [],
+        "normalizer": None,
+        # No regex split and no prefix space: the text is one stream of bytes, as in training.
+        "pre_tokenizer": byte_level,
+        "post_processor": None,
+        "decoder": byte_level,
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": [],
+        },
+    }
+
+
+def tokenizer_config(model: ModelConfig) -> dict[str, Any]:
+    """``tokenizer_config.json``: the generic fast tokenizer over ``tokenizer.json``; no special tokens exist."""
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": model.max_seq_len,
+        "clean_up_tokenization_spaces": False,
+        "add_bos_token": False,
+        "add_eos_token": False,
+    }
+
+
 @dataclass
 class HFPlan:
     """Which of our tensors go to the HF file under which name, and the file's header, known before any data."""
@@ -163,6 +218,11 @@ class HFPlan:
         """Write ``config.json`` into ``directory`` (made if missing); the writer takes our tensors in plan order."""
         directory.mkdir(exist_ok=True)
         write_atomically(directory / CONFIG_FILE, json.dumps(hf_config(self.model, self.dtype), indent=2) + "\n")
+        if self.model.vocab_size >= 256:  # token ids are bytes (engine/data.py): a smaller vocab has no tokenizer
+            write_atomically(directory / TOKENIZER_FILE, json.dumps(byte_level_tokenizer()) + "\n")
+            write_atomically(
+                directory / TOKENIZER_CONFIG_FILE, json.dumps(tokenizer_config(self.model), indent=2) + "\n"
+            )
         return HFWriter(self, SafetensorsWriter(directory / WEIGHTS_FILE, self.specs, {"format": "pt"}))
 
 

@@ -48,3 +48,20 @@ def test_batch_larger_than_the_data_is_refused(tmp_path: Path) -> None:
     result = run_megascope("train", "--data", str(tmp_path), "--batch-tokens", "4096", timeout=60)
     assert result.returncode == 2
     assert "--batch-tokens" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("inject", "reason"),
+    [
+        ("crash:rank=9,step=3", "the job has ranks 0..3, so rank 9 never runs"),
+        ("bogus", "unknown fault kind 'bogus'"),
+        ("crash:rank=1", "step"),
+    ],
+)
+def test_demo_refuses_a_bad_inject_before_starting_anything(tmp_path: Path, inject: str, reason: str) -> None:
+    run_dir = tmp_path / "demo"
+    result = run_megascope("demo", "--headless", "--run-dir", str(run_dir), "--inject", inject, timeout=60)
+    assert result.returncode == 2
+    assert "--inject" in result.stderr and reason in result.stderr
+    assert not run_dir.exists()  # no agent started, no empty run directory left
+    assert "logs in" not in result.stdout + result.stderr

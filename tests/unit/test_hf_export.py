@@ -1,5 +1,6 @@
 """Hugging Face export: `megascope ckpt export` and `megascope merge --export-hf` write a Llama model that
-`transformers` loads and that computes our model's logits."""
+`transformers` loads and that computes our model's logits, with a byte-level tokenizer that `AutoTokenizer` loads
+offline and that gives the token ids our data pipeline trains on."""
 
 from __future__ import annotations
 
@@ -107,3 +108,33 @@ def test_export_never_overwrites_an_existing_directory(tmp_path: Path, capsys: p
     (tmp_path / "hf").mkdir()
     assert megascope(["ckpt", "export", str(ckpt), "--hf", str(tmp_path / "hf")]) == 1
     assert "already exists" in capsys.readouterr().err and not list((tmp_path / "hf").iterdir())
+
+
+# Text the model reads as raw UTF-8 bytes: code, whitespace runs, tabs, newlines, accents, a 4-byte emoji.
+TEXT = "def f(x):\n\treturn x  # héllo, wörld ✓ 😀\n\n  end"
+
+
+@needs_transformers
+def test_export_has_a_byte_level_tokenizer_that_autotokenizer_loads_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers import AutoTokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert megascope(["ckpt", "export", str(save(tmp_path / "ckpt", GQA)), "--hf", str(tmp_path / "hf")]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = tokenizer(TEXT)["input_ids"]
+    assert ids == list(TEXT.encode("utf-8"))  # the ids our data pipeline (engine/data.py) trained on
+    assert tokenizer.decode(ids) == TEXT
+    assert len(tokenizer) == 256
+
+
+@needs_transformers
+def test_tokenizer_ids_feed_the_exported_model_as_our_trainer_feeds_ours(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    ckpt = save(tmp_path / "ckpt", GQA)
+    assert megascope(["ckpt", "export", str(ckpt), "--hf", str(tmp_path / "hf")]) == 0
+    tokens = AutoTokenizer.from_pretrained(tmp_path / "hf")(TEXT, return_tensors="pt")["input_ids"]
+    assert torch.equal(tokens[0], torch.tensor(list(TEXT.encode("utf-8"))))
+    assert torch.allclose(hf_logits(tmp_path / "hf", tokens), our_logits(ckpt, tokens), atol=1e-5, rtol=0)
