@@ -76,6 +76,13 @@ class CollectiveTimer:
         with self._lock:
             self._records = []
 
+    def take(self) -> list[_Record]:
+        """The records since the last call (or ``begin_step``), and a fresh list for the next step: for a caller
+        that turns them into timings later, on another thread (:func:`collective_timings`)."""
+        with self._lock:
+            records, self._records = self._records, []
+        return records
+
     def last_launch(self) -> float | None:
         """perf_counter time of the latest bucket launch in this step, or None if none launched."""
         with self._lock:
@@ -90,24 +97,31 @@ class CollectiveTimer:
     def timings(self, step_start: float, compute_end: float) -> list[CollectiveTiming]:
         """This step's collectives; the training thread's wait is attributed to each in completion order."""
         with self._lock:
-            records = sorted(self._records, key=lambda r: r.done if r.done is not None else float("inf"))
-        timings = []
-        waited_until = compute_end
-        for r in records:
-            done = r.done if r.done is not None else r.launched
-            blocked = max(0.0, done - waited_until)
-            waited_until = max(waited_until, done)
-            timings.append(
-                CollectiveTiming(
-                    name="allreduce",
-                    bucket_index=r.bucket,
-                    bytes=r.bytes,
-                    start_offset_seconds=r.launched - step_start,
-                    duration_seconds=done - r.launched,
-                    blocked_seconds=blocked,
-                )
+            records = list(self._records)
+        return collective_timings(records, step_start, compute_end)
+
+
+def collective_timings(records: list[_Record], step_start: float, compute_end: float) -> list[CollectiveTiming]:
+    """The timings of ``records``; the training thread's wait after ``compute_end`` is attributed to each in
+    completion order."""
+    records = sorted(records, key=lambda r: r.done if r.done is not None else float("inf"))
+    timings = []
+    waited_until = compute_end
+    for r in records:
+        done = r.done if r.done is not None else r.launched
+        blocked = max(0.0, done - waited_until)
+        waited_until = max(waited_until, done)
+        timings.append(
+            CollectiveTiming(
+                name="allreduce",
+                bucket_index=r.bucket,
+                bytes=r.bytes,
+                start_offset_seconds=r.launched - step_start,
+                duration_seconds=done - r.launched,
+                blocked_seconds=blocked,
             )
-        return timings
+        )
+    return timings
 
 
 class DeviceComputeTimer:

@@ -13,22 +13,21 @@ every save, the :class:`FaultInjector` every ``--inject`` fault. Between steps t
 commands (CHECKPOINT: a save at the step named; STOP: end after the step named, as if it were the last) and
 answers each with a ``CommandAck``. Telemetry is the wire's own messages; a clean end sends ``RankFinished``, an
 exception caught in :func:`main` an ``ExitReport`` (its traceback), the self-check a ``SelfCheckResult``.
+
+All of it goes through the public API a user's own loop uses (:mod:`megascope.api`, one path): its run owns the
+agent link, the telemetry file and console log, the stack dump on SIGUSR1 and the lifecycle signals; the trainer
+builds richer step reports than ``megascope.step()`` can (collectives, MFU, validation) and hands them to
+``Run.report``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import faulthandler
-import gc
 import hashlib
 import os
-import queue
-import signal
 import socket
 import sys
 import time
-import traceback
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -37,40 +36,19 @@ import torch.distributed as dist
 from google.protobuf.message import Message
 from torch.nn.parallel import DistributedDataParallel
 
+import megascope.api as megascope_api
 from megascope.engine.checkpoint.format import CheckpointError
 from megascope.engine.checkpoint.manager import CheckpointManager
-from megascope.engine.collectives import CollectiveTimer, DeviceComputeTimer
+from megascope.engine.collectives import DeviceComputeTimer
 from megascope.engine.config import TrainConfig
 from megascope.engine.data import PackedBatches, Prefetcher, load_corpus, split_train_val
 from megascope.engine.mfu import PeakFlops, device_peak
 from megascope.engine.model import Transformer, cross_entropy
 from megascope.engine.runtime import bound_stores, selfcheck
-from megascope.engine.runtime.agent_link import connect_from_environment
 from megascope.engine.runtime.faults import FaultInjector
-from megascope.engine.runtime.run_dir import stacks_file, telemetry_file
-from megascope.engine.runtime.telemetry import ConsoleSink, JsonlSink, Sink, StepReport, Telemetry
+from megascope.engine.runtime.telemetry import StepReport, Telemetry
 from megascope.protos.events import INFO, WARNING, make_event
 from megascope.protos.megascope.v1 import telemetry_pb2, worker_pb2
-
-_FAILURE_TRACEBACK_LINES = 20
-
-
-class _GcPauses:
-    """Total time spent in garbage collection, from ``gc.callbacks`` (a host stall the step pays for)."""
-
-    def __init__(self) -> None:
-        self.total = 0.0
-        self._started = 0.0
-        gc.callbacks.append(self._callback)
-
-    def _callback(self, phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            self._started = time.perf_counter()
-        else:
-            self.total += time.perf_counter() - self._started
-
-    def close(self) -> None:
-        gc.callbacks.remove(self._callback)
 
 
 def _pick_device(config: TrainConfig, local_rank: int) -> torch.device:
@@ -110,22 +88,16 @@ class Trainer:
             dist.new_group(backend="gloo", timeout=timedelta(seconds=120)) if config.checkpoint.dir else None
         )
 
-        self._stack_file = _install_stack_dumps(stacks_file(config.run_dir, self.rank))
-        sinks: list[Sink] = [JsonlSink(telemetry_file(config.run_dir, self.rank))]
-        if self.rank == 0:
-            sinks.append(ConsoleSink(every=config.log_every))
-        self._commands: queue.SimpleQueue[worker_pb2.Command] = queue.SimpleQueue()
-        """Commands from the agent, queued by the link's thread, applied by the training loop between steps."""
+        # The public API's run, as a user's own loop gets it (one path): the telemetry file and console log, the
+        # agent link, the stack dump on SIGUSR1, the failure report. This loop applies the agent's commands itself.
+        self.run = megascope_api.init(
+            run_dir=config.run_dir, console_every=config.log_every if self.rank == 0 else 0, handle_commands=True
+        )
+        if self.run.telemetry is None:  # a run directory always makes the run active; this is init() having failed
+            raise RuntimeError(f"megascope.api could not start in {config.run_dir} (see the warning above)")
+        self.telemetry: Telemetry = self.run.telemetry
         self._stop_after: int | None = None
         """The step a STOP command ends training after."""
-        self.collectives = CollectiveTimer()
-        agent = connect_from_environment(
-            self.rank, self.local_rank, self.world_size, self.node, self.restart_count, self._on_command,
-            stack_file=str(self._stack_file), collectives_issued=lambda: self.collectives.issued,
-        )  # fmt: skip
-        if agent is not None:
-            sinks.append(agent)
-        self.telemetry = Telemetry(sinks)
 
         torch.manual_seed(config.data.seed)  # every rank builds identical initial weights
         self.model = Transformer(config.model, kernels=config.kernels).to(self.device)
@@ -134,7 +106,9 @@ class Trainer:
         self.ddp = DistributedDataParallel(
             self.model, device_ids=[self.local_rank] if self.device.type == "cuda" else None, forward_sync_buffers=False
         )
-        self.ddp.register_comm_hook(None, self.collectives.hook)
+        collectives = self.run.comm_hook(self.ddp)
+        assert collectives is not None  # the run is active (checked above)
+        self.collectives = collectives
         # CUDA events only on a GPU: a CPU run never touches CUDA.
         self.device_timer = DeviceComputeTimer() if self.device.type == "cuda" else None
         self.faults = FaultInjector(config.faults, self.rank, config.run_dir)
@@ -172,33 +146,24 @@ class Trainer:
         self.step = self.checkpoints.load()
         """The last step done: where a resume goes on from, then each step as it completes."""
 
-    def _on_command(self, command: worker_pb2.Command) -> None:
-        # Runs on the agent link's thread: only queue it; the training loop applies it between steps (a save at
-        # the step the agent chose, so that every rank saves the same step) and answers it.
-        self._commands.put(command)
-
-    def _pending_commands(self) -> Iterator[worker_pb2.Command]:
-        while True:
-            try:
-                yield self._commands.get_nowait()
-            except queue.Empty:
-                return
-
     def _apply_commands(self) -> None:
-        """Apply the commands that arrived during the step just done, answering each with a CommandAck."""
-        for command in self._pending_commands():
+        """Apply the commands that arrived during the step just done, answering each with a CommandAck.
+
+        The run queues them on the link's thread; they are applied here, between steps (a save at the step the
+        agent chose, so that every rank saves the same step)."""
+        for command in self.run.pending_commands():
             if command.kind == worker_pb2.COMMAND_KIND_CHECKPOINT:
                 ok, message = self.checkpoints.request_save(command.step, self.step)
             elif command.kind == worker_pb2.COMMAND_KIND_STOP:
                 ok, message = self._request_stop(command.step)
             else:
                 ok, message = False, f"unknown command kind {command.kind}"
-            self.telemetry.signal(worker_pb2.CommandAck(command_id=command.id, ok=ok, message=message))
+            self.run.answer(command, ok, message)
 
     def _refuse_commands(self, reason: str) -> None:
         """Answer the commands that came too late for the loop, so that no sender waits on an ack for ever."""
-        for command in self._pending_commands():
-            self.telemetry.signal(worker_pb2.CommandAck(command_id=command.id, ok=False, message=reason))
+        for command in self.run.pending_commands():
+            self.run.answer(command, False, reason)
 
     def _request_stop(self, step: int) -> tuple[bool, str]:
         """STOP: end after ``step`` (0: the step just done), as if it were the run's last step.
@@ -265,13 +230,12 @@ class Trainer:
         for fault in self.faults.to_announce():
             injected = telemetry_pb2.FaultInjectedDetail(fault=fault.describe())
             self._event(f"--inject {fault.describe()} on this rank", injected, WARNING)
-        gc_pauses = _GcPauses()
         prefetch = Prefetcher(self.train_batches, self.device)
         try:
             while self.step < config.steps and (self._stop_after is None or self.step < self._stop_after):
                 self.step += 1
                 self.faults.at_step(self.step)
-                report = self._train_step(prefetch, gc_pauses)
+                report = self._train_step(prefetch)
                 self._apply_commands()
                 last = self.step == config.steps or self.step == self._stop_after
                 self.checkpoints.save(self.step, prefetch.position, last=last)
@@ -279,10 +243,9 @@ class Trainer:
                     val_loss = self.validate()
                     if val_loss is not None:
                         report.val_loss = val_loss
-                self.telemetry.step(report)
+                self.run.report(report)
         finally:
             prefetch.close()
-            gc_pauses.close()
             self.checkpoints.close()
         self._refuse_commands("training has ended")
         digest = parameter_digest(self.model)
@@ -293,8 +256,8 @@ class Trainer:
             telemetry_dropped=self.telemetry.dropped,
         )
         self._event(f"trained {self.step} steps", finished)
-        # The control signal of a clean end; the event above is for people.
-        self.telemetry.signal(worker_pb2.RankFinished(steps=self.step, param_digest=digest))
+        # The control signal of a clean end (the event above is for people); it also flushes and closes the run.
+        self.run.finish(steps=self.step, param_digest=digest)
 
     def _self_check(self) -> None:
         disk = Path(self.config.checkpoint.dir or self.config.run_dir)
@@ -313,14 +276,14 @@ class Trainer:
         detail = selfcheck.to_detail(verdict)
         self._event(text, detail, WARNING if verdict.below else INFO)
         # What the agent acts on (eviction of a slow node); the event above is for people.
-        self.telemetry.signal(worker_pb2.SelfCheckResult(detail=detail))
+        self.run.signal(worker_pb2.SelfCheckResult(detail=detail))
 
-    def _train_step(self, prefetch: Prefetcher, gc_pauses: _GcPauses) -> StepReport:
+    def _train_step(self, prefetch: Prefetcher) -> StepReport:
         config = self.config
         lr = config.optim.lr_at(self.step, config.steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        gc_before = gc_pauses.total
+        gc_before = self.run.gc_pause_seconds
         self.collectives.begin_step()
 
         cpu_start = time.process_time()
@@ -393,7 +356,7 @@ class Trainer:
             other_seconds=max(0.0, step_seconds - named),
             tokens_per_second=tokens / step_seconds,
             model_flops=flops,
-            gc_pause_seconds=gc_pauses.total - gc_before,
+            gc_pause_seconds=self.run.gc_pause_seconds - gc_before,
             cpu_seconds=time.process_time() - cpu_start,
             collectives=self.collectives.timings(step_start, compute_end),
             collectives_issued=self.collectives.issued,
@@ -426,36 +389,12 @@ class Trainer:
 
     def report_failure(self, error: Exception) -> None:
         """The rank's last words, sent before it exits: the agent names the crash without waiting for the exit."""
-        lines = traceback.format_exc().rstrip().splitlines()[-_FAILURE_TRACEBACK_LINES:]
-        self.telemetry.signal(
-            worker_pb2.ExitReport(
-                rank=self.rank,
-                local_rank=self.local_rank,
-                pid=os.getpid(),
-                exit_code=1,  # what the exception will make of the process (main re-raises it)
-                wall_time=time.time(),
-                log_tail=lines or [f"{type(error).__name__}: {error}"[:500]],
-                restart_count=self.restart_count,
-            )
-        )
+        self.run.fail(error)
 
     def close(self) -> None:
-        self.telemetry.close()
+        self.run.close()
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _install_stack_dumps(path: Path) -> Path:
-    """SIGUSR1 appends every thread's Python stack to ``path`` (``stacks/rankR.txt``); fatal signals to stderr.
-
-    faulthandler writes from the signal handler itself, in C: it answers even when the main thread is blocked
-    inside a collective and never returns to the interpreter, which a Python-level handler would not.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    stacks = path.open("a")  # kept open for the life of the process: the handler writes to its descriptor
-    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True, chain=False)
-    faulthandler.enable(file=sys.stderr, all_threads=True)
-    return path.resolve()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -467,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = Trainer(config)
     except CheckpointError as error:  # no checkpoint to resume from or init from: one line, not a traceback
+        run = megascope_api.current()
+        if run is not None:
+            run.close()  # neither finished nor a crash to report: the rank guard reports the exit code
         print(f"megascope: rank {os.environ.get('RANK', 0)}: error: {error}", file=sys.stderr, flush=True)
         return 1
     try:
