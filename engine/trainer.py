@@ -42,7 +42,7 @@ from megascope.engine.checkpoint.manager import CheckpointManager
 from megascope.engine.collectives import DeviceComputeTimer
 from megascope.engine.config import TrainConfig
 from megascope.engine.data import PackedBatches, Prefetcher, load_corpus, split_train_val
-from megascope.engine.mfu import PeakFlops, device_peak
+from megascope.engine.mfu import PeakFlops, device_peak, job_peak
 from megascope.engine.model import Transformer, cross_entropy
 from megascope.engine.runtime import bound_stores, selfcheck
 from megascope.engine.runtime.faults import FaultInjector
@@ -138,7 +138,8 @@ class Trainer:
             if len(val_docs) and val_docs.num_tokens >= batch
             else None
         )
-        self.peak: PeakFlops | None = device_peak(self.device, self.autocast, config.peak_tflops)
+        # One peak for the job (a collective): ranks doing the same work must show the same MFU.
+        self.peak: PeakFlops | None = job_peak(device_peak(self.device, self.autocast, config.peak_tflops))
         self.checkpoints = CheckpointManager(
             config, self.model, self.optimizer, self.train_batches, rank=self.rank, world_size=self.world_size,
             group=self.ckpt_group, device=self.device, emit=self._emit, faults=self.faults,

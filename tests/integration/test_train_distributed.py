@@ -94,3 +94,8 @@ def test_throughput_and_mfu_are_reported(two_rank_run: dict[int, list[dict[str, 
         assert r["tokens_per_second"] == pytest.approx(1024 / r["step_seconds"])
         assert r["model_flops"] > 6 * 1024 * 0.5e6
         assert 0 < r["mfu"] < 1.5
+
+
+def test_every_rank_measures_mfu_against_the_same_peak(two_rank_run: dict[int, list[dict[str, Any]]]) -> None:
+    peaks = [r["model_flops"] / r["step_seconds"] / r["mfu"] for rank in (0, 1) for r in steps_of(two_rank_run[rank])]
+    assert max(peaks) == pytest.approx(min(peaks), rel=1e-9)
