@@ -87,11 +87,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="serve only; ranks started elsewhere attach with MEGASCOPE_AGENT_ADDRESS and MEGASCOPE_AGENT_SECRET, "
         "which the agent writes to RUN_DIR/agent-NODE.worker (mode 600)",
     )
+    agent.add_argument(
+        "--no-python",
+        action="store_true",
+        help="run the command after -- as given on each rank (as torchrun --no-python), not as a Python script: "
+        "-- bash wrapper.sh, -- accelerate launch train.py; stacks come from the Python process under it",
+    )
     add_train_arguments(parser)
     parser.add_argument(
         "script",
         nargs=argparse.REMAINDER,
-        help="after --: a training script and its arguments to launch instead of megascope's trainer",
+        help="after --: a training script and its arguments to launch instead of megascope's trainer (with this "
+        "interpreter: a leading python, python3 or interpreter path is dropped; -- python train.py runs train.py); "
+        "every rank is supervised without changing the script (crash, restart, hang, stacks); step telemetry needs "
+        "megascope.step() in it",
     )
 
 
@@ -110,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     from megascope.agent.node import DEFAULT_RUN_DIR, Agent, AgentOptions
     from megascope.engine.config import ConfigError
     from megascope.engine.data import DataError
-    from megascope.engine.runtime.launch import LaunchOptions, trainer_entry
+    from megascope.engine.runtime.launch import LaunchOptions, script_entry, trainer_entry
     from megascope.engine.train_cli import build
 
     script = args.script[1:] if args.script[:1] == ["--"] else args.script
@@ -122,9 +131,13 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--history-seconds must be positive, got {args.history_seconds}")
         if args.hang_timeout is not None and not args.hang_timeout > 0:
             raise ConfigError(f"--hang-timeout must be a positive number of seconds, got {args.hang_timeout}")
+        if args.no_python and not script:
+            raise ConfigError("--no-python needs a command after --, e.g. -- bash wrapper.sh")
         if script:
             options = LaunchOptions.from_args(args)
-            entry, total_steps = script, 0
+            entry, total_steps = script_entry(script, args.no_python), 0
+            if not entry:
+                raise ConfigError("after --: give the training script to run, e.g. -- train.py")
             run_dir = args.run_dir or DEFAULT_RUN_DIR
         else:
             config, options = build(args)

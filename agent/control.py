@@ -14,7 +14,9 @@ takes the one route that still works when the command is needed, and this is the
 - restart (from a step): the step goes into a file of the run directory
   (:func:`megascope.engine.runtime.run_dir.write_restart_request`), read by the next start of the ranks; then
   the ranks get SIGKILL and torch elastic starts them again. Why not the stream: a restart is wanted most when a
-  rank hangs, and a hung rank cannot read its stream; the file outlives the processes it restarts.
+  rank hangs, and a hung rank cannot read its stream; the file outlives the processes it restarts. A user's
+  script that reports no steps (only its rank guards attach) and no --ckpt-dir is restarted the same way, with no
+  step: it resumes as it does on its own.
 - dump stacks: SIGUSR1 to each rank, whose faulthandler appends every thread's stack to its stack file
   (agent/stacks.py); ``py-spy dump`` from outside for a rank that cannot run its handler. Why not the stream:
   stacks are wanted most from a hung rank; faulthandler writes from inside the signal handler, in C, so a rank
@@ -180,7 +182,13 @@ class JobControl:
         """Stop the ranks so that torch elastic starts them again, resuming from checkpoint ``step`` (0: newest)."""
         ckpt_dir = self._ckpt_dir
         if not ckpt_dir:
-            raise Refused("this run saves no checkpoints (no --ckpt-dir): a restart would start from step 0")
+            live = self._supervisor.live_ranks()
+            if step or not live or any(s.source != telemetry_pb2.RANK_SOURCE_PROCESS for s in live):
+                raise Refused("this run saves no checkpoints (no --ckpt-dir): a restart would start from step 0")
+            # A script that reports no steps keeps its checkpoints its own way: stopped, it resumes as it does alone.
+            why = reason or "requested over the AgentService"
+            stopped = self._supervisor.request_restart(f"{why}; the script resumes as it does on its own")
+            return RestartStarted(stopped, 0)
         steps = await asyncio.to_thread(committed_steps, Path(ckpt_dir))
         if step and step not in steps:
             known = ", ".join(map(str, steps)) or "none yet"

@@ -22,6 +22,12 @@ An incident has a kind (:class:`IncidentKind`) and goes through the states of :c
 Every kind is CLOSED by the first step a restarted rank completes: the ``restart`` event carries the time to
 repair (from the fault to that step) and the steps lost. Only the node that runs rank 0 reports it, so one
 restart of the job is one event. Each verdict is given once: a REPORTED incident is never reported again.
+
+Ranks that report no steps (a user's script without megascope's API: only its rank guard reports) are supervised on
+what their process shows (:meth:`IncidentTracker.rank_progressed`): a new output line or a changing stack is
+progress (no progress for the hang timeout is a hang), and any sign of life of a restarted rank, CPU time included,
+closes the incident. Steps are never made up for them: a crash or hang says "step unknown". A node is on steps
+once any of its ranks attached itself (megascope's API or trainer); from then on only steps count, as before.
 """
 
 from __future__ import annotations
@@ -139,8 +145,8 @@ class Incident:
     kind: IncidentKind
     started: float
     """When the fault happened: the culprit's death, the last completed step before a hang, the request."""
-    step: int
-    """The newest step completed before the fault."""
+    step: int | None
+    """The newest step completed before the fault; None when no rank reported one."""
     state: IncidentState = IncidentState.DETECTED
     detected: float = 0.0
     """When the verdict was reached (REPORTED)."""
@@ -194,8 +200,10 @@ class IncidentTracker:
         self._expected_exits: set[int] = set()
         """Pids the agent itself stopped: their ends are not crashes."""
         self._last_progress = clock()
-        self._progress_step = 0
+        self._progress_step: int | None = None
         self._stepped_since_attach = False
+        self.reports_steps = False
+        """Some rank of this node attached itself (it reports steps): steps are its only progress signal."""
         self._step_seconds: deque[float] = deque(maxlen=50)
 
     @property
@@ -210,8 +218,10 @@ class IncidentTracker:
 
     # --- what the agent learns of its ranks -------------------------------------------------------------
 
-    def rank_attached(self, rank: int, pid: int) -> None:
+    def rank_attached(self, rank: int, pid: int, reports_steps: bool = True) -> None:
+        """A rank's process started: it attached itself (``reports_steps``) or its guard attached for it."""
         now = self._clock()
+        self.reports_steps = self.reports_steps or reports_steps
         self._ranks[rank] = _Rank(pid, now)
         # A new process gets the whole (first-step) allowance before it can count as hung.
         self._last_progress = now
@@ -221,10 +231,11 @@ class IncidentTracker:
         """A step report; a restarted rank's first one closes the open incident."""
         now = self._clock()
         incident = self.incident
-        if step > self._progress_step or incident is not None:
+        newest = -1 if self._progress_step is None else self._progress_step
+        if step > newest or incident is not None:
             self._last_progress = now
         # During an incident the newest step is the restarted job's, which starts again from a checkpoint.
-        self._progress_step = max(self._progress_step, step) if incident is None else step
+        self._progress_step = max(newest, step) if incident is None else step
         self._stepped_since_attach = True
         self._step_seconds.append(step_seconds)
         known = self._ranks.get(rank)
@@ -234,6 +245,28 @@ class IncidentTracker:
         if incident.state is IncidentState.DETECTED and incident.kind is IncidentKind.CRASH:
             verdicts.append(self._report_crash(incident, now))  # never close an incident that was not told
         verdicts.append(self._close(incident, rank, step, now))
+        return verdicts
+
+    def rank_progressed(self, rank: int, pid: int, busy_only: bool = False) -> list[Verdict]:
+        """Progress of a rank that reports no steps, from its guard: a new output line or a changing stack, or with
+        ``busy_only`` just its CPU time advancing (alive, but maybe spinning in a wait: it never counts against a
+        hang). Either, from a rank restarted after the open incident began, closes that incident: the time to repair
+        runs to the restarted job's first sign of life. Ignored on a node whose ranks report steps."""
+        known = self._ranks.get(rank)
+        if self.reports_steps or known is None or known.pid != pid or not known.live:
+            return []
+        now = self._clock()
+        if not busy_only:
+            self._last_progress = now
+            self._stepped_since_attach = True
+        incident = self.incident
+        if incident is None or known.attached <= incident.started:
+            return []
+        verdicts = []
+        if incident.state is IncidentState.DETECTED and incident.kind is IncidentKind.CRASH:
+            verdicts.append(self._report_crash(incident, now))
+        verdicts.append(self._close(incident, rank, None, now))
+        self._last_progress = now  # the restarted job's hang clock starts here
         return verdicts
 
     def rank_ended(self, rank: int, pid: int) -> None:
@@ -308,24 +341,20 @@ class IncidentTracker:
             reason=findings.reason,
             how=findings.how,
             detect_seconds=waited,
-            last_step=incident.step,
             ranks_answered=findings.ranks_answered,
             ranks_total=findings.ranks_total,
         )
+        if incident.step is not None:
+            detail.last_step = incident.step
+        quiet = self._quiet_for(waited, incident.step)
         if findings.culprit is None:
             detail.verdict = _Hang.VERDICT_ELSEWHERE
-            text = (
-                f"no step completed for {waited:.1f}s after step {incident.step}; {collected}; {findings.reason}: "
-                "the culprit may be on another node"
-            )
+            text = f"{quiet}; {collected}; {findings.reason}: the culprit may be on another node"
             return Verdict(incident, events.make_event(text, detail, severity=events.WARNING, wall_time=now))
         detail.verdict = _Hang.VERDICT_CULPRIT
         detail.culprit_rank = findings.culprit
         how = f" (its stacks: {findings.how})" if findings.how else ""
-        text = (
-            f"rank {findings.culprit} hangs{how}: {findings.reason}; no step for {waited:.1f}s after step "
-            f"{incident.step}; {collected}; restarting"
-        )
+        text = f"rank {findings.culprit} hangs{how}: {findings.reason}; {quiet}; {collected}; restarting"
         incident.advance(IncidentState.ACTED)
         event = events.make_event(
             text, detail, severity=events.ERROR, rank=findings.culprit, step=incident.step, wall_time=now
@@ -393,14 +422,17 @@ class IncidentTracker:
         culprit = culprits[0]
         incident.started = culprit.died
         report = culprit.report
-        detail = telemetry_pb2.CrashDetail(pid=culprit.pid, detect_seconds=now - culprit.died, last_step=incident.step)
+        detail = telemetry_pb2.CrashDetail(pid=culprit.pid, detect_seconds=now - culprit.died)
+        if incident.step is not None:
+            detail.last_step = incident.step
         if report is not None:
             detail.exit_code = report.exit_code
             detail.signal = report.signal
             detail.log_tail.extend(list(report.log_tail)[-LOG_TAIL_LINES:])
             detail.restart_count = report.restart_count
         text = (
-            f"rank {culprit.rank} (pid {culprit.pid}) {culprit.how()} after step {incident.step}; "
+            f"rank {culprit.rank} (pid {culprit.pid}) {culprit.how()} "
+            f"{'(step unknown)' if incident.step is None else _after(incident.step)}; "
             f"detected in {now - culprit.died:.2f}s"
         )
         others = [f for f in incident.failures if f is not culprit]
@@ -418,32 +450,50 @@ class IncidentTracker:
             verdict=_Hang.VERDICT_NO_CULPRIT,
             reason="no culprit found here and no other node acted",
             detect_seconds=waited,
-            last_step=incident.step,
         )
-        text = f"no step for {waited:.1f}s and no culprit found; stopping this node's ranks so the job restarts"
+        if incident.step is not None:
+            detail.last_step = incident.step
+        quiet = self._quiet_for(waited, incident.step)
+        text = f"{quiet} and no culprit found; stopping this node's ranks so the job restarts"
         return Verdict(
             incident, events.make_event(text, detail, severity=events.ERROR, wall_time=now), Action.STOP_RANKS
         )
 
-    def _close(self, incident: Incident, rank: int, step: int, now: float) -> Verdict:
+    def _quiet_for(self, waited: float, step: int | None) -> str:
+        """How long the ranks showed no progress, and after what."""
+        if self.reports_steps:
+            return f"no step completed for {waited:.1f}s {_after(step)}"
+        return f"no progress (no output line, no changing stack) for {waited:.1f}s, {_after(step)}"
+
+    def _close(self, incident: Incident, rank: int, step: int | None, now: float) -> Verdict:
+        """Close ``incident`` on the first step (``step``) or, for ranks that report none (None), the first sign of
+        life of a restarted rank."""
         incident.advance(IncidentState.CLOSED)
         self.incident = None
         self.closed.append(incident)
-        resumed = step - 1
-        lost = max(0, incident.step - resumed)
         mttr = now - incident.started
         if rank != 0 and 0 not in self._ranks:
             return Verdict(incident)  # the node with rank 0 reports the job's restart
-        detail = _Restart(
-            phase=_Restart.PHASE_DONE,
-            cause=_RESTART_CAUSES[incident.kind],
-            mttr_seconds=mttr,
-            steps_lost=lost,
-            resumed_step=resumed,
-        )
+        detail = _Restart(phase=_Restart.PHASE_DONE, cause=_RESTART_CAUSES[incident.kind], mttr_seconds=mttr)
+        label = _LABELS[incident.kind]
+        if step is None:
+            text = (
+                f"job restarted after the {label}: the restarted ranks showed progress {mttr:.1f}s after the fault "
+                "(they report no steps: steps lost unknown)"
+            )
+            return Verdict(incident, events.make_event(text, detail, severity=events.WARNING, rank=rank, wall_time=now))
+        resumed = step - 1
+        lost = max(0, (incident.step or 0) - resumed)
+        detail.steps_lost = lost
+        detail.resumed_step = resumed
         text = (
-            f"job restarted after the {_LABELS[incident.kind]}: resumed from step {resumed}, first step done "
+            f"job restarted after the {label}: resumed from step {resumed}, first step done "
             f"{mttr:.1f}s after the fault, {lost} steps lost"
         )
         event = events.make_event(text, detail, severity=events.WARNING, rank=rank, step=resumed, wall_time=now)
         return Verdict(incident, event)
+
+
+def _after(step: int | None) -> str:
+    """The step a fault came after, or "step unknown" when no rank reported one (never a made-up step 0)."""
+    return "step unknown" if step is None else f"after step {step}"

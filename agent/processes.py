@@ -58,3 +58,39 @@ def signal_descendant(pid: int, sig: signal.Signals) -> bool:
     except psutil.Error:
         return False
     return True
+
+
+def python_process(pid: int) -> int:
+    """The Python process that runs a rank whose process is ``pid``: ``pid`` itself when it is Python, else the first
+    Python process among its descendants (a rank launched with ``--no-python``: ``bash wrapper.sh``, ``accelerate
+    launch``); ``pid`` when there is none (py-spy then says why)."""
+    try:
+        process = psutil.Process(pid)
+        if _is_python(process):
+            return pid
+        for child in process.children(recursive=True):
+            if _is_python(child):
+                return child.pid
+    except psutil.Error:
+        pass
+    return pid
+
+
+def _is_python(process: psutil.Process) -> bool:
+    try:
+        return os.path.basename(process.exe()).startswith("python")
+    except psutil.Error:
+        return False
+
+
+def kill_tree(pid: int) -> int:
+    """SIGKILL ``pid`` and its descendants, each only if it is this process's descendant now; how many were signalled.
+
+    The descendants first: with the rank's process gone first, a rank started by a shell (``--no-python``) would be
+    re-parented out of reach."""
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        children = []
+    killed = sum(signal_descendant(child.pid, signal.SIGKILL) for child in reversed(children))
+    return killed + signal_descendant(pid, signal.SIGKILL)

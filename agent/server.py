@@ -132,7 +132,8 @@ class _RejectUndecodable(grpc.aio.ServerInterceptor):
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     """One ``Attach`` stream per rank: Hello first, then step reports, heartbeats, events and lifecycle messages
-    up; commands (from :class:`~megascope.agent.control.JobControl`) down."""
+    up; commands (from :class:`~megascope.agent.control.JobControl`) down. A rank's guard holds a stream of its own
+    (``Hello.role`` GUARD): progress and ``finished`` up, nothing down."""
 
     def __init__(self, state: NodeState, control: JobControl, secret: str, launched: Launched) -> None:
         self._state = state
@@ -174,12 +175,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             validation.validate_hello(hello, self.launched)
         except InvalidMessage as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        guard = hello.role == worker_pb2.WORKER_ROLE_GUARD
         self._state.rank_attached(hello)
-        commands = self._control.open_channel(hello.rank)
+        # A guard cannot act on commands (it does not train): they go to the rank's own stream only.
+        commands: asyncio.Queue[worker_pb2.Command] = (
+            asyncio.Queue() if guard else self._control.open_channel(hello.rank)
+        )
+        stream = _StreamEnd()
         yield worker_pb2.AttachResponse(
             ack=worker_pb2.Ack(node=self._state.node_info.node, agent_version=self._state.node_info.agent_version)
         )
-        reader = asyncio.ensure_future(self._read(requests, hello))
+        reader = asyncio.ensure_future(self._read(requests, hello, stream))
         try:
             while True:
                 command = asyncio.ensure_future(commands.get())
@@ -193,8 +199,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             failure = reader.result()
         finally:
             reader.cancel()
-            self._control.close_channel(hello.rank, commands)
-            self._state.rank_detached(hello.rank)
+            if guard:
+                self._state.guard_detached(hello, stream.finished)
+            else:
+                self._control.close_channel(hello.rank, commands)
+                self._state.rank_detached(hello.rank, hello.pid)
         if failure is not None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, failure)
 
@@ -212,15 +221,21 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self._state.rank_exited(validation.trim_exit_report(report))
         return worker_pb2.ReportExitResponse()
 
-    async def _read(self, requests: AsyncIterator[worker_pb2.AttachRequest], hello: worker_pb2.Hello) -> str | None:
+    async def _read(
+        self, requests: AsyncIterator[worker_pb2.AttachRequest], hello: worker_pb2.Hello, stream: _StreamEnd
+    ) -> str | None:
         """Apply the worker's messages until its stream ends; the error text if it sent something invalid."""
         rank, launched = hello.rank, self.launched
+        guard = hello.role == worker_pb2.WORKER_ROLE_GUARD
         try:
             async for request in requests:
                 kind = request.WhichOneof("payload")
-                if kind == "step_report":
+                if guard:
+                    self._read_guard(request, hello)
+                    stream.finished = stream.finished or kind == "finished"
+                elif kind == "step_report":
                     validation.validate_step_report(request.step_report, rank, hello, launched, time.time())
-                    self._state.add_step(request.step_report)
+                    self._state.add_step(validation.trim_scalars(request.step_report))
                 elif kind == "heartbeat":
                     validation.validate_heartbeat(request.heartbeat, hello, launched, time.time())
                     self._state.rank_heartbeat(request.heartbeat)
@@ -244,6 +259,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     self._control.acknowledged(rank, request.command_ack)
                 elif kind == "hello":
                     raise InvalidMessage("hello: sent twice on one stream")
+                elif kind == "progress":
+                    raise InvalidMessage("progress: only a rank's guard sends it (Hello.role WORKER_ROLE_GUARD)")
                 else:
                     raise InvalidMessage("AttachRequest.payload: empty message")
         except InvalidMessage as error:
@@ -251,6 +268,30 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         except (grpc.aio.AioRpcError, asyncio.CancelledError):
             pass  # the worker went away mid-stream
         return None
+
+    def _read_guard(self, request: worker_pb2.AttachRequest, hello: worker_pb2.Hello) -> None:
+        """One message of a rank guard's stream: progress, finished, or the idle heartbeat of its link."""
+        kind = request.WhichOneof("payload")
+        if kind == "progress":
+            validation.validate_progress(request.progress, self.launched, time.time())
+            self._state.rank_progress(hello, request.progress)
+        elif kind == "finished":
+            validation.validate_finished(request.finished)
+        elif kind == "heartbeat":
+            validation.validate_heartbeat(request.heartbeat, hello, self.launched, time.time())
+        elif kind == "hello":
+            raise InvalidMessage("hello: sent twice on one stream")
+        else:
+            raise InvalidMessage(
+                f"{kind or 'AttachRequest.payload'}: a rank guard's stream carries progress, heartbeat and finished "
+                "only; the rank's own messages go on its own stream"
+            )
+
+
+class _StreamEnd:
+    """How a stream ended: whether it said ``finished`` first."""
+
+    finished = False
 
 
 def _failure_report(report: worker_pb2.ExitReport, hello: worker_pb2.Hello) -> worker_pb2.ExitReport:

@@ -6,6 +6,10 @@ was appended once the file stops growing. faulthandler writes from inside the si
 blocked in a collective answers too. A rank that cannot run its handler (SIGSTOP, stuck in the kernel) does
 not answer; where ``py-spy`` is installed and may attach, it reads that rank's stacks from outside instead.
 
+A rank of a script that never calls megascope has no stack file: py-spy reads it (the Python process under it when
+the rank runs a shell or a launcher, ``--no-python``). :func:`sample` is the cheap look the supervisor takes at a
+quiet rank whose CPU time still advances: has its stack changed (progress), or does it spin in one place?
+
 Only the agent's own descendants are signalled or read (agent/processes.py), checked at the moment of signalling:
 a pid from the wire is a claim. What is read back is capped (:data:`MAX_STACK_BYTES` a rank).
 """
@@ -22,7 +26,8 @@ from dataclasses import dataclass
 
 import psutil
 
-from megascope.agent.processes import is_descendant, signal_descendant
+from megascope.agent.hang_rules import parse_py_spy
+from megascope.agent.processes import is_descendant, python_process, signal_descendant
 
 DEFAULT_TIMEOUT_SECONDS = 5.0
 MAX_STACK_BYTES = 256 * 1024
@@ -30,6 +35,7 @@ MAX_STACK_BYTES = 256 * 1024
 MAX_ANSWER_BYTES = 3 << 20
 """All ranks' stacks together: a DumpStacks answer must fit a client's 4 MiB (each rank's share is cut further)."""
 NOT_OURS = "not a process of this agent"
+_NO_STACK_FILE = "no stack file"
 _POLL_SECONDS = 0.05
 
 
@@ -86,6 +92,7 @@ async def _py_spy(pid: int, timeout: float, most: int = MAX_STACK_BYTES) -> str 
     exe = shutil.which("py-spy")
     if exe is None:
         return None
+    pid = python_process(pid)
     # --nonblocking: read the stacks without pausing the process (works on a stopped one, too).
     process = await asyncio.create_subprocess_exec(
         exe, "dump", "--nonblocking", "--pid", str(pid),
@@ -114,7 +121,7 @@ async def collect(targets: list[RankTarget], timeout: float = DEFAULT_TIMEOUT_SE
                 pending[target.rank] = target
                 continue
             why_not = _process_state(target.pid) or NOT_OURS
-        results[target.rank] = RankStackDump(target.rank, target.pid, None, why_not or "no stack file")
+        results[target.rank] = RankStackDump(target.rank, target.pid, None, why_not or _NO_STACK_FILE)
     sizes = dict(offsets)
     steady: dict[int, int] = {}
     while pending and time.monotonic() < deadline:
@@ -134,5 +141,21 @@ async def collect(targets: list[RankTarget], timeout: float = DEFAULT_TIMEOUT_SE
         if dump.text is None and dump.method != "exited" and is_descendant(dump.pid):
             spied = await _py_spy(dump.pid, max(1.0, deadline - time.monotonic()), most)
             if spied is not None:
-                results[rank] = RankStackDump(rank, dump.pid, spied, f"py-spy, {dump.method}")
+                # A rank without a stack file is read this way by design, not for want of an answer.
+                method = "py-spy" if dump.method == _NO_STACK_FILE else f"py-spy, {dump.method}"
+                results[rank] = RankStackDump(rank, dump.pid, spied, method)
     return [results[rank] for rank in sorted(results)]
+
+
+async def sample(pid: int, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> str | None:
+    """Where rank process ``pid`` is now: every thread's frames (with lines) from py-spy, as one comparable string;
+    None when it cannot be read (no py-spy, not ours, gone)."""
+    if not is_descendant(pid):
+        return None
+    text = await _py_spy(pid, timeout)
+    if text is None:
+        return None
+    threads = parse_py_spy(text)
+    return "\n".join(
+        f"{thread.ident}: " + " < ".join(f"{f.function}@{f.file}:{f.line}" for f in thread.frames) for thread in threads
+    )

@@ -15,9 +15,10 @@ A subscriber that does not keep up loses its oldest pending step reports (latest
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -37,6 +38,8 @@ WATCH_BATCH_BYTES = 256 << 10
 """A Watch batch's size: well under a client's limit, and what a stream that does not read holds at most."""
 _PARTS = ("host_samples", "gpu_samples", "events", "step_reports")
 """The lists of a Telemetry batch, in the order a back-fill sends them."""
+_LIVE = (telemetry_pb2.RANK_STATE_STARTING, telemetry_pb2.RANK_STATE_RUNNING, telemetry_pb2.RANK_STATE_HUNG)
+_GUARD = worker_pb2.WORKER_ROLE_GUARD
 
 
 @dataclass
@@ -102,10 +105,14 @@ class RankListener(Protocol):
     """Told of every rank's lifecycle as it happens (the agent's supervisor: crash and hang detection).
 
     Lifecycle comes from the worker's own messages (hello, step reports, finished, failure, self-check), its
-    guard's exit report and its stream ending; never from events, which are for people.
+    guard's (hello, progress, finished, exit report) and their streams ending; never from events, which are for people.
+    ``rank_attached`` is called once per process of a rank (its own Hello, or its guard's when that comes first).
     """
 
     def rank_attached(self, hello: worker_pb2.Hello) -> None: ...
+    def rank_progressed(self, rank: int, pid: int, output: bool, cpu: bool) -> None:
+        """A process-only rank's guard saw new output lines (``output``) or CPU time advance (``cpu``)."""
+
     def rank_stepped(self, report: telemetry_pb2.StepReport) -> None: ...
     def rank_detached(self, rank: int, pid: int, finished: bool) -> None: ...
     def rank_exited(self, report: worker_pb2.ExitReport) -> None: ...
@@ -129,7 +136,13 @@ class NodeState:
         self._subscribers: set[Subscription] = set()
         self.stack_files: dict[int, str] = {}
         """Each rank's stack dump file, from its Hello."""
+        self.rank_streams: dict[int, int] = {}
+        """Ranks attached themselves (megascope's API or trainer), to the pid of their stream."""
+        self.guards: dict[int, int] = {}
+        """Ranks whose guard is attached, to the pid of the rank's process it runs."""
         self.listener: RankListener | None = None
+        self.archive: Callable[[float, float], Iterable[telemetry_pb2.Telemetry]] | None = None
+        """The node's record (agent/record.py): what a back-fill reaching back past memory reads, ``(since, until)``."""
 
     # --- incoming ------------------------------------------------------------------------------------
 
@@ -142,8 +155,9 @@ class NodeState:
         self._step_history.append(report)
         status = self._rank(report.rank)
         status.state = telemetry_pb2.RANK_STATE_RUNNING
+        status.source = telemetry_pb2.RANK_SOURCE_STEPS
         status.last_step = report.step
-        status.last_heartbeat_wall_time = time.time()
+        status.last_heartbeat_wall_time = status.last_progress_wall_time = time.time()
         status.collectives_issued = report.collectives_issued
         for sub in self._subscribers:
             sub.add_step(report)
@@ -188,8 +202,29 @@ class NodeState:
         return message
 
     def rank_attached(self, hello: worker_pb2.Hello) -> None:
+        """A rank's stream (or its guard's: ``hello.role``) began."""
+        if hello.role == _GUARD:
+            self.guards[hello.rank] = hello.pid
+            current = self.ranks.get(hello.rank)
+            if current is not None and current.pid == hello.pid and current.state in _LIVE:
+                return  # the rank itself came first: its guard adds nothing to what is known
+        else:
+            self.rank_streams[hello.rank] = hello.pid
         status = self._rank(hello.rank)
+        if hello.role != _GUARD and status.pid == hello.pid and status.state in _LIVE:
+            # Its guard came first, for the same process: from now on the rank's own steps tell its progress.
+            status.source = telemetry_pb2.RANK_SOURCE_STEPS
+            if not status.HasField("last_step"):
+                status.state = telemetry_pb2.RANK_STATE_STARTING  # running, as far as steps go, from its first
+            self.stack_files[hello.rank] = hello.stack_file
+            if self.listener is not None:
+                self.listener.rank_attached(hello)
+            return
         status.pid = hello.pid
+        status.source = telemetry_pb2.RANK_SOURCE_PROCESS if hello.role == _GUARD else telemetry_pb2.RANK_SOURCE_STEPS
+        status.last_progress_wall_time = 0.0
+        status.output_lines = 0
+        status.cpu_seconds = 0.0
         status.state = telemetry_pb2.RANK_STATE_STARTING
         status.ClearField("last_step")
         status.last_heartbeat_wall_time = time.time()
@@ -204,6 +239,41 @@ class NodeState:
         self.node_info.ranks[:] = sorted(self.ranks)
         if self.listener is not None:
             self.listener.rank_attached(hello)
+
+    def rank_progress(self, hello: worker_pb2.Hello, progress: worker_pb2.ProcessProgress) -> None:
+        """A guard's report of its rank's output and CPU time (``hello``: the guard's)."""
+        status = self.ranks.get(hello.rank)
+        if status is None or status.state not in _LIVE or self.guards.get(hello.rank) != hello.pid:
+            return  # a guard of a process that is gone, or replaced
+        now = time.time()
+        status.last_heartbeat_wall_time = now
+        # Counters only move forward: a value that goes back is ignored, never turned into progress.
+        output = progress.output_lines > status.output_lines
+        cpu = progress.cpu_seconds > status.cpu_seconds
+        status.output_lines = max(status.output_lines, progress.output_lines)
+        status.cpu_seconds = max(status.cpu_seconds, progress.cpu_seconds)
+        if status.source != telemetry_pb2.RANK_SOURCE_PROCESS:
+            return  # the rank reports its own steps: they say more than its output
+        if output:
+            status.last_progress_wall_time = now
+        if (output or cpu) and status.state == telemetry_pb2.RANK_STATE_STARTING:
+            status.state = telemetry_pb2.RANK_STATE_RUNNING
+        if (output or cpu) and self.listener is not None:
+            self.listener.rank_progressed(hello.rank, status.pid, output, cpu)
+
+    def guard_detached(self, hello: worker_pb2.Hello, finished: bool) -> None:
+        """A guard's stream ended: after ``finished`` its rank exited with status 0; otherwise its rank ended as its
+        exit report said (sent before), or the guard itself was killed."""
+        if self.guards.get(hello.rank) == hello.pid:
+            del self.guards[hello.rank]
+        status = self.ranks.get(hello.rank)
+        if status is None or status.pid != hello.pid or status.state not in _LIVE:
+            return  # already known: its exit report came, or the rank's own stream said
+        if self.rank_streams.get(hello.rank) == hello.pid:
+            return  # the rank's own stream is still open: its end tells
+        if finished:
+            self._finished.add(hello.rank)
+        self._detached(hello.rank, status)
 
     def rank_heartbeat(self, heartbeat: telemetry_pb2.Heartbeat) -> None:
         status = self._rank(heartbeat.rank)
@@ -233,8 +303,21 @@ class NodeState:
         if self.listener is not None:
             self.listener.self_checked(result)
 
-    def rank_detached(self, rank: int) -> None:
+    def rank_detached(self, rank: int, pid: int | None = None) -> None:
+        """A rank's own stream ended (``pid``: its process, when known)."""
+        if pid is not None and self.rank_streams.get(rank) == pid:
+            del self.rank_streams[rank]
         status = self._rank(rank)
+        if pid is not None and status.pid != pid:
+            return  # a stream of an older process of the rank, ending late
+        if rank not in self._finished and status.state in _LIVE and self.guards.get(rank) == pid:
+            # Its guard still watches the process: the guard's exit report (or finished) says how it ends, and until
+            # then the rank is supervised as its process (a script whose link to the agent ended, not its life).
+            status.source = telemetry_pb2.RANK_SOURCE_PROCESS
+            return
+        self._detached(rank, status)
+
+    def _detached(self, rank: int, status: telemetry_pb2.RankStatus) -> None:
         finished = rank in self._finished
         if self.listener is not None:
             self.listener.rank_detached(rank, status.pid, finished)
@@ -289,7 +372,22 @@ class NodeState:
     def _backfill(self, since: float) -> Iterator[telemetry_pb2.Telemetry]:
         parts = {name: [m for m in getattr(self, name) if m.wall_time >= since] for name in _PARTS}
         # Host, GPU and events first; step reports, the bulk, in chunks.
-        return self._batches(parts, backfill=True, steps_per_batch=_BACKFILL_CHUNK)
+        batches = self._batches(parts, backfill=True, steps_per_batch=_BACKFILL_CHUNK)
+        if self.archive is None:
+            return batches
+        # Memory starts at the agent's (re)start or where its bounds cut: older history comes from the record, as far
+        # back as asked (all: as far as memory would keep).
+        held = [getattr(self, name)[0].wall_time for name in _PARTS if getattr(self, name)]
+        oldest = min(held, default=time.time())
+        start = since if since > 0 else time.time() - self.limits.seconds
+        if start >= oldest:
+            return batches
+        return itertools.chain(self._archived(self.archive(start, oldest)), batches)
+
+    def _archived(self, batches: Iterable[telemetry_pb2.Telemetry]) -> Iterator[telemetry_pb2.Telemetry]:
+        for batch in batches:
+            batch.node_info.CopyFrom(self.node_info)
+            yield batch
 
     def _batches(
         self,

@@ -11,6 +11,12 @@ from the newest committed checkpoint. What it cannot do, this does, as the :clas
   culprit stops its ranks (SIGKILL), so torch elastic restarts the job.
 - restart: the first step completed after an incident closes it (``restart``, with the time to repair).
 
+A script that never calls megascope is supervised through its ranks' guards (engine/runtime/rank_guard.py): each
+reports its rank's output lines and CPU time. A new line is progress. A rank that writes nothing for a third of the
+hang timeout while its CPU time advances is looked at with py-spy (:func:`~megascope.agent.stacks.sample`, at most
+every sixth of the timeout, only then: py-spy is not free): a stack that changed is progress, the same stack is a
+rank spinning in one place (an NCCL wait at 100% CPU), not progress. A sleeping or blocked rank is not looked at.
+
 Self-check (engine/runtime/selfcheck.py): when a rank's ``self_check`` message finds this node slow and the agent
 runs with ``--evict-slow-nodes``, the agent is told to take the node out of the job (``evict``).
 
@@ -22,18 +28,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from megascope.agent import stacks
 from megascope.agent.hang_rules import Diagnosis, RankProgress, diagnose
 from megascope.agent.incidents import Action, Clock, HangFindings, IncidentTracker, Verdict
-from megascope.agent.processes import is_descendant, signal_descendant
+from megascope.agent.processes import is_descendant, kill_tree
 from megascope.agent.state import NodeState
 from megascope.protos.megascope.v1 import agent_pb2, telemetry_pb2, worker_pb2
 
 _CHECK_SECONDS = 0.2
+QUIET_FRACTION = 1 / 3
+"""A process-only rank silent (no output line) for this share of the hang timeout has its stack sampled..."""
+SAMPLE_FRACTION = 1 / 6
+"""...at most once per this share of the timeout (and never more than once a second)."""
+_SAMPLE_TIMEOUT_SECONDS = 3.0
 _LIVE = (telemetry_pb2.RANK_STATE_RUNNING, telemetry_pb2.RANK_STATE_STARTING, telemetry_pb2.RANK_STATE_HUNG)
 _RUNNING = (telemetry_pb2.RANK_STATE_RUNNING, telemetry_pb2.RANK_STATE_STARTING)
 _SLOW = telemetry_pb2.SelfCheckDetail.VERDICT_SLOW
@@ -53,7 +64,13 @@ class Supervisor:
         self.incidents = IncidentTracker(clock, hang_timeout)
         self._evict = evict
         """Called with the reason when this node's self-check finds it slow (``--evict-slow-nodes``)."""
+        self._clock = clock
         self._task: asyncio.Task[None] | None = None
+        self._sampler: asyncio.Task[None] | None = None
+        self.on_stacks: Callable[[agent_pb2.DumpStacksResponse], None] | None = None
+        """Told of every stack collection (the recorder keeps them for replays)."""
+        self._quiet: dict[int, _Quiet] = {}
+        """Process-only ranks, by rank: what their guards said and what their stacks looked like."""
         state.listener = self
 
     @property
@@ -67,7 +84,21 @@ class Supervisor:
     # --- RankListener ----------------------------------------------------------------------------------
 
     def rank_attached(self, hello: worker_pb2.Hello) -> None:
-        self.incidents.rank_attached(hello.rank, hello.pid)
+        guard = hello.role == worker_pb2.WORKER_ROLE_GUARD
+        self.incidents.rank_attached(hello.rank, hello.pid, reports_steps=not guard)
+        if guard:
+            self._quiet[hello.rank] = _Quiet(hello.pid, self._clock())
+        else:
+            self._quiet.pop(hello.rank, None)
+
+    def rank_progressed(self, rank: int, pid: int, output: bool, cpu: bool) -> None:
+        watch = self._quiet.get(rank)
+        if watch is None or watch.pid != pid:
+            return
+        if output:
+            watch.last_progress = self._clock()
+        for verdict in self.incidents.rank_progressed(rank, pid, busy_only=not output):
+            self._record(verdict)
 
     def rank_stepped(self, report: telemetry_pb2.StepReport) -> None:
         for verdict in self.incidents.rank_stepped(report.rank, report.step, report.step_seconds):
@@ -98,14 +129,18 @@ class Supervisor:
         self._task = asyncio.ensure_future(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._sampler):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(_CHECK_SECONDS)
+            if self._quiet and (self._sampler is None or self._sampler.done()):
+                # Apart from the checks: py-spy takes a moment, and the hang clock must not wait for it.
+                self._sampler = asyncio.ensure_future(self._sample_quiet_ranks())
             for verdict in self.incidents.tick():
                 if verdict.action is Action.COLLECT_STACKS:
                     await self._diagnose_hang()
@@ -136,6 +171,33 @@ class Supervisor:
         if verdict is not None:
             self._record(verdict)
 
+    async def _sample_quiet_ranks(self) -> None:
+        """Look at the stack of each process-only rank that is quiet but busy; a changed stack is progress."""
+        timeout = self.current_hang_timeout()
+        for rank, watch in list(self._quiet.items()):
+            status = self.state.ranks.get(rank)
+            now = self._clock()
+            if (
+                status is None
+                or status.pid != watch.pid
+                or status.state not in _RUNNING
+                or status.source != telemetry_pb2.RANK_SOURCE_PROCESS
+                or now - watch.last_progress < timeout * QUIET_FRACTION
+                or now - watch.sampled < max(1.0, timeout * SAMPLE_FRACTION)
+                or status.cpu_seconds <= watch.cpu_seconds  # asleep or blocked: nothing moves, nothing to look at
+            ):
+                continue
+            watch.sampled, watch.cpu_seconds = now, status.cpu_seconds
+            where = await stacks.sample(watch.pid, _SAMPLE_TIMEOUT_SECONDS)
+            if where is None:
+                continue
+            moved = watch.stack is not None and where != watch.stack
+            watch.stack = where
+            if moved and self._quiet.get(rank) is watch:
+                watch.last_progress = self._clock()
+                for verdict in self.incidents.rank_progressed(rank, watch.pid):
+                    self._record(verdict)
+
     def live_ranks(self) -> list[telemetry_pb2.RankStatus]:
         """Ranks that are starting, running or hung (not exited or failed)."""
         return [s for s in self.state.ranks.values() if s.state in _LIVE]
@@ -157,8 +219,10 @@ class Supervisor:
             )
             for s in ranks
         ]
-        diagnosis = diagnose(progress)
-        return _response(progress, dumps, diagnosis)
+        response = _response(progress, dumps, diagnose(progress))
+        if self.on_stacks is not None:
+            self.on_stacks(response)
+        return response
 
     # --- stopping the ranks -----------------------------------------------------------------------------
 
@@ -171,8 +235,9 @@ class Supervisor:
         for status in self.live_ranks():
             if is_descendant(status.pid):
                 self.incidents.expect_exit(status.pid)
-                # Checked again at the moment of signalling: the process may have ended and its pid been reused.
-                stopped += signal_descendant(status.pid, signal.SIGKILL)
+                # Its descendants too (a rank run by a shell, --no-python); each checked again at the moment of
+                # signalling: a process may have ended and its pid been reused.
+                stopped += kill_tree(status.pid) > 0
         return stopped
 
     def request_restart(self, reason: str, from_step: int | None = None) -> int:
@@ -181,6 +246,19 @@ class Supervisor:
         if verdict.event is not None:
             self.state.add_event(verdict.event)
         return self.stop_ranks()
+
+
+@dataclass
+class _Quiet:
+    """A process-only rank: when it last showed progress, and its stack when last sampled."""
+
+    pid: int
+    last_progress: float
+    """When it attached, wrote a line, or its stack last changed."""
+    sampled: float = 0.0
+    cpu_seconds: float = 0.0
+    """Its CPU time at the last sample: a rank whose CPU time has not moved since is not sampled again."""
+    stack: str | None = None
 
 
 def _response(

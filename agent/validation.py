@@ -37,6 +37,13 @@ MAX_LINE_BYTES = 1024
 MAX_COLLECTIVES = 4096
 """Collectives of one step report."""
 MAX_WORLD_SIZE = 1 << 16
+MAX_SCALARS = 32
+"""A step report's own scalars (``StepReport.scalars``) kept: the first, in name order."""
+MAX_SCALAR_NAME_CHARS = 64
+MAX_OUTPUT_LINES = 1 << 53
+"""A guard's count of its rank's output lines: more than any run writes, and exact as a double."""
+MAX_CPU_SECONDS = 1e10
+"""A guard's CPU seconds of its rank's process tree: three centuries of a core, a bound for garbage only."""
 CLOCK_SKEW_SECONDS = 30.0
 """A wall time from a rank may be this far ahead of the agent's clock (or behind its start)."""
 MAX_ERROR_CHARS = 1000
@@ -176,6 +183,10 @@ def validate_hello(hello: worker_pb2.Hello, launched: Launched | None = None) ->
         )
     if hello.restart_count < 0:
         raise InvalidMessage(f"hello.restart_count: must be >= 0, got {hello.restart_count}")
+    if hello.role not in worker_pb2.WorkerRole.values():
+        raise InvalidMessage(f"hello.role: unknown value {hello.role}")
+    if hello.role == worker_pb2.WORKER_ROLE_GUARD and hello.stack_file:
+        raise InvalidMessage("hello.stack_file: a rank guard has none (its rank's stacks are read with py-spy)")
     for name in ("node", "run_id"):
         _name(getattr(hello, name), f"hello.{name}")
     if len(hello.stack_file) > MAX_PATH_CHARS:
@@ -237,6 +248,34 @@ def validate_step_report(
     )  # fmt: skip
     for index, collective in enumerate(report.collectives):
         _finite_non_negative(collective, f"step_report.collectives[{index}]", ("duration_seconds", "blocked_seconds"))
+
+
+def trim_scalars(report: telemetry_pb2.StepReport) -> telemetry_pb2.StepReport:
+    """The report with its own scalars cut to what the agent keeps: finite values, names of at most
+    :data:`MAX_SCALAR_NAME_CHARS` characters, at most :data:`MAX_SCALARS` of them (the first by name). A script's
+    extra scalars are never a reason to lose its step."""
+    scalars = report.scalars
+    keep = sorted(
+        name for name, value in scalars.items() if 0 < len(name) <= MAX_SCALAR_NAME_CHARS and math.isfinite(value)
+    )[:MAX_SCALARS]
+    if len(keep) != len(scalars):
+        kept = {name: scalars[name] for name in keep}
+        scalars.clear()
+        scalars.update(kept)
+    return report
+
+
+def validate_progress(progress: worker_pb2.ProcessProgress, launched: Launched | None = None,
+                      now: float | None = None) -> None:  # fmt: skip
+    """A rank guard's progress: counts that are counts, a time that is now."""
+    if not 0 <= progress.output_lines <= MAX_OUTPUT_LINES:
+        raise InvalidMessage(f"progress.output_lines: must be in [0, {MAX_OUTPUT_LINES}], got {progress.output_lines}")
+    if not math.isfinite(progress.cpu_seconds) or not 0 <= progress.cpu_seconds <= MAX_CPU_SECONDS:
+        raise InvalidMessage(f"progress.cpu_seconds: must be in [0, {MAX_CPU_SECONDS:g}], got {progress.cpu_seconds}")
+    if progress.restart_count < 0:
+        raise InvalidMessage(f"progress.restart_count: must be >= 0, got {progress.restart_count}")
+    if now is not None:
+        check_wall_time(progress.wall_time, "progress.wall_time", launched or Launched(), now)
 
 
 def validate_event(

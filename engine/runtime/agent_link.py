@@ -108,6 +108,10 @@ class AgentSink:
             raise TypeError(f"write_signal: {type(signal).__name__} is not a lifecycle signal")
         self._offer(request)
 
+    def write_progress(self, progress: worker_pb2.ProcessProgress) -> None:
+        """A rank guard's view of its rank's progress (engine/runtime/rank_guard.py)."""
+        self._offer(worker_pb2.AttachRequest(progress=progress))
+
     def _offer(self, message: worker_pb2.AttachRequest) -> None:
         if not self._connected.is_set():
             self.dropped += 1

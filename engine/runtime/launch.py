@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megascope.engine.config import ConfigError, TrainConfig
-from megascope.engine.runtime import bound_stores, parent_death
+from megascope.engine.runtime import bound_stores, parent_death, rank_guard
 from megascope.engine.runtime.run_dir import config_file, logs_dir
 
 _STOP_GRACE_SECONDS = 15.0
@@ -40,6 +41,9 @@ class LaunchOptions:
     max_restarts: int = 0
     monitor_interval: float = 0.1
     """How often torch elastic polls its workers (seconds): how soon a dead rank starts a restart."""
+    no_python: bool = False
+    """The entry point is a command, run as given by each rank's guard (torchrun's ``--no-python``): ``bash
+    wrapper.sh``, ``accelerate launch train.py``; not a Python script or ``-m module``."""
 
     def node_range(self) -> tuple[int, int]:
         try:
@@ -60,6 +64,7 @@ class LaunchOptions:
             rdzv_endpoint=args.rdzv_endpoint,
             rdzv_id=args.rdzv_id,
             max_restarts=args.max_restarts,
+            no_python=getattr(args, "no_python", False),  # `megascope agent`'s flag; `megascope train` runs ours
         )
         options.validate()
         return options
@@ -117,8 +122,30 @@ def torchrun_command(options: LaunchOptions, entry: Sequence[str], log_dir: Path
         f"--log-dir={log_dir}",
         *_rendezvous_settings(low, high),
         "-m", "megascope.engine.runtime.rank_guard",
+        *([rank_guard.NO_PYTHON_FLAG] if options.no_python else []),
         *entry,
     ]  # fmt: skip
+
+
+def script_entry(command: Sequence[str], no_python: bool = False) -> list[str]:
+    """torchrun's entry point for a user's command line (what follows ``--``).
+
+    Without ``no_python`` the command is a Python script (or ``-m module``) that the ranks run with this interpreter;
+    a leading interpreter (``python``, ``python3.11``, this interpreter's path) is dropped rather than run as the
+    script (``python -u python train.py``). With ``no_python`` it is run as given."""
+    entry = list(command)
+    if not no_python and entry and _is_python(entry[0]):
+        entry = entry[1:]
+    return entry
+
+
+_PYTHON_NAME = re.compile(r"python(\d+(\.\d+)?)?")
+
+
+def _is_python(program: str) -> bool:
+    if _PYTHON_NAME.fullmatch(os.path.basename(program)):
+        return True
+    return os.path.sep in program and os.path.realpath(program) == os.path.realpath(sys.executable)
 
 
 ELASTIC_LAST_CALL_SECONDS = 5

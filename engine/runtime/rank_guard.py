@@ -1,17 +1,27 @@
-"""The process torch elastic starts for each rank: it runs the real rank as its child and reports how it ended.
+"""The process torch elastic starts for each rank: it runs the real rank as its child, watches it, and reports how
+it ended.
 
-``python -m megascope.engine.runtime.rank_guard -m megascope.engine.trainer CONFIG`` (or ``script.py args``).
+``python -m megascope.engine.runtime.rank_guard -m megascope.engine.trainer CONFIG`` (or ``script.py args``, or
+``--no-python COMMAND args`` for a command that is not a Python script: ``bash wrapper.sh``, ``accelerate launch``).
 
 Only a process's parent learns its exit status, and a rank's parent is torch elastic, which tells nobody
 until it gives up. So each rank runs one level down, under this small guard (no torch import, a few MB):
 
-- it starts the rank with the same interpreter, environment and arguments, and PR_SET_PDEATHSIG, so the rank
-  never outlives its guard (torch elastic's SIGKILL of a stuck guard takes the rank with it);
+- it starts the rank with the same interpreter, environment and arguments (or the command as given, with
+  ``--no-python``), and PR_SET_PDEATHSIG, so the rank never outlives its guard (torch elastic's SIGKILL of a stuck
+  guard takes the rank with it);
 - it forwards SIGTERM/SIGINT/SIGHUP to the rank (torch elastic stopping the group);
-- it copies the rank's stdout and stderr through, keeping the last lines;
-- when the rank ends abnormally, it sends an :class:`ExitReport` (exit code or signal, log tail) to the
-  node's agent (``MEGASCOPE_AGENT_ADDRESS``, with the job's secret ``MEGASCOPE_AGENT_SECRET``) at once, then
-  exits the same way, so torch elastic sees exactly what the rank did.
+- it copies the rank's stdout and stderr through, keeping the last lines and counting them;
+- under an agent (``MEGASCOPE_AGENT_ADDRESS``, with the job's secret ``MEGASCOPE_AGENT_SECRET``) it attaches as the
+  rank's guard (``Hello.role`` GUARD, the rank's pid) and sends, about once a second, the lines the rank wrote and
+  the CPU seconds of its process tree: what lets the agent supervise a script that never calls megascope (alive,
+  progressing, hung). It never parses the output: steps come only from the rank itself;
+- when the rank exits with status 0 it says ``finished`` on that stream (a script without the API finishes
+  cleanly, not as a crash); when it ends abnormally it sends an :class:`ExitReport` (exit code or signal, log tail)
+  at once, then exits the same way, so torch elastic sees exactly what the rank did.
+
+The agent is optional: without one, or while it is unreachable, the rank runs exactly as it would alone. Everything
+the guard does for the agent happens on a background thread, after the rank has started.
 """
 
 from __future__ import annotations
@@ -25,20 +35,41 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from typing import IO
+from typing import IO, TYPE_CHECKING
+
+import psutil
 
 from megascope.engine.runtime import parent_death
+from megascope.protos.megascope.v1 import worker_pb2
+
+if TYPE_CHECKING:
+    from megascope.engine.runtime.agent_link import AgentSink
 
 LOG_TAIL_LINES = 20
+NO_PYTHON_FLAG = "--no-python"
+"""First argument: run the command as given (torchrun's ``--no-python``), not as a Python script."""
+PROGRESS_SECONDS = 1.0
+"""How often the guard tells the agent what its rank did."""
+CONNECT_WAIT_SECONDS = 2.0
+"""At a clean exit, how long to wait for the stream to the agent (still connecting) to say ``finished`` on it."""
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-def _copy(source: IO[bytes], sink: IO[bytes], tail: collections.deque[str]) -> None:
+class _Stream:
+    """One of the rank's output streams: its last lines and how many it wrote (one writer: its copier thread)."""
+
+    def __init__(self) -> None:
+        self.tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+        self.lines = 0
+
+
+def _copy(source: IO[bytes], sink: IO[bytes], stream: _Stream) -> None:
     for line in iter(source.readline, b""):
         with contextlib.suppress(OSError, ValueError):
             sink.write(line)
             sink.flush()
-        tail.append(line.decode(errors="replace").rstrip("\n"))  # deque.append is atomic: no lock
+        stream.tail.append(line.decode(errors="replace").rstrip("\n"))  # deque.append is atomic: no lock
+        stream.lines += 1
 
 
 def describe_exit(code: int) -> tuple[int, str]:
@@ -60,7 +91,7 @@ def _report(code: int, pid: int, died: float, tail: list[str]) -> None:
         return
     import grpc
 
-    from megascope.protos.megascope.v1 import worker_pb2, worker_pb2_grpc
+    from megascope.protos.megascope.v1 import worker_pb2_grpc
 
     exit_code, signal_name = describe_exit(code)
     report = worker_pb2.ExitReport(
@@ -81,9 +112,109 @@ def _report(code: int, pid: int, died: float, tail: list[str]) -> None:
         )
 
 
+def _cpu_seconds(process: psutil.Process) -> float:
+    """CPU seconds of ``process`` and its descendants (live ones, and the ones it waited for)."""
+    try:
+        times = process.cpu_times()
+        total = times.user + times.system + times.children_user + times.children_system
+        children = process.children(recursive=True)
+    except psutil.Error:
+        return 0.0
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            times = child.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+class _Watch:
+    """The guard's link to the agent: attach as the rank's guard, then send its progress once a second.
+
+    Runs on its own thread and swallows every error: the rank must never be slowed down or fail because of it."""
+
+    def __init__(self, child: subprocess.Popen[bytes], streams: Sequence[_Stream]) -> None:
+        self._child = child
+        self._streams = streams
+        self._done = threading.Event()
+        self._sink: AgentSink | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="megascope-rank-guard", daemon=True)
+        self._thread.start()
+
+    def _progress(self, process: psutil.Process) -> worker_pb2.ProcessProgress:
+        return worker_pb2.ProcessProgress(
+            output_lines=sum(stream.lines for stream in self._streams),
+            cpu_seconds=_cpu_seconds(process),
+            wall_time=time.time(),
+            restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
+        )
+
+    def _run(self) -> None:
+        try:
+            self._sink = _attach(self._child.pid)
+        except Exception:  # noqa: BLE001 (no agent, or a broken one: the rank runs on unobserved)
+            self._sink = None
+        finally:
+            self._ready.set()
+        if self._sink is None:
+            return
+        try:
+            process = psutil.Process(self._child.pid)
+            while not self._done.wait(PROGRESS_SECONDS):
+                self._sink.write_progress(self._progress(process))
+        except Exception:  # noqa: BLE001, S110 (the rank matters, not its telemetry)
+            pass
+
+    def finish(self, code: int) -> None:
+        """The rank ended with ``code``: a last progress, ``finished`` for a clean exit; then the stream ends."""
+        self._done.set()
+        self._ready.wait(CONNECT_WAIT_SECONDS)
+        sink = self._sink
+        if sink is None:
+            return
+        try:
+            if code == 0:
+                deadline = time.monotonic() + CONNECT_WAIT_SECONDS
+                while not sink.connected and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                sink.write_signal(worker_pb2.RankFinished())
+            sink.close(timeout=CONNECT_WAIT_SECONDS)
+        except Exception:  # noqa: BLE001, S110
+            pass
+
+
+def _attach(pid: int) -> AgentSink | None:
+    """A stream to the agent as the guard of rank ``$RANK``, whose process is ``pid``; None without an agent."""
+    from megascope.engine.runtime.agent_link import AGENT_ADDRESS_ENV, AGENT_SECRET_ENV, AgentSink
+
+    address = os.environ.get(AGENT_ADDRESS_ENV)
+    if not address:
+        return None
+    rank = int(os.environ.get("RANK", 0))
+    hello = worker_pb2.Hello(
+        rank=rank,
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        world_size=int(os.environ.get("WORLD_SIZE", rank + 1)),
+        pid=pid,
+        node=os.environ.get("MEGASCOPE_NODE", ""),
+        restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
+        run_id=os.environ.get("TORCHELASTIC_RUN_ID", ""),
+        role=worker_pb2.WORKER_ROLE_GUARD,
+    )
+    return AgentSink(address, hello, capacity=16, secret=os.environ.get(AGENT_SECRET_ENV, ""))
+
+
+def child_command(argv: Sequence[str]) -> list[str]:
+    """The rank's command: ``argv`` as a Python script or module (``-u``: its lines reach us as written), or as given
+    after :data:`NO_PYTHON_FLAG`."""
+    if argv[:1] == [NO_PYTHON_FLAG]:
+        return list(argv[1:])
+    return [sys.executable, "-u", *argv]
+
+
 def run(argv: Sequence[str]) -> int:
     child = subprocess.Popen(
-        parent_death.command(signal.SIGKILL, [sys.executable, "-u", *argv]),
+        parent_death.command(signal.SIGKILL, child_command(argv)),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -91,21 +222,23 @@ def run(argv: Sequence[str]) -> int:
         signal.signal(sig, lambda number, _frame: child.send_signal(number))
     # One tail per stream: the two pipes are read by two threads, so their lines do not interleave in order,
     # and a chatty stdout must not push the traceback out of the report.
-    out_tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
-    err_tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+    out, err = _Stream(), _Stream()
     assert child.stdout is not None and child.stderr is not None
     copiers = [
-        threading.Thread(target=_copy, args=(child.stdout, sys.stdout.buffer, out_tail), daemon=True),
-        threading.Thread(target=_copy, args=(child.stderr, sys.stderr.buffer, err_tail), daemon=True),
+        threading.Thread(target=_copy, args=(child.stdout, sys.stdout.buffer, out), daemon=True),
+        threading.Thread(target=_copy, args=(child.stderr, sys.stderr.buffer, err), daemon=True),
     ]
     for copier in copiers:
         copier.start()
+    watch = _Watch(child, (out, err))
     code = child.wait()
     died = time.time()
     for copier in copiers:
         copier.join(timeout=1.0)  # the last lines (a traceback) matter most; do not wait forever for them
     if code != 0:
-        _report(code, child.pid, died, list(err_tail) or list(out_tail))
+        # Before the stream ends: the agent learns how the rank died before it sees its guard go.
+        _report(code, child.pid, died, list(err.tail) or list(out.tail))
+    watch.finish(code)
     if code < 0:
         # Die of the same signal, so torch elastic reports what really happened to the rank.
         number = -code
@@ -119,7 +252,13 @@ def run(argv: Sequence[str]) -> int:
 def main() -> int:
     argv = sys.argv[1:]
     if not argv:
-        print("usage: python -m megascope.engine.runtime.rank_guard (-m MODULE | SCRIPT) [ARGS...]", file=sys.stderr)
+        print(
+            "usage: python -m megascope.engine.runtime.rank_guard (-m MODULE | SCRIPT | --no-python COMMAND) [ARGS...]",
+            file=sys.stderr,
+        )
+        return 2
+    if argv == [NO_PYTHON_FLAG]:
+        print(f"rank_guard: {NO_PYTHON_FLAG} needs a command to run", file=sys.stderr)
         return 2
     return run(argv)
 

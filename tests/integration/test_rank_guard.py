@@ -1,5 +1,6 @@
 """The rank guard: a rank's abnormal end reaches the agent (signal or exit code, last lines), and torch elastic
-sees exactly what the rank did."""
+sees exactly what the rank did; it attaches as its rank's guard (output lines, CPU time, a clean finish), runs a
+command as given with --no-python, and needs no agent."""
 
 from __future__ import annotations
 
@@ -26,17 +27,16 @@ async def agent() -> AsyncIterator[AgentServer]:
     await server.stop(grace_seconds=0.5)
 
 
-async def guard(script: Path, agent: AgentServer) -> tuple[int, bytes]:
-    """The guard as torch elastic starts it under an agent: the worker channel and the job's secret given."""
-    env = dict(
-        os.environ,
-        MEGASCOPE_AGENT_ADDRESS=agent.worker_address,
-        MEGASCOPE_AGENT_SECRET=agent.worker_secret,
-        RANK="3",
-        LOCAL_RANK="1",
-    )
+async def guard(script: Path | None, agent: AgentServer | None, *command: str) -> tuple[int, bytes]:
+    """The guard as torch elastic starts it under an agent (None: without one): the worker channel and the job's
+    secret given; ``script``, or ``command`` as the guard's own arguments."""
+    env = dict(os.environ, RANK="3", LOCAL_RANK="1", WORLD_SIZE="4")
+    env.pop("MEGASCOPE_AGENT_ADDRESS", None)
+    if agent is not None:
+        env.update(MEGASCOPE_AGENT_ADDRESS=agent.worker_address, MEGASCOPE_AGENT_SECRET=agent.worker_secret)
+    arguments = [str(script)] if script is not None else list(command)
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "megascope.engine.runtime.rank_guard", str(script),
+        sys.executable, "-m", "megascope.engine.runtime.rank_guard", *arguments,
         env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
     out, _ = await process.communicate()
@@ -49,6 +49,7 @@ async def reports_of(agent: AgentServer) -> list[worker_pb2.ExitReport]:
 
     class Listener:
         def rank_attached(self, hello: object) -> None: ...
+        def rank_progressed(self, rank: int, pid: int, output: bool, cpu: bool) -> None: ...
         def rank_stepped(self, report: object) -> None: ...
         def rank_detached(self, rank: int, pid: int, finished: bool) -> None: ...
         def event_added(self, event: object) -> None: ...
@@ -106,3 +107,34 @@ async def test_a_clean_exit_is_not_reported(agent: AgentServer, tmp_path: Path) 
     script.write_text("print('done')\n")
     code, out = await guard(script, agent)
     assert code == 0 and b"done" in out and exits == []
+
+
+async def test_the_guard_attaches_for_its_rank_with_its_output_and_cpu_time_and_a_clean_exit_finishes_it(
+    agent: AgentServer, tmp_path: Path
+) -> None:
+    script = tmp_path / "rank.py"
+    script.write_text(
+        "import time\n"
+        "for i in range(5):\n    print(f'line {i}', flush=True)\n"
+        "end = time.process_time() + 0.3\n"
+        "while time.process_time() < end: pass\n"
+        "time.sleep(2.5)\n"
+    )
+    code, out = await guard(script, agent)
+    assert code == 0 and b"line 4" in out
+    status = agent.state.ranks[3]
+    assert status.state == telemetry_pb2.RANK_STATE_EXITED and status.source == telemetry_pb2.RANK_SOURCE_PROCESS
+    assert status.output_lines == 5 and status.cpu_seconds > 0.3
+    assert all(e.kind != "rank_lost" for e in agent.state.events)
+
+
+async def test_with_no_python_the_command_runs_as_given(agent: AgentServer) -> None:
+    code, out = await guard(None, agent, "--no-python", "sh", "-c", "echo from the shell; exit 4")
+    assert code == 4 and b"from the shell" in out
+
+
+async def test_without_an_agent_the_rank_runs_alone(tmp_path: Path) -> None:
+    script = tmp_path / "rank.py"
+    script.write_text("print('alone')\n")
+    code, out = await guard(script, None)
+    assert code == 0 and out.strip() == b"alone"

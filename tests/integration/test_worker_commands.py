@@ -32,9 +32,12 @@ class ScriptedAgent(worker_pb2_grpc.WorkerServiceServicer):
         outbox: queue.Queue[worker_pb2.AttachResponse | None] = queue.Queue()
 
         def read() -> None:
+            guard = False  # the rank guard's own stream (its output and exit), not the rank's: not recorded
             for request in request_iterator:
-                self.received.append(request)
                 kind = request.WhichOneof("payload")
+                guard = guard or (kind == "hello" and request.hello.role == worker_pb2.WORKER_ROLE_GUARD)
+                if not guard:
+                    self.received.append(request)
                 if kind == "hello":
                     outbox.put(worker_pb2.AttachResponse(ack=worker_pb2.Ack(node=request.hello.node)))
                 elif kind == "step_report" and request.step_report.step == self.at_step:

@@ -320,3 +320,114 @@ def test_an_incident_never_goes_back() -> None:
     incident = Incident(IncidentKind.CRASH, 0.0, 0, state=IncidentState.REPORTED)
     with pytest.raises(AssertionError, match="cannot go back"):
         incident.advance(IncidentState.DETECTED)
+
+
+# --- ranks that report no steps (a script without megascope's API: only its guard reports) -----------------------
+
+
+class ScriptNode(Node):
+    """A node whose ranks run a script that never calls megascope: their guards attach and report output and CPU."""
+
+    def __init__(self, ranks: tuple[int, ...] = (0, 1), hang_timeout: float | None = TIMEOUT) -> None:
+        self.clock = Clock()
+        self.tracker = IncidentTracker(self.clock, hang_timeout)
+        self.pids = {rank: 100 + rank for rank in ranks}
+        self.step = 0
+        for rank in ranks:
+            self.tracker.rank_attached(rank, self.pids[rank], reports_steps=False)
+
+    def writes(self, seconds: float = 1.0, busy_only: bool = False) -> list[Verdict]:
+        """Every rank writes a line (or, ``busy_only``, only burns CPU time) after ``seconds``."""
+        self.clock.advance(seconds)
+        verdicts = []
+        for rank, pid in self.pids.items():
+            verdicts += self.tracker.rank_progressed(rank, pid, busy_only=busy_only)
+        return verdicts
+
+    def restart(self, resume_from: int = 0, ranks: tuple[int, ...] | None = None) -> None:
+        for rank in ranks if ranks is not None else tuple(self.pids):
+            self.pids[rank] += 1000
+            self.tracker.rank_attached(rank, self.pids[rank], reports_steps=False)
+
+    def exits(self, rank: int, exit_code: int = 1) -> None:
+        """The rank's guard reports its abnormal end (the only word a script's rank gets)."""
+        self.tracker.exit_reported(self.report(rank, exit_code=exit_code), from_guard=True)
+
+
+def test_a_crash_of_a_rank_that_reports_no_steps_says_step_unknown_never_step_0() -> None:
+    node = ScriptNode()
+    node.writes(5.0)
+    node.exits(1)
+    crash = only_event(node.tick())
+    assert crash.kind == "crash" and crash.rank == 1 and "(step unknown)" in crash.text
+    assert not crash.HasField("step") and not crash.crash.HasField("last_step")
+
+
+def test_the_first_sign_of_life_of_a_restarted_script_closes_the_incident_with_the_time_to_repair() -> None:
+    node = ScriptNode()
+    node.writes()
+    node.exits(1)
+    node.tick()
+    node.clock.advance(2.0)
+    node.restart()
+    restart = only_event(node.writes(1.0, busy_only=True))  # CPU time advancing: the restarted ranks are alive
+    assert restart.kind == "restart" and restart.restart.cause == Restart.CAUSE_CRASH
+    assert restart.restart.mttr_seconds == pytest.approx(3.2)
+    assert not restart.restart.HasField("resumed_step") and "steps lost unknown" in restart.text
+    assert node.tracker.incident is None and node.tracker.restarts == 1
+
+
+def test_each_crash_of_a_script_is_reported_and_each_restart_counted() -> None:
+    node = ScriptNode()
+    for attempt in range(3):
+        node.writes()
+        node.exits(1)
+        assert only_event(node.tick()).kind == "crash"
+        node.restart()
+        assert only_event(node.writes()).kind == "restart"
+        assert node.tracker.restarts == attempt + 1
+
+
+def test_a_script_that_writes_nothing_for_the_timeout_hangs_even_while_its_cpu_time_advances() -> None:
+    node = ScriptNode()
+    node.writes()
+    for _ in range(int(TIMEOUT)):
+        assert node.writes(1.0, busy_only=True) == []  # spinning in a wait: alive, but no progress
+    [verdict] = node.tick()
+    assert verdict.action is Action.COLLECT_STACKS and verdict.incident.step is None
+    diagnosed = node.tracker.hang_diagnosed(HangFindings(culprit=1, reason="its stack differs"))
+    assert diagnosed is not None and diagnosed.event is not None
+    assert "step unknown" in diagnosed.event.text and not diagnosed.event.hang.HasField("last_step")
+
+
+def test_output_lines_keep_a_script_from_counting_as_hung() -> None:
+    node = ScriptNode()
+    for _ in range(3 * int(TIMEOUT)):
+        node.writes(1.0)
+        assert node.tick() == []
+
+
+def test_on_a_node_whose_ranks_report_steps_their_guards_progress_neither_closes_nor_holds_off_anything() -> None:
+    node = Node()
+    node.steps(3)
+    node.dies(1, exit_code=1)
+    node.tick(CRASH_REPORT_WAIT_SECONDS)
+    node.restart(resume_from=2)
+    assert node.tracker.rank_progressed(0, node.pids[0]) == []  # only the first step closes it
+    assert node.tracker.incident is not None
+    assert only_event(node.steps(1)).kind == "restart"
+
+
+def test_a_rank_and_its_guard_attached_for_one_process_make_one_crash_and_one_restart() -> None:
+    node = Node()
+    for rank, pid in node.pids.items():
+        node.tracker.rank_attached(rank, pid, reports_steps=False)  # the guard, after the rank itself
+    node.steps(3)
+    node.dies(1, exit_code=1)  # the rank's stream ends, and its guard reports
+    node.tracker.exit_reported(node.report(1, exit_code=1), from_guard=True)  # ... once more: the same death
+    assert only_event(node.tick()).kind == "crash"
+    node.restart(resume_from=2)
+    for rank, pid in node.pids.items():
+        node.tracker.rank_attached(rank, pid, reports_steps=False)
+    assert only_event(node.steps(1)).kind == "restart"
+    assert node.tracker.restarts == 1 and node.tick() == []

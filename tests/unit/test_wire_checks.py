@@ -25,16 +25,20 @@ from megascope.agent.validation import (
     CLOCK_SKEW_SECONDS,
     MAX_ERROR_CHARS,
     MAX_LOG_LINES,
+    MAX_SCALAR_NAME_CHARS,
+    MAX_SCALARS,
     MAX_TEXT_BYTES,
     InvalidMessage,
     Launched,
     trim_event,
     trim_exit_report,
+    trim_scalars,
     validate_event,
     validate_exit_report,
     validate_failure,
     validate_heartbeat,
     validate_hello,
+    validate_progress,
     validate_step_report,
 )
 from megascope.protos.megascope.v1 import agent_pb2, telemetry_pb2, worker_pb2
@@ -331,3 +335,57 @@ def test_get_events_from_a_time_pages_forward_through_more_than_one_answer_holds
             break
         since = page.events[-1].wall_time
     assert seen == list(range(150))
+
+
+# --- rank guards and a script's own scalars (issue 13) ----------------------------------------------------------
+
+GUARD_HELLO = worker_pb2.Hello(rank=1, local_rank=1, world_size=2, pid=4243, role=worker_pb2.WORKER_ROLE_GUARD)
+
+
+def test_a_guards_hello_names_a_known_role_and_no_stack_file() -> None:
+    validate_hello(GUARD_HELLO, LAUNCHED)
+    with pytest.raises(InvalidMessage, match="hello.role: unknown value 7"):
+        validate_hello(worker_pb2.Hello(rank=1, local_rank=1, world_size=2, pid=4243, role=7), LAUNCHED)  # type: ignore[arg-type]
+    forged = worker_pb2.Hello()
+    forged.CopyFrom(GUARD_HELLO)
+    forged.stack_file = "/run/stacks/rank1.txt"
+    with pytest.raises(InvalidMessage, match="hello.stack_file: a rank guard has none"):
+        validate_hello(forged, LAUNCHED)
+
+
+@pytest.mark.parametrize(
+    ("progress", "field"),
+    [
+        (worker_pb2.ProcessProgress(output_lines=-1), "progress.output_lines"),
+        (worker_pb2.ProcessProgress(output_lines=1 << 60), "progress.output_lines"),
+        (worker_pb2.ProcessProgress(cpu_seconds=float("nan")), "progress.cpu_seconds"),
+        (worker_pb2.ProcessProgress(cpu_seconds=-0.5), "progress.cpu_seconds"),
+        (worker_pb2.ProcessProgress(cpu_seconds=1e300), "progress.cpu_seconds"),
+        (worker_pb2.ProcessProgress(restart_count=-1), "progress.restart_count"),
+        (worker_pb2.ProcessProgress(wall_time=NOW + 3600), "progress.wall_time"),
+    ],
+)
+def test_a_guards_progress_is_refused_naming_the_field_that_is_not_a_count_or_a_time(
+    progress: worker_pb2.ProcessProgress, field: str
+) -> None:
+    with pytest.raises(InvalidMessage, match=field):
+        validate_progress(progress, LAUNCHED, NOW)
+    validate_progress(worker_pb2.ProcessProgress(output_lines=10, cpu_seconds=2.5, wall_time=NOW), LAUNCHED, NOW)
+
+
+def test_a_guards_counters_that_go_back_are_no_progress() -> None:
+    state = NodeState(telemetry_pb2.NodeInfo(node="n"))
+    state.rank_attached(GUARD_HELLO)
+    state.rank_progress(GUARD_HELLO, worker_pb2.ProcessProgress(output_lines=10, cpu_seconds=5.0))
+    state.rank_progress(GUARD_HELLO, worker_pb2.ProcessProgress(output_lines=3, cpu_seconds=1.0))
+    status = state.ranks[1]
+    assert (status.output_lines, status.cpu_seconds, status.source) == (10, 5.0, telemetry_pb2.RANK_SOURCE_PROCESS)
+
+
+def test_a_step_reports_own_scalars_are_trimmed_never_refused() -> None:
+    report = telemetry_pb2.StepReport(rank=1, step=3)
+    report.scalars.update({f"s{i:03d}": float(i) for i in range(MAX_SCALARS + 10)})
+    report.scalars.update({"x" * (MAX_SCALAR_NAME_CHARS + 1): 1.0, "nan": float("nan"), "inf": float("inf")})
+    trim_scalars(report)
+    assert sorted(report.scalars) == [f"s{i:03d}" for i in range(MAX_SCALARS)]
+    assert report.step == 3  # the step itself is kept

@@ -15,12 +15,21 @@ class RankState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RANK_STATE_EXITED: _ClassVar[RankState]
     RANK_STATE_FAILED: _ClassVar[RankState]
     RANK_STATE_HUNG: _ClassVar[RankState]
+
+class RankSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RANK_SOURCE_UNSPECIFIED: _ClassVar[RankSource]
+    RANK_SOURCE_PROCESS: _ClassVar[RankSource]
+    RANK_SOURCE_STEPS: _ClassVar[RankSource]
 RANK_STATE_UNSPECIFIED: RankState
 RANK_STATE_STARTING: RankState
 RANK_STATE_RUNNING: RankState
 RANK_STATE_EXITED: RankState
 RANK_STATE_FAILED: RankState
 RANK_STATE_HUNG: RankState
+RANK_SOURCE_UNSPECIFIED: RankSource
+RANK_SOURCE_PROCESS: RankSource
+RANK_SOURCE_STEPS: RankSource
 
 class CollectiveTiming(_message.Message):
     __slots__ = ("name", "bucket_index", "bytes", "start_offset_seconds", "duration_seconds", "blocked_seconds")
@@ -605,7 +614,7 @@ class NodeInfo(_message.Message):
     def __init__(self, node: _Optional[str] = ..., hostname: _Optional[str] = ..., agent_address: _Optional[str] = ..., pid: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ..., world_size: _Optional[int] = ..., gpu_available: _Optional[bool] = ..., gpu_status: _Optional[str] = ..., start_wall_time: _Optional[float] = ..., agent_version: _Optional[str] = ..., total_steps: _Optional[int] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class RankStatus(_message.Message):
-    __slots__ = ("rank", "pid", "state", "last_step", "last_heartbeat_wall_time", "collectives_issued", "restart_count", "exit_reason")
+    __slots__ = ("rank", "pid", "state", "last_step", "last_heartbeat_wall_time", "collectives_issued", "restart_count", "exit_reason", "source", "last_progress_wall_time", "output_lines", "cpu_seconds")
     RANK_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -614,6 +623,10 @@ class RankStatus(_message.Message):
     COLLECTIVES_ISSUED_FIELD_NUMBER: _ClassVar[int]
     RESTART_COUNT_FIELD_NUMBER: _ClassVar[int]
     EXIT_REASON_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    LAST_PROGRESS_WALL_TIME_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_LINES_FIELD_NUMBER: _ClassVar[int]
+    CPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
     rank: int
     pid: int
     state: RankState
@@ -622,7 +635,11 @@ class RankStatus(_message.Message):
     collectives_issued: int
     restart_count: int
     exit_reason: str
-    def __init__(self, rank: _Optional[int] = ..., pid: _Optional[int] = ..., state: _Optional[_Union[RankState, str]] = ..., last_step: _Optional[int] = ..., last_heartbeat_wall_time: _Optional[float] = ..., collectives_issued: _Optional[int] = ..., restart_count: _Optional[int] = ..., exit_reason: _Optional[str] = ...) -> None: ...
+    source: RankSource
+    last_progress_wall_time: float
+    output_lines: int
+    cpu_seconds: float
+    def __init__(self, rank: _Optional[int] = ..., pid: _Optional[int] = ..., state: _Optional[_Union[RankState, str]] = ..., last_step: _Optional[int] = ..., last_heartbeat_wall_time: _Optional[float] = ..., collectives_issued: _Optional[int] = ..., restart_count: _Optional[int] = ..., exit_reason: _Optional[str] = ..., source: _Optional[_Union[RankSource, str]] = ..., last_progress_wall_time: _Optional[float] = ..., output_lines: _Optional[int] = ..., cpu_seconds: _Optional[float] = ...) -> None: ...
 
 class Telemetry(_message.Message):
     __slots__ = ("step_reports", "host_samples", "gpu_samples", "events", "backfill", "node_info", "rank_statuses")

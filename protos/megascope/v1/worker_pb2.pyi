@@ -8,11 +8,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class WorkerRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WORKER_ROLE_UNSPECIFIED: _ClassVar[WorkerRole]
+    WORKER_ROLE_RANK: _ClassVar[WorkerRole]
+    WORKER_ROLE_GUARD: _ClassVar[WorkerRole]
+
 class CommandKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     COMMAND_KIND_UNSPECIFIED: _ClassVar[CommandKind]
     COMMAND_KIND_CHECKPOINT: _ClassVar[CommandKind]
     COMMAND_KIND_STOP: _ClassVar[CommandKind]
+WORKER_ROLE_UNSPECIFIED: WorkerRole
+WORKER_ROLE_RANK: WorkerRole
+WORKER_ROLE_GUARD: WorkerRole
 COMMAND_KIND_UNSPECIFIED: CommandKind
 COMMAND_KIND_CHECKPOINT: CommandKind
 COMMAND_KIND_STOP: CommandKind
@@ -48,7 +57,7 @@ class ReportExitResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("rank", "local_rank", "world_size", "pid", "node", "restart_count", "run_id", "stack_file")
+    __slots__ = ("rank", "local_rank", "world_size", "pid", "node", "restart_count", "run_id", "stack_file", "role")
     RANK_FIELD_NUMBER: _ClassVar[int]
     LOCAL_RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +66,7 @@ class Hello(_message.Message):
     RESTART_COUNT_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STACK_FILE_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
     rank: int
     local_rank: int
     world_size: int
@@ -65,10 +75,23 @@ class Hello(_message.Message):
     restart_count: int
     run_id: str
     stack_file: str
-    def __init__(self, rank: _Optional[int] = ..., local_rank: _Optional[int] = ..., world_size: _Optional[int] = ..., pid: _Optional[int] = ..., node: _Optional[str] = ..., restart_count: _Optional[int] = ..., run_id: _Optional[str] = ..., stack_file: _Optional[str] = ...) -> None: ...
+    role: WorkerRole
+    def __init__(self, rank: _Optional[int] = ..., local_rank: _Optional[int] = ..., world_size: _Optional[int] = ..., pid: _Optional[int] = ..., node: _Optional[str] = ..., restart_count: _Optional[int] = ..., run_id: _Optional[str] = ..., stack_file: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ...) -> None: ...
+
+class ProcessProgress(_message.Message):
+    __slots__ = ("output_lines", "cpu_seconds", "wall_time", "restart_count")
+    OUTPUT_LINES_FIELD_NUMBER: _ClassVar[int]
+    CPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WALL_TIME_FIELD_NUMBER: _ClassVar[int]
+    RESTART_COUNT_FIELD_NUMBER: _ClassVar[int]
+    output_lines: int
+    cpu_seconds: float
+    wall_time: float
+    restart_count: int
+    def __init__(self, output_lines: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., wall_time: _Optional[float] = ..., restart_count: _Optional[int] = ...) -> None: ...
 
 class AttachRequest(_message.Message):
-    __slots__ = ("hello", "step_report", "heartbeat", "event", "finished", "failure", "self_check", "command_ack")
+    __slots__ = ("hello", "step_report", "heartbeat", "event", "finished", "failure", "self_check", "command_ack", "progress")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     STEP_REPORT_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +100,7 @@ class AttachRequest(_message.Message):
     FAILURE_FIELD_NUMBER: _ClassVar[int]
     SELF_CHECK_FIELD_NUMBER: _ClassVar[int]
     COMMAND_ACK_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     step_report: _telemetry_pb2.StepReport
     heartbeat: _telemetry_pb2.Heartbeat
@@ -85,7 +109,8 @@ class AttachRequest(_message.Message):
     failure: ExitReport
     self_check: SelfCheckResult
     command_ack: CommandAck
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., step_report: _Optional[_Union[_telemetry_pb2.StepReport, _Mapping]] = ..., heartbeat: _Optional[_Union[_telemetry_pb2.Heartbeat, _Mapping]] = ..., event: _Optional[_Union[_telemetry_pb2.Event, _Mapping]] = ..., finished: _Optional[_Union[RankFinished, _Mapping]] = ..., failure: _Optional[_Union[ExitReport, _Mapping]] = ..., self_check: _Optional[_Union[SelfCheckResult, _Mapping]] = ..., command_ack: _Optional[_Union[CommandAck, _Mapping]] = ...) -> None: ...
+    progress: ProcessProgress
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., step_report: _Optional[_Union[_telemetry_pb2.StepReport, _Mapping]] = ..., heartbeat: _Optional[_Union[_telemetry_pb2.Heartbeat, _Mapping]] = ..., event: _Optional[_Union[_telemetry_pb2.Event, _Mapping]] = ..., finished: _Optional[_Union[RankFinished, _Mapping]] = ..., failure: _Optional[_Union[ExitReport, _Mapping]] = ..., self_check: _Optional[_Union[SelfCheckResult, _Mapping]] = ..., command_ack: _Optional[_Union[CommandAck, _Mapping]] = ..., progress: _Optional[_Union[ProcessProgress, _Mapping]] = ...) -> None: ...
 
 class RankFinished(_message.Message):
     __slots__ = ("steps", "param_digest")
