@@ -129,6 +129,9 @@ class RankRow:
     """How the rank's process last failed ("SIGKILL", "exit code 1"); empty unless it failed."""
     last_step_at: float | None = None
     """Model clock when the rank's latest new step arrived (the rank table's "last step" age); None before one."""
+    process_only: bool = False
+    """Only its rank guard reports on it (an unmodified script): alive, output, CPU time, how it ended; no steps
+    until the script calls ``megascope.api.step()``."""
 
 
 @dataclass(frozen=True)
@@ -369,6 +372,9 @@ def rank_rows(
                 straggler=by_rank.get(rank),
                 exit_reason=exit_reason,
                 last_step_at=entry.stepped if rep is not None and entry.stepped else None,
+                process_only=rep is None
+                and entry.status is not None
+                and entry.status.source == telemetry_pb2.RANK_SOURCE_PROCESS,
             )
         )
     return rows

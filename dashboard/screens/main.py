@@ -132,6 +132,10 @@ class MainScreen(ModelScreen):
             if len(shown) == len(rows)
             else f"Ranks: {len(shown)} of {len(rows):,}, flagged and unhealthy first (h: heat map of all)"
         )
+        process_only = sum(1 for row in rows if row.process_only)
+        if process_only:
+            # An unmodified script: say plainly what it takes to see steps, loss and stragglers.
+            table.border_title += f" | {process_only} process only: step telemetry: add megascope.api.step()"
         table.show(shown, palette, state.now)
         loss = self.query_one("#loss", Plot)
         loss.border_title = f"Loss (mean over ranks, EMA {state.smoothing:g})" if state.smoothing else "Loss (mean)"

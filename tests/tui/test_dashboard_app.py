@@ -106,6 +106,20 @@ async def test_p_shows_paused_and_freezes_the_view_while_data_keeps_coming(
         await until(pilot, lambda: cell(app, "ranks", "1", "step") == "2", "step 2 shown after resuming")
 
 
+async def test_ranks_of_an_unmodified_script_say_what_step_telemetry_needs() -> None:
+    model = ClusterModel(["127.0.0.1:1"])
+    model.set_connected("127.0.0.1:1")
+    guarded = [running(r) for r in (0, 1)]
+    for status in guarded:
+        status.source = telemetry_pb2.RANK_SOURCE_PROCESS
+    model.ingest("127.0.0.1:1", telemetry_pb2.Telemetry(rank_statuses=guarded))
+    app = DashboardApp(model=model)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause(2 * TICK_SECONDS)
+        title = str(app.screen.query_one("#ranks", KeyedTable).border_title)
+        assert "2 process only: step telemetry: add megascope.api.step()" in title
+
+
 @pytest.mark.parametrize("key", ["question_mark", "f1"])
 async def test_help_key_opens_help_listing_every_key(key: str) -> None:
     app = DashboardApp(model=ClusterModel())

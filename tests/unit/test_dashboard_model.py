@@ -377,3 +377,14 @@ def test_a_crash_whose_step_nobody_knows_says_step_unknown_not_step_0() -> None:
     crash = telemetry_pb2.CrashDetail(signal="SIGKILL")
     model.ingest(A, batch(events=[make_event("rank 1 died", crash, node="node0", rank=1, wall_time=NOW)]))
     assert model.faults()[0].describe().startswith("crash: rank 1 on node0 (SIGKILL), step unknown")
+
+
+def test_a_rank_only_its_guard_reports_on_is_process_only_until_it_steps() -> None:
+    model = model_with(A)
+    guarded = running(0)
+    guarded.source = telemetry_pb2.RANK_SOURCE_PROCESS
+    model.ingest(A, batch(statuses=[guarded]))
+    row = model.rank_rows()[0]
+    assert (row.process_only, row.status, row.step) == (True, RankStatusName.RUNNING, None)
+    model.ingest(A, batch(report(0, 1)))  # the script now calls megascope.api.step()
+    assert not model.rank_rows()[0].process_only
