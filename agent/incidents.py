@@ -475,22 +475,26 @@ class IncidentTracker:
         if rank != 0 and 0 not in self._ranks:
             return Verdict(incident)  # the node with rank 0 reports the job's restart
         detail = _Restart(phase=_Restart.PHASE_DONE, cause=_RESTART_CAUSES[incident.kind], mttr_seconds=mttr)
-        label = _LABELS[incident.kind]
+        # A restart someone asked for is no fault: it reads as done as asked, not as a recovery.
+        requested = incident.kind is IncidentKind.REQUESTED
+        severity = events.INFO if requested else events.WARNING
+        opening = "job restarted as requested" if requested else f"job restarted after the {_LABELS[incident.kind]}"
+        since = "the request" if requested else "the fault"
         if step is None:
             text = (
-                f"job restarted after the {label}: the restarted ranks showed progress {mttr:.1f}s after the fault "
+                f"{opening}: the restarted ranks showed progress {mttr:.1f}s after {since} "
                 "(they report no steps: steps lost unknown)"
             )
-            return Verdict(incident, events.make_event(text, detail, severity=events.WARNING, rank=rank, wall_time=now))
+            return Verdict(incident, events.make_event(text, detail, severity=severity, rank=rank, wall_time=now))
         resumed = step - 1
         lost = max(0, (incident.step or 0) - resumed)
         detail.steps_lost = lost
         detail.resumed_step = resumed
         text = (
-            f"job restarted after the {label}: resumed from step {resumed}, first step done "
-            f"{mttr:.1f}s after the fault, {lost} steps lost"
+            f"{opening}: resumed from step {resumed}, first step done {mttr:.1f}s after {since}, "
+            f"{lost} steps {'redone' if requested else 'lost'}"
         )
-        event = events.make_event(text, detail, severity=events.WARNING, rank=rank, step=resumed, wall_time=now)
+        event = events.make_event(text, detail, severity=severity, rank=rank, step=resumed, wall_time=now)
         return Verdict(incident, event)
 
 

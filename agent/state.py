@@ -42,6 +42,10 @@ _LIVE = (telemetry_pb2.RANK_STATE_STARTING, telemetry_pb2.RANK_STATE_RUNNING, te
 _GUARD = worker_pb2.WORKER_ROLE_GUARD
 
 
+_STOPPED_KEPT = 4096
+"""Pids stopped on purpose that are remembered (their exit reports come within seconds)."""
+
+
 @dataclass
 class HistoryLimits:
     seconds: float = 3600.0
@@ -133,6 +137,8 @@ class NodeState:
         self.events: deque[telemetry_pb2.Event] = self._event_history.items
         self.ranks: dict[int, telemetry_pb2.RankStatus] = {}
         self._finished: set[int] = set()
+        self._stopped: dict[int, str] = {}
+        """Pids the agent stopped on purpose, and why (the newest _STOPPED_KEPT: a long job restarts many times)."""
         self._subscribers: set[Subscription] = set()
         self.stack_files: dict[int, str] = {}
         """Each rank's stack dump file, from its Hello."""
@@ -280,12 +286,22 @@ class NodeState:
         status.last_heartbeat_wall_time = time.time()
         status.collectives_issued = max(status.collectives_issued, heartbeat.collectives_issued)
 
+    def stopping(self, pid: int, why: str) -> None:
+        """The agent is stopping the process ``pid`` on purpose (``why``: "restart requested"): its end is shown as
+        stopped, not failed, and is no loss to warn about."""
+        self._stopped[pid] = why
+        while len(self._stopped) > _STOPPED_KEPT:
+            del self._stopped[next(iter(self._stopped))]
+
     def rank_exited(self, report: worker_pb2.ExitReport) -> None:
         """How a rank's process ended, from its guard (only abnormal ends are reported)."""
         status = self.ranks.get(report.rank)
         if status is not None and status.pid == report.pid:
-            status.state = telemetry_pb2.RANK_STATE_FAILED
+            why = self._stopped.get(report.pid)
+            status.state = telemetry_pb2.RANK_STATE_FAILED if why is None else telemetry_pb2.RANK_STATE_EXITED
             status.exit_reason = report.signal or f"exit code {report.exit_code}"
+            if why is not None:
+                status.exit_reason = f"stopped: {why}"
         if self.listener is not None:
             self.listener.rank_exited(report)
 
@@ -323,6 +339,11 @@ class NodeState:
             self.listener.rank_detached(rank, status.pid, finished)
         if finished:
             status.state = telemetry_pb2.RANK_STATE_EXITED
+            return
+        why = self._stopped.get(status.pid)
+        if why is not None:
+            status.state = telemetry_pb2.RANK_STATE_EXITED
+            status.exit_reason = f"stopped: {why}"
             return
         status.state = telemetry_pb2.RANK_STATE_FAILED
         last = f"step {status.last_step}" if status.HasField("last_step") else "before its first step"

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from megascope.agent import stacks
 from megascope.agent.hang_rules import Diagnosis, RankProgress, diagnose
-from megascope.agent.incidents import Action, Clock, HangFindings, IncidentTracker, Verdict
+from megascope.agent.incidents import Action, Clock, HangFindings, IncidentKind, IncidentTracker, Verdict
 from megascope.agent.processes import is_descendant, kill_tree
 from megascope.agent.state import NodeState
 from megascope.protos.megascope.v1 import agent_pb2, telemetry_pb2, worker_pb2
@@ -152,7 +152,7 @@ class Supervisor:
         if verdict.event is not None:
             self.state.add_event(verdict.event)
         if verdict.action is Action.STOP_RANKS:
-            self.stop_ranks()
+            self.stop_ranks("for the hang" if verdict.incident.kind is IncidentKind.HANG else "by the agent")
 
     async def _diagnose_hang(self) -> None:
         response = await self.collect_stacks()
@@ -226,8 +226,9 @@ class Supervisor:
 
     # --- stopping the ranks -----------------------------------------------------------------------------
 
-    def stop_ranks(self) -> int:
-        """SIGKILL every live rank of the node (torch elastic restarts them); how many were signalled.
+    def stop_ranks(self, why: str) -> int:
+        """SIGKILL every live rank of the node (torch elastic restarts them); how many were signalled. ``why`` is
+        shown with each rank stopped ("restart requested"): a rank the agent stopped on purpose did not fail.
 
         Only processes this agent started (its descendants) are signalled: a pid from the wire is never trusted.
         """
@@ -235,6 +236,7 @@ class Supervisor:
         for status in self.live_ranks():
             if is_descendant(status.pid):
                 self.incidents.expect_exit(status.pid)
+                self.state.stopping(status.pid, why)
                 # Its descendants too (a rank run by a shell, --no-python); each checked again at the moment of
                 # signalling: a process may have ended and its pid been reused.
                 stopped += kill_tree(status.pid) > 0
@@ -245,7 +247,7 @@ class Supervisor:
         verdict = self.incidents.restart_requested(reason, from_step)
         if verdict.event is not None:
             self.state.add_event(verdict.event)
-        return self.stop_ranks()
+        return self.stop_ranks("restart requested")
 
 
 @dataclass

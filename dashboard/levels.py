@@ -88,6 +88,7 @@ STATUS_LEVELS: dict[str, Level] = {
     "STARTING": Level.WARN,
     "UNKNOWN": Level.WARN,
     "SLOW": Level.WARN,  # running, but flagged as a straggler: "SLOW <cause>" in the rank table
+    "STOPPED": Level.WARN,  # stopped by its agent on purpose (a requested restart): coming back
     "STALLED": Level.WARN,  # no step for a few median step times: a hang in the making
     "HUNG": Level.BAD,
     "FAILED": Level.BAD,

@@ -41,6 +41,8 @@ class RankStatusName(str, enum.Enum):
     EXITED = "EXITED"
     FAILED = "FAILED"
     HUNG = "HUNG"
+    STOPPED = "STOPPED"
+    """Stopped by its agent on purpose (a requested restart, a hang's remedy): it did not fail."""
     STALLED = "STALLED"
     """Running, by its agent's account, but no new step for a few median step times: a hang in the making, shown
     well before the agents' hang timeout gives its verdict."""
@@ -315,6 +317,8 @@ def rank_status(
         return RankStatusName.DISCONNECTED
     if entry.status is not None:
         status = _RANK_STATES.get(entry.status.state, RankStatusName.UNKNOWN)
+        if status is RankStatusName.EXITED and entry.status.exit_reason.startswith("stopped"):
+            status = RankStatusName.STOPPED
     else:
         status = RankStatusName.RUNNING if entry.latest is not None else RankStatusName.STARTING
     stalled = (

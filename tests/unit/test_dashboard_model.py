@@ -388,3 +388,11 @@ def test_a_rank_only_its_guard_reports_on_is_process_only_until_it_steps() -> No
     assert (row.process_only, row.status, row.step) == (True, RankStatusName.RUNNING, None)
     model.ingest(A, batch(report(0, 1)))  # the script now calls megascope.api.step()
     assert not model.rank_rows()[0].process_only
+
+
+def test_a_rank_its_agent_stopped_for_a_restart_shows_stopped_not_failed() -> None:
+    model = model_with(A)
+    stopped = running(0, telemetry_pb2.RANK_STATE_EXITED)
+    stopped.exit_reason = "stopped: restart requested"
+    model.ingest(A, batch(report(0, 5), statuses=[stopped]))
+    assert model.rank_rows()[0].status is RankStatusName.STOPPED

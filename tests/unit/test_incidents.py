@@ -306,6 +306,20 @@ def test_a_requested_restart_stops_the_ranks_and_closes_with_its_cause() -> None
     assert closed.restart.cause == Restart.CAUSE_REQUESTED and closed.restart.steps_lost == 5
 
 
+def test_a_requested_restart_reads_as_done_as_asked_not_as_a_fault() -> None:
+    node = Node((0, 1))
+    node.steps(9)
+    node.tracker.restart_requested("from the dashboard", from_step=4)
+    for rank in (0, 1):
+        node.tracker.expect_exit(node.pids[rank])
+        node.dies(rank, signal="SIGKILL")
+    node.tick(5.0)
+    node.restart(resume_from=4)
+    closed = only_event(node.steps(1))
+    assert closed.severity == telemetry_pb2.Event.SEVERITY_INFO
+    assert closed.text.startswith("job restarted as requested: resumed from step 4") and "5 steps redone" in closed.text
+
+
 def test_a_hang_is_closed_by_the_restart_it_caused() -> None:
     node = Node((0, 1))
     node.steps(6)
