@@ -21,8 +21,10 @@ HELP = "run a node's agent: launch and supervise its training ranks, serve their
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from megascope.agent.profile import add_argument as add_config_argument
     from megascope.engine.train_cli import add_arguments as add_train_arguments
 
+    add_config_argument(parser)
     agent = parser.add_argument_group("agent")
     agent.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1)")
     agent.add_argument("--port", type=int, default=50051, help="port to serve on; 0 picks a free one (default: 50051)")
@@ -56,6 +58,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--insecure",
         action="store_true",
         help="serve on a non-loopback --host with neither TLS nor a token (refused without this flag)",
+    )
+    ops = parser.add_argument_group("ops stack (README: Prometheus and alerts)")
+    ops.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics on http://--metrics-host:PORT/metrics; 0 picks a free one (default: off)",
+    )
+    ops.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address of the metrics page (default: 127.0.0.1); beyond this host it needs TLS (--tls-cert) or a "
+        "token with --token-reads (sent as Authorization: Bearer), or --insecure",
+    )
+    ops.add_argument(
+        "--alert-webhook",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="POST a JSON alert (Slack-compatible) to URL on a crash, hang, restart, job failure, failed checkpoint "
+        "or eviction; repeatable; check one with `megascope alert test URL`",
     )
     agent.add_argument(
         "--history-seconds",
@@ -116,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"megascope agent: error: {error}", file=sys.stderr)
         return 2
 
+    from megascope.agent.alerts import check_webhook
     from megascope.agent.node import DEFAULT_RUN_DIR, Agent, AgentOptions
     from megascope.engine.config import ConfigError
     from megascope.engine.data import DataError
@@ -127,6 +151,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         if not 0 <= args.port <= 65535:
             raise ConfigError(f"--port must be in 0..65535, got {args.port}")
+        if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+            raise ConfigError(f"--metrics-port must be in 0..65535, got {args.metrics_port}")
+        for url in args.alert_webhook:
+            problem = check_webhook(url)
+            if problem is not None:
+                raise ConfigError(problem)
         if args.history_seconds <= 0:
             raise ConfigError(f"--history-seconds must be positive, got {args.history_seconds}")
         if args.hang_timeout is not None and not args.hang_timeout > 0:
@@ -163,6 +193,9 @@ def run(args: argparse.Namespace) -> int:
         ckpt_dir=ckpt_dir,
         hang_timeout=args.hang_timeout,
         evict_slow_nodes=args.evict_slow_nodes,
+        metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port,
+        alert_webhooks=tuple(args.alert_webhook),
     )
     try:
         return asyncio.run(Agent(agent_options).run())
@@ -179,7 +212,14 @@ def _security(args: argparse.Namespace) -> tuple[str | None, ServerTLS | None]:
     cannot be used, and for a non-loopback --host with neither TLS nor a token without --insecure."""
     from megascope.agent.auth import TOKEN_ENV, AuthError, ServerTLS, choose_token, listen_refusal, listen_warnings
 
-    choice = choose_token(args.token, args.token_file)
+    token_file = args.token_file
+    from_profile = token_file is None and args.token is None and not os.environ.get(TOKEN_ENV)
+    if from_profile:  # the profile's [agent] token_file: --token-file, --token and $MEGASCOPE_TOKEN win over it
+        token_file = getattr(args, "profile_token_file", None)
+    try:
+        choice = choose_token(args.token, token_file)
+    except AuthError as error:
+        raise AuthError(f"the profile's [agent] token_file: {error}" if from_profile else str(error)) from None
     # The ranks and a user's script inherit this process's environment: they need no token, so it stops here.
     os.environ.pop(TOKEN_ENV, None)
     tls = ServerTLS.from_flags(args.tls_cert, args.tls_key, args.tls_ca)
@@ -190,6 +230,15 @@ def _security(args: argparse.Namespace) -> tuple[str | None, ServerTLS | None]:
     refused = listen_refusal(args.host, tls is not None, choice.token is not None, args.insecure)
     if refused is not None:
         raise AuthError(refused)
+    if args.metrics_port is not None:
+        # The page is read-only, so it asks for the token exactly when reads do.
+        guarded = tls is not None or (choice.token is not None and args.token_reads)
+        if listen_refusal(args.metrics_host, guarded, False, args.insecure) is not None:
+            raise AuthError(
+                f"refusing to serve metrics on {args.metrics_host or '*'} (reachable from other hosts) unprotected: "
+                "give --tls-cert/--tls-key, or a token (--token-file) with --token-reads (Prometheus sends it with "
+                "`authorization: {credentials_file: ...}`), or --insecure; or keep --metrics-host 127.0.0.1"
+            )
     warnings = [*choice.warnings, *listen_warnings(args.host, tls is not None, choice.token is not None, args.insecure)]
     for warning in warnings:
         print(f"megascope agent: warning: {warning}", file=sys.stderr)

@@ -5,8 +5,9 @@
   agent has one; with ``--token-reads`` the reading calls (:data:`READ_METHODS`) need it too. It is checked in one
   place, :class:`TokenCheck`, a server interceptor, compared in constant time (:func:`hmac.compare_digest`), and
   read from ``--token-file`` or ``$MEGASCOPE_TOKEN`` (``--token`` on the command line still works but warns: every
-  user of the host sees it in ``ps``). The health service and the ranks' ``WorkerService`` are not covered: the
-  ranks have their own channel and secret.
+  user of the host sees it in ``ps``). Server reflection is a read. The health service and the ranks'
+  ``WorkerService`` are not covered: the ranks have their own channel and secret. Any other service needs the
+  token (:func:`classify`).
 - **TLS**: ``--tls-cert/--tls-key`` serve TLS; ``--tls-ca`` also requires every client to present a certificate
   signed by that CA (mutual TLS). :func:`server_credentials`.
 - **Where**: :func:`listen_refusal` refuses a non-loopback address that has neither TLS nor a token unless
@@ -17,6 +18,7 @@ Pure functions apart from :class:`TokenCheck` (gRPC) and the file reads, so the 
 
 from __future__ import annotations
 
+import enum
 import hmac
 import ipaddress
 import os
@@ -34,6 +36,23 @@ AGENT_SERVICE_PREFIX = "/megascope.v1.AgentService/"
 READ_METHODS = frozenset({"Watch", "GetSnapshot", "GetEvents", "ListCheckpoints", "GetMergeStatus"})
 """AgentService methods that only read; every other AgentService method is control (a new method needs the token
 unless it is named here)."""
+
+
+class Access(enum.Enum):
+    """What a call may do, which decides whether it needs the token."""
+
+    OPEN = "open"
+    """Never needs it: health (probes and load balancers carry no token) and the ranks' WorkerService (their own
+    secret, on their own channel)."""
+    READ = "read"
+    """Needs it with ``--token-reads`` only."""
+    CONTROL = "control"
+    """Needs it whenever the agent has one."""
+
+
+OPEN_SERVICES = frozenset({"grpc.health.v1.Health", "megascope.v1.WorkerService"})
+READ_SERVICES = frozenset({"grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"})
+"""Server reflection describes the services (grpcurl's ``list`` and ``describe``): a read, like telemetry."""
 ARGV_TOKEN_WARNING = (
     "--token on the command line is visible to every user of this host (ps, /proc); "
     "use --token-file PATH or $MEGASCOPE_TOKEN"
@@ -117,12 +136,24 @@ def token_matches(given: str | bytes | None, token: str) -> bool:
     return hmac.compare_digest(given_bytes, bearer(token).encode("utf-8"))
 
 
+def classify(method: str) -> Access:
+    """The access of gRPC ``method`` (``/package.Service/Method``). A service or method named nowhere here is
+    control: whatever is added to the public port later needs the token until someone decides otherwise."""
+    service, _, name = method.lstrip("/").partition("/")
+    if service in OPEN_SERVICES:
+        return Access.OPEN
+    if service in READ_SERVICES:
+        return Access.READ
+    if method.startswith(AGENT_SERVICE_PREFIX) and name in READ_METHODS:
+        return Access.READ
+    return Access.CONTROL
+
+
 def needs_token(method: str, reads: bool) -> bool:
-    """Whether a call of gRPC ``method`` (``/package.Service/Method``) needs the agent's token: every AgentService
-    method but the reads, and the reads too with ``reads``; never the health service or the ranks' WorkerService."""
-    if not method.startswith(AGENT_SERVICE_PREFIX):
-        return False
-    return reads or method[len(AGENT_SERVICE_PREFIX) :] not in READ_METHODS
+    """Whether a call of ``method`` needs the agent's token: control always, reads (AgentService's and server
+    reflection) with ``reads``; never health or the ranks' WorkerService (:func:`classify`)."""
+    access = classify(method)
+    return access is Access.CONTROL or (reads and access is Access.READ)
 
 
 def refusal(

@@ -31,6 +31,7 @@ from pathlib import Path
 import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from megascope.agent import auth, stacks, validation
 from megascope.agent.control import ControlError, JobControl, NoSuchCheckpoint
@@ -50,6 +51,12 @@ WATCH_TICK_SECONDS = 0.25
 _EXIT_LOG_LINES = 50
 """An exit report keeps at most this many first and last lines of the rank's log."""
 AGENT_SERVICE = "megascope.v1.AgentService"
+PUBLIC_SERVICES = (
+    AGENT_SERVICE,
+    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+    reflection.SERVICE_NAME,
+)
+"""What server reflection lists on the public port."""
 
 
 _REFUSALS = (InvalidMessage, ControlError)
@@ -424,8 +431,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
 
 class AgentServer:
-    """``AgentService`` and the standard health service on ``host:port``; ``WorkerService`` on the worker channel
-    (:attr:`worker_address`, a Unix socket), for callers with :attr:`worker_secret` only.
+    """``AgentService``, the standard health service and server reflection on ``host:port``; ``WorkerService`` on
+    the worker channel (:attr:`worker_address`, a Unix socket), for callers with :attr:`worker_secret` only.
 
     ``worker_socket``: where the socket goes (the agent: the run directory's; a path too long for a socket, or
     None, gets a private temporary directory). ``launched``: what the ranks' claims are checked against (default:
@@ -474,6 +481,9 @@ class AgentServer:
             AgentServicer(state, self.stopping, control, self.merges), self._server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        # Generic clients (grpcurl, Postman, grpcui) list and call the services without the .proto files. A read
+        # under the token rules (auth.classify). Not on the worker channel: only our own ranks talk there.
+        reflection.enable_server_reflection(PUBLIC_SERVICES, self._server)
         if tls is not None:
             self.port = self._server.add_secure_port(f"{host}:{port}", tls.credentials())
         else:

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from megascope.agent import profile
 from megascope.dashboard import transport as transports
 
 if TYPE_CHECKING:
+    from megascope.dashboard.model.stragglers import StragglerConfig
     from megascope.dashboard.transport import Transport
 
 HELP = "Live terminal dashboard: connect to every node's agent and watch the cluster."
@@ -36,23 +38,83 @@ def parse_agents(text: str) -> list[str]:
     return addresses
 
 
+class _Agents(argparse.Action):
+    """``--agents``: repeated flags add up, and the first one replaces the profile's list (argparse's ``extend``
+    would add to it)."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: Any = None
+    ) -> None:
+        given = getattr(namespace, "agents_on_argv", False)
+        addresses: list[str] = list(getattr(namespace, self.dest) or []) if given else []
+        addresses += [address for address in values if address not in addresses]
+        setattr(namespace, self.dest, addresses)
+        namespace.agents_on_argv = True
+
+
 def add_agents_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--agents",
         type=parse_agents,
-        action="extend",
-        required=True,
+        action=_Agents,
         metavar="HOST:PORT[,HOST:PORT...]",
-        help="the agents to connect to, comma-separated (the flag may also be repeated)",
+        help="the agents to connect to, comma-separated (the flag may also be repeated; default: agents in the "
+        "profile's [client])",
     )
+
+
+def add_straggler_arguments(parser: argparse.ArgumentParser) -> None:
+    """The straggler rule's tunables (the profile's ``[dashboard]`` too); the rule's own defaults otherwise."""
+    parser.add_argument(
+        "--straggler-threshold",
+        type=float,
+        metavar="X",
+        help="a rank is slow when busy at least X times the median rank (more than 1; default 1.05)",
+    )
+    parser.add_argument(
+        "--straggler-window", type=int, metavar="STEPS", help="steps a slowdown must last to be flagged (default 6)"
+    )
+
+
+def agents_or_error(args: argparse.Namespace, command: str) -> list[str] | None:
+    """The agents to reach, or None after printing why there are none (the command then exits 2)."""
+    if args.agents:
+        return list(args.agents)
+    where = args.config or profile.default_path()
+    print(
+        f"megascope {command}: error: no agents: give --agents HOST:PORT[,HOST:PORT...] or set agents = "
+        f'["HOST:PORT", ...] under [client] in {where}',
+        file=sys.stderr,
+    )
+    return None
+
+
+def straggler_config(args: argparse.Namespace, command: str) -> StragglerConfig | None:
+    """The straggler rule's settings from the flags (and profile), or None after printing why they cannot be used."""
+    from dataclasses import replace
+
+    from megascope.dashboard.model.stragglers import DEFAULT_CONFIG
+
+    changes = {
+        name: value
+        for name, value in (("threshold", args.straggler_threshold), ("window", args.straggler_window))
+        if value is not None
+    }
+    try:
+        return replace(DEFAULT_CONFIG, **changes)
+    except ValueError as error:
+        print(f"megascope {command}: error: --straggler-threshold/--straggler-window: {error}", file=sys.stderr)
+        return None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_agents_argument(parser)
+    profile.add_argument(parser)
     parser.add_argument("--readonly", action="store_true", help="watch only: never send a control command to an agent")
     parser.add_argument(
         "--theme", default=None, metavar="NAME", help="Textual theme, e.g. textual-light (default textual-dark)"
     )
+    add_straggler_arguments(parser)
     transports.add_arguments(parser)
 
 
@@ -75,16 +137,23 @@ def run_dashboard(
     theme: str | None = None,
     token: str | None = None,
     transport: Transport = transports.PLAINTEXT,
+    stragglers: StragglerConfig | None = None,
 ) -> int:
     """Run the dashboard in this process until the user quits; returns the exit status."""
     from megascope.dashboard.app import DashboardApp
+    from megascope.dashboard.model.cluster import ClusterModel
 
-    app = DashboardApp(agents, readonly=readonly, theme=theme, token=token, transport=transport)
+    model = ClusterModel(stragglers=stragglers) if stragglers is not None else None
+    app = DashboardApp(agents, readonly=readonly, theme=theme, token=token, transport=transport, model=model)
     app.run()
     return app.return_code or 0
 
 
 def run(args: argparse.Namespace) -> int:
+    agents = agents_or_error(args, "dashboard")
+    stragglers = straggler_config(args, "dashboard")
+    if agents is None or stragglers is None:
+        return 2
     if args.theme is not None:
         from textual.app import App
 
@@ -96,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
     transport = client_transport(args, "dashboard")
     if transport is None:
         return 2
-    return run_dashboard(args.agents, readonly=args.readonly, theme=args.theme, transport=transport)
+    return run_dashboard(agents, readonly=args.readonly, theme=args.theme, transport=transport, stragglers=stragglers)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -106,7 +106,8 @@ class LocalCluster:
         for index in range(self.nodes):
             node = f"node{index}"
             command = [
-                sys.executable, "-m", "megascope.agent.cli", "agent", "--port", "0", "--node", node,
+                # --no-config: the demo's agents are the demo's (plaintext on loopback), whatever the user's profile.
+                sys.executable, "-m", "megascope.agent.cli", "agent", "--no-config", "--port", "0", "--node", node,
                 "--nproc-per-node", str(self.ranks_per_node), "--nnodes", nnodes,
                 "--rdzv-endpoint", rendezvous, "--rdzv-id", run_id, "--run-dir", str(self.run_dir),
                 *checkpoints, *self.train_args, *(["--exit-when-done"] if self.exit_when_done else []),

@@ -11,8 +11,15 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
+from megascope.agent import profile
 from megascope.dashboard import transport as transports
-from megascope.dashboard.dashboard_cli import add_agents_argument, client_transport
+from megascope.dashboard.dashboard_cli import (
+    add_agents_argument,
+    add_straggler_arguments,
+    agents_or_error,
+    client_transport,
+    straggler_config,
+)
 
 if TYPE_CHECKING:  # the real imports happen inside the functions: `megascope --help` must stay fast
     from megascope.dashboard.model.cluster import ClusterModel
@@ -32,6 +39,7 @@ def _positive_seconds(text: str) -> float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_agents_argument(parser)
+    profile.add_argument(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument(
         "--timeout",
@@ -40,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="seconds to wait for each agent (default 5)",
     )
+    add_straggler_arguments(parser)
     transports.add_arguments(
         parser, token_help="(reads need it on agents started with --token-reads; default: $MEGASCOPE_TOKEN)"
     )
@@ -52,11 +61,15 @@ def run(args: argparse.Namespace) -> int:
     from megascope.dashboard.connection import collect_all
     from megascope.dashboard.model.cluster import ClusterModel, ConnectionState
 
+    agents = agents_or_error(args, "status")
+    stragglers = straggler_config(args, "status")
+    if agents is None or stragglers is None:
+        return 2
     transport = client_transport(args, "status")
     if transport is None:
         return 2
-    model = ClusterModel(args.agents, log_connections=False)
-    asyncio.run(collect_all(model, args.agents, args.timeout, transport))
+    model = ClusterModel(agents, log_connections=False, stragglers=stragglers)
+    asyncio.run(collect_all(model, agents, args.timeout, transport))
     snapshot = snapshot_dict(model)
     if args.json:
         print(json.dumps(snapshot, indent=2, allow_nan=False))

@@ -147,6 +147,12 @@ def from_args(args: argparse.Namespace) -> tuple[Transport, list[str]]:
     token: str | None = args.token
     token_file: str | None = getattr(args, "token_file", None)
     argv = bool(getattr(args, "token_on_argv", False))
+    if token_file is None and token is None and getattr(args, "profile_token_file", None):
+        # The profile's token_file counts only when neither --token nor $MEGASCOPE_TOKEN gives one for this run.
+        try:
+            token = read_token_file(args.profile_token_file)
+        except TransportError as error:
+            raise TransportError(f"the profile's [client] token_file: {error}") from None
     if token_file is not None:
         if argv:
             raise TransportError("give --token-file or --token, not both")

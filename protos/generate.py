@@ -10,12 +10,14 @@ The folder ``protos/`` is the package ``megascope.protos``, so the generated mod
     from megascope.protos.megascope.v1 import telemetry_pb2, agent_pb2, agent_pb2_grpc
     from megascope.protos.megascope.v1 import worker_pb2, worker_pb2_grpc
 
-protoc runs with ``-Imegascope/protos=protos``: every .proto is then known by the path
-``megascope/protos/megascope/v1/<name>.proto``, and protoc turns that path into the Python imports it
-writes (``from megascope.protos.megascope.v1 import telemetry_pb2``). The shorter
-``megascope.protos.v1`` would need the .proto files under a directory that does not match their
-``package megascope.v1`` (or rewriting protoc's output), so we keep the longer path. The same path is
-why the .proto files import each other as ``"megascope/protos/megascope/v1/telemetry.proto"``.
+protoc runs as any other language's user runs it, ``protoc -I protos protos/megascope/v1/*.proto``: every
+.proto is known by its path below ``protos/`` (``megascope/v1/telemetry.proto``), which is also the name
+server reflection gives it. protoc's Python generator turns that path into the module ``megascope.v1``, which
+is not where the package lives; it has no option for a module prefix, so :func:`_into_package` rewrites the
+two places that name the module (the imports between generated files and the module name the message classes
+record, which pickling uses) to ``megascope.protos.megascope.v1``. The ``megascope/protos/...`` path of
+earlier versions made the imports right without a rewrite, but no other language's user could compile the
+files with ``-I protos``.
 
 Usage::
 
@@ -28,6 +30,7 @@ Output is byte-for-byte reproducible only with the pinned grpcio-tools (see pypr
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import tempfile
 from importlib import resources
@@ -35,10 +38,10 @@ from pathlib import Path
 
 from grpc_tools import protoc
 
-# The folder that is the package megascope.protos (this file's folder).
+# The folder that is the package megascope.protos (this file's folder), and protoc's one include path.
 PROTOS_DIR = Path(__file__).resolve().parent
-# Virtual path protoc gives PROTOS_DIR; it must equal the import package with dots turned into slashes.
-IMPORT_PREFIX = "megascope/protos"
+# Where the generated modules are imported from: the package of PROTOS_DIR.
+PYTHON_PACKAGE = "megascope.protos"
 # Sources live under PROTOS_DIR / SOURCE_SUBDIR; generated code is written next to them.
 SOURCE_SUBDIR = "megascope"
 # File names this script owns below SOURCE_SUBDIR: anything matching is rewritten or deleted.
@@ -71,20 +74,20 @@ def generate(root: Path = PROTOS_DIR) -> dict[Path, bytes]:
         out = Path(tmp)
         args = [
             "grpc_tools.protoc",  # argv[0], ignored by protoc
-            f"-I{IMPORT_PREFIX}={root}",
+            f"-I{root}",
             f"-I{well_known}",
             f"--python_out={out}",
             f"--pyi_out={out}",
             f"--grpc_python_out={out}",
-            # Sources named by their virtual path so protoc does not have to map a disk path back.
-            *(f"{IMPORT_PREFIX}/{src.relative_to(root).as_posix()}" for src in sources),
+            # Sources named relative to the include path, as in `protoc -I protos megascope/v1/x.proto`.
+            *(src.relative_to(root).as_posix() for src in sources),
         ]
         if protoc.main(args) != 0:
             raise RuntimeError("protoc failed (its error is printed above); command: " + " ".join(args))
-        generated_root = out / IMPORT_PREFIX
+        packages = _proto_packages(out)
         files = {
-            path.relative_to(generated_root): path.read_bytes()
-            for path in sorted(generated_root.rglob("*"))
+            path.relative_to(out): _into_package(path.read_bytes(), packages)
+            for path in sorted(out.rglob("*"))
             if path.is_file()
         }
     # Empty __init__.py in every generated folder: regular packages are found by every tool
@@ -94,6 +97,27 @@ def generate(root: Path = PROTOS_DIR) -> dict[Path, bytes]:
             if parent != Path("."):
                 files.setdefault(parent / INIT, b"")
     return files
+
+
+def _proto_packages(out: Path) -> list[str]:
+    """The Python packages protoc wrote (``megascope.v1``), longest first so a prefix never shadows a longer one."""
+    folders = {path.parent.relative_to(out) for path in out.rglob("*.py*")}
+    return sorted((".".join(folder.parts) for folder in folders if folder.parts), key=len, reverse=True)
+
+
+def _into_package(code: bytes, packages: list[str]) -> bytes:
+    """``code`` with protoc's module names (``megascope.v1.x_pb2``) moved under :data:`PYTHON_PACKAGE`.
+
+    Only whole statements protoc writes are touched: ``from megascope.v1 import ...`` lines and the quoted
+    module name handed to ``BuildTopDescriptorsAndMessages``. Descriptor contents (the serialized file, its
+    ``megascope/v1/...`` name) stay as protoc made them.
+    """
+    text = code.decode("utf-8")
+    for package in packages:
+        quoted = re.escape(package)
+        text = re.sub(rf"^from {quoted} import ", f"from {PYTHON_PACKAGE}.{package} import ", text, flags=re.M)
+        text = re.sub(rf"'{quoted}\.(\w+_pb2)'", rf"'{PYTHON_PACKAGE}.{package}.\1'", text)
+    return text.encode("utf-8")
 
 
 def committed(root: Path = PROTOS_DIR) -> dict[Path, bytes]:

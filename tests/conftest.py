@@ -1,4 +1,4 @@
-"""Test-session setup: the repository root off ``sys.path``, and the integration tier marked ``slow``.
+"""Test-session setup: the repository root off ``sys.path``, no user profile, the integration tier marked ``slow``.
 
 ``python -m pytest`` puts the current directory on ``sys.path``, which would make the owner's top-level folders
 importable under their bare names: ``kernels/`` then shadows the Hugging Face ``kernels`` package that
@@ -8,7 +8,9 @@ Tests import megascope as users do, and their helpers as ``support`` (this folde
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +19,9 @@ import pytest
 
 _REPO = Path(__file__).resolve().parent.parent
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _REPO]
+# A developer's own profile (~/.config/megascope/config.toml) must not change what the tests' commands do: every
+# test, and every process a test starts, reads an empty config home unless the test points it elsewhere.
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="megascope-test-config-")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from megascope.protos.megascope.v1 import agent_pb2 as megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2
+from megascope.protos.megascope.v1 import agent_pb2 as megascope_dot_v1_dot_agent__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in megascope/protos/megascope/v1/agent_pb2_grpc.py depends on'
+        + ' but the generated code in megascope/v1/agent_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -42,53 +42,53 @@ class AgentServiceStub:
         """
         self.Watch = channel.unary_stream(
                 '/megascope.v1.AgentService/Watch',
-                request_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.WatchRequest.SerializeToString,
-                response_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.WatchResponse.FromString,
+                request_serializer=megascope_dot_v1_dot_agent__pb2.WatchRequest.SerializeToString,
+                response_deserializer=megascope_dot_v1_dot_agent__pb2.WatchResponse.FromString,
                 _registered_method=True)
         self.GetSnapshot = channel.unary_unary(
                 '/megascope.v1.AgentService/GetSnapshot',
-                request_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.GetSnapshotRequest.SerializeToString,
-                response_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.GetSnapshotResponse.FromString,
+                request_serializer=megascope_dot_v1_dot_agent__pb2.GetSnapshotRequest.SerializeToString,
+                response_deserializer=megascope_dot_v1_dot_agent__pb2.GetSnapshotResponse.FromString,
                 _registered_method=True)
         self.GetEvents = channel.unary_unary(
                 '/megascope.v1.AgentService/GetEvents',
-                request_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.GetEventsRequest.SerializeToString,
-                response_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.GetEventsResponse.FromString,
+                request_serializer=megascope_dot_v1_dot_agent__pb2.GetEventsRequest.SerializeToString,
+                response_deserializer=megascope_dot_v1_dot_agent__pb2.GetEventsResponse.FromString,
                 _registered_method=True)
         self.SaveCheckpoint = channel.unary_unary(
                 '/megascope.v1.AgentService/SaveCheckpoint',
-                request_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.SaveCheckpointRequest.SerializeToString,
-                response_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.SaveCheckpointResponse.FromString,
+                request_serializer=megascope_dot_v1_dot_agent__pb2.SaveCheckpointRequest.SerializeToString,
+                response_deserializer=megascope_dot_v1_dot_agent__pb2.SaveCheckpointResponse.FromString,
                 _registered_method=True)
         self.ListCheckpoints = channel.unary_unary(
                 '/megascope.v1.AgentService/ListCheckpoints',
-                request_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.ListCheckpointsRequest.SerializeToString,
-                response_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.ListCheckpointsResponse.FromString,
+                request_serializer=megascope_dot_v1_dot_agent__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=megascope_dot_v1_dot_agent__pb2.ListCheckpointsResponse.FromString,
                 _registered_method=True)
         self.StartMerge = channel.unary_stream(
                 '/megascope.v1.AgentService/StartMerge',
-                request_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.StartMergeRequest.SerializeToString,
-                response_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.StartMergeResponse.FromString,
+                request_serializer=megascope_dot_v1_dot_agent__pb2.StartMergeRequest.SerializeToString,
+                response_deserializer=megascope_dot_v1_dot_agent__pb2.StartMergeResponse.FromString,
                 _registered_method=True)
         self.GetMergeStatus = channel.unary_unary(
                 '/megascope.v1.AgentService/GetMergeStatus',
-                request_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.GetMergeStatusRequest.SerializeToString,
-                response_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.GetMergeStatusResponse.FromString,
+                request_serializer=megascope_dot_v1_dot_agent__pb2.GetMergeStatusRequest.SerializeToString,
+                response_deserializer=megascope_dot_v1_dot_agent__pb2.GetMergeStatusResponse.FromString,
                 _registered_method=True)
         self.CancelMerge = channel.unary_unary(
                 '/megascope.v1.AgentService/CancelMerge',
-                request_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.CancelMergeRequest.SerializeToString,
-                response_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.CancelMergeResponse.FromString,
+                request_serializer=megascope_dot_v1_dot_agent__pb2.CancelMergeRequest.SerializeToString,
+                response_deserializer=megascope_dot_v1_dot_agent__pb2.CancelMergeResponse.FromString,
                 _registered_method=True)
         self.Restart = channel.unary_unary(
                 '/megascope.v1.AgentService/Restart',
-                request_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.RestartRequest.SerializeToString,
-                response_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.RestartResponse.FromString,
+                request_serializer=megascope_dot_v1_dot_agent__pb2.RestartRequest.SerializeToString,
+                response_deserializer=megascope_dot_v1_dot_agent__pb2.RestartResponse.FromString,
                 _registered_method=True)
         self.DumpStacks = channel.unary_unary(
                 '/megascope.v1.AgentService/DumpStacks',
-                request_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.DumpStacksRequest.SerializeToString,
-                response_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.DumpStacksResponse.FromString,
+                request_serializer=megascope_dot_v1_dot_agent__pb2.DumpStacksRequest.SerializeToString,
+                response_deserializer=megascope_dot_v1_dot_agent__pb2.DumpStacksResponse.FromString,
                 _registered_method=True)
 
 
@@ -179,53 +179,53 @@ def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Watch': grpc.unary_stream_rpc_method_handler(
                     servicer.Watch,
-                    request_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.WatchRequest.FromString,
-                    response_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.WatchResponse.SerializeToString,
+                    request_deserializer=megascope_dot_v1_dot_agent__pb2.WatchRequest.FromString,
+                    response_serializer=megascope_dot_v1_dot_agent__pb2.WatchResponse.SerializeToString,
             ),
             'GetSnapshot': grpc.unary_unary_rpc_method_handler(
                     servicer.GetSnapshot,
-                    request_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.GetSnapshotRequest.FromString,
-                    response_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.GetSnapshotResponse.SerializeToString,
+                    request_deserializer=megascope_dot_v1_dot_agent__pb2.GetSnapshotRequest.FromString,
+                    response_serializer=megascope_dot_v1_dot_agent__pb2.GetSnapshotResponse.SerializeToString,
             ),
             'GetEvents': grpc.unary_unary_rpc_method_handler(
                     servicer.GetEvents,
-                    request_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.GetEventsRequest.FromString,
-                    response_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.GetEventsResponse.SerializeToString,
+                    request_deserializer=megascope_dot_v1_dot_agent__pb2.GetEventsRequest.FromString,
+                    response_serializer=megascope_dot_v1_dot_agent__pb2.GetEventsResponse.SerializeToString,
             ),
             'SaveCheckpoint': grpc.unary_unary_rpc_method_handler(
                     servicer.SaveCheckpoint,
-                    request_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.SaveCheckpointRequest.FromString,
-                    response_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.SaveCheckpointResponse.SerializeToString,
+                    request_deserializer=megascope_dot_v1_dot_agent__pb2.SaveCheckpointRequest.FromString,
+                    response_serializer=megascope_dot_v1_dot_agent__pb2.SaveCheckpointResponse.SerializeToString,
             ),
             'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
                     servicer.ListCheckpoints,
-                    request_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.ListCheckpointsRequest.FromString,
-                    response_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.ListCheckpointsResponse.SerializeToString,
+                    request_deserializer=megascope_dot_v1_dot_agent__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=megascope_dot_v1_dot_agent__pb2.ListCheckpointsResponse.SerializeToString,
             ),
             'StartMerge': grpc.unary_stream_rpc_method_handler(
                     servicer.StartMerge,
-                    request_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.StartMergeRequest.FromString,
-                    response_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.StartMergeResponse.SerializeToString,
+                    request_deserializer=megascope_dot_v1_dot_agent__pb2.StartMergeRequest.FromString,
+                    response_serializer=megascope_dot_v1_dot_agent__pb2.StartMergeResponse.SerializeToString,
             ),
             'GetMergeStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetMergeStatus,
-                    request_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.GetMergeStatusRequest.FromString,
-                    response_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.GetMergeStatusResponse.SerializeToString,
+                    request_deserializer=megascope_dot_v1_dot_agent__pb2.GetMergeStatusRequest.FromString,
+                    response_serializer=megascope_dot_v1_dot_agent__pb2.GetMergeStatusResponse.SerializeToString,
             ),
             'CancelMerge': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelMerge,
-                    request_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.CancelMergeRequest.FromString,
-                    response_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.CancelMergeResponse.SerializeToString,
+                    request_deserializer=megascope_dot_v1_dot_agent__pb2.CancelMergeRequest.FromString,
+                    response_serializer=megascope_dot_v1_dot_agent__pb2.CancelMergeResponse.SerializeToString,
             ),
             'Restart': grpc.unary_unary_rpc_method_handler(
                     servicer.Restart,
-                    request_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.RestartRequest.FromString,
-                    response_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.RestartResponse.SerializeToString,
+                    request_deserializer=megascope_dot_v1_dot_agent__pb2.RestartRequest.FromString,
+                    response_serializer=megascope_dot_v1_dot_agent__pb2.RestartResponse.SerializeToString,
             ),
             'DumpStacks': grpc.unary_unary_rpc_method_handler(
                     servicer.DumpStacks,
-                    request_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.DumpStacksRequest.FromString,
-                    response_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.DumpStacksResponse.SerializeToString,
+                    request_deserializer=megascope_dot_v1_dot_agent__pb2.DumpStacksRequest.FromString,
+                    response_serializer=megascope_dot_v1_dot_agent__pb2.DumpStacksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -259,8 +259,8 @@ class AgentService:
             request,
             target,
             '/megascope.v1.AgentService/Watch',
-            megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.WatchRequest.SerializeToString,
-            megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.WatchResponse.FromString,
+            megascope_dot_v1_dot_agent__pb2.WatchRequest.SerializeToString,
+            megascope_dot_v1_dot_agent__pb2.WatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -286,8 +286,8 @@ class AgentService:
             request,
             target,
             '/megascope.v1.AgentService/GetSnapshot',
-            megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.GetSnapshotRequest.SerializeToString,
-            megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.GetSnapshotResponse.FromString,
+            megascope_dot_v1_dot_agent__pb2.GetSnapshotRequest.SerializeToString,
+            megascope_dot_v1_dot_agent__pb2.GetSnapshotResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -313,8 +313,8 @@ class AgentService:
             request,
             target,
             '/megascope.v1.AgentService/GetEvents',
-            megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.GetEventsRequest.SerializeToString,
-            megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.GetEventsResponse.FromString,
+            megascope_dot_v1_dot_agent__pb2.GetEventsRequest.SerializeToString,
+            megascope_dot_v1_dot_agent__pb2.GetEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -340,8 +340,8 @@ class AgentService:
             request,
             target,
             '/megascope.v1.AgentService/SaveCheckpoint',
-            megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.SaveCheckpointRequest.SerializeToString,
-            megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.SaveCheckpointResponse.FromString,
+            megascope_dot_v1_dot_agent__pb2.SaveCheckpointRequest.SerializeToString,
+            megascope_dot_v1_dot_agent__pb2.SaveCheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -367,8 +367,8 @@ class AgentService:
             request,
             target,
             '/megascope.v1.AgentService/ListCheckpoints',
-            megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.ListCheckpointsRequest.SerializeToString,
-            megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.ListCheckpointsResponse.FromString,
+            megascope_dot_v1_dot_agent__pb2.ListCheckpointsRequest.SerializeToString,
+            megascope_dot_v1_dot_agent__pb2.ListCheckpointsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -394,8 +394,8 @@ class AgentService:
             request,
             target,
             '/megascope.v1.AgentService/StartMerge',
-            megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.StartMergeRequest.SerializeToString,
-            megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.StartMergeResponse.FromString,
+            megascope_dot_v1_dot_agent__pb2.StartMergeRequest.SerializeToString,
+            megascope_dot_v1_dot_agent__pb2.StartMergeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -421,8 +421,8 @@ class AgentService:
             request,
             target,
             '/megascope.v1.AgentService/GetMergeStatus',
-            megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.GetMergeStatusRequest.SerializeToString,
-            megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.GetMergeStatusResponse.FromString,
+            megascope_dot_v1_dot_agent__pb2.GetMergeStatusRequest.SerializeToString,
+            megascope_dot_v1_dot_agent__pb2.GetMergeStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -448,8 +448,8 @@ class AgentService:
             request,
             target,
             '/megascope.v1.AgentService/CancelMerge',
-            megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.CancelMergeRequest.SerializeToString,
-            megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.CancelMergeResponse.FromString,
+            megascope_dot_v1_dot_agent__pb2.CancelMergeRequest.SerializeToString,
+            megascope_dot_v1_dot_agent__pb2.CancelMergeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -475,8 +475,8 @@ class AgentService:
             request,
             target,
             '/megascope.v1.AgentService/Restart',
-            megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.RestartRequest.SerializeToString,
-            megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.RestartResponse.FromString,
+            megascope_dot_v1_dot_agent__pb2.RestartRequest.SerializeToString,
+            megascope_dot_v1_dot_agent__pb2.RestartResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -502,8 +502,8 @@ class AgentService:
             request,
             target,
             '/megascope.v1.AgentService/DumpStacks',
-            megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.DumpStacksRequest.SerializeToString,
-            megascope_dot_protos_dot_megascope_dot_v1_dot_agent__pb2.DumpStacksResponse.FromString,
+            megascope_dot_v1_dot_agent__pb2.DumpStacksRequest.SerializeToString,
+            megascope_dot_v1_dot_agent__pb2.DumpStacksResponse.FromString,
             options,
             channel_credentials,
             insecure,

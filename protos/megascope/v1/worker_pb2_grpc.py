@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from megascope.protos.megascope.v1 import worker_pb2 as megascope_dot_protos_dot_megascope_dot_v1_dot_worker__pb2
+from megascope.protos.megascope.v1 import worker_pb2 as megascope_dot_v1_dot_worker__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in megascope/protos/megascope/v1/worker_pb2_grpc.py depends on'
+        + ' but the generated code in megascope/v1/worker_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,13 +37,13 @@ class WorkerServiceStub:
         """
         self.Attach = channel.stream_stream(
                 '/megascope.v1.WorkerService/Attach',
-                request_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_worker__pb2.AttachRequest.SerializeToString,
-                response_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_worker__pb2.AttachResponse.FromString,
+                request_serializer=megascope_dot_v1_dot_worker__pb2.AttachRequest.SerializeToString,
+                response_deserializer=megascope_dot_v1_dot_worker__pb2.AttachResponse.FromString,
                 _registered_method=True)
         self.ReportExit = channel.unary_unary(
                 '/megascope.v1.WorkerService/ReportExit',
-                request_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_worker__pb2.ReportExitRequest.SerializeToString,
-                response_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_worker__pb2.ReportExitResponse.FromString,
+                request_serializer=megascope_dot_v1_dot_worker__pb2.ReportExitRequest.SerializeToString,
+                response_deserializer=megascope_dot_v1_dot_worker__pb2.ReportExitResponse.FromString,
                 _registered_method=True)
 
 
@@ -73,13 +73,13 @@ def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Attach': grpc.stream_stream_rpc_method_handler(
                     servicer.Attach,
-                    request_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_worker__pb2.AttachRequest.FromString,
-                    response_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_worker__pb2.AttachResponse.SerializeToString,
+                    request_deserializer=megascope_dot_v1_dot_worker__pb2.AttachRequest.FromString,
+                    response_serializer=megascope_dot_v1_dot_worker__pb2.AttachResponse.SerializeToString,
             ),
             'ReportExit': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportExit,
-                    request_deserializer=megascope_dot_protos_dot_megascope_dot_v1_dot_worker__pb2.ReportExitRequest.FromString,
-                    response_serializer=megascope_dot_protos_dot_megascope_dot_v1_dot_worker__pb2.ReportExitResponse.SerializeToString,
+                    request_deserializer=megascope_dot_v1_dot_worker__pb2.ReportExitRequest.FromString,
+                    response_serializer=megascope_dot_v1_dot_worker__pb2.ReportExitResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -108,8 +108,8 @@ class WorkerService:
             request_iterator,
             target,
             '/megascope.v1.WorkerService/Attach',
-            megascope_dot_protos_dot_megascope_dot_v1_dot_worker__pb2.AttachRequest.SerializeToString,
-            megascope_dot_protos_dot_megascope_dot_v1_dot_worker__pb2.AttachResponse.FromString,
+            megascope_dot_v1_dot_worker__pb2.AttachRequest.SerializeToString,
+            megascope_dot_v1_dot_worker__pb2.AttachResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -135,8 +135,8 @@ class WorkerService:
             request,
             target,
             '/megascope.v1.WorkerService/ReportExit',
-            megascope_dot_protos_dot_megascope_dot_v1_dot_worker__pb2.ReportExitRequest.SerializeToString,
-            megascope_dot_protos_dot_megascope_dot_v1_dot_worker__pb2.ReportExitResponse.FromString,
+            megascope_dot_v1_dot_worker__pb2.ReportExitRequest.SerializeToString,
+            megascope_dot_v1_dot_worker__pb2.ReportExitResponse.FromString,
             options,
             channel_credentials,
             insecure,
