@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib.util
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib.metadata import version
 from types import ModuleType
 from typing import Any, NoReturn
 
-from megascope.agent import agent_cli
-from megascope.dashboard import dashboard_cli, demo_cli, status_cli
+from megascope.agent import agent_cli, alert_cli, config_cli, profile
+from megascope.dashboard import dashboard_cli, demo_cli, export_cli, replay_cli, report_cli, status_cli
 from megascope.engine import train_cli
 from megascope.engine.checkpoint import ckpt_cli, merge_cli
 from megascope.engine.runtime.faults import FaultError, check_ranks, parse_fault
@@ -32,7 +33,18 @@ _COMMANDS: dict[str, ModuleType] = {
     "agent": agent_cli,
     "dashboard": dashboard_cli,
     "status": status_cli,
+    "replay": replay_cli,
+    "export": export_cli,
+    "report": report_cli,
+    "alert": alert_cli,
+    "config": config_cli,
 }
+
+NODE_COMMANDS = frozenset({"agent", "train", "demo", "ckpt", "merge"})
+"""Commands that need the ``[node]`` extra; the rest (dashboard, status, config, ...) run on a laptop without it."""
+NODE_MODULES = ("torch", "safetensors", "psutil", "pynvml", "grpc_reflection")
+"""What the ``[node]`` extra installs that those commands import (Triton only where it has wheels: not checked)."""
+NODE_EXTRA = "pip install 'megascope[node]'"
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -82,7 +94,8 @@ def unrecognized(parser: argparse.ArgumentParser, extras: list[str]) -> str:
     return f"unrecognized arguments: {' '.join(extras)}" + (f" ({'; '.join(hints)})" if hints else "")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(defaults: Mapping[str, Mapping[str, Any]] | None = None) -> argparse.ArgumentParser:
+    """The ``megascope`` parser; ``defaults``: command -> {flag destination: value} from the profile."""
     parser = CommandParser(
         prog="megascope",
         description="Monitor, diagnose and control large-model training from a terminal.",
@@ -93,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = subcommands.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(sub)
         sub.set_defaults(_run=module.run)
+        sub.set_defaults(**(defaults or {}).get(name, {}))
     # The demo may not import the engine (import contracts), so the composition root hands it the engine's
     # fault grammar: a bad --inject is refused before any agent starts or any run directory is made.
     subcommands.choices["demo"].set_defaults(check_faults=check_fault_specs)
@@ -108,8 +122,35 @@ def check_fault_specs(specs: Sequence[str], world_size: int) -> str | None:
     return None
 
 
+def with_profile(args: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
+    """``argv`` parsed again with the profile's values as the flags' defaults, for the commands that read it (a flag
+    on the command line wins). Raises ProfileError."""
+    if args.command not in profile.SECTIONS_OF:
+        return args
+    defaults = profile.load(args.config).defaults_for(args.command)
+    return build_parser({args.command: defaults}).parse_args(argv) if defaults else args
+
+
+def missing_node_modules() -> list[str]:
+    """The modules of the ``[node]`` extra that are not installed (found without importing them)."""
+    return [name for name in NODE_MODULES if importlib.util.find_spec(name) is None]
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    if args.command in NODE_COMMANDS and (missing := missing_node_modules()):
+        print(
+            f"megascope {args.command}: needs the node extra, which is not installed here (no {', '.join(missing)}): "
+            f"{NODE_EXTRA}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        args = with_profile(args, argv)
+    except profile.ProfileError as error:
+        print(f"megascope {args.command}: error: {error}", file=sys.stderr)
+        return 2
     try:
         return int(args._run(args))
     except KeyboardInterrupt:

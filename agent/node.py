@@ -12,12 +12,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
+from typing import TYPE_CHECKING
 
 from megascope.agent.auth import ServerTLS
 from megascope.agent.collectors import GpuSampler, HostSampler
 from megascope.agent.control import ControlError, JobControl
 from megascope.agent.merges import MergeRunner
 from megascope.agent.processes import is_descendant, is_own_user, launched_rank
+from megascope.agent.record import Recorder
 from megascope.agent.server import AgentServer
 from megascope.agent.state import HistoryLimits, NodeState
 from megascope.agent.supervision import Supervisor
@@ -27,6 +29,10 @@ from megascope.engine.runtime import run_dir as run_paths
 from megascope.engine.runtime.agent_link import AGENT_ADDRESS_ENV, AGENT_SECRET_ENV
 from megascope.protos import events
 from megascope.protos.megascope.v1 import telemetry_pb2
+
+if TYPE_CHECKING:  # loaded only when asked for: prometheus_client and the HTTP threads
+    from megascope.agent.alerts import AlertService
+    from megascope.agent.metrics import MetricsServer
 
 DEFAULT_RUN_DIR = "runs/agent"
 """The run directory of a script launched with ``megascope agent -- script.py`` and no --run-dir."""
@@ -61,6 +67,11 @@ class AgentOptions:
     """Seconds without a completed step before the ranks count as hung; None: max(30 s, 5 median steps)."""
     evict_slow_nodes: bool = False
     """Leave the job when this node's self-check finds it far slower than the others."""
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None
+    """Serve Prometheus metrics on this port (0: a free one); None: no metrics page."""
+    alert_webhooks: Sequence[str] = ()
+    """URLs to POST an alert to on each incident this node reports."""
 
 
 class Agent:
@@ -114,7 +125,14 @@ class Agent:
             self.state.event(self.gpus.status, kind=events.NO_GPU, severity=events.WARNING)
         self.state.event(f"agent for node {self.state.node_info.node} on {server.address}", kind=events.AGENT_STARTED)
 
+        # The node's record (RUN_DIR/record/NODE.sqlite): appended to by an agent restarted on the same run directory.
+        recorder = Recorder.open(self.state, self.options.run_dir)
+        if recorder is not None:
+            recorder.start()
+            self.supervisor.on_stacks = recorder.add_stacks
+            self.state.archive = recorder.archive
         self.supervisor.start()
+        metrics, alerts = self._start_ops()
         sampler = asyncio.ensure_future(self._sample_forever())
         if self.options.launch is None:
             self._tell_outside_ranks(server)
@@ -129,6 +147,12 @@ class Agent:
             await self.supervisor.stop()
             await self._stop_ranks(gracefully=True)
             await server.stop()
+            if metrics is not None:
+                await metrics.stop()
+            if alerts is not None:
+                await alerts.stop()
+            if recorder is not None:
+                await recorder.stop()
             self.gpus.close()
         return self.exit_code
 
@@ -141,6 +165,28 @@ class Agent:
             if gpus:
                 self.state.add_gpu_samples(gpus)
             await asyncio.sleep(max(0.0, _SAMPLE_SECONDS - (time.monotonic() - start)))
+
+    def _start_ops(self) -> tuple[MetricsServer | None, AlertService | None]:
+        """The Prometheus page and the alert webhooks, where asked for (each loads its library only then)."""
+        options, metrics, alerts = self.options, None, None
+        if options.metrics_port is not None:
+            from megascope.agent.metrics import MetricsServer, NodeMetrics
+
+            # The page asks for the token exactly when gRPC reads do (--token-reads).
+            token = options.token if options.token_reads else None
+            metrics = MetricsServer(
+                NodeMetrics(self.state, self.merges.status), options.metrics_host, options.metrics_port,
+                token=token, tls=options.tls,
+            )  # fmt: skip
+            metrics.start()
+            print(f"megascope agent: metrics on {metrics.url}", flush=True)
+        if options.alert_webhooks:
+            from megascope.agent.alerts import AlertService, redact
+
+            alerts = AlertService(self.state, options.alert_webhooks)
+            alerts.start()
+            print(f"megascope agent: alerts to {', '.join(redact(url) for url in options.alert_webhooks)}", flush=True)
+        return metrics, alerts
 
     def _launched(self) -> Launched:
         """What this agent launches: what its ranks' Hellos, reports and pids are checked against."""

@@ -24,6 +24,7 @@ from typing import Protocol
 
 from google.protobuf.message import Message
 
+from megascope.agent.rank_log import RankLog, RankLogLimits
 from megascope.protos import events
 from megascope.protos.megascope.v1 import agent_pb2, telemetry_pb2, worker_pb2
 
@@ -146,6 +147,9 @@ class NodeState:
         """Ranks attached themselves (megascope's API or trainer), to the pid of their stream."""
         self.guards: dict[int, int] = {}
         """Ranks whose guard is attached, to the pid of the rank's process it runs."""
+        self.rank_log_limits = RankLogLimits()
+        self.logs: dict[int, RankLog] = {}
+        """Each rank's newest output lines, from its guard (GetRankLog)."""
         self.listener: RankListener | None = None
         self.archive: Callable[[float, float], Iterable[telemetry_pb2.Telemetry]] | None = None
         """The node's record (agent/record.py): what a back-fill reaching back past memory reads, ``(since, until)``."""
@@ -209,6 +213,7 @@ class NodeState:
 
     def rank_attached(self, hello: worker_pb2.Hello) -> None:
         """A rank's stream (or its guard's: ``hello.role``) began."""
+        self._log(hello.rank).new_process(hello.pid, hello.restart_count)
         if hello.role == _GUARD:
             self.guards[hello.rank] = hello.pid
             current = self.ranks.get(hello.rank)
@@ -248,6 +253,9 @@ class NodeState:
 
     def rank_progress(self, hello: worker_pb2.Hello, progress: worker_pb2.ProcessProgress) -> None:
         """A guard's report of its rank's output and CPU time (``hello``: the guard's)."""
+        if self.guards.get(hello.rank) == hello.pid and (progress.lines or progress.lines_dropped):
+            # Before the liveness check: the last lines (a traceback) come after the rank has ended.
+            self._log(hello.rank).add(list(progress.lines), progress.lines_dropped)
         status = self.ranks.get(hello.rank)
         if status is None or status.state not in _LIVE or self.guards.get(hello.rank) != hello.pid:
             return  # a guard of a process that is gone, or replaced
@@ -353,6 +361,18 @@ class NodeState:
             severity=events.WARNING,
             rank=rank,
         )
+
+    def _log(self, rank: int) -> RankLog:
+        if rank not in self.logs:
+            self.logs[rank] = RankLog(rank, self.rank_log_limits)
+        return self.logs[rank]
+
+    def rank_log(self, rank: int, max_lines: int) -> agent_pb2.GetRankLogResponse | None:
+        """The GetRankLog answer: the rank's newest lines (at most ``max_lines``, under the answer's size limit);
+        None when the rank is not on this node."""
+        if rank not in self.ranks:
+            return None
+        return self._log(rank).answer(max_lines, MAX_ANSWER_BYTES)
 
     def _rank(self, rank: int) -> telemetry_pb2.RankStatus:
         if rank not in self.ranks:

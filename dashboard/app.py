@@ -8,7 +8,9 @@ while data keeps arriving.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from textual.app import App
 from textual.binding import Binding
@@ -16,6 +18,7 @@ from textual.css.query import NoMatches
 from textual.reactive import reactive
 from textual.screen import ModalScreen, Screen
 
+from megascope.dashboard import formatting as fmt
 from megascope.dashboard.connection import watch_agent
 from megascope.dashboard.control import DashboardControl
 from megascope.dashboard.model.cluster import ClusterModel
@@ -28,13 +31,20 @@ from megascope.dashboard.screens.diagnosis import DiagnosisScreen
 from megascope.dashboard.screens.heat_map import HeatMapScreen
 from megascope.dashboard.screens.help import HelpScreen, KeyRow, key_rows
 from megascope.dashboard.screens.main import TALL, WIDE, MainScreen
+from megascope.dashboard.screens.rank_log import OpenRankLog, RankLogScreen
+from megascope.dashboard.screens.replay_seek import SeekScreen, SeekTarget
 from megascope.dashboard.screens.training import TrainingScreen
 from megascope.dashboard.transport import PLAINTEXT, Transport
 from megascope.dashboard.widgets.heat_map import HeatMapView
 from megascope.dashboard.widgets.palette import Palette
 from megascope.dashboard.widgets.tables import KeyedTable, NodesTable
 
+if TYPE_CHECKING:
+    from megascope.dashboard.replay import Replay
+
 TICK_SECONDS = 1 / 3
+REPLAY_SPEEDS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
+REPLAY_STEP_SECONDS = 5.0
 
 
 class DashboardApp(App[int]):
@@ -86,6 +96,24 @@ class DashboardApp(App[int]):
             tooltip="checkpoints: list them, merge some (m; x cancels; space picks a step) and compare the merge's "
             "validation loss with its inputs' (m and x refused with --readonly)",
         ),
+        # A replay's cursor (megascope replay): offered only on a replay (check_action).
+        Binding("space", "replay_play", "Play/pause", tooltip="replay: play or pause the record at the chosen speed"),
+        Binding("plus", "replay_speed(1)", "Faster", key_display="+", tooltip="replay: play faster (up to 120x)"),
+        Binding("minus", "replay_speed(-1)", "Slower", key_display="-", show=False, tooltip="replay: play slower"),
+        Binding(
+            "right_square_bracket", "replay_step(1)", "Step", key_display="]", show=False,
+            tooltip=f"replay: step {REPLAY_STEP_SECONDS:g} s forward ([ steps back)",
+        ),
+        Binding(
+            "left_square_bracket", "replay_step(-1)", "Back", key_display="[", show=False, tooltip="replay: step back"
+        ),
+        Binding(
+            "n", "replay_incident(1)", "Next incident", tooltip="replay: jump to the next incident (crash, hang, ...)"
+        ),
+        Binding("N", "replay_incident(-1)", "Prev incident", show=False, tooltip="replay: the previous incident"),
+        Binding(
+            "t", "replay_seek", "Go to", tooltip="replay: go to a time (12:34:56, +90 from the start) or a step"
+        ),
         # The binding Textual adds for its command palette, made here so that help lists it.
         Binding(
             "ctrl+p", "command_palette", "palette", show=False, priority=True,
@@ -98,6 +126,7 @@ class DashboardApp(App[int]):
     smoothing: reactive[float] = reactive(SMOOTHING_WEIGHTS[1])
     """The EMA weight of the loss and gradient-norm curves, on every screen."""
 
+    REPLAY_ACTIONS = frozenset({"replay_play", "replay_speed", "replay_step", "replay_incident", "replay_seek"})
     CONTROL_ACTIONS = frozenset({"restart"})
     """The app's actions that change the job: a ``--readonly`` dashboard leaves them out of the footer."""
 
@@ -111,8 +140,16 @@ class DashboardApp(App[int]):
         tick_seconds: float = TICK_SECONDS,
         token: str | None = None,
         transport: Transport = PLAINTEXT,
+        replay: Replay | None = None,
     ) -> None:
         super().__init__()
+        self.replay = replay
+        """A recorded run behind a time cursor (``megascope replay``): read-only, nothing connected."""
+        self.playing = False
+        self.speed = 1.0
+        self._played_at = 0.0
+        if replay is not None:
+            model, agents, readonly = replay.model, (), True
         self.model = model if model is not None else ClusterModel()
         for address in agents:
             self.model.add_agent(address)
@@ -148,6 +185,8 @@ class DashboardApp(App[int]):
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         # Read-only: the restart is not offered (the footer leaves it out); pressing r still says why not (key_r).
+        if action in self.REPLAY_ACTIONS:
+            return self.replay is not None
         return not (action in self.CONTROL_ACTIONS and self.control.readonly)
 
     def key_r(self) -> None:
@@ -157,6 +196,13 @@ class DashboardApp(App[int]):
 
     def view_state(self) -> ViewState:
         title = "megascope (read-only)" if self.control.readonly else "megascope"
+        if self.replay is not None:
+            played = "playing" if self.playing else "stopped"
+            title = (
+                f"megascope REPLAY {time.strftime('%Y-%m-%d', time.localtime(self.replay.cursor))} "
+                f"{fmt.clock(self.replay.cursor)} +{fmt.duration(self.replay.cursor - self.replay.start)} "
+                f"{played} {self.speed:g}x"
+            )
         return ViewState(
             model=self.model, palette=self.palette, paused=self.paused, now=self.model.clock(), title=title,
             smoothing=self.smoothing,
@@ -174,6 +220,8 @@ class DashboardApp(App[int]):
 
     def refresh_view(self) -> None:
         """Draw the model on the top screen. Paused, a screen keeps its last frame (a new one gets a first)."""
+        if self.replay is not None and self.playing:
+            self._play()
         screen = self._drawn_screen()
         if not isinstance(screen, ModelScreen) or not screen.is_mounted:
             return
@@ -191,6 +239,12 @@ class DashboardApp(App[int]):
     def on_model_screen_redraw(self, _message: ModelScreen.Redraw) -> None:
         self.refresh_view()
 
+    def on_open_rank_log(self, message: OpenRankLog) -> None:
+        if self.replay is not None:
+            self.notify("a replay has no live agents to ask for a rank's output", severity="warning")
+            return
+        self.push_screen(RankLogScreen(self.control, message.address, message.rank))
+
     def watch_paused(self, paused: bool) -> None:
         screen = self._drawn_screen()
         if isinstance(screen, ModelScreen) and screen.is_mounted:
@@ -200,6 +254,88 @@ class DashboardApp(App[int]):
         screen = self._drawn_screen()
         if isinstance(screen, ModelScreen) and screen.is_mounted and not self.paused:
             screen.show(self.view_state())
+
+    # -- a replay's cursor ------------------------------------------------------------------------------------
+
+    def _play(self) -> None:
+        assert self.replay is not None
+        now = time.monotonic()
+        elapsed, self._played_at = now - self._played_at, now
+        self.seek(self.replay.cursor + elapsed * self.speed)
+        if self.replay.cursor >= self.replay.end:
+            self.playing = False
+
+    def seek(self, wall_time: float) -> None:
+        """Move the replay's cursor (and the model with it); the diagnosis screen shows the stacks recorded by then."""
+        if self.replay is None:
+            return
+        self.replay.seek(wall_time)
+        self.model = self.replay.model
+        if isinstance(self.screen, DiagnosisScreen):
+            self._show_recorded_stacks(self.screen)
+        if not self.playing:
+            self.refresh_view()
+
+    def action_replay_play(self) -> None:
+        assert self.replay is not None
+        if not self.playing and self.replay.cursor >= self.replay.end:
+            self.seek(self.replay.start)  # at the end: play again from the start
+        self.playing = not self.playing
+        self._played_at = time.monotonic()
+        self.refresh_view()
+
+    def action_replay_speed(self, direction: int) -> None:
+        speeds = REPLAY_SPEEDS
+        index = speeds.index(self.speed) if self.speed in speeds else 1
+        self.speed = speeds[min(len(speeds) - 1, max(0, index + direction))]
+        self.notify(f"replay speed {self.speed:g}x")
+        self.refresh_view()
+
+    def action_replay_step(self, direction: int) -> None:
+        assert self.replay is not None
+        self.playing = False
+        self.seek(self.replay.cursor + direction * REPLAY_STEP_SECONDS)
+
+    def action_replay_incident(self, direction: int) -> None:
+        assert self.replay is not None
+        item = self.replay.next_incident() if direction > 0 else self.replay.previous_incident()
+        if item is None:
+            self.notify(f"no {'later' if direction > 0 else 'earlier'} incident in the record", severity="warning")
+            return
+        self.playing = False
+        self.seek(item.wall_time)
+        event = item.message
+        self.notify(f"{fmt.clock(item.wall_time)} {event.kind}: {event.text}", markup=False)  # type: ignore[attr-defined]
+
+    def action_replay_seek(self) -> None:
+        assert self.replay is not None
+        if isinstance(self.screen, ModalScreen):
+            return
+        replay = self.replay
+
+        def chosen(target: SeekTarget | None) -> None:
+            if target is None:
+                return
+            wall_time = target.wall_time
+            if target.step is not None:
+                wall_time = replay.time_of_step(target.step)
+                if wall_time is None:
+                    self.notify(f"the record never reaches step {target.step:,}", severity="warning")
+                    return
+            assert wall_time is not None
+            self.playing = False
+            self.seek(wall_time)
+
+        self.push_screen(SeekScreen(replay.start), chosen)
+
+    def _show_recorded_stacks(self, screen: DiagnosisScreen) -> None:
+        assert self.replay is not None
+        stacks = self.replay.stacks_at()
+        if stacks is None:
+            screen.set_collecting(f"no stacks were recorded by {fmt.clock(self.replay.cursor)} (a replay shows those "
+                                  "its agents collected: at a hang, or when someone pressed s)")  # fmt: skip
+        else:
+            screen.set_stacks(stacks)
 
     def action_toggle_pause(self) -> None:
         self.paused = not self.paused
@@ -216,7 +352,7 @@ class DashboardApp(App[int]):
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
-            self.push_screen(HelpScreen(self.palette, help_keys(), self.model.stragglers.config))
+            self.push_screen(HelpScreen(self.palette, help_keys(self.replay is not None), self.model.stragglers.config))
 
     def action_stragglers(self) -> None:
         if not isinstance(self.screen, HeatMapScreen | ModalScreen):
@@ -236,6 +372,9 @@ class DashboardApp(App[int]):
         else:
             screen = DiagnosisScreen()
             self.push_screen(screen)
+        if self.replay is not None:  # the stacks recorded at the cursor, not the processes of today
+            self._show_recorded_stacks(screen)
+            return
         # DumpStacks is a control call (the agent signals every rank): --readonly sends none.
         refused = self.control.refusal("stacks are not collected; hang diagnoses still show here")
         if refused is not None:
@@ -305,11 +444,16 @@ class DashboardApp(App[int]):
             )
 
 
-def help_keys() -> list[KeyRow]:
-    """The help's key table: the app's bindings, then those of its screens and widgets, then moving around."""
+def help_keys(replay: bool = False) -> list[KeyRow]:
+    """The help's key table: the app's bindings, then those of its screens and widgets, then moving around. The
+    replay's keys only on a replay (live, they do nothing)."""
     return key_rows(
         [
-            *DashboardApp.BINDINGS,
+            *(
+                b
+                for b in DashboardApp.BINDINGS
+                if replay or not (isinstance(b, Binding) and b.action.startswith("replay_"))
+            ),
             *MainScreen.BINDINGS,
             BACK,
             *(b for b in TrainingScreen.BINDINGS if b is not BACK),

@@ -20,6 +20,8 @@ the path from here, so a file cannot be renamed on one side only.
       agent-<node>.log|.out   the demo's agents' stderr and stdout (dashboard/local_cluster.py)
       agent-<node>.sock       the agent's worker channel: a Unix socket (mode 0600) serving only WorkerService
       agent-<node>.worker     {"address", "secret"} (mode 0600): how ranks the agent did not launch reach it
+      record/<node>.sqlite    the agent's persistent record of its node (megascope.protos.recording): telemetry,
+                              events, rank statuses, stacks; read by ``megascope replay|export|report``
 
 Pure standard library: the agent and the dashboard import it without torch.
 """
@@ -37,6 +39,8 @@ STACKS = "stacks"
 FAULTS = "faults"
 LOGS = "logs"
 CHECKPOINTS = "checkpoints"
+RECORD = "record"
+RECORD_SUFFIX = ".sqlite"
 
 
 def config_file(run_dir: str | Path) -> Path:
@@ -77,6 +81,20 @@ def fault_marker(run_dir: str | Path, fault_description: str, firing: int) -> Pa
 def logs_dir(run_dir: str | Path, node: str | None = None) -> Path:
     """torch elastic's log directory: ``logs/`` for ``megascope train``, ``logs/<node>/`` under an agent."""
     return Path(run_dir) / LOGS / node if node else Path(run_dir) / LOGS
+
+
+def record_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / RECORD
+
+
+def record_file(run_dir: str | Path, node: str) -> Path:
+    """Node ``node``'s record (one file per node: each agent writes only its own)."""
+    return record_dir(run_dir) / f"{node}{RECORD_SUFFIX}"
+
+
+def record_files(run_dir: str | Path) -> list[Path]:
+    """Every node's record in the run directory, in name order."""
+    return sorted(record_dir(run_dir).glob(f"*{RECORD_SUFFIX}"))
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
