@@ -33,7 +33,7 @@ import grpc
 
 TOKEN_ENV = "MEGASCOPE_TOKEN"
 AGENT_SERVICE_PREFIX = "/megascope.v1.AgentService/"
-READ_METHODS = frozenset({"Watch", "GetSnapshot", "GetEvents", "ListCheckpoints", "GetMergeStatus"})
+READ_METHODS = frozenset({"Watch", "GetSnapshot", "GetEvents", "ListCheckpoints", "GetMergeStatus", "GetRankLog"})
 """AgentService methods that only read; every other AgentService method is control (a new method needs the token
 unless it is named here)."""
 

@@ -281,6 +281,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         kind = request.WhichOneof("payload")
         if kind == "progress":
             validation.validate_progress(request.progress, self.launched, time.time())
+            trimmed = validation.trim_progress_lines(request.progress)
+            del request.progress.lines[:]
+            request.progress.lines.extend(trimmed)
             self._state.rank_progress(hello, request.progress)
         elif kind == "finished":
             validation.validate_finished(request.finished)
@@ -367,6 +370,23 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         except _REFUSALS as error:
             await context.abort(_status(error), str(error))
         return self._state.get_events(request.since_wall_time, request.limit, set(request.kinds))
+
+    async def GetRankLog(  # noqa: N802
+        self, request: agent_pb2.GetRankLogRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.GetRankLogResponse:
+        try:
+            max_lines = validation.rank_log_lines(request, self._state.node_info.world_size)
+        except _REFUSALS as error:
+            await context.abort(_status(error), str(error))
+        answer = self._state.rank_log(request.rank, max_lines)
+        if answer is None:
+            here = ", ".join(map(str, sorted(self._state.ranks))) or "none yet"
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"rank {request.rank} does not run on node {self._state.node_info.node} (its ranks: {here}); ask the "
+                "agent of the rank's node",
+            )
+        return answer
 
     # --- job control (agent/control.py) ----------------------------------------------------------------
 

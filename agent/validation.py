@@ -40,6 +40,11 @@ MAX_WORLD_SIZE = 1 << 16
 MAX_SCALARS = 32
 """A step report's own scalars (``StepReport.scalars``) kept: the first, in name order."""
 MAX_SCALAR_NAME_CHARS = 64
+MAX_PROGRESS_LINES = 256
+"""Output lines one guard progress message may carry (the guard sends at most this many, and counts the rest)."""
+MAX_RANK_LOG_LINES = 2000
+"""GetRankLog answers at most this many lines (what the agent keeps of a rank, at most)."""
+DEFAULT_RANK_LOG_LINES = 200
 MAX_OUTPUT_LINES = 1 << 53
 """A guard's count of its rank's output lines: more than any run writes, and exact as a double."""
 MAX_CPU_SECONDS = 1e10
@@ -274,8 +279,25 @@ def validate_progress(progress: worker_pb2.ProcessProgress, launched: Launched |
         raise InvalidMessage(f"progress.cpu_seconds: must be in [0, {MAX_CPU_SECONDS:g}], got {progress.cpu_seconds}")
     if progress.restart_count < 0:
         raise InvalidMessage(f"progress.restart_count: must be >= 0, got {progress.restart_count}")
+    if len(progress.lines) > MAX_PROGRESS_LINES:
+        raise InvalidMessage(f"progress.lines: at most {MAX_PROGRESS_LINES} per message, got {len(progress.lines)}")
+    if not 0 <= progress.lines_dropped <= MAX_OUTPUT_LINES:
+        raise InvalidMessage(
+            f"progress.lines_dropped: must be in [0, {MAX_OUTPUT_LINES}], got {progress.lines_dropped}"
+        )
+    for i, line in enumerate(progress.lines):
+        if line.stream not in (telemetry_pb2.LOG_STREAM_STDOUT, telemetry_pb2.LOG_STREAM_STDERR):
+            raise InvalidMessage(f"progress.lines[{i}].stream: must be LOG_STREAM_STDOUT or LOG_STREAM_STDERR")
     if now is not None:
         check_wall_time(progress.wall_time, "progress.wall_time", launched or Launched(), now)
+
+
+def trim_progress_lines(progress: worker_pb2.ProcessProgress) -> list[telemetry_pb2.LogLine]:
+    """The lines of a valid progress as the agent keeps them: each cut to :data:`MAX_LINE_BYTES` (a longer one is
+    marked), numbered by the agent, not the sender."""
+    return [
+        telemetry_pb2.LogLine(text=_trim_text(line.text, MAX_LINE_BYTES), stream=line.stream) for line in progress.lines
+    ]
 
 
 def validate_event(
@@ -398,6 +420,20 @@ def validate_get_events(request: agent_pb2.GetEventsRequest) -> None:
         raise InvalidMessage(f"limit: must be >= 0, got {request.limit}")
     if not math.isfinite(request.since_wall_time):
         raise InvalidMessage("since_wall_time: must be a finite number")
+
+
+def rank_log_lines(request: agent_pb2.GetRankLogRequest, world_size: int) -> int:
+    """How many lines a GetRankLog answer holds at most; refuses a rank outside the job (``world_size``: the node's
+    view of it, 0 when no rank has started)."""
+    if request.rank < 0:
+        raise InvalidMessage(f"rank: must be >= 0, got {request.rank}")
+    if world_size > 0 and request.rank >= world_size:
+        raise InvalidMessage(f"rank: the job has ranks 0 to {world_size - 1}, got {request.rank}")
+    if not 0 <= request.max_lines <= MAX_RANK_LOG_LINES:
+        raise InvalidMessage(
+            f"max_lines: must be in [0, {MAX_RANK_LOG_LINES}] (0: {DEFAULT_RANK_LOG_LINES}), got {request.max_lines}"
+        )
+    return request.max_lines or DEFAULT_RANK_LOG_LINES
 
 
 def dump_stacks_timeout(request: agent_pb2.DumpStacksRequest, default: float) -> float:

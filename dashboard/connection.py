@@ -339,6 +339,17 @@ async def merge_status(address: str, transport: Transport = PLAINTEXT) -> agent_
         return response.progress
 
 
+async def rank_log(
+    address: str, rank: int, max_lines: int = 0, transport: Transport = PLAINTEXT
+) -> agent_pb2.GetRankLogResponse:
+    """The newest lines rank ``rank`` wrote, from the agent of its node (``GetRankLog``). Raises
+    grpc.aio.AioRpcError (NOT_FOUND: the rank is not on that node; UNIMPLEMENTED: an agent older than the call)."""
+    async with transport.channel(address, _CHANNEL_OPTIONS) as channel:
+        stub = agent_pb2_grpc.AgentServiceStub(channel)
+        request = agent_pb2.GetRankLogRequest(rank=rank, max_lines=max_lines)
+        return await stub.GetRankLog(request, timeout=LIST_TIMEOUT, metadata=transport.metadata())
+
+
 async def start_merge(
     address: str, request: agent_pb2.StartMergeRequest, transport: Transport = PLAINTEXT
 ) -> AsyncIterator[agent_pb2.MergeProgress]:

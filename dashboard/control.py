@@ -5,8 +5,8 @@ ask it. Every call goes over the dashboard's transport (plaintext or TLS, :mod:`
 carries its token: control calls (DumpStacks, Restart, SaveCheckpoint, StartMerge, CancelMerge) need it on agents
 with a token, reads too on agents started with ``--token-reads``. A ``--readonly`` dashboard refuses control calls
 here, in :meth:`DashboardControl.refusal`, before anything is sent: a screen asks ``refusal`` first to say so, and
-each call checks it again, so no screen can forget. Reading calls (ListCheckpoints, GetMergeStatus) are made in
-read-only mode too.
+each call checks it again, so no screen can forget. Reading calls (ListCheckpoints, GetMergeStatus, GetRankLog) are
+made in read-only mode too.
 """
 
 from __future__ import annotations
@@ -109,6 +109,10 @@ class DashboardControl:
 
     async def list_checkpoints(self, addresses: Sequence[str]) -> list[AgentReply[agent_pb2.ListCheckpointsResponse]]:
         return await connection.list_checkpoints(addresses, self.transport)
+
+    async def rank_log(self, address: str, rank: int, max_lines: int = 0) -> agent_pb2.GetRankLogResponse:
+        """Rank ``rank``'s newest output lines from ``address``, its node's agent. Raises grpc.aio.AioRpcError."""
+        return await connection.rank_log(address, rank, max_lines, self.transport)
 
     async def merge_status(self, address: str) -> agent_pb2.MergeProgress:
         """The running or last merge on ``address``. Raises grpc.aio.AioRpcError."""

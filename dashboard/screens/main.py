@@ -16,6 +16,7 @@ from megascope.dashboard.model.views import EventRow, RankRow, RankStatusName, e
 from megascope.dashboard.screens.base import ModelScreen, ViewState
 from megascope.dashboard.screens.event_detail import EventDetailScreen
 from megascope.dashboard.screens.node import NodeScreen
+from megascope.dashboard.screens.rank_log import LOG_BINDING, OpenRankLog, rank_under_cursor
 from megascope.dashboard.widgets.bars import FaultBar, StragglerBar
 from megascope.dashboard.widgets.header import HeaderBar
 from megascope.dashboard.widgets.plot import Plot
@@ -54,6 +55,7 @@ class MainScreen(ModelScreen):
             tooltip="filter the ranks, nodes and events by text, status or severity (status:failed sev:error "
             "node:node1 rank:3, -word excludes); esc clears it",
         ),
+        LOG_BINDING,
     ]  # fmt: skip
 
     def compose(self) -> ComposeResult:
@@ -144,6 +146,15 @@ class MainScreen(ModelScreen):
         events = model.events(limit=EVENTS_SHOWN)
         self._events = {str(e.id): e for e in events}
         self.query_one(EventsTable).show(events, palette)
+
+    def action_rank_log(self) -> None:
+        """``l``: the output of the rank under the rank table's cursor."""
+        rank = rank_under_cursor(self.query_one(RanksTable))
+        agent = self._rank_agents.get(str(rank)) if rank is not None else None
+        if rank is None or agent is None:
+            self.notify("no rank under the cursor: move to a rank in the rank table, then press l", severity="warning")
+            return
+        self.post_message(OpenRankLog(agent, rank))
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         """``enter`` on a node row, or on a rank row (its node), opens that node's screen; on an event, the event."""

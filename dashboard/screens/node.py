@@ -11,6 +11,7 @@ from megascope.dashboard import formatting as fmt
 from megascope.dashboard import levels
 from megascope.dashboard.model.connections import ConnectionState
 from megascope.dashboard.screens.base import BACK, ModelScreen, ViewState
+from megascope.dashboard.screens.rank_log import LOG_BINDING, OpenRankLog, rank_under_cursor
 from megascope.dashboard.widgets.header import HeaderBar
 from megascope.dashboard.widgets.palette import word
 from megascope.dashboard.widgets.plot import Plot
@@ -20,11 +21,19 @@ from megascope.dashboard.widgets.tables import RanksTable, connection_text
 class NodeScreen(ModelScreen):
     """One node: what its agent says about it, its history as plots, and its ranks."""
 
-    BINDINGS = [BACK]
+    BINDINGS = [BACK, LOG_BINDING]
 
     def __init__(self, agent: str) -> None:
         super().__init__()
         self.agent = agent
+
+    def action_rank_log(self) -> None:
+        """``l``: the output of the rank under the cursor of this node's rank table."""
+        rank = rank_under_cursor(self.query_one("#node-ranks", RanksTable))
+        if rank is None:
+            self.notify("no rank under the cursor: this node lists none yet", severity="warning")
+            return
+        self.post_message(OpenRankLog(self.agent, rank))
 
     def compose(self) -> ComposeResult:
         yield HeaderBar(id="header")

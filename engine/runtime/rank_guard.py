@@ -13,9 +13,12 @@ until it gives up. So each rank runs one level down, under this small guard (no 
 - it forwards SIGTERM/SIGINT/SIGHUP to the rank (torch elastic stopping the group);
 - it copies the rank's stdout and stderr through, keeping the last lines and counting them;
 - under an agent (``MEGASCOPE_AGENT_ADDRESS``, with the job's secret ``MEGASCOPE_AGENT_SECRET``) it attaches as the
-  rank's guard (``Hello.role`` GUARD, the rank's pid) and sends, about once a second, the lines the rank wrote and
-  the CPU seconds of its process tree: what lets the agent supervise a script that never calls megascope (alive,
-  progressing, hung). It never parses the output: steps come only from the rank itself;
+  rank's guard (``Hello.role`` GUARD, the rank's pid) and sends, about once a second, how many lines the rank wrote,
+  the lines themselves (the dashboard's ``l``) and the CPU seconds of its process tree: what lets the agent
+  supervise a script that never calls megascope (alive, progressing, hung). It never parses the output: steps come
+  only from the rank itself. The copy threads only append each line to a bounded deque; the lines leave from the
+  link's own thread, so a slow or absent agent costs the rank nothing (past :data:`LINES_PER_PROGRESS` lines a
+  second the oldest are dropped, and counted);
 - when the rank exits with status 0 it says ``finished`` on that stream (a script without the API finishes
   cleanly, not as a crash); when it ends abnormally it sends an :class:`ExitReport` (exit code or signal, log tail)
   at once, then exits the same way, so torch elastic sees exactly what the rank did.
@@ -40,12 +43,17 @@ from typing import IO, TYPE_CHECKING
 import psutil
 
 from megascope.engine.runtime import parent_death
-from megascope.protos.megascope.v1 import worker_pb2
+from megascope.protos.megascope.v1 import telemetry_pb2, worker_pb2
 
 if TYPE_CHECKING:
     from megascope.engine.runtime.agent_link import AgentSink
 
 LOG_TAIL_LINES = 20
+LINES_PER_PROGRESS = 256
+"""Lines one progress message carries at most (the agent refuses more); 256 lines of 1 KiB stay well under the
+worker channel's 1 MiB message limit."""
+LINE_BYTES = 1024
+"""A line longer than this (UTF-8) reaches the agent cut to it, marked."""
 NO_PYTHON_FLAG = "--no-python"
 """First argument: run the command as given (torchrun's ``--no-python``), not as a Python script."""
 PROGRESS_SECONDS = 1.0
@@ -55,11 +63,21 @@ CONNECT_WAIT_SECONDS = 2.0
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-class _Stream:
-    """One of the rank's output streams: its last lines and how many it wrote (one writer: its copier thread)."""
+_Pending = tuple[int, int, str]
+"""A line waiting for the agent: (its stream, its number in that stream from 1, its text)."""
 
-    def __init__(self) -> None:
+
+class _Stream:
+    """One of the rank's output streams: its last lines and how many it wrote (one writer: its copier thread).
+
+    ``outbox`` is shared by both streams and bounded: the copier appends, the link's thread takes from the left.
+    ``deque.append`` and ``popleft`` are atomic, so neither side ever waits for the other; when the link falls
+    behind, the bound drops the oldest lines, and their numbers tell the link how many it missed."""
+
+    def __init__(self, kind: int, outbox: collections.deque[_Pending] | None = None) -> None:
+        self.kind = kind
         self.tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+        self.outbox = outbox
         self.lines = 0
 
 
@@ -68,8 +86,46 @@ def _copy(source: IO[bytes], sink: IO[bytes], stream: _Stream) -> None:
         with contextlib.suppress(OSError, ValueError):
             sink.write(line)
             sink.flush()
-        stream.tail.append(line.decode(errors="replace").rstrip("\n"))  # deque.append is atomic: no lock
+        text = line.decode(errors="replace").rstrip("\n")
+        stream.tail.append(text)  # deque.append is atomic: no lock
         stream.lines += 1
+        if stream.outbox is not None:
+            stream.outbox.append((stream.kind, stream.lines, text))
+
+
+def cut_line(text: str, most: int = LINE_BYTES) -> str:
+    """``text`` in at most ``most`` UTF-8 bytes; a cut one ends with ``[cut: N bytes]`` (N: the line's length)."""
+    data = text.encode()
+    if len(data) <= most:
+        return text
+    marker = f" [cut: {len(data)} bytes]"
+    return data[: max(0, most - len(marker.encode()))].decode(errors="ignore") + marker
+
+
+class _Lines:
+    """Takes the lines waiting in the outbox for one progress message: at most :data:`LINES_PER_PROGRESS`, and how
+    many were lost since the last (dropped by the outbox's bound, or left for being too many). Used by one thread
+    at a time: the link's, then, once it has stopped, the guard's last message."""
+
+    def __init__(self, outbox: collections.deque[_Pending]) -> None:
+        self._outbox = outbox
+        self._seen: dict[int, int] = {}
+        """The number of the last line taken of each stream: a jump past it is lines lost."""
+
+    def take(self) -> tuple[list[telemetry_pb2.LogLine], int]:
+        taken: list[_Pending] = []
+        with contextlib.suppress(IndexError):  # empty: popleft is atomic, so no check-then-act race
+            while True:
+                taken.append(self._outbox.popleft())
+        lost = 0
+        for kind, number, _text in taken:
+            lost += number - self._seen.get(kind, 0) - 1
+            self._seen[kind] = number
+        if len(taken) > LINES_PER_PROGRESS:
+            lost += len(taken) - LINES_PER_PROGRESS
+            taken = taken[-LINES_PER_PROGRESS:]
+        lines = [telemetry_pb2.LogLine(text=cut_line(text), stream=kind) for kind, _number, text in taken]  # type: ignore[arg-type]
+        return lines, lost
 
 
 def describe_exit(code: int) -> tuple[int, str]:
@@ -132,21 +188,25 @@ class _Watch:
 
     Runs on its own thread and swallows every error: the rank must never be slowed down or fail because of it."""
 
-    def __init__(self, child: subprocess.Popen[bytes], streams: Sequence[_Stream]) -> None:
+    def __init__(self, child: subprocess.Popen[bytes], streams: Sequence[_Stream], lines: _Lines) -> None:
         self._child = child
         self._streams = streams
+        self._lines = lines
         self._done = threading.Event()
         self._sink: AgentSink | None = None
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="megascope-rank-guard", daemon=True)
         self._thread.start()
 
-    def _progress(self, process: psutil.Process) -> worker_pb2.ProcessProgress:
+    def _progress(self, process: psutil.Process | None) -> worker_pb2.ProcessProgress:
+        lines, lost = self._lines.take()
         return worker_pb2.ProcessProgress(
             output_lines=sum(stream.lines for stream in self._streams),
-            cpu_seconds=_cpu_seconds(process),
+            cpu_seconds=_cpu_seconds(process) if process is not None else 0.0,
             wall_time=time.time(),
             restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
+            lines=lines,
+            lines_dropped=lost,
         )
 
     def _run(self) -> None:
@@ -161,22 +221,31 @@ class _Watch:
         try:
             process = psutil.Process(self._child.pid)
             while not self._done.wait(PROGRESS_SECONDS):
-                self._sink.write_progress(self._progress(process))
+                if self._sink.connected:  # until then the lines wait in the outbox (a message now would be dropped)
+                    self._sink.write_progress(self._progress(process))
         except Exception:  # noqa: BLE001, S110 (the rank matters, not its telemetry)
             pass
 
     def finish(self, code: int) -> None:
-        """The rank ended with ``code``: a last progress, ``finished`` for a clean exit; then the stream ends."""
+        """The rank ended with ``code``: a last progress (its last lines: a traceback, a summary), ``finished`` for a
+        clean exit; then the stream ends."""
         self._done.set()
         self._ready.wait(CONNECT_WAIT_SECONDS)
         sink = self._sink
         if sink is None:
             return
+        # The link's thread may be sending a progress: one taker of the lines at a time keeps them in order.
+        self._thread.join(timeout=CONNECT_WAIT_SECONDS)
         try:
+            # A clean exit waits for the stream to say ``finished``; an abnormal one never waits (torch elastic should
+            # learn of it at once, and ReportExit already carried its last lines), so its lines go only if connected.
+            deadline = time.monotonic() + CONNECT_WAIT_SECONDS
+            while code == 0 and not sink.connected and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if not self._thread.is_alive():
+                # CPU time is not measured: the process is gone (its counter only moves forward at the agent).
+                sink.write_progress(self._progress(None))
             if code == 0:
-                deadline = time.monotonic() + CONNECT_WAIT_SECONDS
-                while not sink.connected and time.monotonic() < deadline:
-                    time.sleep(0.02)
                 sink.write_signal(worker_pb2.RankFinished())
             sink.close(timeout=CONNECT_WAIT_SECONDS)
         except Exception:  # noqa: BLE001, S110
@@ -222,7 +291,9 @@ def run(argv: Sequence[str]) -> int:
         signal.signal(sig, lambda number, _frame: child.send_signal(number))
     # One tail per stream: the two pipes are read by two threads, so their lines do not interleave in order,
     # and a chatty stdout must not push the traceback out of the report.
-    out, err = _Stream(), _Stream()
+    outbox: collections.deque[_Pending] = collections.deque(maxlen=LINES_PER_PROGRESS)
+    out = _Stream(telemetry_pb2.LOG_STREAM_STDOUT, outbox)
+    err = _Stream(telemetry_pb2.LOG_STREAM_STDERR, outbox)
     assert child.stdout is not None and child.stderr is not None
     copiers = [
         threading.Thread(target=_copy, args=(child.stdout, sys.stdout.buffer, out), daemon=True),
@@ -230,7 +301,7 @@ def run(argv: Sequence[str]) -> int:
     ]
     for copier in copiers:
         copier.start()
-    watch = _Watch(child, (out, err))
+    watch = _Watch(child, (out, err), _Lines(outbox))
     code = child.wait()
     died = time.time()
     for copier in copiers:

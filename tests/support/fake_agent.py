@@ -56,6 +56,11 @@ class FakeAgent(agent_pb2_grpc.AgentServiceServicer):
         """When set, control calls (DumpStacks, Restart) fail with this code and message."""
         self.control_calls: list[tuple[str, object, dict[str, str]]] = []
         """(method, request, metadata) of every control call, in order."""
+        self.rank_logs: dict[int, list[telemetry_pb2.LogLine]] | None = {}
+        """GetRankLog's lines per rank (``write_log`` adds); None answers UNIMPLEMENTED, as an agent older than the
+        call does. A rank with no entry and not in ``node_info.ranks`` gets NOT_FOUND."""
+        self.rank_log_calls: list[tuple[agent_pb2.GetRankLogRequest, dict[str, str]]] = []
+        """(request, metadata) of every GetRankLog call, in order."""
 
     def push(self, telemetry: telemetry_pb2.Telemetry) -> None:
         """Make ``telemetry`` part of the node's history; live watchers get it with their next batch."""
@@ -122,6 +127,26 @@ class FakeAgent(agent_pb2_grpc.AgentServiceServicer):
         if request.limit > 0:
             events = events[-request.limit :]
         return agent_pb2.GetEventsResponse(events=events)
+
+    def write_log(self, rank: int, *texts: str, stream: int = telemetry_pb2.LOG_STREAM_STDOUT) -> None:
+        """Rank ``rank`` wrote ``texts`` (numbered as the agent numbers them)."""
+        assert self.rank_logs is not None, "this fake agent answers GetRankLog with UNIMPLEMENTED"
+        lines = self.rank_logs.setdefault(rank, [])
+        for text in texts:
+            lines.append(telemetry_pb2.LogLine(text=text, stream=stream, seq=len(lines) + 1))  # type: ignore[arg-type]
+
+    async def GetRankLog(  # noqa: N802
+        self, request: agent_pb2.GetRankLogRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.GetRankLogResponse:
+        self.rank_log_calls.append((request, dict(context.invocation_metadata() or ())))
+        if self.rank_logs is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+            raise AssertionError("unreachable")
+        if request.rank not in self.rank_logs and request.rank not in self.node_info.ranks:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"rank {request.rank} does not run on this fake node")
+        lines = self.rank_logs.get(request.rank, [])
+        kept = lines[-(request.max_lines or 200) :]
+        return agent_pb2.GetRankLogResponse(rank=request.rank, lines=kept, lines_left_out=len(lines) - len(kept))
 
     async def _control(self, method: str, request: object, context: grpc.aio.ServicerContext) -> None:
         self.control_calls.append((method, request, dict(context.invocation_metadata() or ())))

@@ -247,3 +247,27 @@ class DumpStacksResponse(_message.Message):
     culprit: int
     reason: str
     def __init__(self, ranks: _Optional[_Iterable[_Union[RankStacks, _Mapping]]] = ..., culprit: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class GetRankLogRequest(_message.Message):
+    __slots__ = ("rank", "max_lines")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    MAX_LINES_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    max_lines: int
+    def __init__(self, rank: _Optional[int] = ..., max_lines: _Optional[int] = ...) -> None: ...
+
+class GetRankLogResponse(_message.Message):
+    __slots__ = ("rank", "lines", "lines_left_out", "lines_dropped", "pid", "restart_count")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    LINES_FIELD_NUMBER: _ClassVar[int]
+    LINES_LEFT_OUT_FIELD_NUMBER: _ClassVar[int]
+    LINES_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    RESTART_COUNT_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    lines: _containers.RepeatedCompositeFieldContainer[_telemetry_pb2.LogLine]
+    lines_left_out: int
+    lines_dropped: int
+    pid: int
+    restart_count: int
+    def __init__(self, rank: _Optional[int] = ..., lines: _Optional[_Iterable[_Union[_telemetry_pb2.LogLine, _Mapping]]] = ..., lines_left_out: _Optional[int] = ..., lines_dropped: _Optional[int] = ..., pid: _Optional[int] = ..., restart_count: _Optional[int] = ...) -> None: ...

@@ -30,8 +30,8 @@ class AgentServiceStub:
 
     Control RPCs change what the job does. When the agent runs with a token they need the metadata
     "authorization: Bearer TOKEN": without it they get UNAUTHENTICATED, with a wrong one PERMISSION_DENIED.
-    SaveCheckpoint, StartMerge, CancelMerge, Restart and DumpStacks are control RPCs; ListCheckpoints
-    and GetMergeStatus only read.
+    SaveCheckpoint, StartMerge, CancelMerge, Restart and DumpStacks are control RPCs; ListCheckpoints,
+    GetMergeStatus and GetRankLog only read.
     """
 
     def __init__(self, channel):
@@ -90,6 +90,11 @@ class AgentServiceStub:
                 request_serializer=megascope_dot_v1_dot_agent__pb2.DumpStacksRequest.SerializeToString,
                 response_deserializer=megascope_dot_v1_dot_agent__pb2.DumpStacksResponse.FromString,
                 _registered_method=True)
+        self.GetRankLog = channel.unary_unary(
+                '/megascope.v1.AgentService/GetRankLog',
+                request_serializer=megascope_dot_v1_dot_agent__pb2.GetRankLogRequest.SerializeToString,
+                response_deserializer=megascope_dot_v1_dot_agent__pb2.GetRankLogResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -97,8 +102,8 @@ class AgentServiceServicer:
 
     Control RPCs change what the job does. When the agent runs with a token they need the metadata
     "authorization: Bearer TOKEN": without it they get UNAUTHENTICATED, with a wrong one PERMISSION_DENIED.
-    SaveCheckpoint, StartMerge, CancelMerge, Restart and DumpStacks are control RPCs; ListCheckpoints
-    and GetMergeStatus only read.
+    SaveCheckpoint, StartMerge, CancelMerge, Restart and DumpStacks are control RPCs; ListCheckpoints,
+    GetMergeStatus and GetRankLog only read.
     """
 
     def Watch(self, request, context):
@@ -174,6 +179,14 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRankLog(self, request, context):
+        """The last lines a rank on this node wrote (stdout and stderr, through its guard), oldest first. A read. A rank
+        that is not on this node gets NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -227,6 +240,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     request_deserializer=megascope_dot_v1_dot_agent__pb2.DumpStacksRequest.FromString,
                     response_serializer=megascope_dot_v1_dot_agent__pb2.DumpStacksResponse.SerializeToString,
             ),
+            'GetRankLog': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRankLog,
+                    request_deserializer=megascope_dot_v1_dot_agent__pb2.GetRankLogRequest.FromString,
+                    response_serializer=megascope_dot_v1_dot_agent__pb2.GetRankLogResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'megascope.v1.AgentService', rpc_method_handlers)
@@ -240,8 +258,8 @@ class AgentService:
 
     Control RPCs change what the job does. When the agent runs with a token they need the metadata
     "authorization: Bearer TOKEN": without it they get UNAUTHENTICATED, with a wrong one PERMISSION_DENIED.
-    SaveCheckpoint, StartMerge, CancelMerge, Restart and DumpStacks are control RPCs; ListCheckpoints
-    and GetMergeStatus only read.
+    SaveCheckpoint, StartMerge, CancelMerge, Restart and DumpStacks are control RPCs; ListCheckpoints,
+    GetMergeStatus and GetRankLog only read.
     """
 
     @staticmethod
@@ -504,6 +522,33 @@ class AgentService:
             '/megascope.v1.AgentService/DumpStacks',
             megascope_dot_v1_dot_agent__pb2.DumpStacksRequest.SerializeToString,
             megascope_dot_v1_dot_agent__pb2.DumpStacksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRankLog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/megascope.v1.AgentService/GetRankLog',
+            megascope_dot_v1_dot_agent__pb2.GetRankLogRequest.SerializeToString,
+            megascope_dot_v1_dot_agent__pb2.GetRankLogResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -21,6 +21,13 @@ class RankSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RANK_SOURCE_UNSPECIFIED: _ClassVar[RankSource]
     RANK_SOURCE_PROCESS: _ClassVar[RankSource]
     RANK_SOURCE_STEPS: _ClassVar[RankSource]
+
+class LogStream(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LOG_STREAM_UNSPECIFIED: _ClassVar[LogStream]
+    LOG_STREAM_STDOUT: _ClassVar[LogStream]
+    LOG_STREAM_STDERR: _ClassVar[LogStream]
+    LOG_STREAM_AGENT: _ClassVar[LogStream]
 RANK_STATE_UNSPECIFIED: RankState
 RANK_STATE_STARTING: RankState
 RANK_STATE_RUNNING: RankState
@@ -30,6 +37,10 @@ RANK_STATE_HUNG: RankState
 RANK_SOURCE_UNSPECIFIED: RankSource
 RANK_SOURCE_PROCESS: RankSource
 RANK_SOURCE_STEPS: RankSource
+LOG_STREAM_UNSPECIFIED: LogStream
+LOG_STREAM_STDOUT: LogStream
+LOG_STREAM_STDERR: LogStream
+LOG_STREAM_AGENT: LogStream
 
 class CollectiveTiming(_message.Message):
     __slots__ = ("name", "bucket_index", "bytes", "start_offset_seconds", "duration_seconds", "blocked_seconds")
@@ -658,3 +669,13 @@ class Telemetry(_message.Message):
     node_info: NodeInfo
     rank_statuses: _containers.RepeatedCompositeFieldContainer[RankStatus]
     def __init__(self, step_reports: _Optional[_Iterable[_Union[StepReport, _Mapping]]] = ..., host_samples: _Optional[_Iterable[_Union[HostSample, _Mapping]]] = ..., gpu_samples: _Optional[_Iterable[_Union[GpuSample, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., backfill: _Optional[bool] = ..., node_info: _Optional[_Union[NodeInfo, _Mapping]] = ..., rank_statuses: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ...) -> None: ...
+
+class LogLine(_message.Message):
+    __slots__ = ("text", "stream", "seq")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    stream: LogStream
+    seq: int
+    def __init__(self, text: _Optional[str] = ..., stream: _Optional[_Union[LogStream, str]] = ..., seq: _Optional[int] = ...) -> None: ...

@@ -79,16 +79,20 @@ class Hello(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., local_rank: _Optional[int] = ..., world_size: _Optional[int] = ..., pid: _Optional[int] = ..., node: _Optional[str] = ..., restart_count: _Optional[int] = ..., run_id: _Optional[str] = ..., stack_file: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ...) -> None: ...
 
 class ProcessProgress(_message.Message):
-    __slots__ = ("output_lines", "cpu_seconds", "wall_time", "restart_count")
+    __slots__ = ("output_lines", "cpu_seconds", "wall_time", "restart_count", "lines", "lines_dropped")
     OUTPUT_LINES_FIELD_NUMBER: _ClassVar[int]
     CPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
     WALL_TIME_FIELD_NUMBER: _ClassVar[int]
     RESTART_COUNT_FIELD_NUMBER: _ClassVar[int]
+    LINES_FIELD_NUMBER: _ClassVar[int]
+    LINES_DROPPED_FIELD_NUMBER: _ClassVar[int]
     output_lines: int
     cpu_seconds: float
     wall_time: float
     restart_count: int
-    def __init__(self, output_lines: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., wall_time: _Optional[float] = ..., restart_count: _Optional[int] = ...) -> None: ...
+    lines: _containers.RepeatedCompositeFieldContainer[_telemetry_pb2.LogLine]
+    lines_dropped: int
+    def __init__(self, output_lines: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., wall_time: _Optional[float] = ..., restart_count: _Optional[int] = ..., lines: _Optional[_Iterable[_Union[_telemetry_pb2.LogLine, _Mapping]]] = ..., lines_dropped: _Optional[int] = ...) -> None: ...
 
 class AttachRequest(_message.Message):
     __slots__ = ("hello", "step_report", "heartbeat", "event", "finished", "failure", "self_check", "command_ack", "progress")
