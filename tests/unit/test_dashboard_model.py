@@ -396,3 +396,33 @@ def test_a_rank_its_agent_stopped_for_a_restart_shows_stopped_not_failed() -> No
     stopped.exit_reason = "stopped: restart requested"
     model.ingest(A, batch(report(0, 5), statuses=[stopped]))
     assert model.rank_rows()[0].status is RankStatusName.STOPPED
+
+
+def _stepping_model(now: list[float]) -> ClusterModel:
+    """Two ranks that did steps 1..10 at 1 s a step, seen as they came; the model's clock is ``now[0]``."""
+    model = ClusterModel([A], clock=lambda: now[0])
+    model.set_connected(A)
+    for step in range(1, 11):
+        now[0] = NOW + step
+        model.ingest(A, batch(report(0, step), report(1, step), statuses=[running(0), running(1)]))
+    return model
+
+
+def test_ranks_that_stop_stepping_for_three_median_steps_are_stalled_before_any_hang_verdict() -> None:
+    now = [0.0]
+    model = _stepping_model(now)
+    now[0] = NOW + 10 + 4.0  # four 1 s steps late, but under the 5 s floor
+    assert {row.status for row in model.rank_rows()} == {RankStatusName.RUNNING}
+    now[0] = NOW + 10 + 6.0
+    assert {row.status for row in model.rank_rows()} == {RankStatusName.STALLED}
+    header = model.header()
+    assert header.stalled and header.last_step_age == pytest.approx(6.0) and header.eta_seconds is None
+
+
+def test_a_new_step_ends_the_stall() -> None:
+    now = [0.0]
+    model = _stepping_model(now)
+    now[0] = NOW + 20.0
+    model.ingest(A, batch(report(0, 11), report(1, 11)))
+    assert {row.status for row in model.rank_rows()} == {RankStatusName.RUNNING}
+    assert not model.header().stalled
