@@ -305,7 +305,7 @@ class ClusterModel:
         return HeaderView(
             step=progress.step,
             total_steps=total_steps,
-            tokens_per_second=None if finished is not None else progress.tokens_per_second,
+            tokens_per_second=progress.tokens_per_second,
             mfu=progress.mfu,
             loss=progress.loss,
             step_seconds=progress.step_seconds,

@@ -76,7 +76,8 @@ class HeaderView:
     """The last step every known rank has completed."""
     total_steps: int | None
     tokens_per_second: float | None
-    """Job throughput: all ranks' tokens over the slowest rank's step time, median of recent complete steps."""
+    """Job throughput: all ranks' tokens over the slowest rank's step time, median of recent complete steps (the
+    run's last figure once it finished: the header shows no live rate then, the headless summary reports it)."""
     mfu: float | None
     """Mean over ranks at ``step``, 0..1; None when no rank reports it."""
     loss: float | None

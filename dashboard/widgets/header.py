@@ -51,7 +51,8 @@ def header_fields(header: HeaderView, faults: int | None = None) -> list[Field]:
         fields.append(Field("", marker[0], marker[1], KEEP))
     fields += [
         Field("step", step, None, KEEP),
-        Field("tok/s", fmt.number(header.tokens_per_second), None, 50),
+        # A finished job moves no tokens: its last rate would read as a live one.
+        Field("tok/s", fmt.number(None if header.finished is not None else header.tokens_per_second), None, 50),
         Field("MFU", fmt.percent(None if header.mfu is None else 100 * header.mfu, 1), None, 30),
         Field("loss", fmt.loss(header.loss), None, 60),
         Field("step time", "-" if header.step_seconds is None else f"{1000 * header.step_seconds:,.0f} ms", None, 20),
