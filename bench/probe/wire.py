@@ -311,7 +311,7 @@ async def _stacks_signal_nobody(probe: Probe) -> tuple[bool, str]:
         response = await probe.stub.DumpStacks(
             agent_pb2.DumpStacksRequest(timeout_seconds=2), metadata=(("authorization", f"Bearer {TOKEN}"),)
         )
-        killed = probe.server.control._supervisor.stop_ranks()  # noqa: SLF001 (the hang route: SIGKILL)
+        killed = probe.server.control._supervisor.stop_ranks("for the hang")  # noqa: SLF001 (the hang route: SIGKILL)
     finally:
         del state.ranks[5], state.stack_files[5]
         state.node_info.ranks[:] = sorted(state.ranks)

@@ -200,7 +200,7 @@ async def test_a_hello_naming_another_process_is_refused_and_no_such_process_is_
     async with grpc.aio.insecure_channel(agent.address) as public:
         stacks = await agent_pb2_grpc.AgentServiceStub(public).DumpStacks(agent_pb2.DumpStacksRequest())
     assert [(r.rank, r.answered, r.method) for r in stacks.ranks] == [(0, False, "not a process of this agent")]
-    assert agent.control._supervisor.stop_ranks() == 0  # the hang and restart route: SIGKILL to descendants only
+    assert agent.control._supervisor.stop_ranks("for the hang") == 0  # SIGKILL to descendants only
     await asyncio.sleep(0.5)
     assert psutil.Process(stranger).status() != psutil.STATUS_ZOMBIE  # raises NoSuchProcess had it been killed
 
