@@ -187,10 +187,10 @@ def test_train_refuses_a_bad_inject_naming_the_flag(args: list[str], message: st
     assert "Traceback" not in result.stderr + result.stdout
 
 
-def test_demo_relays_the_agents_refusal_of_a_bad_inject(tmp_path: Path) -> None:
+def test_demo_refuses_a_bad_inject_naming_the_flag(tmp_path: Path) -> None:
     result = run_megascope("demo", "--headless", "--steps", "2", "--inject", "hang:rank=0,step=0", "--run-dir",
                            str(tmp_path), timeout=120)  # fmt: skip
     assert result.returncode == 2
-    expected = "megascope demo: error: argument --inject: hang: step must be >= 1 (steps count from 1), got 0"
+    expected = "megascope demo: error: --inject: hang: step must be >= 1 (steps count from 1), got 0"
     assert expected in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
