@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TextIO
@@ -736,3 +736,18 @@ def finish() -> None:
         run.finish()
     except Exception as error:
         run._error("finish() failed", error)
+
+
+def default_tokens(batch: Any) -> int | None:
+    """The token positions in ``batch``, the framework callbacks' default count: ``batch["input_ids"]`` or a leading
+    integer tensor; None otherwise."""
+    import torch
+
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+    if ids is None and isinstance(batch, list | tuple) and batch:
+        ids = batch[0]
+    if ids is None:
+        ids = batch
+    if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and not ids.is_complex():
+        return ids.numel()
+    return None

@@ -5,6 +5,7 @@ needs every rank (a straggler is a rank). So the loop reports itself, with :clas
 bookkeeping of gradient accumulation::
 
     import megascope.api as megascope
+from megascope.api._run import default_tokens
     from megascope.api.accelerate import StepReporter
 
     report = StepReporter(accelerator, optimizer)             # after accelerator.prepare(...)
@@ -33,26 +34,15 @@ answered with a refusal that says why: a plain loop has no way to act on them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 import megascope.api as megascope
+from megascope.api._run import default_tokens
 
 __all__ = ["StepReporter", "default_tokens"]
-
-
-def default_tokens(batch: Any) -> int | None:
-    """The token positions in ``batch``: ``batch["input_ids"]`` or a leading integer tensor; None otherwise."""
-    ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
-    if ids is None and isinstance(batch, list | tuple) and batch:
-        ids = batch[0]
-    if ids is None:
-        ids = batch
-    if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and not ids.is_complex():
-        return ids.numel()
-    return None
 
 
 class StepReporter:

@@ -38,26 +38,13 @@ from pathlib import Path
 from typing import Any
 
 import megascope.api as megascope
+from megascope.api._run import default_tokens
 
 __all__ = ["MegascopeCallback", "callback_class", "default_tokens"]  # noqa: F822 (made on first access)
 
 PACKAGES = ("pytorch_lightning", "lightning.pytorch")
 """The two importable Lightnings, each with its own ``Callback`` base class."""
 _CLASSES: dict[str, type] = {}
-
-
-def default_tokens(batch: Any) -> int | None:
-    """The token positions in ``batch``: ``batch["input_ids"]`` or a leading integer tensor; None otherwise."""
-    import torch
-
-    ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
-    if ids is None and isinstance(batch, list | tuple) and batch:
-        ids = batch[0]
-    if ids is None:
-        ids = batch
-    if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and not ids.is_complex():
-        return ids.numel()
-    return None
 
 
 def callback_class(package: str | None = None) -> type:
