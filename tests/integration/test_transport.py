@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -15,6 +14,7 @@ import grpc
 import psutil
 import pytest
 from support import REPO, run_megascope
+from support.agent_process import AgentProcess
 from support.certs import Pki, make_pki
 
 from megascope.agent.auth import ServerTLS
@@ -228,31 +228,9 @@ def test_agent_credential_flags_that_cannot_work_exit_2(flags: list[str], messag
     assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
-class Agent:
-    """``megascope agent --no-launch ...`` in a subprocess, its address read from its first line."""
-
-    def __init__(self, *flags: str, env: dict[str, str] | None = None) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "megascope.agent.cli", "agent", "--no-launch", "--port", "0", *flags],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-            env={**(env if env is not None else os.environ), "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()  # the agent's first line, or "" if it exited
-        assert line.startswith("megascope agent: listening on "), (line, self.stop())
-        self.address = line.rsplit(" ", 1)[-1].strip()
-        self.port = int(self.address.rsplit(":", 1)[-1])
-
-    def stop(self) -> str:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        _, stderr = self.process.communicate(timeout=60)
-        return stderr
-
-
 def test_insecure_lets_the_agent_serve_on_every_interface_and_says_so(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "MEGASCOPE_TOKEN"}
-    agent = Agent("--host", "0.0.0.0", "--insecure", "--run-dir", str(tmp_path / "run"), env=env)
+    agent = AgentProcess("--host", "0.0.0.0", "--insecure", "--run-dir", str(tmp_path / "run"), env=env)
     try:
         result = run_megascope("status", "--agents", f"127.0.0.1:{agent.port}", "--json", "--timeout", "20")
         assert result.returncode == 0, result.stderr
@@ -268,7 +246,7 @@ def test_token_from_the_environment_on_the_agent_and_from_a_file_on_status(tmp_p
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
     tls = ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key), "--tls-ca", str(pki.ca)]
-    agent = Agent(
+    agent = AgentProcess(
         *tls, "--token-reads", "--run-dir", str(tmp_path / "run"), env={**os.environ, "MEGASCOPE_TOKEN": TOKEN}
     )
     client_tls = ["--tls-ca", str(pki.ca), "--tls-cert", str(pki.client_cert), "--tls-key", str(pki.client_key)]
@@ -305,7 +283,7 @@ def test_agent_warns_of_a_token_file_others_can_read(tmp_path: Path) -> None:
     token_file.write_text(TOKEN)
     token_file.chmod(0o644)
     env = {k: v for k, v in os.environ.items() if k != "MEGASCOPE_TOKEN"}
-    agent = Agent("--token-file", str(token_file), "--run-dir", str(tmp_path / "run"), env=env)
+    agent = AgentProcess("--token-file", str(token_file), "--run-dir", str(tmp_path / "run"), env=env)
     stderr = agent.stop()
     assert "readable by others" in stderr and "chmod 600" in stderr
 
