@@ -7,7 +7,6 @@ megascope line is ``callbacks=[MegascopeCallback()]``.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -18,7 +17,8 @@ from typing import Any
 
 import grpc
 import pytest
-from support import REPO, run_megascope
+from support import REPO
+from support import status_json as status
 
 from megascope.protos.megascope.v1 import agent_pb2, agent_pb2_grpc
 
@@ -28,13 +28,6 @@ SCRIPT = REPO / "tests" / "support" / "scripts" / "hf_script.py"
 STEPS = 300
 SAVE_AHEAD = 100
 """Steps between the newest step seen and the one the checkpoint is asked for: ~6 s of margin at ~60 ms a step."""
-
-
-def status(address: str) -> dict[str, Any]:
-    result = run_megascope("status", "--agents", address, "--json", timeout=60)
-    assert result.returncode == 0, result.stderr
-    snapshot: dict[str, Any] = json.loads(result.stdout)
-    return snapshot
 
 
 def ended(snapshot: dict[str, Any]) -> bool:

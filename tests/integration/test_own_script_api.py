@@ -7,7 +7,6 @@ The script (tests/support/scripts/api_script.py) is plain PyTorch: gloo, a tiny 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -16,18 +15,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from support import REPO, run_megascope
+from support import REPO
+from support import status_json as status
 
 SCRIPT = REPO / "tests" / "support" / "scripts" / "api_script.py"
 STEPS = 60
 SLOW_RANK = 3
-
-
-def status(address: str) -> dict[str, Any]:
-    result = run_megascope("status", "--agents", address, "--json", timeout=60)
-    assert result.returncode == 0, result.stderr
-    snapshot: dict[str, Any] = json.loads(result.stdout)
-    return snapshot
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Shared helpers: run the real `megascope` command in a subprocess and read a run's telemetry."""
+"""Shared helpers: run the real `megascope` command in a subprocess, read `status --json` and a run's telemetry."""
 
 from __future__ import annotations
 
@@ -23,6 +23,14 @@ def run_megascope(*args: str, timeout: float = 300, cwd: Path | None = None) -> 
         cwd=cwd or REPO,
         env=env,
     )
+
+
+def status_json(address: str) -> dict[str, Any]:
+    """`megascope status --agents ADDRESS --json`, which must succeed, parsed."""
+    result = run_megascope("status", "--agents", address, "--json", timeout=60)
+    assert result.returncode == 0, result.stderr
+    snapshot: dict[str, Any] = json.loads(result.stdout)
+    return snapshot
 
 
 def read_telemetry(run_dir: Path) -> dict[int, list[dict[str, Any]]]:
