@@ -87,6 +87,8 @@ def kind_of(event: pb.Event) -> str:
         return "stalled" if event.hang.verdict == pb.HangDetail.VERDICT_ELSEWHERE else "hang"
     if which == "restart":
         return _RESTART_KINDS.get(event.restart.phase, "restart")
+    if which == "recovery":
+        return "recovered"
     if which == "checkpoint":
         return _CHECKPOINT_KINDS.get(event.checkpoint.phase, "checkpoint")
     if which == "resume":

@@ -190,7 +190,7 @@ class GpuSample(_message.Message):
     def __init__(self, node: _Optional[str] = ..., wall_time: _Optional[float] = ..., index: _Optional[int] = ..., name: _Optional[str] = ..., uuid: _Optional[str] = ..., utilization_percent: _Optional[float] = ..., memory_used_bytes: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., temperature_celsius: _Optional[float] = ..., power_watts: _Optional[float] = ..., power_limit_watts: _Optional[float] = ..., sm_clock_mhz: _Optional[int] = ..., mem_clock_mhz: _Optional[int] = ..., ecc_errors_corrected: _Optional[int] = ..., ecc_errors_uncorrected: _Optional[int] = ..., xid_errors: _Optional[_Iterable[int]] = ..., throttle_reasons: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("wall_time", "node", "kind", "severity", "rank", "step", "text", "crash", "hang", "restart", "checkpoint", "resume", "straggler", "self_check", "merge", "run", "job", "fault_injected", "agent_link")
+    __slots__ = ("wall_time", "node", "kind", "severity", "rank", "step", "text", "crash", "hang", "restart", "checkpoint", "resume", "straggler", "self_check", "merge", "run", "job", "fault_injected", "agent_link", "recovery")
     class Severity(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         SEVERITY_UNSPECIFIED: _ClassVar[Event.Severity]
@@ -222,6 +222,7 @@ class Event(_message.Message):
     JOB_FIELD_NUMBER: _ClassVar[int]
     FAULT_INJECTED_FIELD_NUMBER: _ClassVar[int]
     AGENT_LINK_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_FIELD_NUMBER: _ClassVar[int]
     wall_time: float
     node: str
     kind: str
@@ -241,7 +242,8 @@ class Event(_message.Message):
     job: JobDetail
     fault_injected: FaultInjectedDetail
     agent_link: AgentLinkDetail
-    def __init__(self, wall_time: _Optional[float] = ..., node: _Optional[str] = ..., kind: _Optional[str] = ..., severity: _Optional[_Union[Event.Severity, str]] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., text: _Optional[str] = ..., crash: _Optional[_Union[CrashDetail, _Mapping]] = ..., hang: _Optional[_Union[HangDetail, _Mapping]] = ..., restart: _Optional[_Union[RestartDetail, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointDetail, _Mapping]] = ..., resume: _Optional[_Union[ResumeDetail, _Mapping]] = ..., straggler: _Optional[_Union[StragglerDetail, _Mapping]] = ..., self_check: _Optional[_Union[SelfCheckDetail, _Mapping]] = ..., merge: _Optional[_Union[MergeDetail, _Mapping]] = ..., run: _Optional[_Union[RunDetail, _Mapping]] = ..., job: _Optional[_Union[JobDetail, _Mapping]] = ..., fault_injected: _Optional[_Union[FaultInjectedDetail, _Mapping]] = ..., agent_link: _Optional[_Union[AgentLinkDetail, _Mapping]] = ...) -> None: ...
+    recovery: RecoveryDetail
+    def __init__(self, wall_time: _Optional[float] = ..., node: _Optional[str] = ..., kind: _Optional[str] = ..., severity: _Optional[_Union[Event.Severity, str]] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., text: _Optional[str] = ..., crash: _Optional[_Union[CrashDetail, _Mapping]] = ..., hang: _Optional[_Union[HangDetail, _Mapping]] = ..., restart: _Optional[_Union[RestartDetail, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointDetail, _Mapping]] = ..., resume: _Optional[_Union[ResumeDetail, _Mapping]] = ..., straggler: _Optional[_Union[StragglerDetail, _Mapping]] = ..., self_check: _Optional[_Union[SelfCheckDetail, _Mapping]] = ..., merge: _Optional[_Union[MergeDetail, _Mapping]] = ..., run: _Optional[_Union[RunDetail, _Mapping]] = ..., job: _Optional[_Union[JobDetail, _Mapping]] = ..., fault_injected: _Optional[_Union[FaultInjectedDetail, _Mapping]] = ..., agent_link: _Optional[_Union[AgentLinkDetail, _Mapping]] = ..., recovery: _Optional[_Union[RecoveryDetail, _Mapping]] = ...) -> None: ...
 
 class CrashDetail(_message.Message):
     __slots__ = ("exit_code", "signal", "pid", "detect_seconds", "last_step", "log_tail", "restart_count")
@@ -292,7 +294,7 @@ class HangDetail(_message.Message):
     def __init__(self, verdict: _Optional[_Union[HangDetail.Verdict, str]] = ..., culprit_rank: _Optional[int] = ..., reason: _Optional[str] = ..., how: _Optional[str] = ..., detect_seconds: _Optional[float] = ..., last_step: _Optional[int] = ..., ranks_answered: _Optional[int] = ..., ranks_total: _Optional[int] = ...) -> None: ...
 
 class RestartDetail(_message.Message):
-    __slots__ = ("cause", "phase", "mttr_seconds", "steps_lost", "resumed_step", "from_step", "reason")
+    __slots__ = ("cause", "phase", "mttr_seconds", "steps_lost", "resumed_step", "from_step", "reason", "in_place")
     class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         PHASE_UNSPECIFIED: _ClassVar[RestartDetail.Phase]
@@ -320,6 +322,7 @@ class RestartDetail(_message.Message):
     RESUMED_STEP_FIELD_NUMBER: _ClassVar[int]
     FROM_STEP_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    IN_PLACE_FIELD_NUMBER: _ClassVar[int]
     cause: RestartDetail.Cause
     phase: RestartDetail.Phase
     mttr_seconds: float
@@ -327,7 +330,34 @@ class RestartDetail(_message.Message):
     resumed_step: int
     from_step: int
     reason: str
-    def __init__(self, cause: _Optional[_Union[RestartDetail.Cause, str]] = ..., phase: _Optional[_Union[RestartDetail.Phase, str]] = ..., mttr_seconds: _Optional[float] = ..., steps_lost: _Optional[int] = ..., resumed_step: _Optional[int] = ..., from_step: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    in_place: bool
+    def __init__(self, cause: _Optional[_Union[RestartDetail.Cause, str]] = ..., phase: _Optional[_Union[RestartDetail.Phase, str]] = ..., mttr_seconds: _Optional[float] = ..., steps_lost: _Optional[int] = ..., resumed_step: _Optional[int] = ..., from_step: _Optional[int] = ..., reason: _Optional[str] = ..., in_place: _Optional[bool] = ...) -> None: ...
+
+class RecoveryDetail(_message.Message):
+    __slots__ = ("replaced_ranks", "generation", "step", "donor_rank", "steps_redone", "failed_wall_time", "reform_seconds", "transfer_seconds", "state_bytes", "replacement_ready_seconds", "total_seconds")
+    REPLACED_RANKS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    DONOR_RANK_FIELD_NUMBER: _ClassVar[int]
+    STEPS_REDONE_FIELD_NUMBER: _ClassVar[int]
+    FAILED_WALL_TIME_FIELD_NUMBER: _ClassVar[int]
+    REFORM_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REPLACEMENT_READY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    replaced_ranks: _containers.RepeatedScalarFieldContainer[int]
+    generation: int
+    step: int
+    donor_rank: int
+    steps_redone: int
+    failed_wall_time: float
+    reform_seconds: float
+    transfer_seconds: float
+    state_bytes: int
+    replacement_ready_seconds: float
+    total_seconds: float
+    def __init__(self, replaced_ranks: _Optional[_Iterable[int]] = ..., generation: _Optional[int] = ..., step: _Optional[int] = ..., donor_rank: _Optional[int] = ..., steps_redone: _Optional[int] = ..., failed_wall_time: _Optional[float] = ..., reform_seconds: _Optional[float] = ..., transfer_seconds: _Optional[float] = ..., state_bytes: _Optional[int] = ..., replacement_ready_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
 
 class CheckpointDetail(_message.Message):
     __slots__ = ("phase", "step", "path", "bytes", "block_seconds", "stage_seconds", "write_seconds", "total_seconds", "error", "removed", "free_bytes")
