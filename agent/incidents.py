@@ -19,9 +19,13 @@ An incident has a kind (:class:`IncidentKind`) and goes through the states of :c
   nothing happen for one more timeout stops its own ranks (``hang`` without a culprit: ACTED).
 - requested: a restart asked for through the Restart RPC; ACTED at once (the ranks are stopped).
 
-Every kind is CLOSED by the first step a restarted rank completes: the ``restart`` event carries the time to
-repair (from the fault to that step) and the steps lost. Only the node that runs rank 0 reports it, so one
-restart of the job is one event. Each verdict is given once: a REPORTED incident is never reported again.
+With in-place recovery (``in_place``: engine/recovery.py) a hang's culprit is stopped alone (STOP_CULPRIT): its
+guard replaces it and the other ranks keep their processes; a crash needs nothing from the agent either way.
+
+Every kind is CLOSED by the first step a restarted (or replacement) rank completes: the ``restart`` event carries
+the time to repair (from the fault to that step), the steps lost (redone, in place) and whether the job recovered
+in place. Only the node that runs rank 0 reports it, so one restart of the job is one event. Each verdict is
+given once: a REPORTED incident is never reported again.
 
 Ranks that report no steps (a user's script without megascope's API: only its rank guard reports) are supervised on
 what their process shows (:meth:`IncidentTracker.rank_progressed`): a new output line or a changing stack is
@@ -94,6 +98,9 @@ class Action(enum.Enum):
     """A hang is suspected: collect every rank's stacks, diagnose, and call :meth:`IncidentTracker.hang_diagnosed`."""
     STOP_RANKS = "stop_ranks"
     """Stop this node's ranks (torch elastic restarts the job); tell the tracker of each pid (expect_exit)."""
+    STOP_CULPRIT = "stop_culprit"
+    """Stop the culprit rank only (``Verdict.rank``): with in-place recovery its guard replaces it and the other
+    ranks re-form the group without it (engine/recovery.py)."""
 
 
 _RESTART_CAUSES = {
@@ -165,6 +172,8 @@ class Verdict:
     incident: Incident
     event: telemetry_pb2.Event | None = None
     action: Action = Action.NONE
+    rank: int | None = None
+    """The rank the action is about (STOP_CULPRIT)."""
 
 
 @dataclass(frozen=True)
@@ -189,10 +198,12 @@ class _Rank:
 class IncidentTracker:
     """The incident state machine of one node's ranks; see the module docstring."""
 
-    def __init__(self, clock: Clock, hang_timeout: float | None = None) -> None:
+    def __init__(self, clock: Clock, hang_timeout: float | None = None, in_place: bool = False) -> None:
         self._clock = clock
         self.hang_timeout = hang_timeout
         """Fixed hang timeout in seconds; None: the larger of 30 s and 5 median step times."""
+        self.in_place = in_place
+        """The ranks recover in place (``--recovery inplace``): a hang's culprit is stopped alone, not every rank."""
         self.incident: Incident | None = None
         self.closed: list[Incident] = []
         """Closed incidents, oldest first (the restarts of the job seen from this node)."""
@@ -354,11 +365,14 @@ class IncidentTracker:
         detail.verdict = _Hang.VERDICT_CULPRIT
         detail.culprit_rank = findings.culprit
         how = f" (its stacks: {findings.how})" if findings.how else ""
-        text = f"rank {findings.culprit} hangs{how}: {findings.reason}; {quiet}; {collected}; restarting"
+        remedy = f"replacing rank {findings.culprit}" if self.in_place else "restarting"
+        text = f"rank {findings.culprit} hangs{how}: {findings.reason}; {quiet}; {collected}; {remedy}"
         incident.advance(IncidentState.ACTED)
         event = events.make_event(
             text, detail, severity=events.ERROR, rank=findings.culprit, step=incident.step, wall_time=now
         )
+        if self.in_place:
+            return Verdict(incident, event, Action.STOP_CULPRIT, rank=findings.culprit)
         return Verdict(incident, event, Action.STOP_RANKS)
 
     def restart_requested(self, reason: str, from_step: int | None = None) -> Verdict:
@@ -474,11 +488,20 @@ class IncidentTracker:
         mttr = now - incident.started
         if rank != 0 and 0 not in self._ranks:
             return Verdict(incident)  # the node with rank 0 reports the job's restart
-        detail = _Restart(phase=_Restart.PHASE_DONE, cause=_RESTART_CAUSES[incident.kind], mttr_seconds=mttr)
+        # In place: some rank kept the process it had before the fault (only the failed ones were replaced).
+        in_place = any(known.live and known.attached <= incident.started for known in self._ranks.values())
+        detail = _Restart(
+            phase=_Restart.PHASE_DONE, cause=_RESTART_CAUSES[incident.kind], mttr_seconds=mttr, in_place=in_place
+        )
         # A restart someone asked for is no fault: it reads as done as asked, not as a recovery.
         requested = incident.kind is IncidentKind.REQUESTED
         severity = events.INFO if requested else events.WARNING
-        opening = "job restarted as requested" if requested else f"job restarted after the {_LABELS[incident.kind]}"
+        if requested:
+            opening = "job restarted as requested"
+        elif in_place:
+            opening = f"job recovered in place after the {_LABELS[incident.kind]}"
+        else:
+            opening = f"job restarted after the {_LABELS[incident.kind]}"
         since = "the request" if requested else "the fault"
         if step is None:
             text = (
@@ -490,9 +513,10 @@ class IncidentTracker:
         lost = max(0, (incident.step or 0) - resumed)
         detail.steps_lost = lost
         detail.resumed_step = resumed
+        source = "went on from" if in_place else "resumed from"
         text = (
-            f"{opening}: resumed from step {resumed}, first step done {mttr:.1f}s after {since}, "
-            f"{lost} steps {'redone' if requested else 'lost'}"
+            f"{opening}: {source} step {resumed}, first step done {mttr:.1f}s after {since}, "
+            f"{lost} steps {'redone' if requested or in_place else 'lost'}"
         )
         event = events.make_event(text, detail, severity=severity, rank=rank, step=resumed, wall_time=now)
         return Verdict(incident, event)

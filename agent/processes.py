@@ -94,3 +94,16 @@ def kill_tree(pid: int) -> int:
         children = []
     killed = sum(signal_descendant(child.pid, signal.SIGKILL) for child in reversed(children))
     return killed + signal_descendant(pid, signal.SIGKILL)
+
+
+def worker_of(pid: int, launcher: int) -> int | None:
+    """The process ``launcher`` (torchrun) started that ``pid`` runs under: the rank's guard, which torch elastic
+    watches. None when ``pid`` is not below ``launcher``."""
+    try:
+        lineage = [psutil.Process(pid), *psutil.Process(pid).parents()]
+    except psutil.Error:
+        return None
+    for process, parent in zip(lineage, lineage[1:], strict=False):
+        if parent.pid == launcher:
+            return process.pid
+    return None

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from megascope.agent import stacks
 from megascope.agent.hang_rules import Diagnosis, RankProgress, diagnose
 from megascope.agent.incidents import Action, Clock, HangFindings, IncidentKind, IncidentTracker, Verdict
-from megascope.agent.processes import is_descendant, kill_tree
+from megascope.agent.processes import is_descendant, kill_tree, worker_of
 from megascope.agent.state import NodeState
 from megascope.protos.megascope.v1 import agent_pb2, telemetry_pb2, worker_pb2
 
@@ -59,9 +59,12 @@ class Supervisor:
         hang_timeout: float | None = None,
         evict: Callable[[str], None] | None = None,
         clock: Clock = time.time,
+        launcher: Callable[[], int | None] | None = None,
     ) -> None:
         self.state = state
-        self.incidents = IncidentTracker(clock, hang_timeout)
+        self._launcher = launcher
+        """The pid of the torchrun running the ranks in place (``--recovery inplace``); None: they restart as a job."""
+        self.incidents = IncidentTracker(clock, hang_timeout, in_place=launcher is not None)
         self._evict = evict
         """Called with the reason when this node's self-check finds it slow (``--evict-slow-nodes``)."""
         self._clock = clock
@@ -153,6 +156,8 @@ class Supervisor:
             self.state.add_event(verdict.event)
         if verdict.action is Action.STOP_RANKS:
             self.stop_ranks("for the hang" if verdict.incident.kind is IncidentKind.HANG else "by the agent")
+        elif verdict.action is Action.STOP_CULPRIT and verdict.rank is not None:
+            self.stop_rank(verdict.rank, "for the hang")
 
     async def _diagnose_hang(self) -> None:
         response = await self.collect_stacks()
@@ -233,14 +238,28 @@ class Supervisor:
         Only processes this agent started (its descendants) are signalled: a pid from the wire is never trusted.
         """
         stopped = 0
+        launcher = self._launcher() if self._launcher is not None else None
         for status in self.live_ranks():
             if is_descendant(status.pid):
                 self.incidents.expect_exit(status.pid)
                 self.state.stopping(status.pid, why)
+                # In place, a rank's guard would replace the rank: the whole job restarts only when the guards go
+                # (the ranks die with them), so torch elastic sees its workers fail and restarts them all.
+                target = (worker_of(status.pid, launcher) if launcher else None) or status.pid
                 # Its descendants too (a rank run by a shell, --no-python); each checked again at the moment of
                 # signalling: a process may have ended and its pid been reused.
-                stopped += kill_tree(status.pid) > 0
+                stopped += kill_tree(target) > 0
         return stopped
+
+    def stop_rank(self, rank: int, why: str) -> bool:
+        """SIGKILL one rank's process (a hang's culprit, with in-place recovery: its guard replaces it and the
+        others re-form the group); whether it was signalled. Only a descendant of this agent, as for stop_ranks."""
+        status = self.state.ranks.get(rank)
+        if status is None or status.state not in _LIVE or not is_descendant(status.pid):
+            return False
+        self.incidents.expect_exit(status.pid)
+        self.state.stopping(status.pid, why)
+        return kill_tree(status.pid) > 0
 
     def request_restart(self, reason: str, from_step: int | None = None) -> int:
         """A restart asked for by a user: stop the ranks; the restart event follows the first step after it."""

@@ -445,3 +445,37 @@ def test_a_rank_and_its_guard_attached_for_one_process_make_one_crash_and_one_re
         node.tracker.rank_attached(rank, pid, reports_steps=False)
     assert only_event(node.steps(1)).kind == "restart"
     assert node.tracker.restarts == 1 and node.tick() == []
+
+
+# --- in-place recovery (--recovery inplace) ------------------------------------------------------------------
+
+
+def test_in_place_a_hangs_culprit_is_stopped_alone() -> None:
+    node = Node((0, 1, 2, 3))
+    node.tracker.in_place = True
+    node.steps(6)
+    [suspected] = node.tick(TIMEOUT + 1)
+    assert suspected.action is Action.COLLECT_STACKS
+    verdict = node.tracker.hang_diagnosed(HangFindings(2, "rank 2 lags", "", 4, 4))
+    assert verdict is not None and verdict.action is Action.STOP_CULPRIT and verdict.rank == 2
+    assert verdict.event is not None and "replacing rank 2" in verdict.event.text
+
+
+def test_a_crash_recovered_in_place_closes_with_in_place_and_the_steps_redone() -> None:
+    node = Node((0, 1, 2, 3))
+    node.steps(6)
+    died = node.clock.now
+    node.dies(2, signal="SIGKILL")
+    node.tick()
+    node.clock.advance(0.5)
+    node.restart(resume_from=6, ranks=(2,))  # only the culprit is replaced; the others keep their processes
+    event = only_event(node.steps(1))
+    assert event.kind == "restart" and event.restart.in_place and event.restart.steps_lost == 0
+    assert event.restart.mttr_seconds == pytest.approx(node.clock.now - died)
+    assert "job recovered in place after the crash: went on from step 6" in event.text
+
+
+def test_a_job_whose_every_rank_restarted_is_not_in_place() -> None:
+    node, _ = crashed_and_restarted((0, 1), culprit=1)
+    event = only_event(node.steps(1))
+    assert not event.restart.in_place and "job restarted after the crash" in event.text
