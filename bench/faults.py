@@ -239,13 +239,17 @@ def measure(
         result.detection = next((d for d in detections if result.fired < d.time < until), None)
         before = [e for e in executions if e.done <= result.fired]
         attempt = max((e.attempt for e in before), default=0)
-        # Every rank finished the step before the faulty one (the fault fires as its rank starts the next), and
-        # no rank can finish a step the faulty rank never joins: the attempt's last step is the one before.
-        result.last_step = max((e.step for e in executions if e.attempt == attempt), default=0)
-        after = [e for e in executions if e.attempt > attempt]
+        # The newest step of the fault's attempt that some rank had begun before the fault: the faulty rank fires
+        # as it starts the next one, which no rank can finish without it. (In place, a step the faulty rank had
+        # already contributed to may still complete on the others: then it counts, and nothing is redone.)
+        result.last_step = max((e.step for e in executions if e.attempt == attempt and e.start < result.fired),
+                               default=0)  # fmt: skip
+        # What came next: a later step of the same attempt (recovered in place: the surviving ranks went on) or
+        # the first step of a later attempt (torch elastic restarted every rank, from a checkpoint).
+        after = [e for e in executions
+                 if (e.attempt == attempt and e.step > result.last_step) or e.attempt > attempt]  # fmt: skip
         if after:
-            first_attempt = min(e.attempt for e in after)
-            first = min((e for e in after if e.attempt == first_attempt), key=lambda e: e.step)
+            first = min(after, key=lambda e: (e.attempt, e.step))
             result.resumed_step = first.step - 1
             result.recovered = first.done
     final: dict[int, Execution] = {}
