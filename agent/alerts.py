@@ -6,7 +6,8 @@ Three parts, so each can be tested alone:
   hang with a culprit are reported only by the culprit's node (the others say ``peer_failed`` and ``stalled``,
   which page no one); a restart only by the node that runs rank 0 (agent/incidents.py); a hang with no culprit,
   a job that gave up and a failed checkpoint save, which every node may see, only by the node that runs rank 0;
-  an eviction by the node evicted. Stragglers are judged by the dashboard, not the agents: no alert here.
+  an eviction by the node evicted; a straggler raised and cleared by the node that runs the rank (each agent judges
+  only its own node's ranks: agent/stragglers.py).
 - :class:`AlertQueue` (pure, injected clock) deduplicates (one alert per key in :attr:`AlertPolicy.dedup_seconds`),
   rate-limits (a token bucket per webhook; what is held back is counted and said in the next alert), retries with
   exponential backoff, and is bounded: past :attr:`AlertPolicy.max_pending` the oldest delivery is dropped, counted.
@@ -52,7 +53,7 @@ POLL_SECONDS = 0.5
 @dataclass(frozen=True)
 class Alert:
     kind: str
-    """crash, hang, restart, job_failed, checkpoint_failed, node_evicted, test."""
+    """crash, hang, restart, job_failed, checkpoint_failed, node_evicted, straggler, straggler_cleared, test."""
     node: str
     text: str
     severity: str = "error"
@@ -138,6 +139,9 @@ def alert_for(event: telemetry_pb2.Event, ranks: Sequence[int]) -> Alert | None:
         base["step"] = event.checkpoint.step
         base["rank"] = None  # one alert per failed save, whichever ranks said so
         return Alert(kind="checkpoint_failed", **base)
+    if which == "straggler":
+        # Raised or cleared by the agent that runs the rank, judged among its own node's ranks: one agent per flag.
+        return Alert(kind=events.kind_of(event), **base)
     return None
 
 

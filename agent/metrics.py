@@ -11,8 +11,11 @@ start), so a GPU's temperature joins a rank's step time in one query.
 
 Counters (crashes, hangs, restarts, steps lost, checkpoint failures) count this node's reports since the agent
 started: each incident is reported by one node (the culprit's for a crash or hang, rank 0's for a restart; see
-agent/incidents.py), so ``sum()`` over nodes counts each once. Stragglers are not here: they are judged by the
-dashboard, across every node, and an agent sees only its own.
+agent/incidents.py), so ``sum()`` over nodes counts each once.
+
+Stragglers (``megascope_rank_straggler``, ``megascope_rank_straggler_cost_seconds``) are this agent's judgement of
+its own node's ranks (agent/stragglers.py): a rank slower than its node-mates. A node slow as a whole is not
+flagged here; the dashboard's job-wide view sets it against the other nodes.
 
 Access follows the gRPC port's rules: on a non-loopback ``--metrics-host`` the page needs TLS (the agent's
 certificate) or the token (``Authorization: Bearer``, Prometheus' ``authorization`` scrape setting), or --insecure.
@@ -40,6 +43,7 @@ from prometheus_client.registry import Collector
 from megascope.agent.auth import ServerTLS
 from megascope.agent.event_cursor import EventCursor
 from megascope.agent.state import NodeState
+from megascope.agent.stragglers import NodeStragglers
 from megascope.protos.megascope.v1 import agent_pb2, telemetry_pb2
 
 SCRAPE_WAIT_SECONDS = 10.0
@@ -79,9 +83,12 @@ class NodeMetrics:
         state: NodeState,
         merge_status: Callable[[], agent_pb2.MergeProgress] | None = None,
         clock: Callable[[], float] = time.time,
+        stragglers: NodeStragglers | None = None,
     ) -> None:
         self.state = state
         self.merge_status = merge_status
+        self.stragglers = stragglers
+        """The node's straggler judge; None: the straggler gauges are left out."""
         self.clock = clock
         self._cursor = EventCursor(state.events)
         self._counts = _Counts()
@@ -96,6 +103,7 @@ class NodeMetrics:
         info.add_metric([node], {"version": self.state.node_info.agent_version, "run_id": self.state.node_info.run_id})
         families.append(info)
         families += self._ranks(node)
+        families += self._stragglers(node)
         families += self._host(node)
         families += self._gpus(node)
         families += self._incidents(node)
@@ -220,6 +228,28 @@ class NodeMetrics:
             if report.HasField("mfu"):
                 mfu.add_metric(key, report.mfu)
         yield from (state, restarts, step, step_seconds, phases, loss, tokens, mfu, age)
+
+    def _stragglers(self, node: str) -> Iterator[Metric]:
+        if self.stragglers is None:
+            return
+        labels = ["node", "rank"]
+        flagged = GaugeMetricFamily(
+            "megascope_rank_straggler",
+            "1 while the rank is flagged as a straggler among this node's ranks (the straggler rules), else 0.",
+            labels=labels,
+        )
+        cost = GaugeMetricFamily(
+            "megascope_rank_straggler_cost_seconds",
+            "Step time the job loses to the rank per step (its busy time over the median rank's); 0 unless flagged.",
+            labels=labels,
+        )
+        active = {flag.rank: flag for flag in self.stragglers.active()}
+        for rank in sorted(self.state.ranks.keys() | active.keys()):
+            key = [node, str(rank)]
+            flag = active.get(rank)
+            flagged.add_metric(key, 0.0 if flag is None else 1.0)
+            cost.add_metric(key, 0.0 if flag is None else flag.cost_seconds)
+        yield from (flagged, cost)
 
     # --- host and GPUs -------------------------------------------------------------------------------------------
 

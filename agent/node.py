@@ -22,6 +22,7 @@ from megascope.agent.processes import is_descendant, is_own_user, launched_rank
 from megascope.agent.record import Recorder
 from megascope.agent.server import AgentServer
 from megascope.agent.state import HistoryLimits, NodeState
+from megascope.agent.stragglers import NodeStragglers
 from megascope.agent.supervision import Supervisor
 from megascope.agent.validation import Launched
 from megascope.engine.runtime import launch as launcher
@@ -91,6 +92,9 @@ class Agent:
             run_id=options.launch.rdzv_id or "" if options.launch else "",
         )
         self.state = NodeState(info, HistoryLimits(seconds=options.history_seconds))
+        # This node's ranks judged for stragglers as their steps arrive: events (so alerts) and /metrics.
+        self.stragglers = NodeStragglers(self.state)
+        self.state.step_observers.append(self.stragglers.add_step)
         self.merges = MergeRunner(self.state, options.ckpt_dir)
         self.supervisor = Supervisor(
             self.state, options.hang_timeout, evict=self._evict if options.evict_slow_nodes else None
@@ -175,8 +179,8 @@ class Agent:
             # The page asks for the token exactly when gRPC reads do (--token-reads).
             token = options.token if options.token_reads else None
             metrics = MetricsServer(
-                NodeMetrics(self.state, self.merges.status), options.metrics_host, options.metrics_port,
-                token=token, tls=options.tls,
+                NodeMetrics(self.state, self.merges.status, stragglers=self.stragglers),
+                options.metrics_host, options.metrics_port, token=token, tls=options.tls,
             )  # fmt: skip
             metrics.start()
             print(f"megascope agent: metrics on {metrics.url}", flush=True)

@@ -151,6 +151,8 @@ class NodeState:
         self.logs: dict[int, RankLog] = {}
         """Each rank's newest output lines, from its guard (GetRankLog)."""
         self.listener: RankListener | None = None
+        self.step_observers: list[Callable[[telemetry_pb2.StepReport], None]] = []
+        """Told of every step report kept, after the listener (the node's straggler judge, agent/stragglers.py)."""
         self.archive: Callable[[float, float], Iterable[telemetry_pb2.Telemetry]] | None = None
         """The node's record (agent/record.py): what a back-fill reaching back past memory reads, ``(since, until)``."""
 
@@ -173,6 +175,8 @@ class NodeState:
             sub.add_step(report)
         if self.listener is not None:
             self.listener.rank_stepped(report)
+        for observe in self.step_observers:
+            observe(report)
 
     def add_host_sample(self, sample: telemetry_pb2.HostSample) -> None:
         self.host_samples.append(sample)
