@@ -24,6 +24,15 @@ def duration(seconds: float | None) -> str:
     return f"{days}d{hours:02d}h"
 
 
+def seconds(value: float | None) -> str:
+    """A short time read to the millisecond: ``66 ms`` under a second, ``1.25 s`` from one (a recovery's parts)."""
+    if value is None or value < 0:
+        return MISSING
+    if value < 0.9995:
+        return f"{1000 * value:.0f} ms"
+    return f"{value:.2f} s"
+
+
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
 

@@ -2,16 +2,19 @@
 
 The summary's keys are a contract that scripts rely on: ``nodes``, ``ranks``, ``steps`` (the last step every
 rank completed), ``first_loss``, ``last_loss``, ``tokens_per_s``, ``restarts`` (restarts of the job: one per
-``restart`` event, which only the node with rank 0 reports), ``stragglers`` (every rank flagged as a straggler
-during the run, ascending), ``straggler_flags`` (each flag: ``rank``, ``node``, ``cause``, ``ratio``,
-``cost_seconds``, ``since_step``, ``flagged_step``, ``cleared_step`` ...), ``faults`` (each crash or hang:
-``kind``, ``rank`` (the rank that died, or the hang's culprit; null when none was found), ``node``, ``step``
-(the last step done before it), ``time``, ``detect_seconds``, ``cause`` (``SIGKILL``, ``exit code 1``, or the
-hang's reason), ``text``, and ``mttr_seconds``, ``steps_lost``, ``resumed_step`` of the restart that ended it,
-null until there is one), ``restart_details`` (each restart: ``cause``, ``mttr_seconds``, ``steps_lost``,
-``resumed_step``, ``node``, ``time``) and ``events`` (each ``{"kind", "rank", "step", "time", "text", "node",
-"attributes"}``, where ``attributes`` holds the fields of the event's typed detail, numbers as numbers; a flag
-is also an event of kind ``straggler``). Fields may be added; these are never renamed.
+``restart`` event, which only the node with rank 0 reports, recoveries in place included), ``stragglers``
+(every rank flagged as a straggler during the run, ascending), ``straggler_flags`` (each flag: ``rank``,
+``node``, ``cause``, ``ratio``, ``cost_seconds``, ``since_step``, ``flagged_step``, ``cleared_step`` ...),
+``faults`` (each crash or hang: ``kind``, ``rank`` (the rank that died, or the hang's culprit; null when none
+was found), ``node``, ``step`` (the last step done before it), ``time``, ``detect_seconds``, ``cause``
+(``SIGKILL``, ``exit code 1``, or the hang's reason), ``text``, and ``mttr_seconds``, ``steps_lost``,
+``resumed_step`` of the restart that ended it, null until there is one, and ``in_place``: whether it recovered
+in place), ``restart_details`` (each restart: ``cause``, ``mttr_seconds``, ``steps_lost``, ``resumed_step``,
+``node``, ``time``, ``in_place``, ``recovery``: the breakdown of a recovery in place, null otherwise), ``ettr``
+(the run's effective training time ratio, 0..1: see dashboard/model/ettr.py) and ``events`` (each ``{"kind",
+"rank", "step", "time", "text", "node", "attributes"}``, where ``attributes`` holds the fields of the event's
+typed detail, numbers as numbers; a flag is also an event of kind ``straggler``). Fields may be added; these
+are never renamed.
 """
 
 from __future__ import annotations
@@ -97,6 +100,7 @@ def summarize(
         "last_loss": loss_at.get(header.step) if header.step is not None else None,
         "tokens_per_s": header.tokens_per_second,
         "restarts": header.restarts,
+        "ettr": header.ettr,
         "stragglers": sorted({flag.rank for flag in flags}),
         "straggler_flags": [{**asdict(flag), "cause": flag.cause.value} for flag in flags],
         "faults": [_fault_dict(fault) for fault in model.faults()],
@@ -133,6 +137,7 @@ def _fault_dict(fault: FaultView) -> dict[str, Any]:
     details["mttr_seconds"] = restart.mttr_seconds if restart is not None else None
     details["steps_lost"] = restart.steps_lost if restart is not None else None
     details["resumed_step"] = restart.resumed_step if restart is not None else None
+    details["in_place"] = restart.in_place if restart is not None else None
     return details
 
 

@@ -333,7 +333,7 @@ class Replay:
 def resolve_at(replay: Replay, text: str) -> float | str:
     """The wall time ``--at`` names: a time, an offset, a step, or the first incident of a kind; or why none."""
     kind = text.strip().lower()
-    if kind in INCIDENT_KINDS or kind == "restart":
+    if kind in INCIDENT_KINDS or kind in ("restart", "recovered"):  # a recovery in place: "recovered"
         found = next((i for i in replay.items if i.part == Part.EVENT and i.message.kind == kind), None)  # type: ignore[attr-defined]
         return found.wall_time if found is not None else f"the record holds no {kind!r} event"
     target = parse_target(text, replay.start)

@@ -1,9 +1,10 @@
 """The postmortem of a recorded run (``megascope report``): a Markdown page and PNG plots, from the records alone.
 
 The incident timeline is the cluster model's own reading of the recorded events (the faults and restarts the
-dashboard shows), with the stacks the agents recorded at each hang; stragglers and checkpoints come from their
-events; loss, step time and the straggler heat map from the step reports (downsampled past the record's retention
-window: every 10th step). Pure Python (no Textual).
+dashboard shows, a recovery in place as "in place" with its breakdown), with the stacks the agents recorded at each
+hang; stragglers and checkpoints come from their events; loss, step time and the straggler heat map from the step
+reports (downsampled past the record's retention window: every 10th step), and the ETTR by the steps
+(dashboard/model/ettr.py, the benchmark's definition) too. Pure Python (no Textual).
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megascope.dashboard import formatting as fmt
 from megascope.dashboard import png
 from megascope.dashboard.model.cluster import ClusterModel
 from megascope.dashboard.model.diagnosis import AgentStacks, job_stacks
-from megascope.dashboard.model.incidents import FaultView
+from megascope.dashboard.model.ettr import EttrTracker
+from megascope.dashboard.model.incidents import FaultView, RecoveryView, RestartView
 from megascope.dashboard.replay import Item, load_items
 from megascope.protos.megascope.v1 import telemetry_pb2
 from megascope.protos.recording import Part
@@ -48,6 +51,10 @@ class RunFacts:
     step_time: list[tuple[float, float]] = field(default_factory=list)
     heat: list[list[float | None]] = field(default_factory=list)
     heat_ranks: list[int] = field(default_factory=list)
+    recoveries: list[RecoveryView] = field(default_factory=list)
+    """Every recovery in place, with its breakdown."""
+    step_ettr: tuple[float, float, float] | None = None
+    """(ETTR, useful step seconds, wall seconds) by the steps (dashboard/model/ettr.py); None without timed steps."""
 
 
 def gather(run_dirs: list[str]) -> RunFacts:
@@ -56,6 +63,7 @@ def gather(run_dirs: list[str]) -> RunFacts:
     by_node: dict[str, telemetry_pb2.Telemetry] = defaultdict(telemetry_pb2.Telemetry)
     stacks: list[Item] = []
     steps: dict[int, dict[int, telemetry_pb2.StepReport]] = defaultdict(dict)
+    ettr = EttrTracker()
     for item in items:
         if item.part == Part.EVENT:
             by_node[item.address].events.append(item.message)  # type: ignore[arg-type]
@@ -64,6 +72,7 @@ def gather(run_dirs: list[str]) -> RunFacts:
         elif item.part == Part.STEP:
             report: telemetry_pb2.StepReport = item.message  # type: ignore[assignment]
             steps[report.step][report.rank] = report  # a step redone after a restart: the newest attempt
+            ettr.offer(report)
     for address, batch in by_node.items():
         model.ingest(address, batch)
     facts = RunFacts(
@@ -73,7 +82,11 @@ def gather(run_dirs: list[str]) -> RunFacts:
         end=items[-1].wall_time,
         warnings=warnings,
         faults=model.faults(),
+        recoveries=model.recoveries(),
     )
+    ratio, wall = ettr.ettr(), ettr.wall_seconds()
+    if ratio is not None and wall is not None:
+        facts.step_ettr = (ratio, ettr.useful_seconds(), wall)
     for event_batch in by_node.values():
         for event in event_batch.events:
             if event.kind == "straggler":
@@ -150,6 +163,11 @@ def _when(wall_time: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(wall_time))
 
 
+def _restart_when(restart: RestartView) -> str:
+    """When the job came back, and how: "in place" for a recovery in place (the others kept their processes)."""
+    return f"in place, {_when(restart.wall_time)}" if restart.in_place else _when(restart.wall_time)
+
+
 def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f} s"
 
@@ -183,9 +201,23 @@ def write(facts: RunFacts, out: Path) -> Path:
                 f"| {n} | {fault.kind} | {_when(fault.wall_time)} | {fault.node} | "
                 f"{'-' if fault.rank is None else fault.rank} | {'-' if fault.step is None else fault.step} | "
                 f"{_seconds(fault.detect_seconds)} | {cause} | {facts.stacks.get(n - 1, '-')} | "
-                f"{_when(restart.wall_time) if restart else 'none'} | "
+                f"{_restart_when(restart) if restart else 'none'} | "
                 f"{_seconds(restart.mttr_seconds) if restart else '-'} | "
                 f"{'-' if restart is None or restart.steps_lost is None else restart.steps_lost} |"
+            )
+    if facts.recoveries:
+        lines += ["", "### Recoveries in place", ""]
+        lines += [
+            "| time | replaced ranks | generation | went on from step | state from rank | re-form | state transfer "
+            "| replacement ready | total | steps redone |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in facts.recoveries:
+            lines.append(
+                f"| {_when(r.wall_time)} | {', '.join(str(rank) for rank in r.replaced_ranks) or '-'} | "
+                f"{r.generation} | {r.step} | {r.donor_rank} | {fmt.seconds(r.reform_seconds)} | "
+                f"{fmt.size(r.state_bytes)} in {fmt.seconds(r.transfer_seconds)} | "
+                f"{fmt.seconds(r.replacement_ready_seconds)} | {fmt.seconds(r.total_seconds)} | {r.steps_redone} |"
             )
     lines += ["", "## Stragglers", ""]
     if not facts.stragglers:
@@ -214,6 +246,14 @@ def write(facts: RunFacts, out: Path) -> Path:
             f"ETTR {100 * ratio:.1f}%: of {wall:.0f} s recorded, {down:.1f} s from faults to the first step after "
             f"them (MTTR) and {lost:.1f} s redoing lost steps (steps lost x median step time)."
         )
+    if facts.step_ettr is not None:
+        by_steps, useful, training = facts.step_ettr
+        lines += [
+            "",
+            f"ETTR by the steps {100 * by_steps:.1f}%: {useful:.1f} s of steps the model kept (each step once) of "
+            f"{training:.1f} s from the start of the first step to the end of the last (bench/faults.py's "
+            "definition; what the dashboard's header shows).",
+        ]
     lines += ["", "## Checkpoints", ""]
     if not facts.checkpoints:
         lines.append("No checkpoint was saved.")

@@ -100,6 +100,8 @@ def _plain(value: Any) -> Any:
 def snapshot_dict(model: ClusterModel) -> dict[str, Any]:
     """``{"agents", "header", "ranks", "nodes", "stragglers", "events"}`` from a ClusterModel, JSON-ready.
 
+    ``header.ettr`` is the run's effective training time ratio (0..1; null before a step with a time is in).
+
     ``stragglers`` holds every straggler flag raised in the history the agents sent (``active``: still standing);
     each rank's entry also carries its standing flag as ``straggler`` (null when none).
     """
@@ -130,8 +132,10 @@ def snapshot_dict(model: ClusterModel) -> dict[str, Any]:
 
 
 def _event_dict(event: dict[str, Any]) -> dict[str, Any]:
-    """An event row as JSON: its detail's fields under ``attributes``, the name the demo summary uses too."""
+    """An event row as JSON: its detail's fields under ``attributes``, the name the demo summary uses too (a
+    recovery's breakdown is there already: its view for the screens is left out)."""
     event["attributes"] = event.pop("detail")
+    event.pop("recovery")
     return event
 
 
@@ -158,6 +162,10 @@ def render_text(model: ClusterModel) -> str:
         f"up {fmt.duration(h.uptime_seconds)}",
         f"agents {h.connected_agents}/{h.total_agents}",
     ]
+    if h.restarts:
+        parts.append(f"restarts {h.restarts}")
+    if h.ettr is not None:
+        parts.append(f"ETTR {fmt.percent(100 * h.ettr, 1)}")
     out = ["megascope status: " + " | ".join(parts), ""]
     rank_rows = [
         [

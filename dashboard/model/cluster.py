@@ -3,13 +3,15 @@
 Connections feed it ``Telemetry`` batches (``ingest``) and connection changes (``set_connecting`` ...);
 renderers ask it for plain dataclass views (``header``, ``rank_rows``, ``node_rows``, ``events``,
 ``loss_history``, ``node_history``, ``straggler_flags``, ``heat_map``, ``rank_timeline``, ``faults``,
-``restarts``). The work is done in the package beside it, a module per concern:
+``restarts``, ``recoveries``). The work is done in the package beside it, a module per concern:
 
     store.py           bounded containers and the records kept per node and rank
     connections.py     the link to each agent (CONNECTING, CONNECTED, DISCONNECTED, LOST)
     step_alignment.py  which step the straggler rules judge next, once every rank has reported it
     stragglers.py      the straggler rules
-    incidents.py       faults (crash, hang) paired with restarts, the job giving up, checkpoints
+    incidents.py       faults (crash, hang) paired with restarts and recoveries in place, the job giving up,
+                       checkpoints
+    ettr.py            the run's effective training time ratio, from one rank's step reports
     views.py           what the screens and ``megascope status`` draw, and the functions that build it
 
 This module owns the records and the order of things: ingest, de-duplication, a rank's restart from a
@@ -27,7 +29,8 @@ from collections.abc import Callable, Iterable
 
 from megascope.dashboard.model import store, views
 from megascope.dashboard.model.connections import AgentState, Connections, ConnectionState, LinkChange
-from megascope.dashboard.model.incidents import FaultView, Incidents, RestartView
+from megascope.dashboard.model.ettr import EttrTracker
+from megascope.dashboard.model.incidents import FaultView, Incidents, RecoveryView, RestartView
 from megascope.dashboard.model.step_alignment import MAX_PENDING, PENDING_SECONDS, StepAlignment
 from megascope.dashboard.model.store import Bounded, NodeRecord, RankRecord, StoredEvent, copy_message
 from megascope.dashboard.model.stragglers import (
@@ -68,6 +71,7 @@ __all__ = [
     "RankRow",
     "RankStatusName",
     "RankTimeline",
+    "RecoveryView",
     "RestartView",
 ]
 
@@ -99,6 +103,7 @@ class ClusterModel:
         self._events = store.EventLog(lambda: store.EVENT_HISTORY)
         self._next_event_id = 0
         self._incidents = Incidents()
+        self._ettr = EttrTracker()
         self.stragglers = StragglerDetector(stragglers)
         self._alignment = StepAlignment(self.stragglers, self._ranks, self._connections.agents)
         self._median_phases: Bounded[int, PhaseTimes] = Bounded(store.STEP_HISTORY)
@@ -164,6 +169,10 @@ class ClusterModel:
         for gpu in telemetry.gpu_samples:
             node.add_gpu_sample(copy_message(gpu))
         for event in telemetry.events:
+            if event.WhichOneof("detail") == "straggler":
+                # The agent's flags among its own node's ranks (for its alerts and /metrics): this model judges every
+                # rank of the job itself, and logging both would show each straggler twice.
+                continue
             self._add_event(copy_message(event), node.name)
         # Every batch carries the node's full rank table; the newest batch wins.
         for status in telemetry.rank_statuses:
@@ -214,6 +223,7 @@ class ClusterModel:
             else:
                 self._new_attempt(entry, report.restart_count, resume_step=report.step)
         latest = entry.latest
+        self._ettr.offer(report)
         self._alignment.offer(report)
         if entry.history.put(report.step, report):
             losses = self._losses.get(report.step)
@@ -319,6 +329,7 @@ class ClusterModel:
             stragglers=len(self.stragglers.active()),
             checkpoint=self.checkpoint_summary(),
             restarts=self._incidents.restart_count(),
+            ettr=self._ettr.ettr(),
             last_fault=faults[-1] if faults else None,
             job_failed=self._incidents.job_failed(),
             finished=finished,
@@ -368,8 +379,12 @@ class ClusterModel:
         return self._incidents.faults()
 
     def restarts(self) -> list[RestartView]:
-        """Every restart of the job, oldest first."""
+        """Every restart of the job, recoveries in place included, oldest first."""
         return self._incidents.restarts()
+
+    def recoveries(self) -> list[RecoveryView]:
+        """Every recovery in place (``recovered`` event, with its breakdown), oldest first."""
+        return self._incidents.recoveries()
 
     def newest_checkpoint_step(self) -> int | None:
         """The step of the newest committed checkpoint the agents reported; None before any."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from megascope.dashboard.model.connections import AgentState, ConnectionState
-from megascope.dashboard.model.incidents import FaultView
+from megascope.dashboard.model.incidents import FaultView, RecoveryView, is_recovery, recovery_view
 from megascope.dashboard.model.store import Bounded, NodeRecord, RankRecord, StoredEvent
 from megascope.dashboard.model.stragglers import StragglerFlag
 from megascope.protos import events as wire_events
@@ -96,7 +96,12 @@ class HeaderView:
     checkpoint: str | None = None
     """The newest checkpoint or the save in progress (see ClusterModel.checkpoint_summary)."""
     restarts: int = 0
-    """Restarts of the job: ``restart`` events seen (one per restart: only the node with rank 0 reports them)."""
+    """Restarts of the job: ``restart`` events seen (one per restart: only the node with rank 0 reports them),
+    recoveries in place included (a ``recovered`` event counts once, with its restart event or alone)."""
+    ettr: float | None = None
+    """The run's effective training time ratio, 0..1: useful step time (each step once, the execution the model
+    went through) over wall time from the start of the first step seen to the end of the newest (model/ettr.py;
+    bench/faults.py's definition). None before a step with a time."""
     last_fault: FaultView | None = None
     """The newest crash or hang, with the restart that ended it once there is one."""
     job_failed: str | None = None
@@ -194,6 +199,8 @@ class EventRow:
     detail: dict[str, Any] = field(default_factory=dict)
     """The event's typed detail as plain values (``megascope.protos.events.detail_fields``), for display and
     JSON: e.g. ``detect_seconds`` of a crash, ``mttr_seconds`` of a restart. Programs read the typed detail."""
+    recovery: RecoveryView | None = None
+    """A ``recovered`` event's breakdown, read from its typed detail (the detail screen shows it in words)."""
 
 
 @dataclass(frozen=True)
@@ -487,6 +494,7 @@ def event_rows(stored: Sequence[StoredEvent]) -> list[EventRow]:
             step=s.event.step if s.event.HasField("step") else None,
             text=s.event.text,
             detail=wire_events.detail_fields(s.event),
+            recovery=recovery_view(s.event) if is_recovery(s.event) else None,
         )
         for s in stored
     ]

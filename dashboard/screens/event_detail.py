@@ -1,6 +1,8 @@
 """One event, whole (``enter`` on an event): its full text and every attribute of its typed detail.
 
-The event log's text column is cut to the terminal's width; this is where an event is read in full.
+The event log's text column is cut to the terminal's width; this is where an event is read in full. A recovery in
+place (``recovered``) also shows its breakdown in words (detection, re-form, state transfer, replacement ready,
+total, steps redone, who was replaced and who gave the state) before its raw attributes.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ def event_detail_lines(event: EventRow) -> list[tuple[str, str]]:
     if event.step is not None:
         lines.append(("step", fmt.number(event.step)))
     lines.append(("text", event.text))
+    if event.recovery is not None:
+        lines += event.recovery.breakdown()
     lines += _flatten(event.detail)
     return lines
 

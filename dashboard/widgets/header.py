@@ -4,6 +4,8 @@ is frozen.
 Each figure is drawn whole or not at all: when they do not fit in ``MAX_LINES`` lines the least important go
 first (uptime, ETA, step time, checkpoint, ...), never the step, the fault count, the restarts or the marker of
 what stops the job (failed, crash, hang, stalled, finished), so no "| restarts" is ever left without its value.
+Once the job has had a fault, the run's ETTR (effective training time ratio) follows the restart count: what the
+faults have cost so far.
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ def header_fields(header: HeaderView, faults: int | None = None) -> list[Field]:
         fields.append(Field("faults", str(faults), Level.BAD if marker is not None else Level.WARN, KEEP))
     if header.restarts or faults:
         fields.append(Field("restarts", str(header.restarts), Level.WARN if header.restarts else None, KEEP))
+        if header.ettr is not None:
+            fields.append(Field("ETTR", fmt.percent(100 * header.ettr, 1), None, 75))
     return fields
 
 
