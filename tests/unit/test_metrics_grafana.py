@@ -9,6 +9,7 @@ from support import REPO
 from support.ops import node_at_step_7
 
 from megascope.agent.metrics import NodeMetrics
+from megascope.agent.stragglers import NodeStragglers
 from megascope.protos.megascope.v1 import agent_pb2
 
 DASHBOARD = REPO / "bench" / "grafana-megascope.json"
@@ -16,9 +17,9 @@ DASHBOARD = REPO / "bench" / "grafana-megascope.json"
 
 def test_every_metric_the_grafana_dashboard_queries_is_served() -> None:
     merge = agent_pb2.MergeProgress(state=agent_pb2.MERGE_STATE_RUNNING, bytes_total=1)
-    served = {
-        sample.name for family in NodeMetrics(node_at_step_7(), lambda: merge).collect() for sample in family.samples
-    }
+    state = node_at_step_7()
+    metrics = NodeMetrics(state, lambda: merge, stragglers=NodeStragglers(state))
+    served = {sample.name for family in metrics.collect() for sample in family.samples}
     panels = json.loads(DASHBOARD.read_text())["panels"]
     queried = {
         name
