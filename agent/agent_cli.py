@@ -168,6 +168,11 @@ def run(args: argparse.Namespace) -> int:
             entry, total_steps = script_entry(script, args.no_python), 0
             if not entry:
                 raise ConfigError("after --: give the training script to run, e.g. -- train.py")
+            if options.recovery == "inplace":
+                raise ConfigError(
+                    "--recovery inplace: only megascope's trainer recovers in place; a script after -- is restarted "
+                    "with every rank on a fault (--recovery restart, the default for a script)"
+                )
             run_dir = args.run_dir or DEFAULT_RUN_DIR
         else:
             config, options = build(args)

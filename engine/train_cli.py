@@ -98,6 +98,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     launch.add_argument("--rdzv-endpoint", help="HOST:PORT of the c10d rendezvous (needed for more than one node)")
     launch.add_argument("--rdzv-id", help="job id shared by all nodes (default: random)")
     launch.add_argument("--max-restarts", type=int, default=0, help="restarts after a rank fails (default: 0)")
+    launch.add_argument(
+        "--recovery",
+        choices=["inplace", "restart"],
+        help="after a rank fails: inplace replaces that rank and the others go on (state from a healthy rank, at most "
+        "the step in flight redone), restart restarts every rank from the newest checkpoint; what cannot be recovered "
+        "in place falls back to a restart (default: inplace for megascope's trainer on one node, else restart)",
+    )
 
 
 def build(args: argparse.Namespace) -> tuple[TrainConfig, LaunchOptions]:

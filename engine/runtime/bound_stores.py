@@ -7,8 +7,8 @@ socket its caller bound (``TCPStore(master_listen_fd=...)``). So, for a store wh
 (a one-node job: rendezvous on ``127.0.0.1``, ``MASTER_ADDR=127.0.0.1``), :func:`bind_stores` makes every
 ``TCPStore`` server this process starts listen on that address only.
 
-- torchrun: ``python -m megascope.engine.runtime.bound_stores TORCHRUN-ARGS`` is torchrun with the stores bound
-  (engine/runtime/launch.py starts it so when the rendezvous is on loopback, and sets :data:`STORE_HOST_ENV`).
+- torchrun: engine/runtime/elastic.py, the module engine/runtime/launch.py runs torchrun as, binds them before
+  torchrun starts when :data:`STORE_HOST_ENV` is set (the launcher sets it when the rendezvous is on loopback).
 - ranks: :func:`bind_from_env` before ``init_process_group`` (our trainer calls it); a user's own script that does
   not keeps torch's behaviour (its rank-0 store on every interface).
 - gloo's own listeners: ``GLOO_SOCKET_IFNAME`` names the loopback interface (:func:`loopback_interface`), which
@@ -23,7 +23,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
-import sys
 from datetime import timedelta
 from typing import Any
 
@@ -120,16 +119,3 @@ def bind_from_env(environ: Any = None) -> bool:
     """:func:`bind_stores` for the host the launcher named in :data:`STORE_HOST_ENV`, if any."""
     host = (os.environ if environ is None else environ).get(STORE_HOST_ENV)
     return bind_stores(str(host)) if host else False
-
-
-def main() -> None:
-    """torchrun, with its stores bound to :data:`STORE_HOST_ENV`'s loopback address."""
-    bind_from_env()
-    from torch.distributed.run import main as torchrun
-
-    sys.argv[0] = "torchrun"
-    torchrun()
-
-
-if __name__ == "__main__":
-    main()

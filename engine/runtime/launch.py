@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megascope.engine.config import ConfigError, TrainConfig
-from megascope.engine.runtime import bound_stores, parent_death, rank_guard
+from megascope.engine.runtime import bound_stores, parent_death, rank_guard, recovery_env
 from megascope.engine.runtime.run_dir import config_file, logs_dir
 
 _STOP_GRACE_SECONDS = 15.0
@@ -44,6 +44,9 @@ class LaunchOptions:
     no_python: bool = False
     """The entry point is a command, run as given by each rank's guard (torchrun's ``--no-python``): ``bash
     wrapper.sh``, ``accelerate launch train.py``; not a Python script or ``-m module``."""
+    recovery: str | None = None
+    """``--recovery``: ``inplace`` (a failed rank is replaced, the others go on) or ``restart`` (every rank restarts
+    from the newest checkpoint); None: in place where it is safe (:func:`recovery_mode`)."""
 
     def node_range(self) -> tuple[int, int]:
         try:
@@ -65,6 +68,7 @@ class LaunchOptions:
             rdzv_id=args.rdzv_id,
             max_restarts=args.max_restarts,
             no_python=getattr(args, "no_python", False),  # `megascope agent`'s flag; `megascope train` runs ours
+            recovery=getattr(args, "recovery", None),
         )
         options.validate()
         return options
@@ -77,6 +81,13 @@ class LaunchOptions:
         _, max_nodes = self.node_range()
         if max_nodes > 1 and not self.rdzv_endpoint:
             raise ConfigError("--nnodes above 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
+        if self.recovery is not None and self.recovery not in recovery_env.MODES:
+            raise ConfigError(f"--recovery must be one of {', '.join(recovery_env.MODES)}, got {self.recovery!r}")
+        if self.recovery == recovery_env.INPLACE and max_nodes > 1:
+            raise ConfigError(
+                f"--recovery inplace needs a job of one node for now, got --nnodes {self.nnodes}; "
+                "use --recovery restart (every rank restarts from the newest checkpoint)"
+            )
 
 
 class LaunchFailed(RuntimeError):
@@ -92,26 +103,34 @@ def write_config(config: TrainConfig) -> Path:
 
 def trainer_entry(config: TrainConfig) -> list[str]:
     """torchrun's entry point for our trainer: writes the config every rank will read."""
-    return ["-m", "megascope.engine.trainer", str(write_config(config).resolve())]
+    return ["-m", rank_guard.TRAINER_MODULE, str(write_config(config).resolve())]
+
+
+def recovery_mode(options: LaunchOptions, entry: Sequence[str]) -> str:
+    """How a fault is recovered: ``--recovery`` as given, else in place for our trainer (``entry``) on one node (a
+    node lost cannot be recovered in place yet), and a restart of every rank for anything else (a user's script
+    cannot rebuild its group)."""
+    if options.recovery is not None:
+        return options.recovery
+    ours = list(entry[:2]) == ["-m", rank_guard.TRAINER_MODULE] and not options.no_python
+    return recovery_env.INPLACE if ours and options.node_range() == (1, 1) else recovery_env.RESTART
 
 
 def torchrun_command(options: LaunchOptions, entry: Sequence[str], log_dir: Path, run_id: str) -> list[str]:
     """The ``torchrun`` command line for ``entry`` (``-m module args`` or ``script.py args``).
 
-    Every rank runs under :mod:`megascope.engine.runtime.rank_guard`, which reports how the rank ended to the agent.
+    Every rank runs under :mod:`megascope.engine.runtime.rank_guard`, which reports how the rank ended to the agent;
+    torchrun itself under :mod:`megascope.engine.runtime.elastic`, which hosts the recovery store when recovery is in
+    place (:func:`launcher_environment` says).
     """
     options.validate()
     low, high = options.node_range()
     store_host = loopback_store_host(options)
-    # On loopback, torchrun with its stores bound there (engine/runtime/bound_stores.py), and this node's address
-    # (MASTER_ADDR, where rank 0's store is) the same loopback address rather than the host's name.
-    launcher = (
-        ["megascope.engine.runtime.bound_stores", f"--local-addr={store_host}"]
-        if store_host
-        else ["torch.distributed.run"]
-    )
+    # On loopback, torchrun with its stores bound there (engine/runtime/bound_stores.py, by STORE_HOST_ENV), and this
+    # node's address (MASTER_ADDR, where rank 0's store is) the same loopback address rather than the host's name.
+    local_addr = [f"--local-addr={store_host}"] if store_host else []
     return [
-        sys.executable, "-m", *launcher,
+        sys.executable, "-m", "megascope.engine.runtime.elastic", *local_addr,
         f"--nnodes={low}" if low == high else f"--nnodes={low}:{high}",
         f"--nproc-per-node={options.nproc_per_node}",
         "--rdzv-backend=c10d",
@@ -166,9 +185,17 @@ def loopback_store_host(options: LaunchOptions) -> str | None:
     return host if bound_stores.is_loopback_address(host) and host != "localhost" else None
 
 
-def launcher_environment(options: LaunchOptions, extra: dict[str, str] | None = None) -> dict[str, str]:
+def launcher_environment(
+    options: LaunchOptions, extra: dict[str, str] | None = None, entry: Sequence[str] = ()
+) -> dict[str, str]:
+    """torchrun's environment for ``entry``: this one, with the stores' address, the recovery mode
+    (:func:`recovery_mode`), thread counts, and ``extra``."""
     env = dict(os.environ)
     env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    # The launcher's process (engine/runtime/elastic.py) names the recovery store; an outer job's must not leak in.
+    env[recovery_env.RECOVERY_ENV] = recovery_mode(options, entry)
+    env.pop(recovery_env.RECOVERY_STORE_ENV, None)
+    env.pop(recovery_env.REPLACEMENT_ENV, None)
     store_host = loopback_store_host(options)
     if store_host:
         env[bound_stores.STORE_HOST_ENV] = store_host  # rank 0 binds the process group's store there too
@@ -196,7 +223,7 @@ def start(
     # train on unobserved: the other nodes see the node lost and restart without it.
     return subprocess.Popen(
         parent_death.command(signal.SIGTERM, command),
-        env=launcher_environment(options, extra_env),
+        env=launcher_environment(options, extra_env, entry),
         start_new_session=new_session,
     )
 

@@ -25,6 +25,13 @@ until it gives up. So each rank runs one level down, under this small guard (no 
 
 The agent is optional: without one, or while it is unreachable, the rank runs exactly as it would alone. Everything
 the guard does for the agent happens on a background thread, after the rank has started.
+
+With recovery in place (``MEGASCOPE_RECOVERY_STORE`` set: engine/runtime/recovery_env.py) and our trainer as the
+rank (:func:`uses_warm_parent`), the rank is forked by a warm parent (engine/runtime/warm_parent.py) that imported it
+once, and an abnormal end is not the guard's: after its exit report, the guard asks for a replacement (same RANK,
+``MEGASCOPE_REPLACEMENT`` counting) and attaches to the agent again as the new process's guard, so torch elastic,
+which restarts every rank when one worker exits, sees nothing. :func:`should_replace` says when not (a repeated
+fault, a rank that could not recover, a stop asked for): then the guard exits as above, and the job restarts.
 """
 
 from __future__ import annotations
@@ -37,12 +44,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import IO, TYPE_CHECKING
 
 import psutil
 
-from megascope.engine.runtime import parent_death
+from megascope.engine.runtime import parent_death, recovery_env, warm_parent
 from megascope.protos.megascope.v1 import telemetry_pb2, worker_pb2
 
 if TYPE_CHECKING:
@@ -79,10 +86,17 @@ class _Stream:
         self.tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
         self.outbox = outbox
         self.lines = 0
+        self.marks = threading.Semaphore(0)
+        """Released at each :data:`warm_parent.EXITED_MARK` read: the lines of a rank that exited are all in."""
 
 
 def _copy(source: IO[bytes], sink: IO[bytes], stream: _Stream) -> None:
     for line in iter(source.readline, b""):
+        if line.endswith(warm_parent.EXITED_MARK):
+            stream.marks.release()
+            line = line[: -len(warm_parent.EXITED_MARK)]  # the dead rank's last line, if it had no newline
+            if not line:
+                continue
         with contextlib.suppress(OSError, ValueError):
             sink.write(line)
             sink.flush()
@@ -188,8 +202,8 @@ class _Watch:
 
     Runs on its own thread and swallows every error: the rank must never be slowed down or fail because of it."""
 
-    def __init__(self, child: subprocess.Popen[bytes], streams: Sequence[_Stream], lines: _Lines) -> None:
-        self._child = child
+    def __init__(self, pid: int, streams: Sequence[_Stream], lines: _Lines) -> None:
+        self._pid = pid
         self._streams = streams
         self._lines = lines
         self._done = threading.Event()
@@ -211,7 +225,7 @@ class _Watch:
 
     def _run(self) -> None:
         try:
-            self._sink = _attach(self._child.pid)
+            self._sink = _attach(self._pid)
         except Exception:  # noqa: BLE001 (no agent, or a broken one: the rank runs on unobserved)
             self._sink = None
         finally:
@@ -219,7 +233,7 @@ class _Watch:
         if self._sink is None:
             return
         try:
-            process = psutil.Process(self._child.pid)
+            process = psutil.Process(self._pid)
             while not self._done.wait(PROGRESS_SECONDS):
                 if self._sink.connected:  # until then the lines wait in the outbox (a message now would be dropped)
                     self._sink.write_progress(self._progress(process))
@@ -281,35 +295,36 @@ def child_command(argv: Sequence[str]) -> list[str]:
     return [sys.executable, "-u", *argv]
 
 
-def run(argv: Sequence[str]) -> int:
-    child = subprocess.Popen(
-        parent_death.command(signal.SIGKILL, child_command(argv)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    for sig in _FORWARDED:
-        signal.signal(sig, lambda number, _frame: child.send_signal(number))
+def _copy_output(process: subprocess.Popen[bytes]) -> tuple[_Stream, _Stream, _Lines, list[threading.Thread]]:
+    """Start copying ``process``'s stdout and stderr through: the two streams, their lines for the agent, the
+    threads."""
     # One tail per stream: the two pipes are read by two threads, so their lines do not interleave in order,
     # and a chatty stdout must not push the traceback out of the report.
     outbox: collections.deque[_Pending] = collections.deque(maxlen=LINES_PER_PROGRESS)
     out = _Stream(telemetry_pb2.LOG_STREAM_STDOUT, outbox)
     err = _Stream(telemetry_pb2.LOG_STREAM_STDERR, outbox)
-    assert child.stdout is not None and child.stderr is not None
+    assert process.stdout is not None and process.stderr is not None
     copiers = [
-        threading.Thread(target=_copy, args=(child.stdout, sys.stdout.buffer, out), daemon=True),
-        threading.Thread(target=_copy, args=(child.stderr, sys.stderr.buffer, err), daemon=True),
+        threading.Thread(target=_copy, args=(process.stdout, sys.stdout.buffer, out), daemon=True),
+        threading.Thread(target=_copy, args=(process.stderr, sys.stderr.buffer, err), daemon=True),
     ]
     for copier in copiers:
         copier.start()
-    watch = _Watch(child, (out, err), _Lines(outbox))
-    code = child.wait()
-    died = time.time()
+    return out, err, _Lines(outbox), copiers
+
+
+def _join(copiers: Sequence[threading.Thread]) -> None:
     for copier in copiers:
         copier.join(timeout=1.0)  # the last lines (a traceback) matter most; do not wait forever for them
-    if code != 0:
-        # Before the stream ends: the agent learns how the rank died before it sees its guard go.
-        _report(code, child.pid, died, list(err.tail) or list(out.tail))
-    watch.finish(code)
+
+
+def _tail(out: _Stream, err: _Stream) -> list[str]:
+    """The lines of an exit report: stderr's, where tracebacks go, unless the rank wrote none there."""
+    return list(err.tail) or list(out.tail)
+
+
+def _exit_as(code: int) -> int:
+    """End this guard as its rank ended (``code``, Popen's), so torch elastic sees exactly what the rank did."""
     if code < 0:
         # Die of the same signal, so torch elastic reports what really happened to the rank.
         number = -code
@@ -318,6 +333,127 @@ def run(argv: Sequence[str]) -> int:
         os.kill(os.getpid(), number)
         time.sleep(1.0)
     return code if code >= 0 else 128 - code
+
+
+def run(argv: Sequence[str]) -> int:
+    if uses_warm_parent(argv):
+        return run_warm(argv)
+    child = subprocess.Popen(
+        parent_death.command(signal.SIGKILL, child_command(argv)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    for sig in _FORWARDED:
+        signal.signal(sig, lambda number, _frame: child.send_signal(number))
+    out, err, lines, copiers = _copy_output(child)
+    watch = _Watch(child.pid, (out, err), lines)
+    code = child.wait()
+    died = time.time()
+    _join(copiers)
+    if code != 0:
+        # Before the stream ends: the agent learns how the rank died before it sees its guard go.
+        _report(code, child.pid, died, _tail(out, err))
+    watch.finish(code)
+    return _exit_as(code)
+
+
+TRAINER_MODULE = "megascope.engine.trainer"
+WARM_MODULES_ENV = "MEGASCOPE_WARM_MODULES"
+"""Modules (comma-separated) that run under a warm parent too, beside our trainer, when recovery is in place: for
+tests, which replace a tiny module's ranks (any module with ``main(argv)``) without training anything."""
+REPEAT_FAULT_SECONDS = 60.0
+"""A replacement that ends abnormally within this long of its start is a repeated fault on the same rank: it is not
+replaced again; the guard exits, and torch elastic restarts the whole job from its newest checkpoint. A rank that
+fails at once, over and over (a bad node, a bug the state brings back) must not be replaced forever."""
+
+
+def uses_warm_parent(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the rank ``argv`` runs under a warm parent: recovery is in place (the recovery store is named) and
+    the rank is our trainer (``-m megascope.engine.trainer``; or a module of :data:`WARM_MODULES_ENV`). Anything
+    else (a user's script) runs as a plain child, and a fault restarts the job."""
+    environ = os.environ if environ is None else environ
+    if recovery_env.store_address(environ) is None or len(argv) < 2 or argv[0] != "-m":
+        return False
+    extra = {name.strip() for name in environ.get(WARM_MODULES_ENV, "").split(",")} - {""}
+    return argv[1] == TRAINER_MODULE or argv[1] in extra
+
+
+def should_replace(code: int, replacements: int, lived_seconds: float, stopping: bool) -> bool:
+    """Whether a rank that ended with ``code`` (Popen's) is replaced in place: not a clean exit, not one the guard
+    was asked for (``stopping``: torch elastic stopping the group), not a rank that could not recover in place
+    (:data:`~recovery_env.RECOVERY_FAILED_EXIT`), and not a replacement (``replacements`` so far) that failed
+    within :data:`REPEAT_FAULT_SECONDS` of its start (``lived_seconds``)."""
+    if code == 0 or stopping or code == recovery_env.RECOVERY_FAILED_EXIT:
+        return False
+    return replacements == 0 or lived_seconds >= REPEAT_FAULT_SECONDS
+
+
+def _describe(code: int) -> str:
+    exit_code, signal_name = describe_exit(code)
+    return signal_name or f"exit code {exit_code}"
+
+
+def run_warm(argv: Sequence[str]) -> int:
+    """:func:`run` for a rank that can be replaced in place (:func:`uses_warm_parent`): the rank is forked by a warm
+    parent (engine/runtime/warm_parent.py), and when it ends abnormally the guard reports it as always, then, if
+    :func:`should_replace` allows, asks for a replacement (same RANK, ``MEGASCOPE_REPLACEMENT`` set) and attaches to
+    the agent again as the guard of the new process, instead of exiting: torch elastic sees nothing. Otherwise it
+    exits as :func:`run` does."""
+    link = warm_parent.WarmParentLink(argv)
+    stopping: list[int] = []
+
+    def forward(number: int, _frame: object) -> None:
+        stopping.append(number)
+        with contextlib.suppress(ProcessLookupError):
+            link.process.send_signal(number)  # the warm parent forwards it to its live rank
+
+    for sig in _FORWARDED:
+        signal.signal(sig, forward)
+    out, err, lines, copiers = _copy_output(link.process)
+    message = link.read()
+    if message is None:
+        # The warm parent ended before its first rank (the module failed to import or preload): it was the rank.
+        code = link.process.wait()
+        _join(copiers)
+        if code != 0:
+            _report(code, link.process.pid, time.time(), _tail(out, err))
+        return _exit_as(code)
+    code, replacements = 0, 0
+    rank = os.environ.get("RANK", "0")
+    while message is not None:
+        _, pid, _ = message  # started
+        if stopping:
+            forward(stopping[-1], None)  # the signal came while no rank was live, before this one started
+        watch = _Watch(pid, (out, err), lines)
+        started = time.monotonic()
+        message = link.read()
+        died = time.time()
+        if message is None:
+            # The warm parent was killed, and its rank with it (PR_SET_PDEATHSIG): the rank ended as it did.
+            code = link.process.wait()
+            _join(copiers)
+        else:
+            code = message[2]
+            for stream in (out, err):
+                stream.marks.acquire(timeout=1.0)  # until the rank's last lines are copied (its traceback)
+        if code != 0:
+            _report(code, pid, died, _tail(out, err))
+        watch.finish(code)
+        if message is None or not should_replace(code, replacements, time.monotonic() - started, bool(stopping)):
+            break
+        replacements += 1
+        print(
+            f"megascope rank guard: rank {rank} (pid {pid}) ended ({_describe(code)}): replacing it in place "
+            f"(replacement {replacements})",
+            file=sys.stderr,
+            flush=True,
+        )
+        for stream in (out, err):
+            stream.tail.clear()  # the next report is about the replacement's own lines
+        message = link.read() if link.fork(replacements) else None
+    link.quit()
+    _join(copiers)
+    return _exit_as(code)
 
 
 def main() -> int:

@@ -46,9 +46,11 @@ def test_only_loopback_is_bound() -> None:
 def test_a_loopback_job_runs_torchrun_with_bound_stores_and_a_network_one_plain_torchrun(tmp_path) -> None:  # type: ignore[no-untyped-def]
     local = LaunchOptions(nproc_per_node=2)
     command = torchrun_command(local, ["-m", "x"], tmp_path, "id")
-    assert command[1:4] == ["-m", "megascope.engine.runtime.bound_stores", "--local-addr=127.0.0.1"]
+    # torchrun under engine/runtime/elastic.py, which binds the stores as STORE_HOST_ENV says
+    assert command[1:4] == ["-m", "megascope.engine.runtime.elastic", "--local-addr=127.0.0.1"]
     assert launcher_environment(local)[bound_stores.STORE_HOST_ENV] == "127.0.0.1"
     remote = LaunchOptions(nnodes="2", rdzv_endpoint="node0:29400")
     assert loopback_store_host(remote) is None
-    assert torchrun_command(remote, ["-m", "x"], tmp_path, "id")[1:3] == ["-m", "torch.distributed.run"]
+    remote_command = torchrun_command(remote, ["-m", "x"], tmp_path, "id")
+    assert remote_command[1:3] == ["-m", "megascope.engine.runtime.elastic"] and "--local-addr" not in remote_command[3]
     assert bound_stores.STORE_HOST_ENV not in launcher_environment(remote)
