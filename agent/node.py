@@ -26,6 +26,7 @@ from megascope.agent.stragglers import NodeStragglers
 from megascope.agent.supervision import Supervisor
 from megascope.agent.validation import Launched
 from megascope.engine.runtime import launch as launcher
+from megascope.engine.runtime import recovery_env
 from megascope.engine.runtime import run_dir as run_paths
 from megascope.engine.runtime.agent_link import AGENT_ADDRESS_ENV, AGENT_SECRET_ENV
 from megascope.protos import events
@@ -96,8 +97,14 @@ class Agent:
         self.stragglers = NodeStragglers(self.state)
         self.state.step_observers.append(self.stragglers.add_step)
         self.merges = MergeRunner(self.state, options.ckpt_dir)
+        launch = options.launch
+        in_place = launch is not None and launcher.recovery_mode(launch, options.entry) == recovery_env.INPLACE
         self.supervisor = Supervisor(
-            self.state, options.hang_timeout, evict=self._evict if options.evict_slow_nodes else None
+            self.state,
+            options.hang_timeout,
+            evict=self._evict if options.evict_slow_nodes else None,
+            # In place, a hang's culprit is stopped alone, and a whole-job stop goes through the ranks' guards.
+            launcher=self._launcher_pid if in_place else None,
         )
         self.control = JobControl(self.state, self.supervisor, options.run_dir, options.ckpt_dir)
         self._evicted = False
@@ -266,6 +273,11 @@ class Agent:
         if options.exit_when_done:
             await asyncio.sleep(0.5)  # let watchers receive the last reports and the job event
             self._stop.set()
+
+    def _launcher_pid(self) -> int | None:
+        """torchrun's pid while it runs."""
+        process = self._process
+        return process.pid if process is not None and process.poll() is None else None
 
     def _evict(self, reason: str) -> None:
         """Leave the job: stop torchrun and its ranks; the other nodes' rendezvous goes on without this one."""
