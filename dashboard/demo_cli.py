@@ -56,6 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="no step for this long is a hang (default: the larger of 30 s and 5 median step times)",
     )
     faults.add_argument(
+        "--recovery",
+        choices=["inplace", "restart"],
+        help="after a crash or hang: replace the failed rank, keep the others (inplace; the default with --nodes 1), "
+        "or restart every rank from the last checkpoint (restart; the only way across several nodes for now)",
+    )
+    faults.add_argument(
         "--ckpt-every", type=int, default=20, help="checkpoint every N steps, what a restart resumes from (default: 20)"
     )
     faults.add_argument(
@@ -84,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
         errors.append(f"--ckpt-every must be at least 1 (restarts resume from checkpoints), got {args.ckpt_every}")
     if args.min_nodes is not None and not 1 <= args.min_nodes <= args.nodes:
         errors.append(f"--min-nodes must be in 1..--nodes ({args.nodes}), got {args.min_nodes}")
+    if args.recovery == "inplace" and args.nodes > 1:
+        errors.append("--recovery inplace needs --nodes 1 (a job across nodes recovers by a restart for now)")
     if args.json and not args.headless:
         errors.append("--json needs --headless (the TUI owns the terminal)")
     # The engine's fault grammar, handed over by the `megascope` dispatcher (the dashboard never imports the
@@ -115,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
             "--ckpt-every",
             str(args.ckpt_every),
             *(["--hang-timeout", str(args.hang_timeout)] if args.hang_timeout is not None else []),
+            *(["--recovery", args.recovery] if args.recovery is not None else []),
             *(["--evict-slow-nodes"] if args.evict_slow_nodes else []),
             # Checked by the agents (the engine owns the fault grammar; the dashboard never imports the engine).
             *(part for spec in args.inject for part in ("--inject", spec)),
