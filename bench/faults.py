@@ -1,37 +1,55 @@
-"""Fault tolerance at a fault a minute: megascope's agent against plain ``torchrun --max-restarts``, same faults.
+"""Fault tolerance at a fault a minute: megascope recovering in place, megascope restarting every rank, and plain
+``torchrun --max-restarts``, with the same faults, each side run several times, alternating.
 
-    python bench/faults.py [--minutes 10] [--fault-every 60] [--hang-timeout 10] [--pg-timeout 120] [--json]
-    python bench/faults.py --minutes 2 --fault-every 30 --pg-timeout 30      # quick, while developing
+    python bench/faults.py [--minutes 10] [--fault-every 60] [--hang-timeout 10] [--repeats 3]
+                           [--sides megascope,megascope-restart,torchrun] [--steady-state 3] [--json]
+    python bench/faults.py --minutes 2 --fault-every 30 --repeats 1 --sides megascope     # quick, while developing
 
 The job: our trainer, ``tiny`` preset, one node of 4 ranks (gloo on this CPU), ``--batch-tokens`` tokens per rank
 per step, a checkpoint every ``--ckpt-every`` steps that restarts resume from. One node, not 2 x 2: every rank then
 shares one ``TORCHELASTIC_RESTART_COUNT``, which is how the measurement tells the attempts apart.
 
-1. **Calibration**: a short fault-free ``megascope demo`` of the same job measures the pace (wall seconds per step,
-   checkpoints included), the time from launch to the first step done (what a restart costs, roughly) and the
-   fault-free ETTR (the ceiling: checkpoints and telemetry between steps).
-2. **The plan**: ``minutes * 60 / fault_every`` faults, alternating crash and hang (crash ``how=kill``, then
+The sides (``--sides``, comma-separated, run in that order in each round; ``--only NAME`` for one):
+
+- **megascope**: ``megascope demo --headless --json --nodes 1 --ranks-per-node 4 --hang-timeout T --recovery
+  inplace --inject ...``. The agent detects crashes (the rank guard's exit report) and hangs (no step for T seconds;
+  stacks, culprit, SIGKILL of that rank only); the failed rank's guard forks a replacement from its warm parent, the
+  other ranks form the process group again with it and hand it the newest state; the step in flight is redone.
+  What cannot be recovered in place falls back to a restart of every rank (counted in "restarts").
+- **megascope-restart**: the same with ``--recovery restart``: torch elastic restarts every rank from the newest
+  checkpoint (megascope before in-place recovery).
+- **torchrun**: the same config (``engine/train_cli.py``'s ``build`` from the same flags, so the same steps, data,
+  checkpoints and faults), launched as a user would without megascope: ``python -m torch.distributed.run
+  --nproc-per-node 4 --max-restarts M --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:0 -m
+  megascope.engine.trainer CONFIG`` (no rank guard, no agent), with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``
+  (without it restarts under torch elastic fail or hang half the time here: pytorch/pytorch#135712) and
+  ``LOGLEVEL=INFO`` (so torchrun logs its restarts; nothing else changes). A hang is noticed only when the
+  process group times out: the trainer's ``dist_timeout_seconds`` is set to ``--pg-timeout`` (torch's gloo default
+  is 30 minutes, our trainer's 300 s; the default here, 120 s, is generous to torchrun).
+
+The steps:
+
+1. **Calibration**: a short fault-free ``megascope demo`` (in place) of the same job measures the pace (wall seconds
+   per step, checkpoints included), the time from launch to the first step done and the fault-free ETTR (the
+   ceiling: checkpoints and telemetry between steps).
+2. **Steady state** (``--steady-state K``, off by default): K fault-free pairs of ``--steady-steps`` steps, in place
+   against restart, the order within a pair swapped every other pair; the pace of each and the overhead of the warm
+   parent and the recovery machinery: the median over the pairs of (in-place pace / restart pace) - 1, with the
+   pairs' range; called inconclusive with fewer than 3 pairs or a range wider than twice the goal (on a busy
+   machine one run's pace moves by far more than the 1% it is to show).
+3. **The plan**: ``minutes * 60 / fault_every`` faults, alternating crash and hang (crash ``how=kill``, then
    ``how=exception``; hang ``how=sleep``, then ``how=stop``, as SIGSTOP leaves no stacks to read), spread over the
    4 ranks. A fault fires when its rank reaches its step, so the steps are chosen from the calibration so that
-   on the megascope side the faults land at about ``fault_every * (i + 1/2)`` seconds of wall time: each fault's
-   expected cost (detection, restart, steps to redo) is taken off the training time before the next, and each
-   is moved by less than half a checkpoint interval so that the steps done since the last checkpoint (the steps
-   a restart loses) are spread evenly over the faults, as they would be for faults at random times. The run's
-   ``--steps`` makes the megascope side about ``--minutes`` long. The measured fault times are in the table:
-   the plan is an estimate, the figures come from what happened.
-3. **megascope**: ``megascope demo --headless --json --nodes 1 --ranks-per-node 4 --hang-timeout T ...
-   --inject ...``: the agent detects crashes (the rank guard's exit report) and hangs (no step for T seconds;
-   stacks, culprit, SIGKILL), and torch elastic under it restarts the ranks.
-4. **torchrun**: the same config (``engine/train_cli.py``'s ``build`` from the same flags, so the same steps, data,
-   checkpoints and faults), launched as a user would without megascope: ``python -m torch.distributed.run
-   --nproc-per-node 4 --max-restarts M --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:0 -m
-   megascope.engine.trainer CONFIG`` (no rank guard, no agent), with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``
-   (without it restarts under torch elastic fail or hang half the time here: pytorch/pytorch#135712) and
-   ``LOGLEVEL=INFO`` (so torchrun logs its restarts; nothing else changes). A hang is noticed only when the
-   process group times out: the trainer's ``dist_timeout_seconds`` is set to ``--pg-timeout`` (torch's gloo default
-   is 30 minutes, our trainer's 300 s; the default here, 120 s, is generous to torchrun).
+   on the megascope side the faults land at about ``fault_every * (i + 1/2)`` seconds of wall time if it meets its
+   MTTR goals (each fault's goal is taken off the training time before the next); each is moved by less than half
+   a checkpoint interval so that the steps done since the last checkpoint (the steps a restart loses) are spread
+   evenly over the faults, as they would be for faults at random times. The run's ``--steps`` makes the megascope
+   side about ``--minutes`` long. The same plan (in steps) runs on every side; the measured fault times and
+   intervals are in the tables: the plan is an estimate, the figures come from what happened.
+4. **The runs**: ``--repeats N`` rounds, each running every side once (m, t, m, t, ...), so that a change in the
+   machine's load falls on all sides alike; the 1-minute load average is printed as each run starts and ends.
 
-What is measured, on both sides from the same sources:
+What is measured, on every side from the same sources:
 
 - fault time: the mtime of the fault's marker file (``run_dir/faults/<fault>.0``), created by the rank an instant
   before it kills itself or starts hanging (engine/runtime/faults.py ``claim_firing``).
@@ -41,21 +59,32 @@ What is measured, on both sides from the same sources:
   or ``failed (exitcode ...)`` / ``Worker group FAILED ... will restart worker group``; the last two come only once
   the others are stopped, which for a rank under SIGSTOP is torch's 30 s SIGTERM grace later (that wait counts in
   MTTR; the JSON keeps it as ``restart_line_s``). "seen as" says what each blamed.
-- MTTR: fault time to the first step completed after the restart: the lowest attempt
-  (``TORCHELASTIC_RESTART_COUNT``) above the fault's that completed a step, its first step, done when the last
-  rank recorded it (``run_dir/telemetry/rank*.jsonl``, ``wall_time``).
-- steps lost: the last step every rank completed in the fault's attempt minus the step the restart resumed from
-  (its first step - 1).
+- MTTR: fault time to the first step completed after it, done when the last rank recorded it
+  (``run_dir/telemetry/rank*.jsonl``, ``wall_time``): in place, the next step of the same attempt
+  (``TORCHELASTIC_RESTART_COUNT``); after a restart, the first step of the next attempt that completed one.
+- steps redone: the step in flight at the fault (its rank fires as it starts it, so no rank can finish it) plus the
+  completed steps lost, the last step every rank completed minus the step the recovery resumed from: 1 in place
+  when nothing older is lost, 1 + the steps since the last checkpoint after a restart (``steps_lost`` in the JSON:
+  the completed steps alone).
 - ETTR (effective training time ratio): useful step time / wall time. Useful step time: for each step index
-  1..N once, the execution of it that the final model went through (the one in the latest attempt), its
-  ``step_seconds`` (the mean over ranks). Wall time: from the start of step 1 (first attempt, earliest rank) to
-  the end of step N (the last rank). Both sides pay the same start-up before step 1, so it is left out of both;
-  re-done steps, detection, restarts, checkpoints and gaps between steps all count as wall time only.
+  1..N once, the execution of it that the final model went through (the latest), its ``step_seconds`` (the mean
+  over ranks). Wall time: from the start of step 1 (first attempt, earliest rank) to the end of step N (the last
+  rank). Every side pays the same start-up before step 1, so it is left out of all; re-done steps, detection,
+  recovery, restarts, checkpoints and gaps between steps all count as wall time only.
+
+The tables: each fault on each side (the first run of each), each run (ETTR, MTTR, steps redone, load), and per
+side the median and the range (min-max) over its runs of ETTR, MTTR of a crash and of a hang (each run's median),
+detection and steps redone, with issue 18's goals for the megascope side: ETTR >= 90% (aim 95%), MTTR <= 3 s for
+a crash and <= hang timeout + 1 s for a hang (the medians over the runs), at most 1 step redone and every fault
+recovered (on every fault of every run), and, with ``--steady-state``, an overhead <= 1%. The goals before issue
+18 (crash detection <= 2 s, hang detection <= hang timeout + 10 s, MTTR <= 60 s) follow as secondary lines.
 
 Progress goes to stderr; the tables to stdout. With ``--json`` the last stdout line is one object:
-``{"megascope": {"detect_s": [...], "mttr_s": [...], "steps_lost": [...], "ettr": x, ...}, "torchrun": {...},
-"plan": {...}, "goals": {...}}``; the lists follow the plan's faults, ``null`` where a figure could not be measured.
-The machine is shared: one run per side, so the figures carry the other jobs' noise.
+``{"megascope": {"detect_s": [...], "mttr_s": [...], "steps_lost": [...], "steps_redone": [...], "ettr": x, ...},
+"megascope-restart": {...}, "torchrun": {...}`` (the first run of each side), ``"runs": {side: [one per run]},
+"summary": {side: {"ettr": {"median", "min", "max", "runs"}, "mttr_crash_s": ..., ...}}, "load": [...],
+"steady_state": {...} or null, "plan": {...}, "goals": {...}}``; the per-fault lists follow the plan's faults,
+``null`` where a figure could not be measured. The machine may be shared: the load averages say how busy it was.
 """
 
 from __future__ import annotations
@@ -80,6 +109,7 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 from megascope.engine.runtime.faults import CrashFault, HangFault
+from megascope.engine.runtime.recovery_env import INPLACE, RESTART
 from megascope.engine.runtime.run_dir import checkpoints_dir, fault_marker, telemetry_files
 
 RANKS = 4
@@ -87,14 +117,20 @@ PRESET = "tiny"
 CALIBRATION_STEPS = 40
 CRASH_HOWS = ("kill", "exception")
 HANG_HOWS = ("sleep", "stop")
-CRASH_DETECT_ESTIMATE_S = 1.0
-"""For the plan only: the agent waits up to 1 s for the guard's exit report."""
-HANG_STACKS_ESTIMATE_S = 1.0
-"""For the plan only: collecting every rank's stacks after the hang timeout."""
-GOAL_CRASH_DETECT_S = 2.0
-GOAL_HANG_MARGIN_S = 10.0
-GOAL_MTTR_S = 60.0
+SIDES = ("megascope", "megascope-restart", "torchrun")
+"""The demo recovering in place (its default on one node), the demo restarting every rank, plain torchrun."""
+DEFAULT_SIDES = "megascope,torchrun"
 GOAL_ETTR = 0.90
+AIM_ETTR = 0.95
+GOAL_MTTR_CRASH_S = 3.0
+GOAL_MTTR_HANG_MARGIN_S = 1.0
+"""A hang's MTTR: at most the hang timeout (the detection) plus this."""
+GOAL_STEPS_REDONE = 1
+GOAL_STEADY_OVERHEAD_PCT = 1.0
+STEADY_MIN_PAIRS = 3
+GOAL_CRASH_DETECT_S = 2.0
+GOAL_HANG_DETECT_MARGIN_S = 10.0
+GOAL_MTTR_OLD_S = 60.0
 _RESTART_LINE = re.compile(r"Worker group (FAILED|UNHEALTHY)\. .*will restart worker group")
 _FAILED_RANK = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+)")
 _NOTICED = re.compile(r"closing signal SIG|failed \(exitcode|Worker group (FAILED|UNHEALTHY)")
@@ -182,6 +218,13 @@ class FaultResult:
     def steps_lost(self) -> int | None:
         return None if self.last_step is None or self.resumed_step is None else self.last_step - self.resumed_step
 
+    @property
+    def steps_redone(self) -> int | None:
+        """The steps run again: the one in flight (the fault fires as its rank starts a step, which no rank can then
+        finish) and the completed steps lost (a restart goes back to the last checkpoint)."""
+        lost = self.steps_lost
+        return None if lost is None else lost + 1
+
 
 @dataclass
 class SideResult:
@@ -198,6 +241,9 @@ class SideResult:
     restarts: int = 0
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    load_start: float | None = None
+    """The 1-minute load average as the run started, and as it ended: the machine is shared."""
+    load_end: float | None = None
 
     @property
     def ettr(self) -> float | None:
@@ -307,16 +353,23 @@ START_ATTEMPTS = 3
 
 
 def run_megascope(
-    run_dir: Path, steps: int, faults: Sequence[Injected], args: argparse.Namespace, limit_s: float
+    run_dir: Path,
+    steps: int,
+    faults: Sequence[Injected],
+    args: argparse.Namespace,
+    limit_s: float,
+    recovery: str = INPLACE,
+    name: str = "megascope",
 ) -> tuple[SideResult, dict[str, Any] | None]:
-    """The demo with ``faults``; launched again (up to START_ATTEMPTS) when it failed before its first step.
+    """The demo with ``faults`` and ``--recovery recovery``; launched again (up to START_ATTEMPTS) when it failed
+    before its first step.
 
     The agent's launch of torchrun now and then dies of SIGABRT at once (gRPC and fork: see the note it leaves);
     that is no fault this measures, so the run is started again, and the note says so.
     """
     failed_starts: list[str] = []
     for attempt in range(START_ATTEMPTS):
-        side, summary = _run_demo(run_dir, steps, faults, args, limit_s)
+        side, summary = _run_demo(run_dir, steps, faults, args, limit_s, recovery, name)
         if side.steps_done or attempt == START_ATTEMPTS - 1:
             break
         gave_up = [e["text"] for e in (summary or {}).get("events", []) if e.get("kind") == "job_failed"]
@@ -325,21 +378,28 @@ def run_megascope(
         for suffix in ("", ".stdout", ".stderr"):
             with contextlib.suppress(FileNotFoundError):
                 Path(f"{run_dir}{suffix}").rename(f"{aside}{suffix}")
-        log(f"megascope: failed before its first step ({failed_starts[-1]}); kept in {aside}; starting again")
+        log(f"{name}: failed before its first step ({failed_starts[-1]}); kept in {aside}; starting again")
     side.notes[:0] = [f"start-up failed before any step, started again: {text}" for text in failed_starts]
     return side, summary
 
 
 def _run_demo(
-    run_dir: Path, steps: int, faults: Sequence[Injected], args: argparse.Namespace, limit_s: float
+    run_dir: Path,
+    steps: int,
+    faults: Sequence[Injected],
+    args: argparse.Namespace,
+    limit_s: float,
+    recovery: str,
+    name: str,
 ) -> tuple[SideResult, dict[str, Any] | None]:
     command = [
         sys.executable, "-m", "megascope.agent.cli", "demo", "--headless", "--json", "--nodes", "1",
         "--ranks-per-node", str(RANKS), "--steps", str(steps), "--batch-tokens", str(args.batch_tokens),
         "--ckpt-every", str(args.ckpt_every), "--max-restarts", str(len(faults) + 3),
-        "--hang-timeout", str(args.hang_timeout), "--run-dir", str(run_dir), *inject_flags(faults),
+        "--hang-timeout", str(args.hang_timeout), "--recovery", recovery, "--run-dir", str(run_dir),
+        *inject_flags(faults),
     ]  # fmt: skip
-    log(f"megascope: {steps} steps, {len(faults)} faults; {run_dir}")
+    log(f"{name}: {steps} steps, {len(faults)} faults, --recovery {recovery}; {run_dir}")
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     out_path = run_dir.parent / f"{run_dir.name}.stdout"
     # Files, not pipes: the summary line can outgrow a pipe's buffer, and nothing here reads it until the end.
@@ -349,7 +409,7 @@ def _run_demo(
         try:
             process.wait(timeout=limit_s)
         except subprocess.TimeoutExpired:
-            log(f"megascope: still running after {limit_s:.0f} s; stopping it and measuring what it did")
+            log(f"{name}: still running after {limit_s:.0f} s; stopping it and measuring what it did")
             _stop(process)
         except BaseException:
             _stop(process)
@@ -365,11 +425,17 @@ def _run_demo(
         for e in events
         if e.get("kind") in ("crash", "hang")
     ]
-    side = measure("megascope", run_dir, faults, detections, steps, launched, ended, process.returncode)
+    side = measure(name, run_dir, faults, detections, steps, launched, ended, process.returncode)
     if summary is None:
         side.notes.append("the demo printed no JSON summary")
     else:
         side.extra["agent_restarts"] = summary.get("restarts")
+        side.extra["demo_ok"] = summary.get("ok")
+        # Each recovery in place as the new generation's rank 0 reported it: its breakdown (re-form, transfer,
+        # replacement ready, total from the failure to training again), beside the figures measured here.
+        side.extra["recoveries"] = [
+            {"time": e.get("time"), **(e.get("attributes") or {})} for e in events if e.get("kind") == "recovered"
+        ]
         failed = [e["text"] for e in events if e.get("kind") == "job_failed"]
         side.notes.extend(f"job_failed: {text}" for text in failed)
         _agent_figures(side, summary)
@@ -484,19 +550,90 @@ class Calibration:
     """Of this fault-free run: the ceiling for the runs with faults."""
 
 
+WARM_STEPS = 3
+"""The first steps are slow (allocations, first collectives): the pace is taken after them."""
+
+
+def pace(executions: Sequence[Execution], steps: int) -> tuple[float, float]:
+    """Of a fault-free run of ``steps`` steps (one attempt): wall seconds per step from the end of step WARM_STEPS to
+    the end of the last (checkpoints and telemetry between steps included), and the median step after WARM_STEPS."""
+    done = {e.step: e for e in executions if e.attempt == 0}
+    if steps <= WARM_STEPS or any(s not in done for s in (WARM_STEPS, steps)):
+        raise ValueError(f"a pace needs steps {WARM_STEPS} and {steps} done, and more than {WARM_STEPS} steps")
+    per_step = (done[steps].done - done[WARM_STEPS].done) / (steps - WARM_STEPS)
+    return per_step, statistics.median(e.seconds for e in done.values() if e.step > WARM_STEPS)
+
+
 def calibrate(work: Path, args: argparse.Namespace) -> Calibration:
     side, _ = run_megascope(work / "calibration", CALIBRATION_STEPS, [], args, limit_s=600)
     executions = [e for e in read_executions(work / "calibration") if e.attempt == 0]
     done = {e.step: e for e in executions}
     if not side.completed or len(done) < CALIBRATION_STEPS:
         raise SystemExit(f"faults: the calibration run failed (exit {side.exit_code}); see {work}/calibration*")
-    warm = 3  # the first steps are slow (allocations, first collectives)
-    pace = (done[CALIBRATION_STEPS].done - done[warm].done) / (CALIBRATION_STEPS - warm)
+    per_step, median_step = pace(executions, CALIBRATION_STEPS)
     return Calibration(
-        pace_s=pace,
-        median_step_s=statistics.median(e.seconds for e in executions if e.step > warm),
-        startup_s=done[1].done - side.launched,
-        ettr=side.ettr,
+        pace_s=per_step, median_step_s=median_step, startup_s=done[1].done - side.launched, ettr=side.ettr
+    )
+
+
+@dataclass(frozen=True)
+class SteadyRun:
+    """One fault-free run of the steady-state comparison."""
+
+    recovery: str
+    pace_s: float
+    median_step_s: float
+    ettr: float | None
+    load: tuple[float, float]
+    """The 1-minute load average at its start and end."""
+
+
+def steady_state(work: Path, args: argparse.Namespace) -> list[tuple[SteadyRun, SteadyRun]]:
+    """``--steady-state K`` fault-free pairs of the same job, in place against restart (the warm parent, the
+    recovery store and the trainer's recovery hooks against none of them): K (in place, restart) pairs, the order
+    within a pair swapped every other pair so that a drift in the machine's load favours neither side."""
+    pairs: list[tuple[SteadyRun, SteadyRun]] = []
+    for index in range(args.steady_state):
+        order = (INPLACE, RESTART) if index % 2 == 0 else (RESTART, INPLACE)
+        runs: dict[str, SteadyRun] = {}
+        for mode in order:
+            run_dir = work / f"steady-{mode}-{index + 1}"
+            start = os.getloadavg()[0]
+            side, _ = run_megascope(run_dir, args.steady_steps, [], args, limit_s=600, recovery=mode,
+                                    name=f"steady-state {mode}")  # fmt: skip
+            end = os.getloadavg()[0]
+            if not side.completed:
+                raise SystemExit(f"faults: the steady-state run {run_dir} failed (exit {side.exit_code})")
+            per_step, median_step = pace(read_executions(run_dir), args.steady_steps)
+            runs[mode] = SteadyRun(mode, per_step, median_step, side.ettr, (start, end))
+            log(f"steady state {index + 1}/{args.steady_state} {mode}: {per_step:.4f} s a step, "
+                f"load {start:.2f} -> {end:.2f}")  # fmt: skip
+        pairs.append((runs[INPLACE], runs[RESTART]))
+    return pairs
+
+
+def steady_overhead_pct(pairs: Sequence[tuple[SteadyRun, SteadyRun]]) -> float | None:
+    """The cost of in-place recovery's machinery when nothing fails: the median over the pairs of the in-place
+    pace over the restart pace, as a percentage above 1 (negative: in place was faster, i.e. noise)."""
+    if not pairs:
+        return None
+    return 100 * (statistics.median(inplace.pace_s / restart.pace_s for inplace, restart in pairs) - 1)
+
+
+def steady_spread_pct(pairs: Sequence[tuple[SteadyRun, SteadyRun]]) -> tuple[float, float] | None:
+    """The lowest and highest of the pairs' overheads, in %: how far the machine's noise moves one pair."""
+    if not pairs:
+        return None
+    ratios = [100 * (inplace.pace_s / restart.pace_s - 1) for inplace, restart in pairs]
+    return min(ratios), max(ratios)
+
+
+def steady_conclusive(pairs: Sequence[tuple[SteadyRun, SteadyRun]]) -> bool:
+    """Whether the median can be told from noise at the goal's scale: at least STEADY_MIN_PAIRS pairs, spread over
+    no more than twice the goal (a busy machine moves one run's pace by far more than 1%)."""
+    spread = steady_spread_pct(pairs)
+    return (
+        len(pairs) >= STEADY_MIN_PAIRS and spread is not None and spread[1] - spread[0] <= 2 * GOAL_STEADY_OVERHEAD_PCT
     )
 
 
@@ -514,7 +651,10 @@ def plan_faults(calibration: Calibration, args: argparse.Namespace) -> Plan:
     pace, every = calibration.pace_s, args.ckpt_every
     faults: list[Injected] = []
     expected: list[float] = []
-    overhead = 0.0  # wall seconds the faults so far are expected to cost (detection, restart, redone steps)
+    # Wall seconds the faults so far are expected to cost on the megascope side, which recovers in place: its MTTR
+    # goals (a fault to the first step after it: detection, recovery and the step redone). Where it misses them
+    # the faults land sooner than planned; the table gives the measured interval.
+    overhead = 0.0
     previous = 0
     for index in range(count):
         target = args.fault_every * (index + 0.5)
@@ -530,13 +670,12 @@ def plan_faults(calibration: Calibration, args: argparse.Namespace) -> Plan:
         kind, nth = ("crash", "hang")[index % 2], index // 2
         if kind == "crash":
             faults.append(CrashFault(rank=nth % RANKS, step=step, how=CRASH_HOWS[nth % len(CRASH_HOWS)]))
-            detect = CRASH_DETECT_ESTIMATE_S
+            cost = GOAL_MTTR_CRASH_S
         else:
             faults.append(HangFault(rank=(nth + 2) % RANKS, step=step, how=HANG_HOWS[nth % len(HANG_HOWS)]))
-            detect = args.hang_timeout + HANG_STACKS_ESTIMATE_S
+            cost = args.hang_timeout + GOAL_MTTR_HANG_MARGIN_S
         expected.append((step - 1) * pace + overhead)
-        redo = (step - 1) % every  # back to the newest checkpoint at or before S - 1
-        overhead += detect + calibration.startup_s + redo * pace
+        overhead += cost
         previous = step
     steps = max(round((args.minutes * 60 - overhead) / pace), previous + every)
     return Plan(steps, tuple(faults), tuple(expected))
@@ -564,89 +703,210 @@ def describe_fault(fault: Injected) -> str:
 
 
 def print_fault_table(plan: Plan, sides: Sequence[SideResult]) -> None:
-    origin = {s.name: s.first_step_start or s.launched for s in sides}
-    names = " ".join(f"{s.name:>10}" for s in sides)
-    print(f"{'':<3} {'fault':<24} {'step':>5} | {'fired at s':^21} | {'detect s':^21} | {'MTTR s':^21} | "
-          f"{'steps lost':^21} | seen as")  # fmt: skip
-    print(f"{'':<3} {'':<24} {'':>5} | {names} | {names} | {names} | {names} |")
+    """One line per fault and side (the first run of each side)."""
+    width = max(len(s.name) for s in sides)
+    print(f"{'':<3} {'fault':<24} {'step':>5}  {'side':<{width}} {'fired at':>9} {'detect':>7} {'MTTR':>7} "
+          f"{'redone':>6}  seen as")  # fmt: skip
     for index, fault in enumerate(plan.faults):
-        results = [s.faults[index] for s in sides]
-        fired = " ".join(_f(None if r.fired is None else r.fired - origin[s.name], "10.1f").rjust(10)
-                         for s, r in zip(sides, results, strict=True))  # fmt: skip
-        detect = " ".join(_f(r.detect_s, "10.2f").rjust(10) for r in results)
-        mttr = " ".join(_f(r.mttr_s, "10.1f").rjust(10) for r in results)
-        lost = " ".join(_f(r.steps_lost, "10d").rjust(10) for r in results)
-        seen = " / ".join(r.detection.seen_as if r.detection else "-" for r in results)
-        print(f"{index + 1:<3} {describe_fault(fault):<24} {fault.step:>5} | {fired} | {detect} | {mttr} | {lost} | "
-              f"{seen}")  # fmt: skip
+        for row, side in enumerate(sides):
+            result = side.faults[index]
+            origin = side.first_step_start or side.launched
+            head = f"{index + 1:<3} {describe_fault(fault):<24} {fault.step:>5}" if row == 0 else " " * 34
+            fired = None if result.fired is None else result.fired - origin
+            seen = result.detection.seen_as if result.detection else "-"
+            print(f"{head}  {side.name:<{width}} {_f(fired, '9.1f'):>9} {_f(result.detect_s, '7.2f'):>7} "
+                  f"{_f(result.mttr_s, '7.2f'):>7} {_f(result.steps_redone, '6d'):>6}  {seen}")  # fmt: skip
 
 
-def goals(side: SideResult, hang_timeout: float) -> dict[str, Any]:
-    crash = [r.detect_s for r in side.faults if r.fault.kind == "crash"]
-    hang = [r.detect_s for r in side.faults if r.fault.kind == "hang"]
-    mttr = [r.mttr_s for r in side.faults]
-    ettr = side.ettr
+def run_figures(side: SideResult) -> dict[str, float | int | None]:
+    """The figures of one run that the summary gives the median and range of (None: nothing to measure)."""
 
-    def held(values: Sequence[float | None], limit: float) -> bool:
-        return bool(values) and all(v is not None and v <= limit for v in values)
+    def of(kind: str, attr: str) -> list[float | None]:
+        return [getattr(r, attr) for r in side.faults if r.fault.kind == kind]
+
+    recoveries: list[dict[str, Any]] = side.extra.get("recoveries", [])
 
     return {
-        "crash_detect_le_2s": held(crash, GOAL_CRASH_DETECT_S),
-        "hang_detect_le_timeout_plus_10s": held(hang, hang_timeout + GOAL_HANG_MARGIN_S),
-        "mttr_le_60s": held(mttr, GOAL_MTTR_S),
-        "ettr_ge_90pct": ettr is not None and ettr >= GOAL_ETTR,
+        "ettr": side.ettr,
+        "mttr_crash_s": _median(of("crash", "mttr_s")),
+        "mttr_hang_s": _median(of("hang", "mttr_s")),
+        "detect_crash_s": _median(of("crash", "detect_s")),
+        "detect_hang_s": _median(of("hang", "detect_s")),
+        "steps_redone_max": _max([r.steps_redone for r in side.faults]),
+        "steps_lost_total": sum(r.steps_lost or 0 for r in side.faults),
+        "faults_recovered": sum(r.recovered is not None for r in side.faults),
+        "fault_interval_s": _median(_intervals(side)),
+        **{key: _median([r.get(source) for r in recoveries]) for key, source in RECOVERY_FIGURES},
     }
-
-
-def print_summary(sides: Sequence[SideResult], args: argparse.Namespace, calibration: Calibration) -> dict[str, Any]:
-    megascope = next(s for s in sides if s.name == "megascope")
-    met = goals(megascope, args.hang_timeout)
-    rows: list[tuple[str, list[str], str]] = []
-
-    def figures(kind: str | None, attr: str) -> list[list[float | int | None]]:
-        return [[getattr(r, attr) for r in s.faults if kind is None or r.fault.kind == kind] for s in sides]
-
-    def verdict(key: str) -> str:
-        return "met" if met[key] else "MISSED"
-
-    for label, kind, attr, spec, goal in (
-        ("crash detection s", "crash", "detect_s", ".2f",
-         f"<= {GOAL_CRASH_DETECT_S:g} s: {verdict('crash_detect_le_2s')}"),
-        ("hang detection s", "hang", "detect_s", ".1f",
-         f"<= {args.hang_timeout + GOAL_HANG_MARGIN_S:g} s: {verdict('hang_detect_le_timeout_plus_10s')}"),
-        ("MTTR, crash s", "crash", "mttr_s", ".1f", ""),
-        ("MTTR, hang s", "hang", "mttr_s", ".1f", ""),
-        ("MTTR, all s", None, "mttr_s", ".1f", f"<= {GOAL_MTTR_S:g} s: {verdict('mttr_le_60s')}"),
-        ("steps lost", None, "steps_lost", ".0f", ""),
-    ):  # fmt: skip
-        rows.append((f"{label}, median (max)",
-                     [f"{_f(_median(v), spec)} ({_f(_max(v), spec)})" for v in figures(kind, attr)], goal))  # fmt: skip
-    rows.append(("ETTR", [_f(None if s.ettr is None else 100 * s.ettr, ".1f") + "%" for s in sides],
-                 f">= {100 * GOAL_ETTR:.0f}%: {verdict('ettr_ge_90pct')}"))  # fmt: skip
-    rows.append(("faults fired / detected",
-                 [f"{sum(r.fired is not None for r in s.faults)}/{len(s.faults)} / "
-                  f"{sum(r.detection is not None for r in s.faults)}" for s in sides], ""))  # fmt: skip
-    rows.append(("fault interval s, median",
-                 [_f(_median(_intervals(s)), ".0f") for s in sides], f"planned {args.fault_every:g} s"))  # fmt: skip
-    rows.append(("steps done / restarts", [f"{s.steps_done}/{s.total_steps} / {s.restarts}" for s in sides], ""))
-    rows.append(("training wall time (step 1 to last) s", [_f(s.training_wall_s, ".0f") for s in sides], ""))
-    rows.append(("useful step time s", [f"{s.useful_seconds:.0f}" for s in sides], ""))
-    rows.append(("whole run (launch to exit) s", [f"{s.ended - s.launched:.0f}" for s in sides], ""))
-    width = max(len(r[0]) for r in rows)
-    print(f"\n{'':<{width}}  " + "  ".join(f"{s.name:>16}" for s in sides) + "  goal (megascope)")
-    for label, values, goal in rows:
-        print(f"{label:<{width}}  " + "  ".join(f"{v:>16}" for v in values) + f"  {goal}")
-    ceiling = _f(None if calibration.ettr is None else 100 * calibration.ettr, ".1f")
-    print(f"(ETTR of the fault-free calibration run: {ceiling}%: checkpoints and telemetry between steps)")
-    for side in sides:
-        for note in side.notes:
-            print(f"{side.name}: {note}")
-    return met
 
 
 def _intervals(side: SideResult) -> list[float]:
     fired = [r.fired for r in side.faults if r.fired is not None]
     return [b - a for a, b in zip(fired, fired[1:], strict=False)]
+
+
+FIGURES: tuple[tuple[str, str, float, str], ...] = (
+    ("ETTR %", "ettr", 100.0, ".1f"),
+    ("MTTR crash s (run median)", "mttr_crash_s", 1.0, ".2f"),
+    ("MTTR hang s (run median)", "mttr_hang_s", 1.0, ".2f"),
+    ("detection crash s (run median)", "detect_crash_s", 1.0, ".2f"),
+    ("detection hang s (run median)", "detect_hang_s", 1.0, ".2f"),
+    ("steps redone a fault (run max)", "steps_redone_max", 1.0, ".0f"),
+    ("completed steps lost (run total)", "steps_lost_total", 1.0, ".0f"),
+    ("faults recovered", "faults_recovered", 1.0, ".0f"),
+    ("fault interval s (run median)", "fault_interval_s", 1.0, ".0f"),
+    ("in place: failure to training s", "recovery_total_s", 1.0, ".2f"),
+    ("in place: replacement ready s", "replacement_ready_s", 1.0, ".2f"),
+    ("in place: group re-formed s", "reform_s", 1.0, ".2f"),
+    ("in place: state transfer s", "transfer_s", 1.0, ".3f"),
+)
+"""The summary's rows: label, run_figures key, scale, format."""
+RECOVERY_FIGURES = (
+    ("recovery_total_s", "total_seconds"),
+    ("replacement_ready_s", "replacement_ready_seconds"),
+    ("reform_s", "reform_seconds"),
+    ("transfer_s", "transfer_seconds"),
+)
+"""The breakdown of a recovery in place (the ``recovered`` events' attributes; each run's median)."""
+
+
+def spread(values: Sequence[float | int | None]) -> dict[str, float | int] | None:
+    """Median and range of the runs' values (the runs that measured it: ``runs`` says how many)."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    return {"median": statistics.median(present), "min": min(present), "max": max(present), "runs": len(present)}
+
+
+def summarize(runs: Sequence[SideResult]) -> dict[str, dict[str, float | int] | None]:
+    figures = [run_figures(r) for r in runs]
+    return {key: spread([f[key] for f in figures]) for _, key, _, _ in FIGURES}
+
+
+def _cell(value: dict[str, float | int] | None, scale: float, spec: str) -> str:
+    if value is None:
+        return "-"
+    median, low, high = (format(scale * value[k], spec) for k in ("median", "min", "max"))
+    return median if len(set((median, low, high))) == 1 else f"{median} ({low}-{high})"
+
+
+def goals(runs: Sequence[SideResult], hang_timeout: float) -> dict[str, bool]:
+    """Issue 18's goals, on the megascope (in place) side over all its runs; ETTR and MTTR are judged on the median
+    over the runs (of each run's median for MTTR), steps redone on every fault of every run (at most the step in
+    flight), and every planned fault must have fired and been recovered from. The older goals follow, on every fault
+    of every run."""
+    summary = summarize(runs)
+    faults = [r for side in runs for r in side.faults]
+
+    def median_at_most(key: str, limit: float) -> bool:
+        value = summary[key]
+        return value is not None and value["median"] <= limit
+
+    def every(values: Sequence[float | int | None], limit: float) -> bool:
+        return bool(values) and all(v is not None and v <= limit for v in values)
+
+    ettr = summary["ettr"]
+    return {
+        "ettr_ge_90pct": ettr is not None and ettr["median"] >= GOAL_ETTR,
+        "ettr_ge_95pct_aim": ettr is not None and ettr["median"] >= AIM_ETTR,
+        "mttr_crash_le_3s": median_at_most("mttr_crash_s", GOAL_MTTR_CRASH_S),
+        "mttr_hang_le_timeout_plus_1s": median_at_most("mttr_hang_s", hang_timeout + GOAL_MTTR_HANG_MARGIN_S),
+        "steps_redone_le_1": every([r.steps_redone for r in faults], GOAL_STEPS_REDONE),
+        "every_fault_recovered": bool(faults) and all(r.fired is not None and r.recovered is not None for r in faults),
+        # Before issue 18 (a full restart's goals), kept as secondary lines:
+        "crash_detect_le_2s": every([r.detect_s for r in faults if r.fault.kind == "crash"], GOAL_CRASH_DETECT_S),
+        "hang_detect_le_timeout_plus_10s": every(
+            [r.detect_s for r in faults if r.fault.kind == "hang"], hang_timeout + GOAL_HANG_DETECT_MARGIN_S
+        ),
+        "mttr_le_60s": every([r.mttr_s for r in faults], GOAL_MTTR_OLD_S),
+    }
+
+
+def print_runs_table(runs: dict[str, list[SideResult]]) -> None:
+    print(f"\n{'side':<18} {'run':>3} {'ETTR %':>7} {'MTTR crash':>10} {'MTTR hang':>9} {'redone max':>10} "
+          f"{'steps / restarts':>16} {'load 1 min start -> end':>24}")  # fmt: skip
+    for name, sides in runs.items():
+        for index, side in enumerate(sides):
+            figures = run_figures(side)
+            ettr = figures["ettr"]
+            load = f"{_f(side.load_start, '.2f')} -> {_f(side.load_end, '.2f')}"
+            print(f"{name:<18} {index + 1:>3} {_f(None if ettr is None else 100 * ettr, '7.1f'):>7} "
+                  f"{_f(figures['mttr_crash_s'], '10.2f'):>10} {_f(figures['mttr_hang_s'], '9.2f'):>9} "
+                  f"{_f(figures['steps_redone_max'], '10.0f'):>10} "
+                  f"{f'{side.steps_done}/{side.total_steps} / {side.restarts}':>16} {load:>24}")  # fmt: skip
+
+
+def print_summary(
+    runs: dict[str, list[SideResult]],
+    args: argparse.Namespace,
+    calibration: Calibration,
+    pairs: Sequence[tuple[SteadyRun, SteadyRun]],
+) -> dict[str, Any]:
+    """The summary table (median (min-max) over each side's runs) and, with a megascope side, its goals."""
+    met = goals(runs["megascope"], args.hang_timeout) if "megascope" in runs else {}
+    summaries = {name: summarize(sides) for name, sides in runs.items()}
+
+    def verdict(key: str) -> str:
+        return ("met" if met[key] else "MISSED") if met else ""
+
+    goal_of = {
+        "ettr": f">= {100 * GOAL_ETTR:.0f}%: {verdict('ettr_ge_90pct')} (aim {100 * AIM_ETTR:.0f}%: "
+        f"{verdict('ettr_ge_95pct_aim')})",
+        "mttr_crash_s": f"<= {GOAL_MTTR_CRASH_S:g} s: {verdict('mttr_crash_le_3s')}",
+        "mttr_hang_s": f"<= hang timeout + {GOAL_MTTR_HANG_MARGIN_S:g} = "
+        f"{args.hang_timeout + GOAL_MTTR_HANG_MARGIN_S:g} s: {verdict('mttr_hang_le_timeout_plus_1s')}",
+        "steps_redone_max": f"<= {GOAL_STEPS_REDONE} (the step in flight): {verdict('steps_redone_le_1')}",
+        "faults_recovered": f"all {len(next(iter(runs.values()))[0].faults)}: {verdict('every_fault_recovered')}",
+        "fault_interval_s": f"planned {args.fault_every:g} s",
+    }
+    width = max(len(label) for label, _, _, _ in FIGURES)
+    cell = 22
+    print(f"\n{'median (min-max) over the runs':<{width}}  " + "  ".join(f"{n:>{cell}}" for n in runs)
+          + ("  goal (megascope)" if met else ""))  # fmt: skip
+    for label, key, scale, spec in FIGURES:
+        cells = "  ".join(f"{_cell(summaries[n][key], scale, spec):>{cell}}" for n in runs)
+        print(f"{label:<{width}}  {cells}  {goal_of.get(key, '') if met else ''}".rstrip())
+    print(f"{'runs':<{width}}  " + "  ".join(f"{len(sides):>{cell}}" for sides in runs.values()))
+    if met:
+        old = (("crash_detect_le_2s", f"crash detection <= {GOAL_CRASH_DETECT_S:g} s"),
+               ("hang_detect_le_timeout_plus_10s",
+                f"hang detection <= {args.hang_timeout + GOAL_HANG_DETECT_MARGIN_S:g} s"),
+               ("mttr_le_60s", f"MTTR <= {GOAL_MTTR_OLD_S:g} s"))  # fmt: skip
+        print("secondary (the goals before issue 18, every fault): "
+              + "; ".join(f"{text}: {verdict(key)}" for key, text in old))  # fmt: skip
+    ceiling = _f(None if calibration.ettr is None else 100 * calibration.ettr, ".1f")
+    print(f"fault-free ETTR (the calibration run, in place): {ceiling}% (the ceiling: checkpoints and telemetry "
+          "between steps)")  # fmt: skip
+    if pairs:
+        overhead = steady_overhead_pct(pairs)
+        spread = steady_spread_pct(pairs)
+        conclusive = steady_conclusive(pairs)
+        if met:
+            met["steady_overhead_le_1pct"] = overhead is not None and overhead <= GOAL_STEADY_OVERHEAD_PCT
+            met["steady_overhead_conclusive"] = conclusive
+        print(f"\nsteady state, fault-free, {args.steady_steps} steps ({len(pairs)} pairs, in place vs restart):")
+        for index, (inplace, restart) in enumerate(pairs):
+            print(f"  pair {index + 1}: in place {inplace.pace_s:.4f} s/step (ETTR {_f(_pct(inplace.ettr))}%, load "
+                  f"{inplace.load[0]:.2f} -> {inplace.load[1]:.2f}), restart {restart.pace_s:.4f} s/step (ETTR "
+                  f"{_f(_pct(restart.ettr))}%, load {restart.load[0]:.2f} -> {restart.load[1]:.2f}), "
+                  f"ratio {inplace.pace_s / restart.pace_s:.4f}")  # fmt: skip
+        verdict_text = f": {verdict('steady_overhead_le_1pct')}" if met else ""
+        low, high = spread if spread is not None else (None, None)
+        print(f"  overhead of the warm parent and the recovery machinery (median of the ratios): "
+              f"{_f(overhead, '+.2f')}% (pairs {_f(low, '+.2f')}% to {_f(high, '+.2f')}%)  "
+              f"goal <= {GOAL_STEADY_OVERHEAD_PCT:g}%{verdict_text}")  # fmt: skip
+        if not conclusive:
+            print(f"  inconclusive: fewer than {STEADY_MIN_PAIRS} pairs, or they spread over more than "
+                  f"{2 * GOAL_STEADY_OVERHEAD_PCT:g}% (noise): run more pairs on a quiet machine")  # fmt: skip
+    for sides in runs.values():
+        for index, side in enumerate(sides):
+            for note in side.notes:
+                print(f"{side.name} run {index + 1}: {note}")
+    return met
+
+
+def _pct(value: float | None) -> float | None:
+    return None if value is None else 100 * value
 
 
 def side_json(side: SideResult) -> dict[str, Any]:
@@ -656,6 +916,7 @@ def side_json(side: SideResult) -> dict[str, Any]:
         "detect_s": [None if r.detect_s is None else round(r.detect_s, 3) for r in side.faults],
         "mttr_s": [None if r.mttr_s is None else round(r.mttr_s, 3) for r in side.faults],
         "steps_lost": [r.steps_lost for r in side.faults],
+        "steps_redone": [r.steps_redone for r in side.faults],
         "ettr": None if ettr is None else round(ettr, 4),
         "fired_at_s": [None if r.fired is None else round(r.fired - start, 2) for r in side.faults],
         "seen_as": [r.detection.seen_as if r.detection else None for r in side.faults],
@@ -669,13 +930,73 @@ def side_json(side: SideResult) -> dict[str, Any]:
         "useful_s": round(side.useful_seconds, 2),
         "training_wall_s": None if side.training_wall_s is None else round(side.training_wall_s, 2),
         "run_wall_s": round(side.ended - side.launched, 2),
+        "load_start": side.load_start,
+        "load_end": side.load_end,
         "notes": side.notes,
         **side.extra,
     }
 
 
+def steady_json(pairs: Sequence[tuple[SteadyRun, SteadyRun]], steps: int) -> dict[str, Any] | None:
+    if not pairs:
+        return None
+    overhead = steady_overhead_pct(pairs)
+    spread = steady_spread_pct(pairs)
+    return {
+        "steps": steps,
+        "overhead_pct_range": None if spread is None else [round(v, 3) for v in spread],
+        "conclusive": steady_conclusive(pairs),
+        "pairs": [
+            {
+                run.recovery: {
+                    "pace_s": round(run.pace_s, 5),
+                    "median_step_s": round(run.median_step_s, 5),
+                    "ettr": None if run.ettr is None else round(run.ettr, 4),
+                    "load": run.load,
+                }
+                for run in pair
+            }
+            for pair in pairs
+        ],  # fmt: skip
+        "overhead_pct": None if overhead is None else round(overhead, 3),
+    }
+
+
+def parse_sides(text: str) -> list[str]:
+    """``--sides a,b``: known names, each once, in the order given (the order they run in, round after round)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SIDES]
+    if unknown or not names:
+        raise ValueError(f"--sides: unknown side(s) {', '.join(unknown) or '(none given)'}; choose from "
+                         f"{', '.join(SIDES)}, comma-separated")  # fmt: skip
+    if len(set(names)) != len(names):
+        raise ValueError(f"--sides: a side named twice in {text!r}; use --repeats for more runs of a side")
+    return names
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+def run_side(name: str, run_dir: Path, plan: Plan, args: argparse.Namespace, calibration: Calibration) -> SideResult:
+    """One run of one side with the plan's faults, the load average taken as it starts and ends."""
+    load_start = os.getloadavg()[0]
+    log(f"{name}: load average {load_start:.2f} at the start")
+    budget = args.minutes * 60 + calibration.startup_s
+    if name == "torchrun":
+        run_dir.mkdir(parents=True, exist_ok=True)
+        hangs = sum(f.kind == "hang" for f in plan.faults)
+        limit = 3 * (budget + hangs * (args.pg_timeout + 60)) + 600
+        side = run_torchrun(run_dir, plan.steps, plan.faults, args, limit_s=limit)
+    else:
+        recovery = RESTART if name == "megascope-restart" else INPLACE
+        side, _ = run_megascope(run_dir, plan.steps, plan.faults, args, limit_s=3 * budget + 600, recovery=recovery,
+                                name=name)  # fmt: skip
+    side.load_start, side.load_end = load_start, os.getloadavg()[0]
+    ettr = side.ettr
+    log(f"{name}: ETTR {_f(None if ettr is None else 100 * ettr)}%, {side.steps_done}/{side.total_steps} steps; "
+        f"load average {side.load_end:.2f} at the end")  # fmt: skip
+    return side
 
 
 def main() -> None:
@@ -688,7 +1009,20 @@ def main() -> None:
     )
     parser.add_argument("--ckpt-every", type=int, default=20, help="checkpoint every N steps (default: 20)")
     parser.add_argument("--batch-tokens", type=int, default=1024, help="tokens per rank per step (default: 1024)")
-    parser.add_argument("--only", choices=["megascope", "torchrun"], help="run one side only")
+    parser.add_argument(
+        "--sides",
+        help=f"the sides to run, comma-separated, from: {', '.join(SIDES)} (default: megascope,torchrun)",
+    )
+    parser.add_argument("--only", choices=SIDES, help="run one side only (the same as --sides NAME)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each side, the sides alternating (default: 3)")
+    parser.add_argument(
+        "--steady-state",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also K fault-free pairs, in place against restart: the overhead of the recovery machinery (default: 0)",
+    )
+    parser.add_argument("--steady-steps", type=int, default=100, help="steps of each steady-state run (default: 100)")
     parser.add_argument("--work-dir", help="keep the runs here (default: a temporary directory, removed)")
     parser.add_argument("--json", action="store_true", help="end stdout with one JSON object of the figures")
     args = parser.parse_args()
@@ -698,6 +1032,19 @@ def main() -> None:
         parser.error("--minutes, --fault-every, --hang-timeout and --pg-timeout must be positive")
     if args.ckpt_every < 1:
         parser.error("--ckpt-every must be at least 1 (restarts resume from checkpoints)")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.steady_state < 0:
+        parser.error(f"--steady-state must be 0 (none) or more pairs, got {args.steady_state}")
+    if args.steady_steps <= 2 * WARM_STEPS:
+        parser.error(f"--steady-steps must be more than {2 * WARM_STEPS} (the pace is taken after the first "
+                     f"{WARM_STEPS}), got {args.steady_steps}")  # fmt: skip
+    if args.only is not None and args.sides is not None:
+        parser.error("give --only NAME or --sides A,B, not both")
+    try:
+        names = [args.only] if args.only is not None else parse_sides(args.sides or DEFAULT_SIDES)
+    except ValueError as error:
+        parser.error(str(error))
 
     with contextlib.ExitStack() as stack:
         if args.work_dir:
@@ -708,34 +1055,43 @@ def main() -> None:
         calibration = calibrate(work, args)
         log(f"calibration: {calibration.pace_s:.3f} s a step (median step {calibration.median_step_s:.3f} s), "
             f"{calibration.startup_s:.1f} s from launch to the first step")  # fmt: skip
+        pairs = steady_state(work, args)
         plan = plan_faults(calibration, args)
         log(f"plan: {plan.steps} steps; " + ", ".join(f.describe() for f in plan.faults))
-        hangs = sum(f.kind == "hang" for f in plan.faults)
-        budget = args.minutes * 60 + calibration.startup_s
-        sides: list[SideResult] = []
-        summary: dict[str, Any] | None = None
-        if args.only in (None, "megascope"):
-            side, summary = run_megascope(work / "megascope", plan.steps, plan.faults, args, limit_s=3 * budget + 600)
-            sides.append(side)
-        if args.only in (None, "torchrun"):
-            (work / "torchrun").mkdir(parents=True, exist_ok=True)
-            limit = 3 * (budget + hangs * (args.pg_timeout + 60)) + 600
-            sides.append(run_torchrun(work / "torchrun", plan.steps, plan.faults, args, limit_s=limit))
+        runs: dict[str, list[SideResult]] = {name: [] for name in names}
+        for repeat in range(args.repeats):  # alternating: each round runs every side once
+            for name in names:
+                log(f"run {repeat + 1}/{args.repeats} of {name}")
+                runs[name].append(run_side(name, work / f"{name}-{repeat + 1}", plan, args, calibration))
 
     print(
         f"\nFault tolerance: {PRESET} model, 1 node x {RANKS} ranks (gloo, CPU), {args.batch_tokens} tokens/rank/step "
         f"({calibration.median_step_s:.2f} s median step), checkpoint every {args.ckpt_every} steps; "
-        f"{len(plan.faults)} faults planned every ~{args.fault_every:g} s over ~{args.minutes:g} min"
+        f"{len(plan.faults)} faults planned every ~{args.fault_every:g} s over ~{args.minutes:g} min; "
+        f"{args.repeats} run(s) of each side, alternating"
     )
     print(
-        f"megascope: agent --hang-timeout {args.hang_timeout:g} s; torchrun: plain torch.distributed.run "
-        f"--max-restarts {len(plan.faults) + 3}, process group timeout {args.pg_timeout:g} s (a hang is seen then)"
+        f"megascope: the demo, agent --hang-timeout {args.hang_timeout:g} s, --recovery inplace (megascope) or "
+        f"restart (megascope-restart); torchrun: plain torch.distributed.run --max-restarts {len(plan.faults) + 3}, "
+        f"process group timeout {args.pg_timeout:g} s (a hang is seen then)"
     )
-    print("(times in seconds; 'fired at' counts from the start of step 1 on that side)\n")
-    print_fault_table(plan, sides)
-    met = print_summary(sides, args, calibration) if any(s.name == "megascope" for s in sides) else {}
+    print("(the first run of each side; times in seconds, 'fired at' from the start of step 1 of that run; "
+          "'redone': the step in flight and the completed steps lost)\n")  # fmt: skip
+    print_fault_table(plan, [sides[0] for sides in runs.values()])
+    print_runs_table(runs)
+    met = print_summary(runs, args, calibration, pairs)
     if args.json:
-        result: dict[str, Any] = {s.name: side_json(s) for s in sides}
+        result: dict[str, Any] = {name: side_json(sides[0]) for name, sides in runs.items()}
+        result["runs"] = {name: [side_json(side) for side in sides] for name, sides in runs.items()}
+        result["summary"] = {name: summarize(sides) for name, sides in runs.items()}
+        result["load"] = [
+            {"side": name, "run": index + 1, "start": side.load_start, "end": side.load_end}
+            for repeat in range(args.repeats)
+            for name, sides in runs.items()
+            for index, side in enumerate(sides)
+            if index == repeat
+        ]
+        result["steady_state"] = steady_json(pairs, args.steady_steps)
         result["plan"] = {
             "steps": plan.steps,
             "faults": [f.describe() for f in plan.faults],
@@ -747,14 +1103,14 @@ def main() -> None:
             "ckpt_every": args.ckpt_every,
             "batch_tokens": args.batch_tokens,
             "ranks": RANKS,
+            "repeats": args.repeats,
+            "sides": names,
             "pace_s": round(calibration.pace_s, 4),
             "median_step_s": round(calibration.median_step_s, 4),
             "startup_s": round(calibration.startup_s, 2),
             "ettr_no_faults": None if calibration.ettr is None else round(calibration.ettr, 4),
         }
         result["goals"] = met
-        if summary is not None:
-            result["megascope"]["demo_ok"] = summary.get("ok")
         print(json.dumps(result))
 
 
