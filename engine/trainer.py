@@ -8,6 +8,12 @@ gradient buckets while backward still runs; :class:`CollectiveTimer` marks when 
 which splits ``backward()`` into compute and the time blocked on communication. The phases are measured
 back to back, so they add up to the step time; ``other_seconds`` holds what falls between them.
 
+With in-place recovery on (the launcher names the recovery store, engine/runtime/recovery_env.py), a step whose
+collectives fail because a peer died does not end the rank: the trainer forms the process group again with the
+dead rank's replacement and takes the newest step's state from a rank that has it (engine/recovery.py), then
+goes on; the replacement itself (``MEGASCOPE_REPLACEMENT`` set) starts by joining that group instead of the
+env:// rendezvous, and loads no checkpoint. A rank that cannot recover exits with ``RECOVERY_FAILED_EXIT``.
+
 Around the steps the trainer decides nothing itself: the :class:`CheckpointManager` owns resume, init-from and
 every save, the :class:`FaultInjector` every ``--inject`` fault. Between steps the loop applies the agent's
 commands (CHECKPOINT: a save at the step named; STOP: end after the step named, as if it were the last) and
@@ -24,12 +30,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import socket
 import sys
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -41,10 +49,25 @@ from megascope.engine.checkpoint.format import CheckpointError
 from megascope.engine.checkpoint.manager import CheckpointManager
 from megascope.engine.collectives import DeviceComputeTimer
 from megascope.engine.config import TrainConfig
-from megascope.engine.data import PackedBatches, Prefetcher, load_corpus, split_train_val
+from megascope.engine.data import Corpus, PackedBatches, Prefetcher, load_corpus, split_train_val
 from megascope.engine.mfu import PeakFlops, device_peak, job_peak
 from megascope.engine.model import Transformer, cross_entropy
-from megascope.engine.runtime import bound_stores, selfcheck
+from megascope.engine.recovery import (
+    Agreement,
+    Recovery,
+    RecoveryFailed,
+    Standing,
+    broadcast_objects,
+    broadcast_tensors,
+    destroy_groups,
+    exchange,
+    fork_wall_time,
+    is_peer_failure,
+    shut_down,
+    sockets,
+)
+from megascope.engine.recovery import enabled as recovery_enabled
+from megascope.engine.runtime import bound_stores, recovery_env, selfcheck
 from megascope.engine.runtime.faults import FaultInjector
 from megascope.engine.runtime.telemetry import StepReport, Telemetry
 from megascope.protos.events import INFO, WARNING, make_event
@@ -58,6 +81,34 @@ def _pick_device(config: TrainConfig, local_rank: int) -> torch.device:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+_PRELOADED: dict[str | None, Corpus] = {}
+"""Corpora read by :func:`preload` in the warm parent, by ``--data`` path: a forked rank finds them here."""
+
+
+def preload(argv: list[str]) -> None:
+    """Do before the fork what every rank would do at its start: read the corpus, and make the imports torch leaves
+    for later (the modules of this one are imported already).
+
+    Called by the warm parent (engine/runtime/warm_parent.py) once, before it forks ranks: no thread may start and
+    no torch parallel op may run here (a fork copies one thread only). A bad argument is left for ``main`` to say.
+    """
+    # Building the first optimizer imports torch._dynamo and its dependencies (~900 modules, 0.7 s or more): a
+    # replacement rank would pay for it while the other ranks wait. One parameter of one element: no parallel op.
+    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
+    if len(argv) != 1:
+        return
+    try:
+        path = json.loads(Path(argv[0]).read_text())["data"].get("path")
+        _PRELOADED[path] = load_corpus(path)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return  # main() reads the config again and says what is wrong with it
+
+
+def _corpus(path: str | None) -> Corpus:
+    corpus = _PRELOADED.get(path)
+    return corpus if corpus is not None else load_corpus(path)
 
 
 def parameter_digest(model: torch.nn.Module) -> str:
@@ -79,14 +130,25 @@ class Trainer:
         self.node = os.environ.get("MEGASCOPE_NODE", socket.gethostname())
         self.device = _pick_device(config, self.local_rank)
         backend = "nccl" if self.device.type == "cuda" else "gloo"
-        bound_stores.bind_from_env()  # a one-node job: rank 0's store on loopback only, not on every interface
-        dist.init_process_group(backend, timeout=timedelta(seconds=config.dist_timeout_seconds))
-        # Checkpoint coordination gets its own gloo group, so a save's commit (on a background thread)
-        # can never interleave with, or wait behind, the training group's gradient all-reduces.
-        # Its timeout bounds how long a save waits for a rank that never writes its part (then it fails).
-        self.ckpt_group = (
-            dist.new_group(backend="gloo", timeout=timedelta(seconds=120)) if config.checkpoint.dir else None
-        )
+        timeout = timedelta(seconds=config.dist_timeout_seconds)
+        self.replacement = recovery_env.replacement_count() > 0
+        """This rank replaces a dead one: it joins the others' next process group and takes their state."""
+        self.recovery = Recovery(backend, self.rank, self.world_size, timeout) if recovery_enabled() else None
+        if self.replacement and self.recovery is None:
+            raise RecoveryFailed(
+                f"{recovery_env.REPLACEMENT_ENV} is set but {recovery_env.RECOVERY_STORE_ENV} is not: "
+                "a replacement rank joins through the recovery store"
+            )
+        self.ckpt_group: dist.ProcessGroup | None = None
+        self._group_sockets: set[tuple[int, int]] = set()
+        """The connections of this rank's process groups (recovery on): shut down when a peer dies."""
+        if not self.replacement:  # a replacement skips env://: rank 0's store may have died with rank 0
+            before = sockets() if self.recovery is not None else set()
+            bound_stores.bind_from_env()  # a one-node job: rank 0's store on loopback only, not on every interface
+            dist.init_process_group(backend, timeout=timeout)
+            self.ckpt_group = self._new_ckpt_group()
+            if self.recovery is not None:  # no other thread runs yet: every new socket is the groups'
+                self._group_sockets = sockets() - before
 
         # The public API's run, as a user's own loop gets it (one path): the telemetry file and console log, the
         # agent link, the stack dump on SIGUSR1, the failure report. This loop applies the agent's commands itself.
@@ -101,25 +163,14 @@ class Trainer:
 
         torch.manual_seed(config.data.seed)  # every rank builds identical initial weights
         self.model = Transformer(config.model, kernels=config.kernels).to(self.device)
-        # No buffer sync at each forward: the buffers (RoPE tables, sparse layouts) are built identically on every
-        # rank, and a broadcast at each forward is one more collective per step, one a hang diagnosis cannot count.
-        self.ddp = DistributedDataParallel(
-            self.model, device_ids=[self.local_rank] if self.device.type == "cuda" else None, forward_sync_buffers=False
-        )
-        collectives = self.run.comm_hook(self.ddp)
-        assert collectives is not None  # the run is active (checked above)
-        self.collectives = collectives
         # CUDA events only on a GPU: a CPU run never touches CUDA.
         self.device_timer = DeviceComputeTimer() if self.device.type == "cuda" else None
         self.faults = FaultInjector(config.faults, self.rank, config.run_dir)
         self._compute_started = 0.0
         """perf_counter at which this step's compute would have begun had it run without a break (fault timing)."""
-        if self.faults.slow is not None:
-            # Sleep when backward compute is done, before the last bucket's all-reduce launches: the sleep
-            # counts as this rank's compute and the other ranks wait for it inside the collective.
-            self.collectives.before_last_launch = lambda: self.faults.slow_down(
-                time.perf_counter() - self._compute_started
-            )
+        self.ddp: DistributedDataParallel
+        if not self.replacement:  # a replacement's DDP is built once it is in the group and holds the state
+            self._build_ddp()
         self.optimizer = torch.optim.AdamW(
             self._param_groups(),
             lr=config.optim.lr,
@@ -128,7 +179,7 @@ class Trainer:
         )
         self.autocast = self.device.type == "cuda"
 
-        corpus = load_corpus(config.data.path)
+        corpus = _corpus(config.data.path)
         train_docs, val_docs = split_train_val(corpus, config.data.val_fraction)
         seq = config.model.max_seq_len
         batch = config.data.batch_tokens
@@ -138,14 +189,58 @@ class Trainer:
             if len(val_docs) and val_docs.num_tokens >= batch
             else None
         )
-        # One peak for the job (a collective): ranks doing the same work must show the same MFU.
-        self.peak: PeakFlops | None = job_peak(device_peak(self.device, self.autocast, config.peak_tflops))
+        # One peak for the job (a collective): ranks doing the same work must show the same MFU. A replacement
+        # takes the others' (it cannot make that collective alone).
+        self.peak: PeakFlops | None = (
+            None if self.replacement else job_peak(device_peak(self.device, self.autocast, config.peak_tflops))
+        )
         self.checkpoints = CheckpointManager(
             config, self.model, self.optimizer, self.train_batches, rank=self.rank, world_size=self.world_size,
             group=self.ckpt_group, device=self.device, emit=self._emit, faults=self.faults,
         )  # fmt: skip
-        self.step = self.checkpoints.load()
-        """The last step done: where a resume goes on from, then each step as it completes."""
+        self.step = 0
+        """The step under way, then the last step done: where a resume goes on from, then each step as it ends."""
+        self._completed = 0
+        """The last step whose optimizer step finished (what this rank holds, for a recovery)."""
+        self._position = self.train_batches.state_dict()
+        """The data position right after the last completed step's batches (what a recovery goes on from)."""
+        if self.replacement:
+            assert self.recovery is not None  # checked above
+            self.checkpoints.start_without_load()
+            generation = self.recovery.announce()
+            self._reform(generation, Standing(self.rank, -1, 0, None, fork_wall_time()))
+        else:
+            self.step = self._completed = self.checkpoints.load()
+            self._position = self.train_batches.state_dict()
+
+    def _new_ckpt_group(self) -> dist.ProcessGroup | None:
+        # Checkpoint coordination gets its own gloo group, so a save's commit (on a background thread)
+        # can never interleave with, or wait behind, the training group's gradient all-reduces.
+        # Its timeout bounds how long a save waits for a rank that never writes its part (then it fails).
+        if not self.config.checkpoint.dir:
+            return None
+        return dist.new_group(backend="gloo", timeout=timedelta(seconds=120))
+
+    def _build_ddp(self, init_sync: bool = True) -> None:
+        """Wrap the model in DDP on the current process group, with the run's timing hook (again after a recovery,
+        without ``init_sync``: every rank holds the donor's weights already)."""
+        # No buffer sync at each forward: the buffers (RoPE tables, sparse layouts) are built identically on every
+        # rank, and a broadcast at each forward is one more collective per step, one a hang diagnosis cannot count.
+        self.ddp = DistributedDataParallel(
+            self.model,
+            device_ids=[self.local_rank] if self.device.type == "cuda" else None,
+            forward_sync_buffers=False,
+            init_sync=init_sync,
+        )
+        collectives = self.run.comm_hook(self.ddp)
+        assert collectives is not None  # the run is active (checked at init)
+        self.collectives = collectives
+        if self.faults.slow is not None:
+            # Sleep when backward compute is done, before the last bucket's all-reduce launches: the sleep
+            # counts as this rank's compute and the other ranks wait for it inside the collective.
+            self.collectives.before_last_launch = lambda: self.faults.slow_down(
+                time.perf_counter() - self._compute_started
+            )
 
     def _apply_commands(self) -> None:
         """Apply the commands that arrived during the step just done, answering each with a CommandAck.
@@ -215,8 +310,9 @@ class Trainer:
             param_digest=parameter_digest(self.model),
             steps=config.steps,
         )
+        replacement = f" (a replacement, from step {self.step})" if self.replacement else ""
         self._event(
-            f"rank {self.rank}/{self.world_size} on {self.device}, {params / 1e6:.2f}M params, "
+            f"rank {self.rank}/{self.world_size} on {self.device}{replacement}, {params / 1e6:.2f}M params, "
             f"preset {config.preset}, {config.steps} steps, peak {peak}",
             started,
         )
@@ -226,7 +322,7 @@ class Trainer:
                 "micro-batch; raise --val-fraction or give more --data",
                 telemetry_pb2.RunDetail(phase=telemetry_pb2.RunDetail.PHASE_NO_VALIDATION),
             )
-        if config.self_check:
+        if config.self_check and not self.replacement:  # the check is a collective the others made at their start
             self._self_check()
         for fault in self.faults.to_announce():
             injected = telemetry_pb2.FaultInjectedDetail(fault=fault.describe())
@@ -236,15 +332,9 @@ class Trainer:
             while self.step < config.steps and (self._stop_after is None or self.step < self._stop_after):
                 self.step += 1
                 self.faults.at_step(self.step)
-                report = self._train_step(prefetch)
-                self._apply_commands()
-                last = self.step == config.steps or self.step == self._stop_after
-                self.checkpoints.save(self.step, prefetch.position, last=last)
-                if (config.val_every and self.step % config.val_every == 0) or last:
-                    val_loss = self.validate()
-                    if val_loss is not None:
-                        report.val_loss = val_loss
-                self.run.report(report)
+                failure = self._step_or_peer_failure(prefetch)
+                if failure is not None:  # outside the except clause: its traceback held the old DDP's autograd graph
+                    prefetch = self._recover(prefetch, *failure)
         finally:
             prefetch.close()
             self.checkpoints.close()
@@ -259,6 +349,147 @@ class Trainer:
         self._event(f"trained {self.step} steps", finished)
         # The control signal of a clean end (the event above is for people); it also flushes and closes the run.
         self.run.finish(steps=self.step, param_digest=digest)
+
+    def _step_or_peer_failure(self, prefetch: Prefetcher) -> tuple[float, int, str] | None:
+        """Do the step under way; with recovery on, a peer's death inside it is returned (when it was seen, the step
+        in flight or 0 between steps, what failed) instead of raised. Any other error is raised."""
+        config = self.config
+        try:
+            report = self._train_step(prefetch)
+            self._completed = self.step
+            self._position = dict(prefetch.position)
+            self._apply_commands()
+            last = self.step == config.steps or self.step == self._stop_after
+            self.checkpoints.save(self.step, prefetch.position, last=last)
+            if (config.val_every and self.step % config.val_every == 0) or last:
+                val_loss = self.validate()
+                if val_loss is not None:
+                    report.val_loss = val_loss
+            self.run.report(report)
+        except RuntimeError as error:
+            if self.recovery is None or not is_peer_failure(error):
+                raise
+            in_flight = self.step if self._completed < self.step else 0
+            return time.time(), in_flight, " ".join(str(error).split())[:200]
+        return None
+
+    def _recover(self, prefetch: Prefetcher, failed_wall_time: float, in_flight: int, cause: str) -> Prefetcher:
+        """A peer died inside a collective: form the group again with its replacement, take the newest state, and
+        return the data prefetcher to go on with. Raises RecoveryFailed when that is not possible."""
+        assert self.recovery is not None  # only called with recovery on
+        print(
+            f"megascope: rank {self.rank}: a collective failed at step {self.step} ({cause}); recovering in place",
+            file=sys.stderr,
+            flush=True,
+        )
+        prefetch.close()
+        # Release every peer blocked on this rank in the failed collective (a peer waits on this rank's part, not on
+        # the dead rank's); a save in flight fails at its commit then, unless it is past it, and ends either way.
+        shut_down(self._group_sockets)
+        self.checkpoints.settle()
+        del self.ddp  # its reducer holds the broken group
+        destroy_groups()
+        generation = self.recovery.wait_for_generation()
+        self._reform(generation, Standing(self.rank, self._completed, in_flight, failed_wall_time))
+        return Prefetcher(self.train_batches, self.device)
+
+    def _reform(self, generation: int, standing: Standing) -> None:
+        """Join ``generation``'s process group, agree on the step, take the donor's state, rebuild DDP, and (rank 0)
+        say so in a ``recovered`` event. Any failure on the way is given up for every rank (RecoveryFailed)."""
+        assert self.recovery is not None
+        try:
+            before = sockets()
+            self.recovery.form_group(generation)
+            self.ckpt_group = self._new_ckpt_group()
+            self._group_sockets = sockets() - before
+            if standing.fork_wall_time is not None:
+                standing.joined_wall_time = time.time()
+            agreement = exchange(standing)
+            formed = time.time()
+            started = time.perf_counter()
+            state_bytes = self._take_state(agreement.donor)
+            transfer_seconds = time.perf_counter() - started
+            self.checkpoints.rebind(self.ckpt_group)
+            self._build_ddp(init_sync=False)
+            self._prime_ddp()
+        except RecoveryFailed:
+            raise  # said to the other ranks already
+        except (RuntimeError, ValueError) as error:  # a collective of the recovery failed: a second fault
+            self.recovery.fail(f"the recovery into generation {generation} failed: {' '.join(str(error).split())}")
+        self.step = self._completed = agreement.step
+        self.optimizer.zero_grad(set_to_none=True)  # the failed step's partial gradients
+        if self.rank == 0:
+            self._recovered_event(agreement, generation, formed, transfer_seconds, state_bytes)
+
+    def _prime_ddp(self) -> None:
+        """One forward and backward whose gradients are thrown away, so that the new DDP's gradient buckets are laid
+        out as the old one's were: DDP reduces its first iteration in one bucket, then lays the buckets out in the
+        order gradients became ready. A different layout sums each gradient's parts in another order (gloo's ring
+        reduces each chunk starting at another rank), and the weights would differ in their last bits from a run
+        that never failed. The weights, the optimizer and the data position are untouched."""
+        batch = self.train_batches.batch_at(0).to(self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            logits = self.ddp(batch.tokens, batch.cu_seqlens, batch.max_seqlen)
+            loss = cross_entropy(logits, batch.targets)
+        loss.backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.collectives.begin_step()
+
+    def _take_state(self, donor: int) -> int:
+        """Everything a rank holds between steps, from ``donor`` to every rank: the bytes sent."""
+        mine = None
+        if self.rank == donor:
+            mine = {
+                "optimizer": any(self.optimizer.state.values()),
+                "position": self._position,
+                "peak": None if self.peak is None else (self.peak.flops_per_second, self.peak.source),
+                "stop_after": self._stop_after,
+                "requested": self.checkpoints.requested_steps(),
+            }
+        theirs: dict[str, Any] = broadcast_objects(mine, donor)
+        if not theirs["optimizer"]:
+            self.optimizer.state.clear()  # the donor is before its first step: so is every rank
+        state = self.checkpoints.transfer_state(with_optimizer=theirs["optimizer"])
+        # Every rank seeds alike and draws alike, so the donor's random state is the one each rank would hold.
+        rng = [torch.get_rng_state()]
+        if self.device.type == "cuda":
+            rng.append(torch.cuda.get_rng_state(self.device))
+        sent = broadcast_tensors([state[name] for name in sorted(state)] + rng, donor)
+        torch.set_rng_state(rng[0])
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng[1], self.device)
+        self.train_batches.load_state_dict(theirs["position"])
+        self._position = dict(theirs["position"])
+        self.peak = None if theirs["peak"] is None else PeakFlops(*theirs["peak"])
+        self._stop_after = theirs["stop_after"]
+        self.checkpoints.set_requested_steps(theirs["requested"])
+        return sent
+
+    def _recovered_event(
+        self, agreement: Agreement, generation: int, formed: float, transfer_seconds: float, state_bytes: int
+    ) -> None:
+        failed = agreement.failed_wall_time
+        total = time.time() - failed
+        detail = telemetry_pb2.RecoveryDetail(
+            replaced_ranks=agreement.replaced_ranks,
+            generation=generation,
+            step=agreement.step,
+            donor_rank=agreement.donor,
+            steps_redone=agreement.steps_redone,
+            failed_wall_time=failed,
+            reform_seconds=formed - failed,
+            transfer_seconds=transfer_seconds,
+            state_bytes=state_bytes,
+            replacement_ready_seconds=agreement.replacement_ready_seconds,
+            total_seconds=total,
+        )
+        replaced = ", ".join(map(str, agreement.replaced_ranks)) or "none"
+        self._event(
+            f"recovered in place: rank {replaced} replaced, generation {generation}; step {agreement.step} "
+            f"from rank {agreement.donor} ({state_bytes / 1e6:.1f} MB in {transfer_seconds * 1e3:.0f} ms), "
+            f"{agreement.steps_redone} step(s) redone; training again {total:.2f}s after the failure",
+            detail,
+        )
 
     def _self_check(self) -> None:
         disk = Path(self.config.checkpoint.dir or self.config.run_dir)
@@ -412,14 +643,35 @@ def main(argv: list[str] | None = None) -> int:
             run.close()  # neither finished nor a crash to report: the rank guard reports the exit code
         print(f"megascope: rank {os.environ.get('RANK', 0)}: error: {error}", file=sys.stderr, flush=True)
         return 1
+    except RecoveryFailed as error:  # a replacement that could not join
+        _exit_recovery_failed(error)
     try:
         trainer.train()
+    except RecoveryFailed as error:
+        _exit_recovery_failed(error)
     except Exception as error:
         trainer.report_failure(error)
         raise
     finally:
         trainer.close()
     return 0
+
+
+def _exit_recovery_failed(error: RecoveryFailed) -> NoReturn:
+    """End a rank that could not recover in place: one line, RECOVERY_FAILED_EXIT (its guard then lets torch elastic
+    restart the job). The process exits at once: its broken process group's teardown could hang or abort."""
+    code = recovery_env.RECOVERY_FAILED_EXIT
+    print(
+        f"megascope: rank {os.environ.get('RANK', 0)}: in-place recovery failed, exiting with {code} "
+        f"for a full restart: {error}",
+        file=sys.stderr,
+        flush=True,
+    )
+    run = megascope_api.current()
+    if run is not None:
+        run.close()  # not a crash to report: the rank guard reports the exit code
+    sys.stdout.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -125,6 +125,17 @@ class CheckpointManager:
         )  # fmt: skip
         return step
 
+    def start_without_load(self) -> None:
+        """Get ready to save without loading anything: a replacement rank of an in-place recovery, whose state
+        comes from another rank (engine/recovery.py), not from disk."""
+        if self.directory is None:
+            return
+        ckpt = self.config.checkpoint
+        self.checkpointer = Checkpointer(
+            self.directory, self.rank, self.world_size, self.group, layout="ddp", keep_last=ckpt.keep_last,
+            keep_every=ckpt.keep_every, on_event=self._emit, faults=self._faults,
+        )  # fmt: skip
+
     def _resume_candidates(self, directory: Path) -> list[Path]:
         """Where to resume from, best first: the step a restart asked for (the run directory's restart request)
         or else the one ``latest`` names, then every older committed step, newest first.
@@ -385,6 +396,42 @@ class CheckpointManager:
                 )
                 text = f"every checkpoint save of this start failed ({len(history)}); nothing of it is saved"
                 self._event(text, failed, last.step, ERROR)
+
+    # --- in-place recovery ----------------------------------------------------------------------------------
+
+    def settle(self) -> None:
+        """Wait until the save in flight is over, committed or failed (a peer's death fails its commit, and rank 0
+        then removes its unfinished directory): the process groups it uses may be destroyed after this."""
+        if self.checkpointer is not None:
+            self.checkpointer.wait()
+
+    def rebind(self, group: dist.ProcessGroup | None) -> None:
+        """Save through ``group`` from now on: the checkpoint group of the process group formed again after a
+        recovery. Every rank has settled its saves by then, so rank 0 removes what a failed one left behind."""
+        self.group = group
+        if self.checkpointer is None or self.directory is None:
+            return
+        self.checkpointer.group = group
+        if self.rank == 0:
+            for path in remove_unfinished(self.directory):
+                cleanup = telemetry_pb2.CheckpointDetail(
+                    phase=telemetry_pb2.CheckpointDetail.PHASE_CLEANUP, path=str(path)
+                )
+                self._event(f"removed the unfinished save {path.name}", cleanup, 0)
+
+    def requested_steps(self) -> list[int]:
+        """The steps a CHECKPOINT command asked for and not saved yet (a replacement takes them from a survivor)."""
+        return sorted(self._requested)
+
+    def set_requested_steps(self, steps: list[int]) -> None:
+        self._requested = set(steps)
+
+    def transfer_state(self, with_optimizer: bool) -> dict[str, torch.Tensor]:
+        """The model's tensors and, with ``with_optimizer``, the optimizer's (created first where missing, as a
+        resume does), by stable names: what an in-place recovery sends from one rank to the others."""
+        if with_optimizer:
+            self._ensure_optimizer_state()
+        return self._state()
 
     # --- state --------------------------------------------------------------------------------------------
 

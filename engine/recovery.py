@@ -1,0 +1,311 @@
+"""In-place recovery of one rank: form the process group again without the dead rank's process, go on.
+
+The contract with the launcher, the rank guard and the warm parent is in
+:mod:`megascope.engine.runtime.recovery_env`; this module is the trainer's side of it, used by
+:class:`~megascope.engine.trainer.Trainer`:
+
+1. **detect** (:func:`is_peer_failure`): a collective of the step fails because a peer died (gloo raises a
+   ``RuntimeError`` naming its transport: "Connection closed by peer", "Connection reset by peer"). Only errors
+   raised inside the step count, and only while recovery is on (the recovery store is named in the environment);
+   anything else is a crash, as without recovery. The rank then shuts its groups' connections down
+   (:func:`shut_down`): a peer blocked on this rank's part of the failed collective, not on the dead rank's, fails
+   at once too instead of at the group's timeout.
+2. **wait** (:meth:`Recovery.wait_for_generation`): the replacement announces itself by bumping the
+   ``generation`` key of the recovery store (``store.add``); a survivor waits for the generation to pass its own.
+   The store is the launcher's (it outlives every rank, rank 0's own store dies with rank 0).
+3. **re-form** (:meth:`Recovery.form_group`): every rank of the generation meets on the store, the old groups are
+   destroyed, and ``init_process_group`` runs again on a ``PrefixStore`` of that generation.
+4. **agree and transfer** (:func:`exchange`, :func:`broadcast_tensors`, :func:`broadcast_objects`): every rank
+   says which step it completed; the lowest rank holding the highest step is the donor, and sends the model,
+   optimizer, RNG and data position to the others (from memory, not from disk).
+
+Whatever goes wrong on the way (a deadline passed, a newer generation appeared: a second fault during the
+recovery, a collective of the recovery failed) raises :class:`RecoveryFailed`; the rank marks the attempt as failed
+in the store, so that the other ranks give up at once instead of waiting for their deadline, and exits with
+:data:`~megascope.engine.runtime.recovery_env.RECOVERY_FAILED_EXIT`: the job falls back to a full restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import stat
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, NoReturn
+
+import torch
+import torch.distributed as dist
+
+from megascope.engine.runtime import recovery_env
+
+DEADLINE_SECONDS = 60.0
+"""How long a rank waits for the others (the replacement needs a fork and the trainer's start) before giving up."""
+_POLL_SECONDS = 0.005
+"""How often a waiting rank reads the store: a few reads of a loopback store per 5 ms cost nothing."""
+_PEER_LOST = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "gloo/transport",
+    "NCCL communicator was aborted",
+)
+"""What a collective's error says when a peer is gone (gloo names its transport's source file and the cause)."""
+
+
+class RecoveryFailed(RuntimeError):
+    """This rank cannot recover in place; the job must restart (the rank exits with RECOVERY_FAILED_EXIT)."""
+
+
+def enabled() -> bool:
+    """Whether recovery is in place: the launcher named the recovery store."""
+    return recovery_env.store_address() is not None
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """Whether ``error``, raised by a step's collectives, is a peer's death (not a bug of this rank's code)."""
+    if isinstance(error, dist.DistError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(marker in text for marker in _PEER_LOST)
+
+
+def fork_wall_time() -> float:
+    """Unix time at which this process started (its fork, for a replacement a warm parent forked).
+
+    From its age on the boot clock (``/proc/self/stat`` counts from boot in clock ticks): the boot time the kernel
+    gives in whole seconds (psutil's start time) would be up to a second off, the size of what is measured."""
+    with open("/proc/self/stat") as stat_file:
+        fields = stat_file.read().rpartition(")")[2].split()  # after the command name, which may hold spaces
+    started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime
+    return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - started)
+
+
+class Recovery:
+    """One rank's handle on the recovery store: its generation, the waits, the re-formed process group."""
+
+    def __init__(self, backend: str, rank: int, world_size: int, timeout: timedelta) -> None:
+        """``timeout``: the new process group's collective timeout (the training group's)."""
+        address = recovery_env.store_address()
+        if address is None:
+            raise RecoveryFailed(f"in-place recovery needs {recovery_env.RECOVERY_STORE_ENV}=HOST:PORT (it is not set)")
+        self.address = address
+        self.backend = backend
+        self.rank = rank
+        self.world_size = world_size
+        self.timeout = timeout
+        self.prefix = recovery_env.store_prefix()
+        self.generation = 0
+        """The generation of the process group this rank is in (the first group is generation 0)."""
+        self._client: dist.TCPStore | None = None
+
+    @property
+    def _generation_key(self) -> str:
+        return self.prefix + "generation"
+
+    @property
+    def _failed_key(self) -> str:
+        return self.prefix + "failed"
+
+    def store(self) -> dist.TCPStore:
+        """The client of the recovery store, connected at first use (a survivor connects only after a fault)."""
+        if self._client is None:
+            host, port = self.address
+            try:
+                self._client = dist.TCPStore(
+                    host, port, is_master=False, timeout=timedelta(seconds=DEADLINE_SECONDS), wait_for_workers=False
+                )
+            except (RuntimeError, ValueError) as error:
+                raise RecoveryFailed(f"cannot reach the recovery store at {host}:{port}: {error}") from error
+        return self._client
+
+    def announce(self) -> int:
+        """A replacement's first act: bump the generation; the survivors wait for it. The generation to join."""
+        self.generation = int(self.store().add(self._generation_key, 1))
+        return self.generation
+
+    def wait_for_generation(self, deadline_seconds: float = DEADLINE_SECONDS) -> int:
+        """A survivor's wait for a replacement's announcement: the first generation above this rank's."""
+        store = self.store()
+        deadline = time.monotonic() + deadline_seconds
+        while True:
+            self._check_not_failed(store)
+            generation = int(store.add(self._generation_key, 0))
+            if generation > self.generation:
+                return generation
+            if time.monotonic() > deadline:
+                self.fail(f"no replacement rank announced itself within {deadline_seconds:.0f}s")
+            time.sleep(_POLL_SECONDS)
+
+    def form_group(self, generation: int, deadline_seconds: float = DEADLINE_SECONDS) -> None:
+        """Meet every rank of ``generation`` on the store, then form the process group again under its prefix.
+
+        The meeting comes first, on the store alone, so that a newer generation (a second fault during this
+        recovery) or an attempt another rank gave up is seen while waiting; ``init_process_group`` would only
+        wait for the missing rank until its timeout.
+        """
+        store = self.store()
+        here = f"{self.prefix}gen{generation}/"
+        store.add(here + "arrived", 1)
+        deadline = time.monotonic() + deadline_seconds
+        while int(store.add(here + "arrived", 0)) < self.world_size:
+            self._check_generation(store, generation)
+            if time.monotonic() > deadline:
+                self.fail(f"not every rank joined generation {generation} within {deadline_seconds:.0f}s")
+            time.sleep(_POLL_SECONDS)
+        destroy_groups()
+        try:
+            dist.init_process_group(
+                self.backend,
+                store=dist.PrefixStore(here + "pg/", store),
+                rank=self.rank,
+                world_size=self.world_size,
+                timeout=self.timeout,
+            )
+        except (RuntimeError, ValueError) as error:
+            self.fail(f"could not form the process group of generation {generation}: {error}")
+        self._check_generation(store, generation)
+        self.generation = generation
+
+    def _check_generation(self, store: dist.Store, generation: int) -> None:
+        self._check_not_failed(store)
+        now = int(store.add(self._generation_key, 0))
+        if now != generation:
+            self.fail(f"generation {now} appeared while generation {generation} formed (a second fault)")
+
+    def _check_not_failed(self, store: dist.Store) -> None:
+        if store.check([self._failed_key]):
+            reason = store.get(self._failed_key).decode(errors="replace")
+            raise RecoveryFailed(f"another rank gave up the recovery: {reason}")
+
+    def fail(self, reason: str) -> NoReturn:
+        """Give the recovery up: tell the other ranks through the store (they stop waiting), then raise."""
+        with contextlib.suppress(Exception):  # the store may be the thing that failed
+            store = self.store()
+            if not store.check([self._failed_key]):  # the first rank's reason is the one worth reading
+                store.set(self._failed_key, f"rank {self.rank}: {reason}")
+        raise RecoveryFailed(reason)
+
+
+def sockets() -> set[tuple[int, int]]:
+    """This process's open sockets, as (file descriptor, inode): the inode tells a descriptor reused later apart."""
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError, ValueError):
+            status = os.fstat(int(name))
+            if stat.S_ISSOCK(status.st_mode):
+                found.add((int(name), status.st_ino))
+    return found
+
+
+def shut_down(group_sockets: set[tuple[int, int]]) -> None:
+    """Shut the connections of a broken process group down, so that every peer blocked on this rank in the failed
+    collective sees it closed at once and fails too (gloo in torch 2.13 has no abort that does this: pytorch#190731).
+
+    ``group_sockets``: what :func:`sockets` found new once the group was formed. A listening socket is left alone
+    (gloo's listener dies on a shut-down one); the descriptors stay open, gloo closes them when the group goes.
+    """
+    for fd, inode in group_sockets:
+        with contextlib.suppress(OSError):
+            if os.fstat(fd).st_ino != inode:
+                continue  # closed since, and the number reused for something else
+            connection = socket.socket(fileno=fd)
+            try:
+                if not connection.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                    connection.shutdown(socket.SHUT_RDWR)
+            finally:
+                connection.detach()  # the descriptor stays gloo's
+
+
+def destroy_groups() -> None:
+    """Destroy every process group of this rank (the broken ones of the last generation), before forming new ones.
+
+    Their connections were shut down already (:func:`shut_down`); the objects go when their last reference does
+    (no ``gc.collect()`` here: with torch's modules loaded one takes ~0.4 s, on the path every rank waits on)."""
+    if dist.is_initialized():
+        with contextlib.suppress(Exception):  # a group whose peer died may fail its own teardown; it is gone anyway
+            dist.destroy_process_group()
+
+
+@dataclass
+class Standing:
+    """What one rank brings to the recovery, exchanged by every rank once the new group formed."""
+
+    rank: int
+    completed: int
+    """The last step whose optimizer step this rank finished; -1 for a replacement (no state)."""
+    in_flight: int
+    """The step this rank was inside when its collective failed; 0 when it was between steps."""
+    failed_wall_time: float | None
+    """When this rank saw its collective fail (survivors); None for a replacement."""
+    fork_wall_time: float | None = None
+    joined_wall_time: float | None = None
+    """A replacement's start and the moment it was in the new group."""
+
+
+@dataclass
+class Agreement:
+    """What every rank concludes from the exchange (the same on every rank)."""
+
+    step: int
+    donor: int
+    steps_redone: int
+    replaced_ranks: list[int]
+    failed_wall_time: float
+    replacement_ready_seconds: float
+
+
+def exchange(mine: Standing) -> Agreement:
+    """Every rank's standing (an all-gather on the new group), and the step and donor every rank agrees on."""
+    standings: list[Standing | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(standings, mine)
+    known = [s for s in standings if s is not None]
+    step = max(s.completed for s in known)
+    if step < 0:
+        raise RecoveryFailed("no rank holds any state (every rank is a replacement): the job must restart")
+    donor = min(s.rank for s in known if s.completed == step)
+    failed = [s.failed_wall_time for s in known if s.failed_wall_time is not None]
+    replaced = sorted(s.rank for s in known if s.completed < 0)
+    ready = [
+        s.joined_wall_time - s.fork_wall_time
+        for s in known
+        if s.fork_wall_time is not None and s.joined_wall_time is not None
+    ]
+    return Agreement(
+        step=step,
+        donor=donor,
+        steps_redone=max(0, max(s.in_flight for s in known) - step),
+        replaced_ranks=replaced,
+        failed_wall_time=min(failed) if failed else time.time(),
+        replacement_ready_seconds=max(ready, default=0.0),
+    )
+
+
+def broadcast_tensors(tensors: Sequence[torch.Tensor], donor: int) -> int:
+    """Overwrite ``tensors`` on every rank with the donor's (same names, shapes and order on every rank); the
+    bytes sent. One flat buffer per dtype: a few large broadcasts, not one per tensor."""
+    sent = 0
+    by_dtype: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for tensor in tensors:
+        by_dtype.setdefault((tensor.dtype, tensor.device), []).append(tensor)
+    for group in by_dtype.values():
+        flat = torch.cat([t.detach().reshape(-1) for t in group])
+        dist.broadcast(flat, src=donor)
+        offset = 0
+        with torch.no_grad():
+            for tensor in group:
+                n = tensor.numel()
+                tensor.copy_(flat[offset : offset + n].view_as(tensor))
+                offset += n
+        sent += flat.numel() * flat.element_size()
+    return sent
+
+
+def broadcast_objects(value: Any, donor: int) -> Any:
+    """The donor's ``value`` (picklable) on every rank."""
+    box = [value]
+    dist.broadcast_object_list(box, src=donor)
+    return box[0]
