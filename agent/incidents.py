@@ -20,7 +20,9 @@ An incident has a kind (:class:`IncidentKind`) and goes through the states of :c
 - requested: a restart asked for through the Restart RPC; ACTED at once (the ranks are stopped).
 
 With in-place recovery (``in_place``: engine/recovery.py) a hang's culprit is stopped alone (STOP_CULPRIT): its
-guard replaces it and the other ranks keep their processes; a crash needs nothing from the agent either way.
+guard replaces it and the other ranks keep their processes; a crash needs nothing from the agent either way. There,
+a mistaken hang verdict costs a second rather than a restart, so without --hang-timeout the timeout comes down from
+the default toward the job's own pace (see ``QUICK_HANG_*``), with a floor that doubles at each rank stopped.
 
 Every kind is CLOSED by the first step a restarted (or replacement) rank completes: the ``restart`` event carries
 the time to repair (from the fault to that step), the steps lost (redone, in place) and whether the job recovered
@@ -51,6 +53,18 @@ Clock = Callable[[], float]
 MIN_HANG_TIMEOUT_SECONDS = 30.0
 HANG_TIMEOUT_STEPS = 5.0
 """Without --hang-timeout: the larger of 30 s and this many median step times."""
+QUICK_HANG_MIN_SECONDS = 2.0
+"""In place, without --hang-timeout, the hang timeout comes down toward the larger of this,"""
+QUICK_HANG_P95_GAPS = 5.0
+"""this many times the 95th percentile of the gaps between steps (the wall time from one step done to the next:
+checkpoints, validation and GC pauses included, which a step's own time leaves out),"""
+QUICK_HANG_MAX_GAPS = 2.0
+"""and this many times the longest gap lately: a pause the job has already shown, and lived through, is no hang."""
+QUICK_HANG_GAPS_NEEDED = 20
+"""Gaps seen since the ranks last (re)started before the quick timeout applies; until then, the default."""
+QUICK_HANG_BACKOFF_RESET_SECONDS = 600.0
+"""Each rank killed for a hang doubles the quick timeout's floor (2 s, 4 s, 8 s, ... up to the default), so a healthy
+but slow rank is killed by mistake at most a few times in this many seconds; a quiet stretch this long resets it."""
 FIRST_STEP_ALLOWANCE = 3.0
 """Before an attempt's first step (rendezvous, loading, resuming), the timeout is this many times longer."""
 CRASH_REPORT_WAIT_SECONDS = 1.0
@@ -216,6 +230,11 @@ class IncidentTracker:
         self.reports_steps = False
         """Some rank of this node attached itself (it reports steps): steps are its only progress signal."""
         self._step_seconds: deque[float] = deque(maxlen=50)
+        self._gaps: deque[float] = deque(maxlen=100)
+        """Wall seconds between consecutive newest steps, since the ranks last (re)started (the quick timeout's)."""
+        self._newest_at: float | None = None
+        self._backoff = 1.0
+        self._last_culprit_stop: float | None = None
 
     @property
     def restarts(self) -> int:
@@ -225,7 +244,19 @@ class IncidentTracker:
         if self.hang_timeout:
             return self.hang_timeout
         median = statistics.median(self._step_seconds) if self._step_seconds else 0.0
-        return max(MIN_HANG_TIMEOUT_SECONDS, HANG_TIMEOUT_STEPS * median)
+        default = max(MIN_HANG_TIMEOUT_SECONDS, HANG_TIMEOUT_STEPS * median)
+        if not self.in_place or len(self._gaps) < QUICK_HANG_GAPS_NEEDED:
+            return default
+        # In place, a mistaken verdict costs a second (one rank replaced), not a restart of the job: the timeout can
+        # follow the job's own pace, bounded below by the pauses it has shown and by the mistakes made lately.
+        if self._last_culprit_stop is not None and self._clock() - self._last_culprit_stop > (
+            QUICK_HANG_BACKOFF_RESET_SECONDS
+        ):
+            self._backoff, self._last_culprit_stop = 1.0, None
+        gaps = sorted(self._gaps)
+        p95 = gaps[min(len(gaps) - 1, int(0.95 * len(gaps)))]
+        quick = max(QUICK_HANG_MIN_SECONDS * self._backoff, QUICK_HANG_P95_GAPS * p95, QUICK_HANG_MAX_GAPS * gaps[-1])
+        return min(quick, default)
 
     # --- what the agent learns of its ranks -------------------------------------------------------------
 
@@ -237,6 +268,7 @@ class IncidentTracker:
         # A new process gets the whole (first-step) allowance before it can count as hung.
         self._last_progress = now
         self._stepped_since_attach = False
+        self._newest_at = None  # the gap to its first step is a start, not the job's pace
 
     def rank_stepped(self, rank: int, step: int, step_seconds: float) -> list[Verdict]:
         """A step report; a restarted rank's first one closes the open incident."""
@@ -245,6 +277,12 @@ class IncidentTracker:
         newest = -1 if self._progress_step is None else self._progress_step
         if step > newest or incident is not None:
             self._last_progress = now
+        if incident is not None:
+            self._newest_at = None  # the outage is no gap of the job's pace
+        elif step > newest:
+            if self._newest_at is not None:
+                self._gaps.append(now - self._newest_at)
+            self._newest_at = now
         # During an incident the newest step is the restarted job's, which starts again from a checkpoint.
         self._progress_step = max(newest, step) if incident is None else step
         self._stepped_since_attach = True
@@ -372,6 +410,8 @@ class IncidentTracker:
             text, detail, severity=events.ERROR, rank=findings.culprit, step=incident.step, wall_time=now
         )
         if self.in_place:
+            self._backoff *= 2  # were this verdict a mistake, the next one waits longer (see QUICK_HANG_*)
+            self._last_culprit_stop = now
             return Verdict(incident, event, Action.STOP_CULPRIT, rank=findings.culprit)
         return Verdict(incident, event, Action.STOP_RANKS)
 

@@ -9,6 +9,7 @@ from megascope.agent.incidents import (
     CRASH_REPORT_WAIT_SECONDS,
     FIRST_STEP_ALLOWANCE,
     MIN_HANG_TIMEOUT_SECONDS,
+    QUICK_HANG_BACKOFF_RESET_SECONDS,
     Action,
     HangFindings,
     Incident,
@@ -479,3 +480,40 @@ def test_a_job_whose_every_rank_restarted_is_not_in_place() -> None:
     node, _ = crashed_and_restarted((0, 1), culprit=1)
     event = only_event(node.steps(1))
     assert not event.restart.in_place and "job restarted after the crash" in event.text
+
+
+def in_place_node_after(steps: int) -> Node:
+    node = Node((0, 1, 2, 3), hang_timeout=None)
+    node.tracker.in_place = True
+    node.steps(steps)  # one step a second
+    return node
+
+
+def test_in_place_the_default_hang_timeout_follows_the_jobs_pace_once_it_has_shown_it() -> None:
+    assert in_place_node_after(10).tracker.current_hang_timeout() == MIN_HANG_TIMEOUT_SECONDS  # too few gaps yet
+    assert in_place_node_after(40).tracker.current_hang_timeout() == pytest.approx(5.0)  # 5 x the 1 s gaps
+
+
+def test_without_in_place_recovery_the_default_hang_timeout_stays_thirty_seconds() -> None:
+    node = Node((0, 1), hang_timeout=None)
+    node.steps(40)
+    assert node.tracker.current_hang_timeout() == MIN_HANG_TIMEOUT_SECONDS
+
+
+def test_in_place_a_pause_the_job_has_lived_through_is_not_taken_for_a_hang() -> None:
+    node = in_place_node_after(30)
+    node.clock.advance(7.0)  # a long checkpoint or validation between two steps
+    node.steps(5)
+    assert node.tracker.current_hang_timeout() == pytest.approx(2 * 8.0)
+
+
+def test_in_place_each_rank_stopped_for_a_hang_doubles_the_quick_timeouts_floor_until_a_quiet_stretch() -> None:
+    node = in_place_node_after(40)
+    node.clock.advance(0.5)
+    for _ in range(3):  # three hang verdicts, each stopping a culprit that may have been merely slow
+        node.tracker.incident = Incident(IncidentKind.HANG, node.clock.now, node.step)
+        node.tracker.hang_diagnosed(HangFindings(1, "rank 1 lags"))
+        node.tracker.incident = None
+    assert node.tracker.current_hang_timeout() == pytest.approx(2.0 * 8)  # 2 s doubled three times
+    node.clock.advance(QUICK_HANG_BACKOFF_RESET_SECONDS + 1)
+    assert node.tracker.current_hang_timeout() == pytest.approx(5.0)
