@@ -59,8 +59,29 @@ def losses(run_dir: Path, rank: int = 0) -> dict[tuple[int, int], float]:
     }
 
 
-def test_a_crashed_rank_is_named_with_its_signal_and_training_resumes_as_if_uninterrupted(tmp_path: Path) -> None:
+def test_a_crashed_rank_is_replaced_in_place_and_training_goes_on_as_if_uninterrupted(tmp_path: Path) -> None:
     crashed = demo(tmp_path / "crashed", "--nodes", "1", "--inject", "crash:rank=1,step=7", *SMALL_JOB)
+    assert crashed["returncode"] == 0 and crashed["steps"] == 12
+    [crash] = events(crashed, "crash")
+    assert crash["rank"] == 1 and crash["step"] == 6 and "killed by SIGKILL" in crash["text"]
+    [restart] = events(crashed, "restart")
+    assert "job recovered in place after the crash: went on from step 6" in restart["text"], restart["text"]
+    [recovered] = events(crashed, "recovered")
+    assert recovered["attributes"]["replaced_ranks"] == [1], recovered["attributes"]
+    assert not events(crashed, "resumed")  # the state came from a surviving rank, not from a checkpoint
+
+    clean = demo(tmp_path / "clean", "--nodes", "1", *SMALL_JOB)
+    assert clean["returncode"] == 0
+    after = {step: loss for (attempt, step), loss in losses(tmp_path / "crashed").items() if step >= 7}
+    assert sorted(after) == list(range(7, 13)) and {attempt for attempt, _ in losses(tmp_path / "crashed")} == {0}
+    uninterrupted = {step: loss for (_, step), loss in losses(tmp_path / "clean").items()}
+    assert after == {step: uninterrupted[step] for step in after}  # bit for bit: the recovery loses nothing
+
+
+def test_a_crashed_rank_is_named_with_its_signal_and_training_resumes_as_if_uninterrupted(tmp_path: Path) -> None:
+    crashed = demo(
+        tmp_path / "crashed", "--nodes", "1", "--recovery", "restart", "--inject", "crash:rank=1,step=7", *SMALL_JOB
+    )
     assert crashed["returncode"] == 0 and crashed["steps"] == 12
     [crash] = events(crashed, "crash")
     assert crash["rank"] == 1 and crash["step"] == 6 and "killed by SIGKILL" in crash["text"]
@@ -118,7 +139,7 @@ def test_a_stopped_rank_is_named_although_it_cannot_answer_for_its_stacks(tmp_pa
 
 def test_a_crash_in_the_middle_of_a_save_resumes_from_the_previous_complete_checkpoint(tmp_path: Path) -> None:
     # Rank 0 is killed while committing step 8's checkpoint: step 8 must not count, step 4 is the last whole one.
-    summary = demo(tmp_path, "--nodes", "1", *SMALL_JOB, env={CRASH_POINT_ENV: "commit:0:8"})
+    summary = demo(tmp_path, "--nodes", "1", "--recovery", "restart", *SMALL_JOB, env={CRASH_POINT_ENV: "commit:0:8"})
     assert summary["returncode"] == 0 and summary["steps"] == 12
     assert [e["rank"] for e in events(summary, "crash")] == [0]
     resumed = {e["step"] for e in events(summary, "resumed")}
