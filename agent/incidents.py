@@ -554,10 +554,9 @@ class IncidentTracker:
         detail.steps_lost = lost
         detail.resumed_step = resumed
         source = "went on from" if in_place else "resumed from"
-        text = (
-            f"{opening}: {source} step {resumed}, first step done {mttr:.1f}s after {since}, "
-            f"{lost} steps {'redone' if requested or in_place else 'lost'}"
-        )
+        # In place the step in flight is redone too; "lost" counts the completed steps done again.
+        outcome = "steps redone" if requested else "completed steps lost" if in_place else "steps lost"
+        text = f"{opening}: {source} step {resumed}, first step done {mttr:.1f}s after {since}, {lost} {outcome}"
         event = events.make_event(text, detail, severity=severity, rank=rank, step=resumed, wall_time=now)
         return Verdict(incident, event)
 

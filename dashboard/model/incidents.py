@@ -142,9 +142,12 @@ class FaultView:
                 line += f" from step {restart.resumed_step:,}"
             if restart.mttr_seconds is not None:
                 line += f", MTTR {restart.mttr_seconds:.1f}s"
-            if restart.steps_lost is not None:
+            if restart.recovery is not None:  # in place: the steps redone, the step in flight included
+                redone = restart.recovery.steps_redone
+                line += f", {redone} step{'s' if redone != 1 else ''} redone"
+            elif restart.steps_lost is not None:
                 plural = "s" if restart.steps_lost != 1 else ""
-                line += f", {restart.steps_lost} step{plural} {'redone' if restart.in_place else 'lost'}"
+                line += f", {restart.steps_lost} {'completed ' if restart.in_place else ''}step{plural} lost"
             if restart.recovery is not None:
                 line += f" ({restart.recovery.summary()})"
         if self.kind != "crash":

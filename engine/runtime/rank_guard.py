@@ -419,6 +419,7 @@ def run_warm(argv: Sequence[str]) -> int:
             _report(code, link.process.pid, time.time(), _tail(out, err))
         return _exit_as(code)
     code, replacements = 0, 0
+    endings: list[threading.Thread] = []
     rank = os.environ.get("RANK", "0")
     while message is not None:
         _, pid, _ = message  # started
@@ -438,8 +439,8 @@ def run_warm(argv: Sequence[str]) -> int:
                 stream.marks.acquire(timeout=1.0)  # until the rank's last lines are copied (its traceback)
         if code != 0:
             _report(code, pid, died, _tail(out, err))
-        watch.finish(code)
         if message is None or not should_replace(code, replacements, time.monotonic() - started, bool(stopping)):
+            watch.finish(code)
             break
         replacements += 1
         print(
@@ -450,8 +451,15 @@ def run_warm(argv: Sequence[str]) -> int:
         )
         for stream in (out, err):
             stream.tail.clear()  # the next report is about the replacement's own lines
-        message = link.read() if link.fork(replacements) else None
+        forked = link.fork(replacements)
+        # The dead rank's stream ends off the replacement's path: closing it waits on its link's thread (a second).
+        ending = threading.Thread(target=watch.finish, args=(code,), name="megascope-rank-guard-end", daemon=True)
+        ending.start()
+        endings.append(ending)
+        message = link.read() if forked else None
     link.quit()
+    for ending in endings:
+        ending.join(timeout=2 * CONNECT_WAIT_SECONDS)
     _join(copiers)
     return _exit_as(code)
 

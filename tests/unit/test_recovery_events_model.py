@@ -92,10 +92,10 @@ def test_a_crash_after_a_recovery_is_a_new_fault_not_yet_recovered() -> None:
     assert first.restart is not None and second.restart is None
 
 
-def test_an_in_place_restart_without_its_recovered_event_reads_in_place_with_steps_redone() -> None:
+def test_an_in_place_restart_without_its_recovered_event_reads_in_place_with_the_completed_steps_lost() -> None:
     model = model_with(crash(), restart())
     [fault] = model.faults()
-    assert fault.describe().endswith("; recovered in place from step 57, MTTR 1.2s, 1 step redone")
+    assert fault.describe().endswith("; recovered in place from step 57, MTTR 1.2s, 1 completed step lost")
     assert model.header().restarts == 1
 
 
