@@ -1,9 +1,11 @@
 """The run of one rank: what ``megascope.api`` does behind its functions (see the package docstring).
 
-The training thread's share of ``step()`` is kept to reading two clocks and queueing a tuple: the StepReport is
-built on the telemetry thread (:meth:`Run._build_step`), tensors are read there too, so neither the proto's
-construction nor a device sync lands on the loop. Without an agent and without a run directory the run is
-inactive: every function returns after one attribute test.
+The training thread's share of ``step()`` is kept to reading one clock and queueing a tuple: the StepReport is
+built on the telemetry thread (:meth:`Run._build_step`), tensors are read there too (and not even looked at on the
+loop's thread unless CUDA is in use), so neither the proto's construction nor a device sync lands on the loop. The
+loop calls ``step()`` after its own work, when little of megascope's or torch's code is in the CPU's caches: each
+attribute or call costs it microseconds there, not the tens of nanoseconds a benchmark loop of ``step()`` shows.
+Without an agent and without a run directory the run is inactive: every function returns after one attribute test.
 """
 
 from __future__ import annotations
@@ -162,6 +164,9 @@ class Run:
         self._phases: dict[str, float] = {}
         self._gc: GcPauses | None = None
         self._gc_mark = 0.0
+        self._cuda = False
+        """Whether this process has initialized CUDA (then ``step()`` notes the stream of CUDA values): checked on the
+        telemetry thread (:meth:`_cuda_now`), as the loop's thread would pay more for the check than for its step."""
         self._handle_commands = handle_commands
         self._commands: queue.SimpleQueue[worker_pb2.Command] = queue.SimpleQueue()
         self._stacks: TextIO | None = None
@@ -185,6 +190,7 @@ class Run:
         self._previous_excepthook = sys.excepthook
         sys.excepthook = self._excepthook
         atexit.register(self._at_exit)
+        self._cuda_now()
         self._mark = time.perf_counter()
 
     @property
@@ -289,16 +295,23 @@ class Run:
         if self.collectives is not None:
             records = self.collectives.take()
             issued = self.collectives.issued
-        gc_total = self._gc.total if self._gc is not None else 0.0
-        gc_seconds, self._gc_mark = gc_total - self._gc_mark, gc_total
-        stream = _cuda_stream(loss, grad_norm, lr, *scalars.values())
-        if getattr(loss, "requires_grad", False):
-            loss = loss.detach()  # type: ignore[attr-defined]  # keep no autograd graph alive on the queue
+        gc = self._gc
+        # No tensor is looked at here unless CUDA is in use (for the stream): the loop reaches this after the step's
+        # own work, with torch's bindings cold, and each tensor attribute costs it ~10 us on a VM, more than all the
+        # rest. The loss is not detached either: the report holds it only until the telemetry thread reads it (tens
+        # of ms), no longer than the loop's own ``loss`` variable keeps its graph (until the next step's loss).
+        stream = _cuda_stream(loss, grad_norm, lr, scalars) if self._cuda else None
         telemetry.deferred_step(
             self._build_step,
-            (number, loss, tokens, lr, grad_norm, samples, scalars, started, now, gc_seconds, phases, records, issued,
-             stream, time.time()),
+            (number, loss, tokens, lr, grad_norm, samples, scalars, started, now, gc.total if gc is not None else 0.0,
+             phases, records, issued, stream),
         )  # fmt: skip
+
+    def _cuda_now(self) -> bool:
+        """Whether CUDA is in use, noted for ``step()`` once it is (it stays initialized for the process's life)."""
+        if not self._cuda and _cuda_initialized():
+            self._cuda = True
+        return self._cuda
 
     def _build_step(
         self,
@@ -311,16 +324,24 @@ class Run:
         scalars: dict[str, object],
         started: float | None,
         now: float,
-        gc_seconds: float,
+        gc_total: float,
         phases: dict[str, float],
         records: list[_Record] | None,
         issued: int | None,
         stream: object,
-        wall_time: float,
     ) -> StepReport | None:
         """The StepReport of one ``step()`` call; runs on the telemetry thread. Bad values are left out."""
         try:
             step_seconds = now - started if started is not None else 0.0
+            # The wall clock at the step's end, from the loop's perf_counter reading: one clock read less on the
+            # loop's thread (the two clocks drift apart by far less than a microsecond in the time a report waits).
+            wall_time = time.time() - (time.perf_counter() - now)
+            # Builds run in step order on this one thread, so the GC mark is this thread's alone.
+            gc_seconds, self._gc_mark = gc_total - self._gc_mark, gc_total
+            if stream is None and self._cuda_now():
+                # Queued before the loop knew CUDA was in use (this thread notices it, at the first build after it
+                # began), so without the stream its values were computed on: wait for all of the device's work.
+                _synchronize_cuda_values(loss, grad_norm, lr, scalars)
             # The process's CPU time is read here, not on the loop's thread (a system call: ~3 us on a VM); the
             # difference between two builds is the step's, give or take how late each was built.
             cpu = time.process_time()
@@ -616,10 +637,16 @@ def _as_float(value: object) -> float:
 _PLAIN = (float, int, type(None))
 
 
-def _cuda_stream(*values: object) -> object:
-    """The current CUDA stream when one of ``values`` is a CUDA tensor: it is read on that stream, after the
+def _cuda_initialized() -> bool:
+    """Whether this process has initialized CUDA: until it has, no value can be a CUDA tensor."""
+    torch = sys.modules.get("torch")
+    return torch is not None and bool(torch.cuda.is_initialized())
+
+
+def _cuda_stream(loss: object, grad_norm: object, lr: object, scalars: dict[str, object]) -> object:
+    """The current CUDA stream when one of the values is a CUDA tensor: it is read on that stream, after the
     kernels that computed it, on the telemetry thread."""
-    for value in values:
+    for value in (loss, grad_norm, lr, *scalars.values()):
         if type(value) in _PLAIN:
             continue  # the common case, without an attribute lookup
         if getattr(value, "is_cuda", False):
@@ -627,6 +654,17 @@ def _cuda_stream(*values: object) -> object:
 
             return torch.cuda.current_stream(value.device)  # type: ignore[attr-defined]
     return None
+
+
+def _synchronize_cuda_values(loss: object, grad_norm: object, lr: object, scalars: dict[str, object]) -> None:
+    """Wait, on the telemetry thread, for all the work queued on the device of the first CUDA value (if any): its
+    kernels may run on any stream."""
+    for value in (loss, grad_norm, lr, *scalars.values()):
+        if type(value) not in _PLAIN and getattr(value, "is_cuda", False):
+            import torch
+
+            torch.cuda.synchronize(value.device)  # type: ignore[attr-defined]
+            return
 
 
 class _on_stream:  # noqa: N801 (used as a context manager, like contextlib's)

@@ -382,6 +382,28 @@ def test_the_training_threads_share_is_queueing_not_building(make_run: Any, tmp_
     assert built_on == ["megascope-telemetry"]
 
 
+@pytest.mark.skipif(torch.cuda.is_initialized(), reason="with CUDA in use the loop notes the stream of CUDA values")
+def test_without_cuda_the_training_thread_never_looks_at_a_value(make_run: Any, tmp_path: Path) -> None:
+    """Behaviour, not time: a tensor's attribute read on the loop's thread is its most costly part (cold, after the
+    step's own work); the values are only looked at where they are read, on the telemetry thread."""
+    looked_on: list[str] = []
+
+    class Value:
+        def __getattribute__(self, name: str) -> Any:
+            looked_on.append(threading.current_thread().name)
+            return object.__getattribute__(self, name)
+
+        def __float__(self) -> float:
+            return 2.5
+
+    run = make_run(run_dir=tmp_path)
+    run.step(Value(), None, Value(), Value(), None, None, {"ppl": Value()})
+    run.close()
+    (report,) = steps(tmp_path)
+    assert (report["loss"], report["lr"], report["grad_norm"], report["scalars"]["ppl"]) == (2.5, 2.5, 2.5, 2.5)
+    assert looked_on and set(looked_on) == {"megascope-telemetry"}
+
+
 def test_an_event_goes_to_the_log_with_its_severity_and_the_current_step(make_run: Any, tmp_path: Path) -> None:
     run = make_run(run_dir=tmp_path)
     run.step(1.0, None, None, None, None, None, {})
