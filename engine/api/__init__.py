@@ -65,9 +65,10 @@ Reference
 
 Guarantees: no function raises into the training loop (an error is counted in ``Run.errors`` and one warning
 goes to stderr); nothing waits on the network (records go on a bounded queue that a background thread drains;
-a full queue drops and counts). Cost per ``step()`` to the loop's thread: about 0.15 us without an agent, under
-10 us with one on a 2-core VM (the report is built on the background thread, which the loop does not wake;
-``bench/telemetry_overhead.py`` measures it). Call these from the training loop's thread.
+a full queue drops and counts). Cost per ``step()`` to the loop's thread, on a 2-core VM between steps of a 2 ms
+sleep (cold caches): about 2.5 us without an agent, 6-7 us with one (the report is built on the background thread,
+which the loop does not wake; ``python bench/telemetry_overhead.py --api-only``). Call these from the training
+loop's thread.
 
 Commands from the agent (save a checkpoint now, stop at a step boundary) need the loop's cooperation: by
 default a script's rank answers each with a refusal that says why, so the operator sees it at once instead of a
