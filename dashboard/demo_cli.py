@@ -92,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
         errors.append(f"--min-nodes must be in 1..--nodes ({args.nodes}), got {args.min_nodes}")
     if args.recovery == "inplace" and args.nodes > 1:
         errors.append("--recovery inplace needs --nodes 1 (a job across nodes recovers by a restart for now)")
+    if args.recovery == "inplace" and args.ranks_per_node < 2:
+        errors.append("--recovery inplace needs --ranks-per-node 2 or more (the state comes from a surviving rank)")
     if args.json and not args.headless:
         errors.append("--json needs --headless (the TUI owns the terminal)")
     # The engine's fault grammar, handed over by the `megascope` dispatcher (the dashboard never imports the

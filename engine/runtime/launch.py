@@ -88,6 +88,11 @@ class LaunchOptions:
                 f"--recovery inplace needs a job of one node for now, got --nnodes {self.nnodes}; "
                 "use --recovery restart (every rank restarts from the newest checkpoint)"
             )
+        if self.recovery == recovery_env.INPLACE and self.nproc_per_node < 2:
+            raise ConfigError(
+                "--recovery inplace needs at least 2 ranks (a replacement takes its state from a surviving rank), "
+                f"got --nproc-per-node {self.nproc_per_node}; use --recovery restart"
+            )
 
 
 class LaunchFailed(RuntimeError):
@@ -107,13 +112,15 @@ def trainer_entry(config: TrainConfig) -> list[str]:
 
 
 def recovery_mode(options: LaunchOptions, entry: Sequence[str]) -> str:
-    """How a fault is recovered: ``--recovery`` as given, else in place for our trainer (``entry``) on one node (a
-    node lost cannot be recovered in place yet), and a restart of every rank for anything else (a user's script
-    cannot rebuild its group)."""
+    """How a fault is recovered: ``--recovery`` as given, else in place for our trainer (``entry``) on one node of
+    several ranks (a node lost cannot be recovered in place yet), and a restart of every rank for anything else (a
+    user's script cannot rebuild its group; a job of one rank has no other rank to take the state from)."""
     if options.recovery is not None:
         return options.recovery
     ours = list(entry[:2]) == ["-m", rank_guard.TRAINER_MODULE] and not options.no_python
-    return recovery_env.INPLACE if ours and options.node_range() == (1, 1) else recovery_env.RESTART
+    # A job of one rank has no surviving rank to take the state from.
+    alone = options.nproc_per_node < 2
+    return recovery_env.INPLACE if ours and options.node_range() == (1, 1) and not alone else recovery_env.RESTART
 
 
 def torchrun_command(options: LaunchOptions, entry: Sequence[str], log_dir: Path, run_id: str) -> list[str]:

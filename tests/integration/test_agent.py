@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support.agents import STAND_IN_RANKS, attach, wait_until, worker_metadata
+from support.agents import STAND_IN_RANKS, attach, serving_agent, wait_until, worker_metadata
 from support.agents import worker_sink as sink_on
 from support.wire import step_report
 
@@ -21,11 +21,8 @@ from megascope.protos.megascope.v1 import agent_pb2, agent_pb2_grpc, telemetry_p
 
 @pytest.fixture
 async def agent() -> AsyncIterator[AgentServer]:
-    state = NodeState(telemetry_pb2.NodeInfo(node="node0", total_steps=100))
-    server = AgentServer(state, "127.0.0.1", 0, launched=STAND_IN_RANKS)
-    await server.start()
-    yield server
-    await server.stop(grace_seconds=0.5)
+    async with serving_agent(telemetry_pb2.NodeInfo(node="node0", total_steps=100), STAND_IN_RANKS) as server:
+        yield server
 
 
 def worker_sink(agent: AgentServer, rank: int) -> AgentSink:

@@ -12,19 +12,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from support.agents import serving_agent
 
 from megascope.agent.server import AgentServer
-from megascope.agent.state import NodeState
 from megascope.engine.runtime.rank_guard import LOG_TAIL_LINES
 from megascope.protos.megascope.v1 import telemetry_pb2, worker_pb2
 
 
 @pytest.fixture
 async def agent() -> AsyncIterator[AgentServer]:
-    server = AgentServer(NodeState(telemetry_pb2.NodeInfo(node="node0")), "127.0.0.1", 0)
-    await server.start()
-    yield server
-    await server.stop(grace_seconds=0.5)
+    async with serving_agent() as server:
+        yield server
 
 
 async def guard(script: Path | None, agent: AgentServer | None, *command: str) -> tuple[int, bytes]:

@@ -19,9 +19,9 @@ from typing import Any
 
 import psutil
 import pytest
+from support.agents import serving_agent
 
 from megascope.agent.server import AgentServer
-from megascope.agent.state import NodeState
 from megascope.engine.runtime import launch, recovery_env
 from megascope.engine.runtime.rank_guard import WARM_MODULES_ENV
 from megascope.protos.megascope.v1 import telemetry_pb2, worker_pb2
@@ -95,10 +95,8 @@ async def test_sigterm_to_the_guard_stops_its_rank_without_a_replacement_and_the
 
 @pytest.fixture
 async def agent() -> AsyncIterator[AgentServer]:
-    server = AgentServer(NodeState(telemetry_pb2.NodeInfo(node="node0")), "127.0.0.1", 0)
-    await server.start()
-    yield server
-    await server.stop(grace_seconds=0.5)
+    async with serving_agent() as server:
+        yield server
 
 
 class _Seen:
@@ -176,7 +174,7 @@ def start_job(tmp_path: Path, nproc: int, started: list[Any]) -> Any:
 def test_torchruns_process_hosts_the_recovery_store_on_loopback_and_ranks_reach_it(
     tmp_path: Path, torchrun_of: list[Any]
 ) -> None:
-    process = start_job(tmp_path, 1, torchrun_of)
+    process = start_job(tmp_path, 2, torchrun_of)  # in place needs 2 ranks: one to take the state from
     wait_for(lambda: records(tmp_path, 0), "rank 0 started")
     [rank0] = records(tmp_path, 0)
     assert rank0["store_count"] == 1  # it added to a key of the store as a client

@@ -4,9 +4,11 @@ and stand-in ranks on the agent's worker channel (its Unix socket, with the job'
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import textwrap
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -108,3 +110,17 @@ async def serve(
     server = AgentServer(state, "127.0.0.1", 0, token=token, merges=runner)
     await server.start()
     return server
+
+
+@contextlib.asynccontextmanager
+async def serving_agent(
+    node_info: telemetry_pb2.NodeInfo | None = None, launched: Launched | None = None
+) -> AsyncIterator[AgentServer]:
+    """A real AgentService on 127.0.0.1 (a free port) in this process, stopped on leaving."""
+    state = NodeState(node_info or telemetry_pb2.NodeInfo(node="node0"))
+    server = AgentServer(state, "127.0.0.1", 0, launched=launched) if launched else AgentServer(state, "127.0.0.1", 0)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop(grace_seconds=0.5)

@@ -194,6 +194,7 @@ def test_recovery_is_in_place_by_default_for_our_trainer_on_one_node_and_a_resta
     assert recovery_mode(multi, trainer) == recovery_env.RESTART
     assert recovery_mode(LaunchOptions(recovery="restart"), trainer) == recovery_env.RESTART
     assert recovery_mode(LaunchOptions(recovery="inplace"), ["train.py"]) == recovery_env.INPLACE
+    assert recovery_mode(LaunchOptions(nproc_per_node=1), trainer) == recovery_env.RESTART  # no rank to take it from
 
 
 def test_in_place_recovery_asked_for_several_nodes_is_refused_naming_the_way_out() -> None:
@@ -201,17 +202,34 @@ def test_in_place_recovery_asked_for_several_nodes_is_refused_naming_the_way_out
         LaunchOptions(nnodes="2", rdzv_endpoint="node0:29400", recovery="inplace").validate()
 
 
+def test_in_place_recovery_asked_for_one_rank_is_refused_naming_the_way_out() -> None:
+    with pytest.raises(ConfigError, match="--recovery inplace needs at least 2 ranks.*--recovery restart"):
+        LaunchOptions(nproc_per_node=1, recovery="inplace").validate()
+
+
 def test_the_launcher_environment_names_the_mode_and_drops_an_outer_jobs_store(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(recovery_env.RECOVERY_STORE_ENV, "127.0.0.1:1")
     monkeypatch.setenv(recovery_env.REPLACEMENT_ENV, "2")
-    env = launcher_environment(LaunchOptions(), entry=["-m", TRAINER_MODULE, "config.json"])
+    env = launcher_environment(LaunchOptions(nproc_per_node=2), entry=["-m", TRAINER_MODULE, "config.json"])
     assert env[recovery_env.RECOVERY_ENV] == recovery_env.INPLACE
     assert recovery_env.RECOVERY_STORE_ENV not in env and recovery_env.REPLACEMENT_ENV not in env
     assert os.environ[recovery_env.RECOVERY_STORE_ENV] == "127.0.0.1:1"  # this process's own is left alone
 
 
 def test_the_agent_refuses_in_place_recovery_for_a_users_script() -> None:
-    agent = [sys.executable, "-m", "megascope.agent.cli", "agent", "--port", "0", "--recovery", "inplace", "--"]
+    agent = [
+        sys.executable,
+        "-m",
+        "megascope.agent.cli",
+        "agent",
+        "--port",
+        "0",
+        "--nproc-per-node",
+        "2",
+        "--recovery",
+        "inplace",
+        "--",
+    ]
     done = subprocess.run([*agent, "train.py"], capture_output=True, text=True, timeout=_DEADLINE)
     assert done.returncode == 2
     assert "only megascope's trainer recovers in place" in done.stderr and "--recovery restart" in done.stderr
