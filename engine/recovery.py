@@ -31,6 +31,7 @@ import contextlib
 import os
 import socket
 import stat
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -156,7 +157,7 @@ class Recovery:
             if time.monotonic() > deadline:
                 self.fail(f"not every rank joined generation {generation} within {deadline_seconds:.0f}s")
             time.sleep(_POLL_SECONDS)
-        destroy_groups()
+        self.tear_down()
         try:
             dist.init_process_group(
                 self.backend,
@@ -169,6 +170,13 @@ class Recovery:
             self.fail(f"could not form the process group of generation {generation}: {error}")
         self._check_generation(store, generation)
         self.generation = generation
+
+    def tear_down(self) -> None:
+        """:func:`destroy_groups`, giving the recovery up for every rank if it cannot be done."""
+        try:
+            destroy_groups()
+        except RecoveryFailed as error:
+            self.fail(str(error))
 
     def _check_generation(self, store: dist.Store, generation: int) -> None:
         self._check_not_failed(store)
@@ -190,44 +198,59 @@ class Recovery:
         raise RecoveryFailed(reason)
 
 
-def sockets() -> set[tuple[int, int]]:
-    """This process's open sockets, as (file descriptor, inode): the inode tells a descriptor reused later apart."""
-    found = set()
+def shut_down(keep: tuple[str, int]) -> None:
+    """Shut this rank's TCP connections down, so that every peer blocked on this rank in the failed collective sees
+    them closed at once and fails too (gloo in torch 2.13 has no abort that does this: pytorch#190731).
+
+    Every connected TCP socket but the one to ``keep`` (the recovery store, needed next): gloo's pairs, including
+    those it connected lazily after the group formed (a snapshot taken at the group's start missed them, and a peer
+    blocked on one waited for the group's timeout, seen in a 100-fault soak), and the first store's. The agent's
+    channel is a Unix socket, untouched; a listening socket is left alone (gloo's listener dies on a shut-down one).
+    The descriptors stay open: their owners close them when their groups go."""
     for name in os.listdir("/proc/self/fd"):
         with contextlib.suppress(OSError, ValueError):
-            status = os.fstat(int(name))
-            if stat.S_ISSOCK(status.st_mode):
-                found.add((int(name), status.st_ino))
-    return found
-
-
-def shut_down(group_sockets: set[tuple[int, int]]) -> None:
-    """Shut the connections of a broken process group down, so that every peer blocked on this rank in the failed
-    collective sees it closed at once and fails too (gloo in torch 2.13 has no abort that does this: pytorch#190731).
-
-    ``group_sockets``: what :func:`sockets` found new once the group was formed. A listening socket is left alone
-    (gloo's listener dies on a shut-down one); the descriptors stay open, gloo closes them when the group goes.
-    """
-    for fd, inode in group_sockets:
-        with contextlib.suppress(OSError):
-            if os.fstat(fd).st_ino != inode:
-                continue  # closed since, and the number reused for something else
+            fd = int(name)
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
             connection = socket.socket(fileno=fd)
             try:
-                if not connection.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                if connection.family not in (socket.AF_INET, socket.AF_INET6):
+                    continue
+                if connection.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                    continue
+                host, port = connection.getpeername()[:2]  # OSError when not connected
+                if (host.removeprefix("::ffff:"), port) != keep:  # torch's stores use IPv4 mapped into IPv6
                     connection.shutdown(socket.SHUT_RDWR)
             finally:
-                connection.detach()  # the descriptor stays gloo's
+                connection.detach()  # the descriptor stays its owner's
 
 
-def destroy_groups() -> None:
+DESTROY_SECONDS = 10.0
+"""How long tearing the broken groups down may take before the recovery is given up (a full restart instead)."""
+
+
+def destroy_groups(deadline_seconds: float = DESTROY_SECONDS) -> None:
     """Destroy every process group of this rank (the broken ones of the last generation), before forming new ones.
 
-    Their connections were shut down already (:func:`shut_down`); the objects go when their last reference does
-    (no ``gc.collect()`` here: with torch's modules loaded one takes ~0.4 s, on the path every rank waits on)."""
-    if dist.is_initialized():
+    Their connections were shut down already (:func:`shut_down`). The teardown runs on a thread of its own, which
+    also holds the groups' last references: a broken gloo group's destructor waits for its worker threads, and one
+    may sit in the failed collective until the group's timeout (seen now and then in a 100-fault soak); the
+    recovery waits only for torch's bookkeeping, and gives up (RecoveryFailed) past ``deadline_seconds``. No
+    ``gc.collect()`` here: with torch's modules loaded one takes ~0.4 s, on the path every rank waits on."""
+    if not dist.is_initialized():
+        return
+    doomed: list[object] = list(dist.distributed_c10d._world.pg_map)
+    done = threading.Event()
+
+    def tear_down() -> None:
         with contextlib.suppress(Exception):  # a group whose peer died may fail its own teardown; it is gone anyway
             dist.destroy_process_group()
+        done.set()
+        doomed.clear()  # the last references: the destructors run here, however long they wait
+
+    threading.Thread(target=tear_down, name="megascope-old-groups", daemon=True).start()
+    if not done.wait(deadline_seconds):
+        raise RecoveryFailed(f"the broken process group was not torn down within {deadline_seconds:.0f}s")
 
 
 @dataclass

@@ -59,12 +59,10 @@ from megascope.engine.recovery import (
     Standing,
     broadcast_objects,
     broadcast_tensors,
-    destroy_groups,
     exchange,
     fork_wall_time,
     is_peer_failure,
     shut_down,
-    sockets,
 )
 from megascope.engine.recovery import enabled as recovery_enabled
 from megascope.engine.runtime import bound_stores, recovery_env, selfcheck
@@ -140,15 +138,10 @@ class Trainer:
                 "a replacement rank joins through the recovery store"
             )
         self.ckpt_group: dist.ProcessGroup | None = None
-        self._group_sockets: set[tuple[int, int]] = set()
-        """The connections of this rank's process groups (recovery on): shut down when a peer dies."""
         if not self.replacement:  # a replacement skips env://: rank 0's store may have died with rank 0
-            before = sockets() if self.recovery is not None else set()
             bound_stores.bind_from_env()  # a one-node job: rank 0's store on loopback only, not on every interface
             dist.init_process_group(backend, timeout=timeout)
             self.ckpt_group = self._new_ckpt_group()
-            if self.recovery is not None:  # no other thread runs yet: every new socket is the groups'
-                self._group_sockets = sockets() - before
 
         # The public API's run, as a user's own loop gets it (one path): the telemetry file and console log, the
         # agent link, the stack dump on SIGUSR1, the failure report. This loop applies the agent's commands itself.
@@ -385,10 +378,13 @@ class Trainer:
         prefetch.close()
         # Release every peer blocked on this rank in the failed collective (a peer waits on this rank's part, not on
         # the dead rank's); a save in flight fails at its commit then, unless it is past it, and ends either way.
-        shut_down(self._group_sockets)
+        shut_down(self.recovery.address)
         self.checkpoints.settle()
+        # The broken groups' last references go to the teardown's thread (their destructors may wait on a worker).
         del self.ddp  # its reducer holds the broken group
-        destroy_groups()
+        self.ckpt_group = None
+        self.checkpoints.release_group()
+        self.recovery.tear_down()
         generation = self.recovery.wait_for_generation()
         self._reform(generation, Standing(self.rank, self._completed, in_flight, failed_wall_time))
         return Prefetcher(self.train_batches, self.device)
@@ -398,10 +394,8 @@ class Trainer:
         say so in a ``recovered`` event. Any failure on the way is given up for every rank (RecoveryFailed)."""
         assert self.recovery is not None
         try:
-            before = sockets()
             self.recovery.form_group(generation)
             self.ckpt_group = self._new_ckpt_group()
-            self._group_sockets = sockets() - before
             if standing.fork_wall_time is not None:
                 standing.joined_wall_time = time.time()
             agreement = exchange(standing)

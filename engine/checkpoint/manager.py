@@ -405,6 +405,13 @@ class CheckpointManager:
         if self.checkpointer is not None:
             self.checkpointer.wait()
 
+    def release_group(self) -> None:
+        """Let go of the (broken) checkpoint group, so that its last reference is the teardown's
+        (engine/recovery.py destroy_groups): until :meth:`rebind`, nothing is saved."""
+        self.group = None
+        if self.checkpointer is not None:
+            self.checkpointer.group = None
+
     def rebind(self, group: dist.ProcessGroup | None) -> None:
         """Save through ``group`` from now on: the checkpoint group of the process group formed again after a
         recovery. Every rank has settled its saves by then, so rank 0 removes what a failed one left behind."""

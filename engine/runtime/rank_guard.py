@@ -364,7 +364,34 @@ tests, which replace a tiny module's ranks (any module with ``main(argv)``) with
 REPEAT_FAULT_SECONDS = 60.0
 """A replacement that ends abnormally within this long of its start is a repeated fault on the same rank: it is not
 replaced again; the guard exits, and torch elastic restarts the whole job from its newest checkpoint. A rank that
-fails at once, over and over (a bad node, a bug the state brings back) must not be replaced forever."""
+fails at once, over and over (a bad node, a bug the state brings back) must not be replaced forever. The default
+of :data:`REPEAT_FAULT_SECONDS_ENV`."""
+REPEAT_FAULT_SECONDS_ENV = "MEGASCOPE_REPEAT_FAULT_SECONDS"
+"""Overrides :data:`REPEAT_FAULT_SECONDS` (seconds, >= 0; 0: a replacement is always replaced again). For tests that
+kill ranks faster than a real fault would (the soak test's hundred faults in minutes); read at each fault."""
+
+
+def repeat_fault_seconds(environ: Mapping[str, str] | None = None) -> float:
+    """The repeated-fault window: :data:`REPEAT_FAULT_SECONDS_ENV` if it holds a number >= 0, else (unset, or a
+    value that is not one, with a warning naming it) :data:`REPEAT_FAULT_SECONDS`. A bad value must not end the
+    guard, and with it the rank it watches."""
+    environ = os.environ if environ is None else environ
+    text = environ.get(REPEAT_FAULT_SECONDS_ENV, "").strip()
+    if not text:
+        return REPEAT_FAULT_SECONDS
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0.0 <= seconds < float("inf"):  # also NaN
+        print(
+            f"megascope rank guard: {REPEAT_FAULT_SECONDS_ENV}={text!r} is not a number of seconds >= 0; "
+            f"using the default, {REPEAT_FAULT_SECONDS:g}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return REPEAT_FAULT_SECONDS
+    return seconds
 
 
 def uses_warm_parent(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> bool:
@@ -382,10 +409,10 @@ def should_replace(code: int, replacements: int, lived_seconds: float, stopping:
     """Whether a rank that ended with ``code`` (Popen's) is replaced in place: not a clean exit, not one the guard
     was asked for (``stopping``: torch elastic stopping the group), not a rank that could not recover in place
     (:data:`~recovery_env.RECOVERY_FAILED_EXIT`), and not a replacement (``replacements`` so far) that failed
-    within :data:`REPEAT_FAULT_SECONDS` of its start (``lived_seconds``)."""
+    within :func:`repeat_fault_seconds` of its start (``lived_seconds``)."""
     if code == 0 or stopping or code == recovery_env.RECOVERY_FAILED_EXIT:
         return False
-    return replacements == 0 or lived_seconds >= REPEAT_FAULT_SECONDS
+    return replacements == 0 or lived_seconds >= repeat_fault_seconds()
 
 
 def _describe(code: int) -> str:

@@ -23,8 +23,10 @@ from megascope.engine.runtime import recovery_env
 from megascope.engine.runtime.launch import LaunchOptions, launcher_environment, recovery_mode
 from megascope.engine.runtime.rank_guard import (
     REPEAT_FAULT_SECONDS,
+    REPEAT_FAULT_SECONDS_ENV,
     TRAINER_MODULE,
     WARM_MODULES_ENV,
+    repeat_fault_seconds,
     should_replace,
     uses_warm_parent,
 )
@@ -233,3 +235,11 @@ def test_the_agent_refuses_in_place_recovery_for_a_users_script() -> None:
     done = subprocess.run([*agent, "train.py"], capture_output=True, text=True, timeout=_DEADLINE)
     assert done.returncode == 2
     assert "only megascope's trainer recovers in place" in done.stderr and "--recovery restart" in done.stderr
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("", 60.0), ("2.5", 2.5), ("0", 0.0), ("abc", 60.0), ("-1", 60.0),
+                                                ("nan", 60.0)])  # fmt: skip
+def test_the_repeated_fault_window_is_read_from_the_environment_and_a_bad_value_falls_back(
+    value: str, seconds: float
+) -> None:
+    assert repeat_fault_seconds({REPEAT_FAULT_SECONDS_ENV: value}) == seconds
