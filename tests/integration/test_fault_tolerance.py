@@ -63,11 +63,12 @@ def test_a_crashed_rank_is_replaced_in_place_and_training_goes_on_as_if_uninterr
     crashed = demo(tmp_path / "crashed", "--nodes", "1", "--inject", "crash:rank=1,step=7", *SMALL_JOB)
     assert crashed["returncode"] == 0 and crashed["steps"] == 12
     [crash] = events(crashed, "crash")
-    assert crash["rank"] == 1 and crash["step"] == 6 and "killed by SIGKILL" in crash["text"]
+    # The newest step the agent had heard of: step 6's report may still be on its way when the crash is named.
+    assert crash["rank"] == 1 and crash["step"] in (5, 6) and "killed by SIGKILL" in crash["text"]
     [restart] = events(crashed, "restart")
     assert "job recovered in place after the crash: went on from step 6" in restart["text"], restart["text"]
     [recovered] = events(crashed, "recovered")
-    assert recovered["attributes"]["replaced_ranks"] == [1], recovered["attributes"]
+    assert recovered["attributes"]["replaced_ranks"] == [1] and recovered["step"] == 6, recovered
     assert not events(crashed, "resumed")  # the state came from a surviving rank, not from a checkpoint
 
     clean = demo(tmp_path / "clean", "--nodes", "1", *SMALL_JOB)
@@ -84,7 +85,8 @@ def test_a_crashed_rank_is_named_with_its_signal_and_training_resumes_as_if_unin
     )
     assert crashed["returncode"] == 0 and crashed["steps"] == 12
     [crash] = events(crashed, "crash")
-    assert crash["rank"] == 1 and crash["step"] == 6 and "killed by SIGKILL" in crash["text"]
+    # The newest step the agent had heard of: step 6's report may still be on its way when the crash is named.
+    assert crash["rank"] == 1 and crash["step"] in (5, 6) and "killed by SIGKILL" in crash["text"]
     [restart] = events(crashed, "restart")
     assert "resumed from step 4" in restart["text"] and crashed["restarts"] == 1
 
