@@ -177,7 +177,7 @@ def test_torchruns_process_hosts_the_recovery_store_on_loopback_and_ranks_reach_
     process = start_job(tmp_path, 2, torchrun_of)  # in place needs 2 ranks: one to take the state from
     wait_for(lambda: records(tmp_path, 0), "rank 0 started")
     [rank0] = records(tmp_path, 0)
-    assert rank0["store_count"] == 1  # it added to a key of the store as a client
+    assert rank0["store_count"] in (1, 2)  # it added to a key of the store as a client (rank 1 adds too)
     host, port = recovery_env.store_address({recovery_env.RECOVERY_STORE_ENV: rank0["store"]}) or ("", 0)
     listening = {
         (c.laddr.ip, c.laddr.port)
