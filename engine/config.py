@@ -104,8 +104,10 @@ class TrainConfig:
     run_dir: str = "runs/latest"
     """Where the config, telemetry (one JSONL file per rank) and logs go."""
     dist_timeout_seconds: float = 300.0
-    """Process group timeout; a collective stuck longer than this fails instead of hanging forever. The agent's
-    hang detection (``--hang-timeout``) acts well before it."""
+    """Process group timeout (``--collective-timeout``); a collective stuck longer than this fails instead of hanging
+    forever. The agent's hang detection (``--hang-timeout``) acts well before it. With in-place recovery it also
+    bounds how long a broken group's collective that gloo never fails holds its threads and sockets after the
+    recovery (engine/recovery.py, destroy_groups)."""
     self_check: bool = True
     """Run the node self-check (engine/runtime/selfcheck.py) at every start of the ranks, before training."""
     faults: tuple[Fault, ...] = ()
@@ -120,6 +122,10 @@ class TrainConfig:
             raise ConfigError("--val-every and --val-batches must be >= 0")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if not 0 < self.dist_timeout_seconds < float("inf"):
+            raise ConfigError(
+                f"--collective-timeout must be a positive number of seconds, got {self.dist_timeout_seconds}"
+            )
         if self.peak_tflops is not None and self.peak_tflops <= 0:
             raise ConfigError(f"--peak-tflops must be positive, got {self.peak_tflops}")
         if self.kernels not in ("auto", "triton", "torch"):

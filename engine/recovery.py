@@ -19,6 +19,14 @@ The contract with the launcher, the rank guard and the warm parent is in
    says which step it completed; the lowest rank holding the highest step is the donor, and sends the model,
    optimizer, RNG and data position to the others (from memory, not from disk).
 
+A survivor that never sees its collective fail (gloo, now and then, stops reading a connection whose peer died and
+waits on it for the group's whole timeout; seen about once in thirty faults in a soak) is released by
+:class:`StuckWatch`: once a replacement announced a new generation and this rank has not begun recovering within
+its patience, it leaves (:data:`~megascope.engine.runtime.recovery_env.STUCK_SURVIVOR_EXIT`), and its own
+replacement joins that same generation (:meth:`Recovery.announce`) with the state of a rank that has it. The stuck
+rank's process cannot be released otherwise: its main thread waits in C++ on a gloo collective no API of torch 2.13
+aborts.
+
 Whatever goes wrong on the way (a deadline passed, a newer generation appeared: a second fault during the
 recovery, a collective of the recovery failed) raises :class:`RecoveryFailed`; the rank marks the attempt as failed
 in the store, so that the other ranks give up at once instead of waiting for their deadline, and exits with
@@ -31,9 +39,10 @@ import contextlib
 import os
 import socket
 import stat
+import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, NoReturn
@@ -111,22 +120,46 @@ class Recovery:
     def _failed_key(self) -> str:
         return self.prefix + "failed"
 
+    @property
+    def _rejoin_key(self) -> str:
+        return f"{self.prefix}rejoin/rank{self.rank}"
+
+    def connect(self) -> dist.TCPStore:
+        """A new client of the recovery store."""
+        host, port = self.address
+        try:
+            return dist.TCPStore(
+                host, port, is_master=False, timeout=timedelta(seconds=DEADLINE_SECONDS), wait_for_workers=False
+            )
+        except (RuntimeError, ValueError) as error:
+            raise RecoveryFailed(f"cannot reach the recovery store at {host}:{port}: {error}") from error
+
     def store(self) -> dist.TCPStore:
         """The client of the recovery store, connected at first use (a survivor connects only after a fault)."""
         if self._client is None:
-            host, port = self.address
-            try:
-                self._client = dist.TCPStore(
-                    host, port, is_master=False, timeout=timedelta(seconds=DEADLINE_SECONDS), wait_for_workers=False
-                )
-            except (RuntimeError, ValueError) as error:
-                raise RecoveryFailed(f"cannot reach the recovery store at {host}:{port}: {error}") from error
+            self._client = self.connect()
         return self._client
 
     def announce(self) -> int:
-        """A replacement's first act: bump the generation; the survivors wait for it. The generation to join."""
-        self.generation = int(self.store().add(self._generation_key, 1))
+        """A replacement's first act: bump the generation; the survivors wait for it. The generation to join.
+
+        The replacement of a stuck survivor (:meth:`leave_for`) joins the generation its predecessor left for
+        instead: that generation waits for this rank, and a new one would read as a second fault."""
+        store = self.store()
+        if store.check([self._rejoin_key]):
+            self.generation = int(store.get(self._rejoin_key))
+            store.delete_key(self._rejoin_key)
+            return self.generation
+        self.generation = int(store.add(self._generation_key, 1))
         return self.generation
+
+    def current_generation(self, store: dist.Store) -> int:
+        """The newest generation announced (0 before any)."""
+        return int(store.add(self._generation_key, 0))
+
+    def leave_for(self, store: dist.Store, generation: int) -> None:
+        """A stuck survivor's last act before it exits: its replacement is to join ``generation``."""
+        store.set(self._rejoin_key, str(generation))
 
     def wait_for_generation(self, deadline_seconds: float = DEADLINE_SECONDS) -> int:
         """A survivor's wait for a replacement's announcement: the first generation above this rank's."""
@@ -134,7 +167,7 @@ class Recovery:
         deadline = time.monotonic() + deadline_seconds
         while True:
             self._check_not_failed(store)
-            generation = int(store.add(self._generation_key, 0))
+            generation = self.current_generation(store)
             if generation > self.generation:
                 return generation
             if time.monotonic() > deadline:
@@ -180,7 +213,7 @@ class Recovery:
 
     def _check_generation(self, store: dist.Store, generation: int) -> None:
         self._check_not_failed(store)
-        now = int(store.add(self._generation_key, 0))
+        now = self.current_generation(store)
         if now != generation:
             self.fail(f"generation {now} appeared while generation {generation} formed (a second fault)")
 
@@ -196,6 +229,82 @@ class Recovery:
             if not store.check([self._failed_key]):  # the first rank's reason is the one worth reading
                 store.set(self._failed_key, f"rank {self.rank}: {reason}")
         raise RecoveryFailed(reason)
+
+
+STUCK_MIN_SECONDS = 2.0
+"""The least patience of :class:`StuckWatch`: a healthy survivor begins recovering milliseconds after a peer's death
+(its collective fails), a loaded machine's scheduler may delay it by a second or two."""
+STUCK_STEPS = 3.0
+"""... or this many of the rank's longest step, if longer: a survivor busy in a long step (a big model's forward)
+reaches the failed collective only at the end of it."""
+_WATCH_POLL_SECONDS = 0.25
+"""How often :class:`StuckWatch` reads the generation: one loopback store read per quarter second."""
+
+
+class StuckWatch:
+    """Releases a survivor that never saw its collective fail (see the module's docstring): a thread that reads the
+    store's generation; once one newer than the rank's was announced and the rank has not begun recovering (or
+    finished) within its patience, it tells the replacement to join that generation and ends the process with
+    :data:`~megascope.engine.runtime.recovery_env.STUCK_SURVIVOR_EXIT`: its guard replaces it. A healthy rank
+    mistaken for a stuck one costs a replacement's start, not a step: its replacement takes the donor's state.
+
+    Its own store client: the trainer's is used by the main thread, and a TCPStore client is not for two threads."""
+
+    def __init__(self, recovery: Recovery, patience: Callable[[], float]) -> None:
+        """``patience``: seconds a healthy rank may take to begin recovering (read at each announcement)."""
+        self._recovery = recovery
+        self._patience = patience
+        self._store = recovery.connect()
+        self._lock = threading.Lock()
+        self._recovering = False
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="megascope-stuck-watch", daemon=True)
+        self._thread.start()
+
+    @contextlib.contextmanager
+    def recovering(self) -> Iterator[None]:
+        """The main thread's recovery (the generation is this rank's to change meanwhile): never left from."""
+        with self._lock:
+            self._recovering = True
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._recovering = False
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=2 * _WATCH_POLL_SECONDS)
+
+    def _run(self) -> None:
+        announced: tuple[int, float] | None = None  # the newer generation seen, and when
+        while not self._stopped.wait(_WATCH_POLL_SECONDS):
+            try:
+                generation = self._recovery.current_generation(self._store)
+            except (RuntimeError, ValueError):
+                continue  # the store is the launcher's and outlives the ranks: a hiccup, read again
+            with self._lock:
+                if self._recovering or generation <= self._recovery.generation:
+                    announced = None
+                    continue
+                if announced is None or announced[0] != generation:
+                    announced = (generation, time.monotonic())
+                waited = time.monotonic() - announced[1]
+                if waited >= self._patience():
+                    self._leave(generation, waited)  # under the lock: the main thread cannot begin recovering
+
+    def _leave(self, generation: int, waited: float) -> NoReturn:
+        code = recovery_env.STUCK_SURVIVOR_EXIT
+        with contextlib.suppress(Exception):  # leaving all the same: its replacement would then open a generation
+            self._recovery.leave_for(self._store, generation)
+        print(
+            f"megascope: rank {self._recovery.rank}: generation {generation} was announced {waited:.1f}s ago and this "
+            f"rank never saw its collective fail (stuck in it); exiting with {code} for a replacement to join "
+            f"generation {generation} in its place",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(code)
 
 
 def shut_down(keep: tuple[str, int]) -> None:

@@ -45,6 +45,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--val-batches", type=int, default=4, help="validation micro-batches per rank (default: 4)")
     train.add_argument("--log-every", type=int, default=1, help="console line every N steps (default: 1)")
     train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
+    train.add_argument(
+        "--collective-timeout",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="a collective stuck this long fails instead of hanging (default: 300; the agent's hang detection acts "
+        "well before it)",
+    )
     train.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: table, or measured on CPU)")
     train.add_argument(
         "--kernels",
@@ -151,6 +159,7 @@ def build(args: argparse.Namespace) -> tuple[TrainConfig, LaunchOptions]:
         val_batches=args.val_batches,
         log_every=args.log_every,
         device=args.device,
+        dist_timeout_seconds=args.collective_timeout,
         peak_tflops=args.peak_tflops,
         kernels=args.kernels,
         run_dir=args.run_dir or time.strftime("runs/train-%Y%m%d-%H%M%S"),

@@ -53,10 +53,13 @@ from megascope.engine.data import Corpus, PackedBatches, Prefetcher, load_corpus
 from megascope.engine.mfu import PeakFlops, device_peak, job_peak
 from megascope.engine.model import Transformer, cross_entropy
 from megascope.engine.recovery import (
+    STUCK_MIN_SECONDS,
+    STUCK_STEPS,
     Agreement,
     Recovery,
     RecoveryFailed,
     Standing,
+    StuckWatch,
     broadcast_objects,
     broadcast_tensors,
     exchange,
@@ -197,6 +200,8 @@ class Trainer:
         """The last step whose optimizer step finished (what this rank holds, for a recovery)."""
         self._position = self.train_batches.state_dict()
         """The data position right after the last completed step's batches (what a recovery goes on from)."""
+        self._longest_step = 0.0
+        """The longest a step took on this rank, saving and validating included (seconds)."""
         if self.replacement:
             assert self.recovery is not None  # checked above
             self.checkpoints.start_without_load()
@@ -321,14 +326,19 @@ class Trainer:
             injected = telemetry_pb2.FaultInjectedDetail(fault=fault.describe())
             self._event(f"--inject {fault.describe()} on this rank", injected, WARNING)
         prefetch = Prefetcher(self.train_batches, self.device)
+        watch = None if self.recovery is None else StuckWatch(self.recovery, self._stuck_patience)
         try:
             while self.step < config.steps and (self._stop_after is None or self.step < self._stop_after):
                 self.step += 1
                 self.faults.at_step(self.step)
                 failure = self._step_or_peer_failure(prefetch)
                 if failure is not None:  # outside the except clause: its traceback held the old DDP's autograd graph
-                    prefetch = self._recover(prefetch, *failure)
+                    assert watch is not None  # a peer failure is returned only with recovery on
+                    with watch.recovering():
+                        prefetch = self._recover(prefetch, *failure)
         finally:
+            if watch is not None:
+                watch.stop()
             prefetch.close()
             self.checkpoints.close()
         self._refuse_commands("training has ended")
@@ -347,6 +357,7 @@ class Trainer:
         """Do the step under way; with recovery on, a peer's death inside it is returned (when it was seen, the step
         in flight or 0 between steps, what failed) instead of raised. Any other error is raised."""
         config = self.config
+        began = time.monotonic()
         try:
             report = self._train_step(prefetch)
             self._completed = self.step
@@ -364,7 +375,13 @@ class Trainer:
                 raise
             in_flight = self.step if self._completed < self.step else 0
             return time.time(), in_flight, " ".join(str(error).split())[:200]
+        self._longest_step = max(self._longest_step, time.monotonic() - began)
         return None
+
+    def _stuck_patience(self) -> float:
+        """How long after a replacement's announcement this rank may take to begin recovering before its
+        StuckWatch takes it for stuck: the time for the longest step it did to reach the failed collective."""
+        return max(STUCK_MIN_SECONDS, STUCK_STEPS * self._longest_step)
 
     def _recover(self, prefetch: Prefetcher, failed_wall_time: float, in_flight: int, cause: str) -> Prefetcher:
         """A peer died inside a collective: form the group again with its replacement, take the newest state, and

@@ -409,9 +409,13 @@ def should_replace(code: int, replacements: int, lived_seconds: float, stopping:
     """Whether a rank that ended with ``code`` (Popen's) is replaced in place: not a clean exit, not one the guard
     was asked for (``stopping``: torch elastic stopping the group), not a rank that could not recover in place
     (:data:`~recovery_env.RECOVERY_FAILED_EXIT`), and not a replacement (``replacements`` so far) that failed
-    within :func:`repeat_fault_seconds` of its start (``lived_seconds``)."""
+    within :func:`repeat_fault_seconds` of its start (``lived_seconds``). A survivor that left because it never saw
+    its collective fail (:data:`~recovery_env.STUCK_SURVIVOR_EXIT`) is always replaced: that is gloo's fault, not a
+    fault of the rank that repeats."""
     if code == 0 or stopping or code == recovery_env.RECOVERY_FAILED_EXIT:
         return False
+    if code == recovery_env.STUCK_SURVIVOR_EXIT:
+        return True
     return replacements == 0 or lived_seconds >= repeat_fault_seconds()
 
 

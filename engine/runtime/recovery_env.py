@@ -29,6 +29,11 @@ REPLACEMENT_ENV = "MEGASCOPE_REPLACEMENT"
 """Set in a replacement rank by its warm parent: how many times this rank has been replaced (1, 2, ...)."""
 RECOVERY_FAILED_EXIT = 75
 """The exit code of a rank that could not recover in place: its guard exits with it, and the job restarts."""
+STUCK_SURVIVOR_EXIT = 76
+"""The exit code of a survivor that never saw its collective fail after a replacement announced itself (gloo, now and
+then, leaves one blocked on a dead peer it stopped reading from): it leaves, and its guard replaces it like a dead
+rank; the replacement joins the generation being formed instead of opening a new one (engine/recovery.py)."""
+
 INPLACE, RESTART = "inplace", "restart"
 MODES = (INPLACE, RESTART)
 

@@ -33,10 +33,6 @@ from megascope.engine.runtime.rank_guard import REPEAT_FAULT_SECONDS_ENV
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.timeout(600),
-    # Not run, and not counted: it fails now (issue 18 stays open): about one fault in fifty leaves a survivor that
-    # never sees its collective fail (README, Fault tolerance, "Known defect"). Remove this mark to run it while
-    # working on that defect.
-    pytest.mark.skip(reason="known defect (issue 18 open): ~1 fault in 50 is not recovered in place; see README"),
 ]
 
 FAULTS = 100
@@ -47,10 +43,15 @@ recovery store's client, allocator pools) exists, so what grows after it grows w
 WORLD = 4
 STEPS_AFTER_RECOVERY = 2
 """Steps rank 0 trains after a recovery before the next rank is killed: the recovered group is really working."""
-STEPS = FAULTS * 5 + 50
+COLLECTIVE_TIMEOUT = 20.0
+"""The job's collective timeout (``--collective-timeout``). Now and then a broken group's collective is one gloo
+never fails (engine/recovery.py): its worker threads and sockets stay until this timeout ends it, after the
+recovery; the last measurement waits for them, so a leak is told apart from a group on its way out."""
+STEPS = FAULTS * 5 + 300
 """Enough for every fault with room to spare (the job must not finish before the last): a fault takes about three
 steps (STEPS_AFTER_RECOVERY, counting the one redone, and at most one more while the test finds the next rank);
-not many more, since the job trains what is left after the last fault before the test ends."""
+then the last measurement may wait COLLECTIVE_TIMEOUT (at four steps a second here, about 80 steps); not many
+more, since the job trains what is left before the test ends."""
 DEADLINE = 180.0
 """Only a guard against a test hanging for ever: every wait below ends on a condition."""
 
@@ -75,6 +76,7 @@ def small_corpus() -> str:
 class Usage:
     """What one process holds at one moment."""
 
+    pid: int
     fds: int
     sockets: int
     threads: int
@@ -91,6 +93,7 @@ def usage(process: psutil.Process) -> Usage:
         except FileNotFoundError:
             continue  # closed between the listing and the read
     return Usage(
+        pid=pid,
         fds=len(targets),
         sockets=sum(target.startswith("socket:") for target in targets),
         threads=len(os.listdir(f"/proc/{pid}/task")),
@@ -119,7 +122,7 @@ class Job:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "megascope.agent.cli", "train", "--nproc-per-node", str(WORLD), "--preset", "tiny",
              "--batch-tokens", "256", "--val-every", "0", "--steps", str(STEPS), "--data", small_corpus(),
-             "--no-self-check", "--run-dir", str(run_dir)],
+             "--no-self-check", "--collective-timeout", str(COLLECTIVE_TIMEOUT), "--run-dir", str(run_dir)],
             cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         self.telemetry = Rank0Telemetry(run_dir / "telemetry" / "rank0.jsonl")
@@ -275,6 +278,7 @@ def test_a_hundred_faults_recovered_in_place_leak_no_socket_thread_fd_or_memory(
     began = time.monotonic()
     job.wait_for(lambda: job.telemetry.steps_since_recovery() >= STEPS_AFTER_RECOVERY, "the job trained")
     measured: dict[int, dict[str, Usage]] = {}  # by the recoveries done, every WARMED_UP (the trend, printed)
+    stuck = 0  # survivors replaced beside the killed ranks
     for fault in range(1, FAULTS + 1):
         rank = 1 + (fault - 1) % (WORLD - 1)  # 1, 2, 3, 1, ...: rank 0 is the survivor
         kill_rank(job, rank)
@@ -282,14 +286,40 @@ def test_a_hundred_faults_recovered_in_place_leak_no_socket_thread_fd_or_memory(
         recovered = job.telemetry.recovered()
         assert len(recovered) == fault, f"{len(recovered)} recoveries after {fault} faults"
         replaced = recovered[-1]["recovery"]["replaced_ranks"]
-        assert replaced == [rank], f"recovery {fault}: replaced {replaced}, killed rank {rank}"
+        # Beside the killed rank, a survivor that never saw its collective fail may be replaced too (StuckWatch).
+        assert rank in replaced, f"recovery {fault}: replaced {replaced}, killed rank {rank}"
+        stuck += len(replaced) - 1
         job.wait_for(
             lambda: job.telemetry.steps_since_recovery() >= STEPS_AFTER_RECOVERY, f"steps after recovery {fault}"
         )
-        if fault % WARMED_UP == 0 or fault == FAULTS:
+        if fault % WARMED_UP == 0 and fault < FAULTS:
             measured[fault] = job.measure()
-    early, late = measured[WARMED_UP], measured[FAULTS]
-    print(f"\n{FAULTS} faults recovered in {time.monotonic() - began:.0f} s; after {WARMED_UP} -> after {FAULTS}:")
+
+    def since_first(late: dict[str, Usage]) -> dict[str, Usage]:
+        """Each process's first measurement after it warmed up. Rank 0 itself is replaced now and then, when it is
+        the survivor that never saw its collective fail (the other long-lived processes never are); a replacement's
+        first measurement is taken while its allocator still grows (~10 MB over its first ten faults), so its
+        second is its baseline (its only one when it was replaced late: then it is checked against itself)."""
+        first = measured[min(measured)]
+        baselines = {}
+        for role, last in late.items():
+            same = [m[role] for _, m in sorted(measured.items()) if m[role].pid == last.pid]
+            replaced = first[role].pid != last.pid
+            baselines[role] = same[1] if replaced and len(same) > 2 else same[0]
+        return baselines
+
+    def settled() -> bool:  # a broken group's stuck collective ends within COLLECTIVE_TIMEOUT; a leak never does
+        measured[FAULTS] = job.measure()
+        return not growth(since_first(measured[FAULTS]), measured[FAULTS])
+
+    with contextlib.suppress(AssertionError, psutil.NoSuchProcess):  # said below, with the table, if it never settles
+        job.wait_for(settled, "the last measurement shows no growth")
+    late = measured[FAULTS]
+    early = since_first(late)
+    print(
+        f"\n{FAULTS} faults recovered in {time.monotonic() - began:.0f} s ({stuck} stuck survivors replaced too); "
+        f"after {WARMED_UP} -> after {FAULTS}:"
+    )
     print(table(early, late))
     trend = [
         f"{n}: {m['rank 0'].fds}/{m['rank 0'].sockets}/{m['rank 0'].threads}/{m['rank 0'].rss_mb:.1f}"

@@ -76,3 +76,13 @@ def test_a_mistyped_command_gets_the_nearest_command(capsys: pytest.CaptureFixtu
 def test_a_mistyped_action_of_ckpt_gets_the_nearest_action(capsys: pytest.CaptureFixture[str]) -> None:
     err = _usage_error(capsys, "ckpt", "verfy", "ckpt")
     assert err.startswith("usage: megascope ckpt ") and "(did you mean verify?)" in err
+
+
+def test_the_collective_timeout_is_a_train_flag_and_a_bad_one_names_it() -> None:
+    from megascope.engine.config import ConfigError, TrainConfig
+
+    train = build_parser().parse_args(["train", "--collective-timeout", "20"])
+    assert train.collective_timeout == 20.0
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ConfigError, match="--collective-timeout"):
+            TrainConfig(dist_timeout_seconds=bad)

@@ -188,6 +188,12 @@ def test_a_first_fault_is_replaced_but_a_repeated_one_a_failed_recovery_or_a_sto
     assert not should_replace(0, replacements=0, lived_seconds=1.0, stopping=False)
 
 
+def test_a_stuck_survivor_that_left_is_replaced_even_soon_after_its_own_start() -> None:
+    exit_code = recovery_env.STUCK_SURVIVOR_EXIT
+    assert should_replace(exit_code, replacements=1, lived_seconds=REPEAT_FAULT_SECONDS / 2, stopping=False)
+    assert not should_replace(exit_code, replacements=1, lived_seconds=1.0, stopping=True)
+
+
 def test_recovery_is_in_place_by_default_for_our_trainer_on_one_node_and_a_restart_otherwise() -> None:
     trainer = ["-m", TRAINER_MODULE, "config.json"]
     assert recovery_mode(LaunchOptions(nproc_per_node=4), trainer) == recovery_env.INPLACE
