@@ -36,6 +36,7 @@ in the store, so that the other ranks give up at once instead of waiting for the
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import socket
 import stat
@@ -231,12 +232,15 @@ class Recovery:
         raise RecoveryFailed(reason)
 
 
-STUCK_MIN_SECONDS = 2.0
+STUCK_MIN_SECONDS = 5.0
 """The least patience of :class:`StuckWatch`: a healthy survivor begins recovering milliseconds after a peer's death
 (its collective fails), a loaded machine's scheduler may delay it by a second or two."""
 STUCK_STEPS = 3.0
 """... or this many of the rank's longest step, if longer: a survivor busy in a long step (a big model's forward)
 reaches the failed collective only at the end of it."""
+WATCH_THREAD_NAME = "megascope-watch"
+"""The watch thread's name, in Python and for the kernel (at most 15 characters)."""
+_PR_SET_NAME = 15
 _WATCH_POLL_SECONDS = 0.25
 """How often :class:`StuckWatch` reads the generation: one loopback store read per quarter second."""
 
@@ -258,7 +262,7 @@ class StuckWatch:
         self._lock = threading.Lock()
         self._recovering = False
         self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="megascope-stuck-watch", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=WATCH_THREAD_NAME, daemon=True)
         self._thread.start()
 
     @contextlib.contextmanager
@@ -277,6 +281,9 @@ class StuckWatch:
         self._thread.join(timeout=2 * _WATCH_POLL_SECONDS)
 
     def _run(self) -> None:
+        # Named for the kernel too (top -H, /proc/PID/task/TID/comm): bench/recovery_overhead.py reads its CPU time.
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_NAME, WATCH_THREAD_NAME.encode())
         announced: tuple[int, float] | None = None  # the newer generation seen, and when
         while not self._stopped.wait(_WATCH_POLL_SECONDS):
             try:

@@ -49,7 +49,7 @@ from megascope.engine.checkpoint.format import CheckpointError
 from megascope.engine.checkpoint.manager import CheckpointManager
 from megascope.engine.collectives import DeviceComputeTimer
 from megascope.engine.config import TrainConfig
-from megascope.engine.data import Corpus, PackedBatches, Prefetcher, load_corpus, split_train_val
+from megascope.engine.data import Batch, Corpus, PackedBatches, Prefetcher, load_corpus, split_train_val
 from megascope.engine.mfu import PeakFlops, device_peak, job_peak
 from megascope.engine.model import Transformer, cross_entropy
 from megascope.engine.recovery import (
@@ -119,6 +119,10 @@ def parameter_digest(model: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+_PRIME_TOKENS = 16
+"""Tokens of the forward and backward that lay a re-formed DDP's buckets out (Trainer._prime_ddp)."""
 
 
 class Trainer:
@@ -437,8 +441,20 @@ class Trainer:
         out as the old one's were: DDP reduces its first iteration in one bucket, then lays the buckets out in the
         order gradients became ready. A different layout sums each gradient's parts in another order (gloo's ring
         reduces each chunk starting at another rank), and the weights would differ in their last bits from a run
-        that never failed. The weights, the optimizer and the data position are untouched."""
-        batch = self.train_batches.batch_at(0).to(self.device)
+        that never failed. The weights, the optimizer and the data position are untouched.
+
+        A few tokens are enough (_PRIME_TOKENS): the order in which gradients become ready is the autograd graph's,
+        the same for any batch size; a full batch would cost a step's compute on the path every rank waits on."""
+        full = self.train_batches.batch_at(0)
+        n = min(_PRIME_TOKENS, len(full.tokens), self.config.model.max_seq_len)
+        batch = Batch(
+            tokens=full.tokens[:n],
+            targets=full.targets[:n].clamp(min=0),  # no -100: a loss over no target is NaN
+            cu_seqlens=torch.tensor([0, n], dtype=torch.int32),
+            max_seqlen=n,
+            segment_lengths=[n],
+            index=full.index,
+        ).to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             logits = self.ddp(batch.tokens, batch.cu_seqlens, batch.max_seqlen)
             loss = cross_entropy(logits, batch.targets)
