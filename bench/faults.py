@@ -2,7 +2,7 @@
 ``torchrun --max-restarts``, with the same faults, each side run several times, alternating.
 
     python bench/faults.py [--minutes 10] [--fault-every 60] [--hang-timeout S] [--repeats 3]
-                           [--sides megascope,megascope-restart,torchrun] [--steady-state 3] [--json]
+                           [--sides megascope,megascope-restart,torchrun,torchft] [--steady-state 3] [--json]
     python bench/faults.py --minutes 2 --fault-every 30 --repeats 1 --sides megascope     # quick, while developing
 
 The job: our trainer, ``tiny`` preset, one node of 4 ranks (gloo on this CPU), ``--batch-tokens`` tokens per rank
@@ -27,6 +27,18 @@ The sides (``--sides``, comma-separated, run in that order in each round; ``--on
   ``LOGLEVEL=INFO`` (so torchrun logs its restarts; nothing else changes). A hang is noticed only when the
   process group times out: the trainer's ``dist_timeout_seconds`` is set to ``--pg-timeout`` (torch's gloo default
   is 30 minutes, our trainer's 300 s; the default here, 120 s, is generous to torchrun).
+- **torchft** (``pip install torchft-nightly``; the side is left out, saying so, without it): the same job with
+  torchft's fault tolerance instead, as its users run it: a lighthouse (``torchft_lighthouse --min_replicas 1``,
+  a quorum tick of 100 ms and a join timeout of 1 s, where torchft's default of 60 s suits large jobs), 4 replica
+  groups of one rank each (bench/torchft_replica.py: the same model, data, optimizer, schedule and faults, read
+  from the config the torchrun side runs; gloo, torchft's ``Manager``, ``DistributedDataParallel`` and
+  ``OptimizerWrapper``, the process group's timeout ``--pg-timeout``) and a supervisor in this script that starts
+  a replica again, cold, when it exits abnormally, as torchx or Kubernetes would, or when, once it has logged a
+  step, it logs none for ``--pg-timeout`` s (a liveness probe: torchft routes around a hung replica, which under
+  ``how=sleep`` even goes on heartbeating, but never ends it). A replica that starts again takes the model and
+  optimizer from a peer (torchft's healing) and goes on from the peers' step; the others never stop: a step
+  without a replica commits without its batch (skipped), a step that fails is not committed by the replicas it
+  failed on. No checkpoints.
 
 The steps:
 
@@ -67,6 +79,15 @@ What is measured, on every side from the same sources:
   completed steps lost, the last step every rank completed minus the step the recovery resumed from: 1 in place
   when nothing older is lost, 1 + the steps since the last checkpoint after a restart (``steps_lost`` in the JSON:
   the completed steps alone).
+- torchft: detection: a surviving replica's first step after the fault that did not commit or committed with a
+  smaller quorum than before it (its telemetry line, ``run_dir/telemetry/replica*.jsonl``; not torchft's log), or,
+  when sooner, the supervisor noticing the faulty replica's exit or killing it as hung.
+  MTTR: the fault to the first step every replica committed with all 4 in the quorum (when the last recorded it).
+  Nothing is redone; instead the replica-steps lost: from the fault to that step, the replicas' batches of the
+  steps the job committed that they did not commit (skipped), plus the surviving replicas' step attempts that did
+  not commit (thrown away). ETTR by committed tokens: the tokens the replicas committed over what 4 healthy replicas
+  would have committed in the training wall time at the fault-free pace of the same job (the calibration's, whose
+  checkpoints torchft does not make); the torchft side's own pace before the first fault is in the JSON.
 - ETTR (effective training time ratio): useful step time / wall time. Useful step time: for each step index
   1..N once, the execution of it that the final model went through (the latest), its ``step_seconds`` (the mean
   over ranks). Wall time: from the start of step 1 (first attempt, earliest rank) to the end of step N (the last
@@ -83,8 +104,8 @@ recovered (on every fault of every run), and, with ``--steady-state``, an overhe
 
 Progress goes to stderr; the tables to stdout. With ``--json`` the last stdout line is one object:
 ``{"megascope": {"detect_s": [...], "mttr_s": [...], "steps_lost": [...], "steps_redone": [...], "ettr": x, ...},
-"megascope-restart": {...}, "torchrun": {...}`` (the first run of each side), ``"runs": {side: [one per run]},
-"summary": {side: {"ettr": {"median", "min", "max", "runs"}, "mttr_crash_s": ..., ...}}, "load": [...],
+"megascope-restart": {...}, "torchrun": {...}, "torchft": {...}`` (the first run of each side), ``"runs": {side:
+[one per run]}, "summary": {side: {"ettr": {"median", "min", "max", "runs"}, "mttr_crash_s": ..., ...}}, "load": [...],
 "steady_state": {...} or null, "plan": {...}, "goals": {...}}``; the per-fault lists follow the plan's faults,
 ``null`` where a figure could not be measured. The machine may be shared: the load averages say how busy it was.
 """
@@ -94,9 +115,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -112,15 +135,15 @@ from typing import Any, TypeAlias
 
 from megascope.engine.runtime.faults import CrashFault, HangFault
 from megascope.engine.runtime.recovery_env import INPLACE, RESTART
-from megascope.engine.runtime.run_dir import checkpoints_dir, fault_marker, telemetry_files
+from megascope.engine.runtime.run_dir import checkpoints_dir, fault_marker, telemetry_dir, telemetry_files
 
 RANKS = 4
 PRESET = "tiny"
 CALIBRATION_STEPS = 40
 CRASH_HOWS = ("kill", "exception")
 HANG_HOWS = ("sleep", "stop")
-SIDES = ("megascope", "megascope-restart", "torchrun")
-"""The demo recovering in place (its default on one node), the demo restarting every rank, plain torchrun."""
+SIDES = ("megascope", "megascope-restart", "torchrun", "torchft")
+"""The demo recovering in place (its default on one node), the demo restarting every rank, plain torchrun, torchft."""
 DEFAULT_SIDES = "megascope,torchrun"
 GOAL_ETTR = 0.90
 AIM_ETTR = 0.95
@@ -538,6 +561,295 @@ def run_torchrun(
     return side
 
 
+TORCHFT_JOIN_TIMEOUT_MS = 1000
+"""The lighthouse's wait for a heartbeating replica that has not asked to join the quorum (torchft's default, 60 s,
+suits large jobs: here a quorum without a dead or hung replica forms after this)."""
+TORCHFT_QUORUM_TICK_MS = 100
+_LIGHTHOUSE_ADDRESS = re.compile(r"Lighthouse listening on: (\S+)")
+TORCHFT_INSTALL = "pip install torchft-nightly (it installs beside torch, leaving torch as it is)"
+
+
+def torchft_missing() -> str | None:
+    """Why the torchft side cannot run here, or None when it can."""
+    if importlib.util.find_spec("torchft") is None:
+        return f"torchft is not installed: {TORCHFT_INSTALL}"
+    if _lighthouse_command() is None:
+        return f"torchft is installed but its torchft_lighthouse command is not on PATH: {TORCHFT_INSTALL}"
+    return None
+
+
+def _lighthouse_command() -> str | None:
+    beside = Path(sys.executable).parent / "torchft_lighthouse"  # the environment's bin, when it is not on PATH
+    return shutil.which("torchft_lighthouse") or (str(beside) if beside.exists() else None)
+
+
+def drop_unavailable(names: Sequence[str], missing: str | None) -> list[str]:
+    """The sides that can run: ``torchft`` is left out (with a line saying why) when ``missing`` says so."""
+    if missing is None or "torchft" not in names:
+        return list(names)
+    log(f"torchft: side skipped: {missing}")
+    return [name for name in names if name != "torchft"]
+
+
+@dataclass(frozen=True)
+class ReplicaStep:
+    """One step attempt of one torchft replica (bench/torchft_replica.py's telemetry line)."""
+
+    replica: int
+    step: int
+    done: float
+    seconds: float
+    committed: bool
+    participants: int
+    tokens: int
+
+    @property
+    def start(self) -> float:
+        return self.done - self.seconds
+
+
+def read_replica_steps(run_dir: Path) -> list[ReplicaStep]:
+    """Every step attempt the replicas recorded, in order of completion."""
+    steps: list[ReplicaStep] = []
+    for path in sorted(telemetry_dir(run_dir).glob("replica*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            steps.append(ReplicaStep(int(record["replica"]), int(record["step"]), float(record["wall_time"]),
+                                     float(record["step_seconds"]), bool(record["committed"]),
+                                     int(record["participants"]), int(record["tokens"])))  # fmt: skip
+    return sorted(steps, key=lambda s: s.done)
+
+
+def _all_committed(steps: Sequence[ReplicaStep], after: float) -> list[tuple[int, float]]:
+    """(step, when the last replica recorded it) for each step every replica committed with all of them in the
+    quorum, counting only the attempts that started after ``after``; in step order. (Started: a marker file's mtime
+    comes from the kernel's coarse clock, a few ms behind ``time.time()``, so the step every replica ended as the
+    fault fired can seem to end after it.)"""
+    done: dict[int, dict[int, float]] = defaultdict(dict)
+    for s in steps:
+        if s.committed and s.participants == RANKS and s.start > after:
+            done[s.step][s.replica] = s.done
+    return sorted((step, max(by.values())) for step, by in done.items() if len(by) == RANKS)
+
+
+def measure_torchft(
+    run_dir: Path,
+    faults: Sequence[Injected],
+    total_steps: int,
+    launched: float,
+    ended: float,
+    exit_code: int | None,
+    tokens_per_s: float,
+    supervisor: Sequence[dict[str, Any]] = (),
+) -> SideResult:
+    """The torchft side's figures (see the module docstring): ETTR by committed tokens against ``tokens_per_s``
+    (what every replica healthy would commit), detection and MTTR from the replicas' step lines, and the
+    ``supervisor``'s actions (``{"time", "replica", "what"}``: a restart or a liveness kill) as detections too."""
+    steps = read_replica_steps(run_dir)
+    side = SideResult("torchft", exit_code, launched, ended, [FaultResult(f) for f in faults], total_steps)
+    fired = [marker_time(run_dir, f) for f in faults]
+    committers: dict[int, set[int]] = defaultdict(set)
+    for s in steps:
+        if s.committed:
+            committers[s.step].add(s.replica)
+    lost: list[int | None] = []
+    for index, result in enumerate(side.faults):
+        result.fired = fired[index]
+        if result.fired is None:
+            lost.append(None)
+            continue
+        until = min((t for t in fired[index + 1 :] if t is not None), default=float("inf"))
+        # Detection: a surviving replica's first step after the fault that did not commit or had a smaller quorum
+        # than its last step before the fault (smaller than 4 when an earlier fault still keeps a replica out).
+        quorum_before = {s.replica: s.participants for s in steps if s.done <= result.fired}
+        seen = next((s for s in steps if result.fired < s.done < until and s.replica != result.fault.rank
+                     and (not s.committed or s.participants < quorum_before.get(s.replica, RANKS))),
+                    None)  # fmt: skip
+        if seen is not None:
+            what = "not committed" if not seen.committed else f"quorum of {seen.participants}"
+            result.detection = Detection(seen.done, f"replica {seen.replica} step {seen.step}: {what}")
+        # Or the supervisor acting on the faulty replica first: a replica that crashes while another is out can be
+        # back in the next quorum before any survivor saw a smaller one (the lighthouse waits for a majority).
+        acted = next((e for e in supervisor if e["replica"] == result.fault.rank and result.fired < e["time"] < until
+                      and (seen is None or e["time"] < seen.done)), None)  # fmt: skip
+        if acted is not None:
+            result.detection = Detection(acted["time"], f"supervisor: replica {acted['replica']} {acted['what']}")
+        recovered = next(iter(_all_committed(steps, result.fired)), None)
+        result.recovered = None if recovered is None else recovered[1]
+        # Torchft redoes no step; what a fault costs instead, until every replica commits again: the replicas'
+        # batches of the steps the job committed meanwhile that they did not commit (skipped), and the step
+        # attempts that did not commit (thrown away).
+        end = result.recovered if result.recovered is not None else ended
+        window = [s for s in steps if result.fired < s.done <= end]
+        moved = {s.step for s in window if s.committed}
+        lost.append(sum(RANKS - len(committers[step]) for step in moved) + sum(not s.committed for s in window))
+    side.extra["replica_steps_lost"] = lost
+    committed = [s for s in steps if s.committed]
+    if committed:
+        side.steps_done = max(s.step for s in committed)
+        side.first_step_start = min(s.start for s in steps)
+        side.last_step_done = max(s.done for s in committed if s.step == side.steps_done)
+        tokens = sum(s.tokens for s in committed if s.done <= side.last_step_done)
+        # ETTR by committed tokens: SideResult.ettr is useful seconds over the training wall time, so the useful
+        # seconds are the time every replica healthy, at the fault-free pace, would take to commit them.
+        side.useful_seconds = tokens / tokens_per_s
+        side.extra["committed_tokens"] = tokens
+    side.extra["fault_free_tokens_per_s"] = round(tokens_per_s, 1)
+    before = min((t for t in fired if t is not None), default=ended)
+    full = [done for _, done in _all_committed([s for s in steps if s.done < before], 0.0)]
+    gaps = [b - a for a, b in zip(full, full[1:], strict=False)]
+    own_pace = statistics.median(gaps) if gaps else None
+    side.extra["pace_s_before_faults"] = None if own_pace is None else round(own_pace, 4)
+    # The same ETTR against torchft's own fault-free pace (its steps before the first fault), as a cross-check:
+    # the calibration's pace is megascope's (checkpoints included), on the machine as loaded at that time.
+    ettr = side.ettr
+    calibration_pace = RANKS * max((s.tokens for s in steps), default=0) / tokens_per_s
+    side.extra["ettr_own_pace"] = (
+        None if ettr is None or own_pace is None else round(ettr * own_pace / calibration_pace, 4)
+    )
+    return side
+
+
+@dataclass
+class Replica:
+    """One replica process under the supervisor."""
+
+    index: int
+    process: subprocess.Popen[Any] | None = None
+    started: float = 0.0
+    starts: int = 0
+    finished: bool = False
+    gave_up: int | None = None
+    """The exit code it was left with (a replica that failed after another had finished is not started again)."""
+
+
+def run_torchft(
+    run_dir: Path,
+    steps: int,
+    faults: Sequence[Injected],
+    args: argparse.Namespace,
+    limit_s: float,
+    calibration: Calibration,
+) -> SideResult:
+    """The torchft side: a lighthouse, RANKS replica processes (bench/torchft_replica.py) and a supervisor that
+    starts a replica again, cold, when it exits abnormally or, once started, logs no step for ``--pg-timeout``
+    seconds."""
+    config = write_torchrun_config(run_dir, steps, faults, args)
+    logs = run_dir / "torchft"
+    logs.mkdir(parents=True, exist_ok=True)
+    liveness_s = float(args.pg_timeout)
+    lighthouse_command = _lighthouse_command()
+    if lighthouse_command is None:
+        raise SystemExit(f"faults: torchft_lighthouse not found: {TORCHFT_INSTALL}")
+    log(f"torchft: {steps} steps, {len(faults)} faults, {RANKS} replica groups of 1 rank, process group timeout and "
+        f"liveness {args.pg_timeout:g} s; {run_dir}")  # fmt: skip
+    supervisor: list[dict[str, Any]] = []
+    with open(logs / "lighthouse.log", "w") as lighthouse_log:
+        lighthouse = subprocess.Popen(
+            [lighthouse_command, "--min_replicas", "1", "--bind", "127.0.0.1:0",
+             "--join_timeout_ms", str(TORCHFT_JOIN_TIMEOUT_MS), "--quorum_tick_ms", str(TORCHFT_QUORUM_TICK_MS)],
+            stdout=lighthouse_log, stderr=subprocess.STDOUT, env=_base_env(), start_new_session=True,
+        )  # fmt: skip
+    replicas = [Replica(r) for r in range(RANKS)]
+    launched = time.time()
+    try:
+        address = _lighthouse_address(lighthouse, logs / "lighthouse.log")
+        env = dict(_base_env(), TORCHFT_LIGHTHOUSE=address)
+        # The threads each rank gets on the other sides (megascope's launcher, as torchrun does): the cores shared out.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // RANKS)))
+        replica_script = Path(__file__).resolve().parent / "torchft_replica.py"
+
+        def start(replica: Replica) -> None:
+            with open(logs / f"replica{replica.index}.{replica.starts}.log", "w") as out:
+                replica.process = subprocess.Popen(
+                    [sys.executable, str(replica_script), str(config), "--replica", str(replica.index),
+                     "--replicas", str(RANKS)],
+                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                    env=dict(env, TORCHFT_BENCH_START=str(replica.starts)),
+                )  # fmt: skip
+            replica.started = time.time()
+            replica.starts += 1
+
+        for replica in replicas:
+            start(replica)
+        first_finish: float | None = None
+        while time.time() - launched < limit_s:
+            now = time.time()
+            for replica in replicas:
+                process = replica.process
+                if process is None or replica.finished or replica.gave_up is not None:
+                    continue
+                code = process.poll()
+                if code is None:
+                    # The probe counts from the last step this start logged; a cold start (imports, the first
+                    # quorum, a heal) has no deadline, as with Kubernetes' separate startup probe.
+                    telemetry = telemetry_dir(run_dir) / f"replica{replica.index}.jsonl"
+                    last = telemetry.stat().st_mtime if telemetry.exists() else 0.0
+                    if last < replica.started or now - last < liveness_s:
+                        continue
+                    # A liveness probe's kill, as Kubernetes would do: torchft itself never ends a hung replica.
+                    _stop(process, grace=0)
+                    code = process.returncode
+                    supervisor.append(
+                        {"time": now, "replica": replica.index, "what": f"no step for {now - last:.0f} s: killed"}
+                    )
+                if code == 0:
+                    replica.finished = True
+                    first_finish = first_finish or now
+                elif first_finish is not None:  # the others are done: a fresh start would train alone from step 0
+                    replica.gave_up = code
+                else:
+                    supervisor.append({"time": now, "replica": replica.index, "what": f"exit {code}: started again"})
+                    log(f"torchft: replica {replica.index} exited with {code}; starting it again")
+                    start(replica)
+            live = [r for r in replicas if not r.finished and r.gave_up is None]
+            if not live or (first_finish is not None and now - first_finish > _STOP_GRACE_S):
+                break
+            time.sleep(0.2)
+        else:
+            log(f"torchft: still running after {limit_s:.0f} s; stopping it and measuring what it did")
+    finally:
+        for replica in replicas:
+            if replica.process is not None:
+                _stop(replica.process, grace=5)
+        _stop(lighthouse, grace=5)
+    ended = time.time()
+    codes = [0 if r.finished else (r.gave_up if r.gave_up is not None else None) for r in replicas]
+    # The job is done when a replica has committed the last step (the others may have been down then).
+    exit_code = 0 if any(r.finished for r in replicas) else next((c for c in codes if c), None)
+    tokens_per_s = RANKS * args.batch_tokens / calibration.pace_s
+    side = measure_torchft(run_dir, faults, steps, launched, ended, exit_code, tokens_per_s, supervisor)
+    side.restarts = sum(r.starts - 1 for r in replicas)
+    side.extra["supervisor"] = supervisor
+    side.extra["lighthouse"] = {"join_timeout_ms": TORCHFT_JOIN_TIMEOUT_MS, "quorum_tick_ms": TORCHFT_QUORUM_TICK_MS}
+    side.extra["liveness_s"] = liveness_s
+    own, own_ettr = side.extra["pace_s_before_faults"], side.extra["ettr_own_pace"]
+    side.notes.append(
+        f"ETTR by committed tokens, against the calibration's pace ({calibration.pace_s:.3f} s a step, megascope "
+        f"with checkpoints); torchft's own before the first fault: {_f(own, '.3f')} s a step, against which its "
+        f"ETTR is {_f(None if own_ettr is None else 100 * own_ettr)}%"
+    )
+    if any(c != 0 for c in codes):
+        side.notes.append(f"the replicas ended with {codes} (None: still running, stopped)")
+    return side
+
+
+def _lighthouse_address(process: subprocess.Popen[Any], log_path: Path, timeout: float = 60.0) -> str:
+    """The lighthouse's address, from its first log lines (it binds port 0 and says which port it got)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = _LIGHTHOUSE_ADDRESS.search(log_path.read_text())
+        if found:
+            return found.group(1)
+        if process.poll() is not None:
+            raise SystemExit(f"faults: torchft_lighthouse exited with {process.returncode}; see {log_path}")
+        time.sleep(0.1)
+    raise SystemExit(f"faults: torchft_lighthouse gave no address in {timeout:.0f} s; see {log_path}")
+
+
 # -- calibration and plan ----------------------------------------------------------------------------------------
 
 
@@ -716,6 +1028,9 @@ def print_fault_table(plan: Plan, sides: Sequence[SideResult]) -> None:
             head = f"{index + 1:<3} {describe_fault(fault):<24} {fault.step:>5}" if row == 0 else " " * 34
             fired = None if result.fired is None else result.fired - origin
             seen = result.detection.seen_as if result.detection else "-"
+            lost = side.extra.get("replica_steps_lost")
+            if lost is not None and lost[index] is not None:
+                seen += f"; {lost[index]} replica-steps lost"
             print(f"{head}  {side.name:<{width}} {_f(fired, '9.1f'):>9} {_f(result.detect_s, '7.2f'):>7} "
                   f"{_f(result.mttr_s, '7.2f'):>7} {_f(result.steps_redone, '6d'):>6}  {seen}")  # fmt: skip
 
@@ -735,9 +1050,14 @@ def run_figures(side: SideResult) -> dict[str, float | int | None]:
         "detect_crash_s": _median(of("crash", "detect_s")),
         "detect_hang_s": _median(of("hang", "detect_s")),
         "steps_redone_max": _max([r.steps_redone for r in side.faults]),
-        "steps_lost_total": sum(r.steps_lost or 0 for r in side.faults),
+        "steps_lost_total": (
+            None if "replica_steps_lost" in side.extra else sum(r.steps_lost or 0 for r in side.faults)
+        ),  # torchft loses no completed step: its replica-steps lost are below
         "faults_recovered": sum(r.recovered is not None for r in side.faults),
         "fault_interval_s": _median(_intervals(side)),
+        "replica_steps_lost_total": (
+            sum(n or 0 for n in side.extra["replica_steps_lost"]) if "replica_steps_lost" in side.extra else None
+        ),
         **{key: _median([r.get(source) for r in recoveries]) for key, source in RECOVERY_FIGURES},
     }
 
@@ -757,6 +1077,7 @@ FIGURES: tuple[tuple[str, str, float, str], ...] = (
     ("completed steps lost (run total)", "steps_lost_total", 1.0, ".0f"),
     ("faults recovered", "faults_recovered", 1.0, ".0f"),
     ("fault interval s (run median)", "fault_interval_s", 1.0, ".0f"),
+    ("torchft: replica-steps lost (run total)", "replica_steps_lost_total", 1.0, ".0f"),
     ("in place: failure to training s", "recovery_total_s", 1.0, ".2f"),
     ("in place: replacement ready s", "replacement_ready_s", 1.0, ".2f"),
     ("in place: group re-formed s", "reform_s", 1.0, ".2f"),
@@ -1010,6 +1331,11 @@ def run_side(name: str, run_dir: Path, plan: Plan, args: argparse.Namespace, cal
         hangs = sum(f.kind == "hang" for f in plan.faults)
         limit = 3 * (budget + hangs * (args.pg_timeout + 60)) + 600
         side = run_torchrun(run_dir, plan.steps, plan.faults, args, limit_s=limit)
+    elif name == "torchft":
+        run_dir.mkdir(parents=True, exist_ok=True)
+        hangs = sum(f.kind == "hang" for f in plan.faults)
+        limit = 3 * (budget + hangs * (args.pg_timeout + 60)) + 600
+        side = run_torchft(run_dir, plan.steps, plan.faults, args, limit, calibration)
     else:
         recovery = RESTART if name == "megascope-restart" else INPLACE
         side, _ = run_megascope(run_dir, plan.steps, plan.faults, args, limit_s=3 * budget + 600, recovery=recovery,
@@ -1071,6 +1397,10 @@ def main() -> None:
         names = [args.only] if args.only is not None else parse_sides(args.sides or DEFAULT_SIDES)
     except ValueError as error:
         parser.error(str(error))
+    missing = torchft_missing() if "torchft" in names else None
+    names = drop_unavailable(names, missing)
+    if not names:
+        parser.error(f"no side left to run: {missing}")
 
     with contextlib.ExitStack() as stack:
         if args.work_dir:
@@ -1101,6 +1431,13 @@ def main() -> None:
         "--recovery inplace (megascope) or "
         f"restart (megascope-restart); torchrun: plain torch.distributed.run --max-restarts {len(plan.faults) + 3}, "
         f"process group timeout {args.pg_timeout:g} s (a hang is seen then)"
+        + (
+            f"; torchft: {RANKS} replica groups of 1 rank, lighthouse join timeout {TORCHFT_JOIN_TIMEOUT_MS} ms, "
+            f"a replica started again cold on a failure or after {args.pg_timeout:g} s without a step; its ETTR by "
+            "committed tokens, the replica-steps a fault lost after what it was seen as"
+            if "torchft" in runs
+            else ""
+        )
     )
     print("(the first run of each side; times in seconds, 'fired at' from the start of step 1 of that run; "
           "'redone': the step in flight and the completed steps lost)\n")  # fmt: skip

@@ -175,8 +175,8 @@ def test_sides_keep_the_order_given() -> None:
 
 
 def test_an_unknown_side_is_named_in_the_error() -> None:
-    with pytest.raises(ValueError, match="unknown side.*torchft"):
-        faults.parse_sides("megascope,torchft")
+    with pytest.raises(ValueError, match="unknown side.*deepspeed"):
+        faults.parse_sides("megascope,deepspeed")
 
 
 def test_a_side_named_twice_is_refused() -> None:
