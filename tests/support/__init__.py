@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,3 +42,17 @@ def read_telemetry(run_dir: Path) -> dict[int, list[dict[str, Any]]]:
         rank = int(path.stem.removeprefix("rank"))
         records[rank] = [json.loads(line) for line in path.read_text().splitlines()]
     return records
+
+
+def load_bench_script(name: str) -> ModuleType:
+    """A script of bench/ as a module (bench/ is scripts, not a package), registered in ``sys.modules`` first: its
+    dataclasses look their module up there. Loaded once: test files share it."""
+    loaded = sys.modules.get(f"bench_{name}")
+    if loaded is not None:
+        return loaded
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -4,36 +4,23 @@ telemetry lines, the faults' marker files): what a recovery in place and a resta
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 from collections.abc import Iterable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
+from support import load_bench_script
 
 from megascope.engine.runtime.faults import CrashFault, HangFault
 from megascope.engine.runtime.run_dir import fault_marker, telemetry_dir
 
-REPO = Path(__file__).resolve().parents[2]
 T0 = 1_767_225_600.0
 RANKS = 4
 
 
-def _load_bench() -> ModuleType:
-    """bench/ is scripts, not a package: load faults.py by path (registered first: its dataclasses look it up)."""
-    spec = importlib.util.spec_from_file_location("bench_faults", REPO / "bench" / "faults.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-faults = _load_bench()
+faults = load_bench_script("faults")
 
 
 def write_steps(run_dir: Path, steps: Iterable[tuple[int, int, float]], seconds: float = 1.0) -> None:
