@@ -41,7 +41,8 @@ def _host_times(path: Path) -> list[float]:
 def _wait_for_rows(path: Path, count: int, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if path.is_file() and len(_host_times(path)) >= count:
+        # The agent creates the file before its first commit: empty until then, not yet a record to read.
+        if path.is_file() and path.stat().st_size > 0 and len(_host_times(path)) >= count:
             return
         time.sleep(0.5)
     raise AssertionError(f"{path}: fewer than {count} host samples recorded after {timeout} s")
