@@ -1326,16 +1326,14 @@ def run_side(name: str, run_dir: Path, plan: Plan, args: argparse.Namespace, cal
     load_start = os.getloadavg()[0]
     log(f"{name}: load average {load_start:.2f} at the start")
     budget = args.minutes * 60 + calibration.startup_s
-    if name == "torchrun":
+    if name in ("torchrun", "torchft"):  # a hang is seen only at the process group timeout (or the probe's)
         run_dir.mkdir(parents=True, exist_ok=True)
         hangs = sum(f.kind == "hang" for f in plan.faults)
         limit = 3 * (budget + hangs * (args.pg_timeout + 60)) + 600
-        side = run_torchrun(run_dir, plan.steps, plan.faults, args, limit_s=limit)
-    elif name == "torchft":
-        run_dir.mkdir(parents=True, exist_ok=True)
-        hangs = sum(f.kind == "hang" for f in plan.faults)
-        limit = 3 * (budget + hangs * (args.pg_timeout + 60)) + 600
-        side = run_torchft(run_dir, plan.steps, plan.faults, args, limit, calibration)
+        if name == "torchrun":
+            side = run_torchrun(run_dir, plan.steps, plan.faults, args, limit_s=limit)
+        else:
+            side = run_torchft(run_dir, plan.steps, plan.faults, args, limit, calibration)
     else:
         recovery = RESTART if name == "megascope-restart" else INPLACE
         side, _ = run_megascope(run_dir, plan.steps, plan.faults, args, limit_s=3 * budget + 600, recovery=recovery,

@@ -5,16 +5,16 @@ side starts four of these, a lighthouse and a supervisor).
 
 The same job as ``megascope train`` with the same flags (CONFIG_JSON is the run config bench/faults.py writes for
 its torchrun side): our Transformer, built from the same seed; replica R reads the micro-batches rank R would
-(engine/data.py ``PackedBatches`` with rank R of ``--replicas``); AdamW with the trainer's parameter groups, learning
-rate schedule (``OptimConfig.lr_at``) and gradient clipping; the same ``--inject`` faults, fired by
-engine/runtime/faults.py's ``FaultInjector`` with the replica id as the rank (so they leave the marker files the
-benchmark times faults by). What torchft changes: each step starts with a quorum (torchft's ``Manager``, gloo
-``ProcessGroupGloo``, the lighthouse at ``TORCHFT_LIGHTHOUSE``), the gradients are averaged over the replicas in
-it (torchft's ``DistributedDataParallel``), and the optimizer steps only if the step commits (``OptimizerWrapper``:
-``Manager.should_commit``); a replica that starts late or again takes the model and optimizer from a peer
-(``state_dict`` / ``load_state_dict``, torchft's healing) and goes on from the peer's step. Step S reads the batches
-of step S, so a step retried after a failed commit reads them again, and the batches of the steps a replica missed
-are never trained on (torchft skips a failed replica's samples).
+(engine/data.py ``PackedBatches`` with rank R of ``--replicas``); AdamW with the trainer's parameter groups
+(engine/trainer.py ``param_groups``), learning rate schedule (``OptimConfig.lr_at``) and gradient clipping; the same
+``--inject`` faults, fired by engine/runtime/faults.py's ``FaultInjector`` with the replica id as the rank (so they
+leave the marker files the benchmark times faults by). What torchft changes: each step starts with a quorum
+(torchft's ``Manager``, gloo ``ProcessGroupGloo``, the lighthouse at ``TORCHFT_LIGHTHOUSE``), the gradients are
+averaged over the replicas in it (torchft's ``DistributedDataParallel``), and the optimizer steps only if the step
+commits (``OptimizerWrapper``: ``Manager.should_commit``); a replica that starts late or again takes the model and
+optimizer from a peer (``state_dict`` / ``load_state_dict``, torchft's healing) and goes on from the peer's step.
+Step S reads the batches of step S, so a step retried after a failed commit reads them again, and the batches of the
+steps a replica missed are never trained on (torchft skips a failed replica's samples).
 
 Not the trainer's: no checkpoints (torchft recovers from peers), no validation, no agent or telemetry stream. Each
 step attempt appends one JSON line to ``run_dir/telemetry/replica{R}.jsonl``: ``step`` (the step attempted),
@@ -47,6 +47,7 @@ from megascope.engine.data import PackedBatches, load_corpus, split_train_val
 from megascope.engine.model import Transformer, cross_entropy
 from megascope.engine.runtime.faults import FaultInjector
 from megascope.engine.runtime.run_dir import telemetry_dir
+from megascope.engine.trainer import param_groups
 
 LIGHTHOUSE_ENV = "TORCHFT_LIGHTHOUSE"
 START_ENV = "TORCHFT_BENCH_START"
@@ -55,14 +56,6 @@ START_ENV = "TORCHFT_BENCH_START"
 
 def replica_telemetry_file(run_dir: str | Path, replica: int) -> Path:
     return telemetry_dir(run_dir) / f"replica{replica}.jsonl"
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """The trainer's AdamW groups (engine/trainer.py ``Trainer._param_groups``, a method of the trainer that needs the
-    whole trainer): no weight decay on the norms' gains (1-D)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def train(config: TrainConfig, replica: int, replicas: int, lighthouse: str, start: int) -> None:

@@ -121,6 +121,14 @@ def parameter_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW's parameter groups: no weight decay on the norms' gains (1-D), since decaying them towards 0 only fights
+    the normalisation."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 _PRIME_TOKENS = 16
 """Tokens of the forward and backward that lay a re-formed DDP's buckets out (Trainer._prime_ddp)."""
 
@@ -172,7 +180,7 @@ class Trainer:
         if not self.replacement:  # a replacement's DDP is built once it is in the group and holds the state
             self._build_ddp()
         self.optimizer = torch.optim.AdamW(
-            self._param_groups(),
+            param_groups(self.model, config.optim.weight_decay),
             lr=config.optim.lr,
             betas=(config.optim.beta1, config.optim.beta2),
             fused=self.device.type == "cuda",
@@ -276,15 +284,6 @@ class Trainer:
             return True, f"training ends at step {self.config.steps} anyway"
         self._stop_after = at if self._stop_after is None else min(self._stop_after, at)
         return True, f"will stop after step {self._stop_after}"
-
-    def _param_groups(self) -> list[dict[str, object]]:
-        # No weight decay on norms' gains (1-D): decaying them towards 0 only fights the normalisation.
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
-        return [
-            {"params": decay, "weight_decay": self.config.optim.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
 
     def _sync(self) -> None:
         # Host timers only mean something once the GPU has caught up.
