@@ -21,7 +21,8 @@ until it gives up. So each rank runs one level down, under this small guard (no 
   second the oldest are dropped, and counted);
 - when the rank exits with status 0 it says ``finished`` on that stream (a script without the API finishes
   cleanly, not as a crash); when it ends abnormally it sends an :class:`ExitReport` (exit code or signal, log tail)
-  at once, then exits the same way, so torch elastic sees exactly what the rank did.
+  at once, then exits the same way, so torch elastic sees exactly what the rank did; whatever gRPC does, the guard
+  outlives its rank by at most :data:`ENDING_SECONDS`.
 
 The agent is optional: without one, or while it is unreachable, the rank runs exactly as it would alone. Everything
 the guard does for the agent happens on a background thread, after the rank has started.
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import faulthandler
 import os
 import signal
 import subprocess
@@ -45,7 +47,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, NoReturn
 
 import psutil
 
@@ -67,6 +69,9 @@ PROGRESS_SECONDS = 1.0
 """How often the guard tells the agent what its rank did."""
 CONNECT_WAIT_SECONDS = 2.0
 """At a clean exit, how long to wait for the stream to the agent (still connecting) to say ``finished`` on it."""
+ENDING_SECONDS = 60.0
+"""Once its rank has ended for good, how long the guard may take to tell the agent before it exits regardless: see
+:func:`_bound_the_ending`."""
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
@@ -323,6 +328,15 @@ def _tail(out: _Stream, err: _Stream) -> list[str]:
     return list(err.tail) or list(out.tail)
 
 
+def _bound_the_ending() -> None:
+    """The rank has ended for good: from now on the guard only tells the agent (bounded waits, a few seconds) and
+    exits. Should gRPC still block it (closing a channel can deadlock against the GIL: grpc#42247, grpc#43421), a
+    guard that never exits would hide its rank's end from torch elastic forever, and the job would hang. So a watchdog
+    in C (faulthandler's, which needs no GIL) writes every thread's stack to stderr after :data:`ENDING_SECONDS` and
+    ends the process with exit code 1."""
+    faulthandler.dump_traceback_later(ENDING_SECONDS, exit=True, file=sys.stderr)
+
+
 def _exit_as(code: int) -> int:
     """End this guard as its rank ended (``code``, Popen's), so torch elastic sees exactly what the rank did."""
     if code < 0:
@@ -349,6 +363,7 @@ def run(argv: Sequence[str]) -> int:
     watch = _Watch(child.pid, (out, err), lines)
     code = child.wait()
     died = time.time()
+    _bound_the_ending()
     _join(copiers)
     if code != 0:
         # Before the stream ends: the agent learns how the rank died before it sees its guard go.
@@ -445,6 +460,7 @@ def run_warm(argv: Sequence[str]) -> int:
     if message is None:
         # The warm parent ended before its first rank (the module failed to import or preload): it was the rank.
         code = link.process.wait()
+        _bound_the_ending()
         _join(copiers)
         if code != 0:
             _report(code, link.process.pid, time.time(), _tail(out, err))
@@ -471,6 +487,7 @@ def run_warm(argv: Sequence[str]) -> int:
         if code != 0:
             _report(code, pid, died, _tail(out, err))
         if message is None or not should_replace(code, replacements, time.monotonic() - started, bool(stopping)):
+            _bound_the_ending()
             watch.finish(code)
             break
         replacements += 1
@@ -509,5 +526,14 @@ def main() -> int:
     return run(argv)
 
 
+def _leave(code: int) -> NoReturn:
+    """Exit with ``code`` at once: the interpreter's own shutdown (atexit handlers, gRPC's static destructors, with
+    its threads and a stream to the agent perhaps still open) is not needed by a guard and has hung at exit before."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _leave(main())

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,13 +27,15 @@ async def agent() -> AsyncIterator[AgentServer]:
         yield server
 
 
-async def guard(script: Path | None, agent: AgentServer | None, *command: str) -> tuple[int, bytes]:
-    """The guard as torch elastic starts it under an agent (None: without one): the worker channel and the job's
-    secret given; ``script``, or ``command`` as the guard's own arguments."""
+async def guard(script: Path | None, agent: AgentServer | str | None, *command: str) -> tuple[int, bytes]:
+    """The guard as torch elastic starts it under an agent (None: without one; a string: the agent's address): the
+    worker channel and the job's secret given; ``script``, or ``command`` as the guard's own arguments."""
     env = dict(os.environ, RANK="3", LOCAL_RANK="1", WORLD_SIZE="4")
     env.pop("MEGASCOPE_AGENT_ADDRESS", None)
-    if agent is not None:
+    if isinstance(agent, AgentServer):
         env.update(MEGASCOPE_AGENT_ADDRESS=agent.worker_address, MEGASCOPE_AGENT_SECRET=agent.worker_secret)
+    elif agent is not None:
+        env.update(MEGASCOPE_AGENT_ADDRESS=agent, MEGASCOPE_AGENT_SECRET="secret")
     arguments = [str(script)] if script is not None else list(command)
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "megascope.engine.runtime.rank_guard", *arguments,
@@ -136,3 +140,27 @@ async def test_without_an_agent_the_rank_runs_alone(tmp_path: Path) -> None:
     script.write_text("print('alone')\n")
     code, out = await guard(script, None)
     assert code == 0 and out.strip() == b"alone"
+
+
+async def test_an_agent_that_never_answers_does_not_keep_the_guard_from_ending_as_its_rank_did(tmp_path: Path) -> None:
+    # A port that takes connections (the kernel's backlog) and never speaks gRPC: the report's call and the guard's
+    # stream to it wait, and must not outlast their bounds.
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        script = tmp_path / "rank.py"
+        script.write_text("print('working', flush=True)\nraise SystemExit(5)\n")
+        code, out = await guard(script, f"127.0.0.1:{silent.getsockname()[1]}")
+    assert code == 5 and b"working" in out
+
+
+def test_a_guard_stuck_in_its_ending_exits_with_every_threads_stack() -> None:
+    # gRPC can deadlock while a channel closes (grpc#42247): the guard's C watchdog ends it anyway, with the stacks.
+    stuck = (
+        "import threading\n"
+        "from megascope.engine.runtime import rank_guard\n"
+        "rank_guard.ENDING_SECONDS = 0.5\n"
+        "rank_guard._bound_the_ending()\n"
+        "threading.Event().wait()  # as if closing a channel never returned\n"
+    )
+    ended = subprocess.run([sys.executable, "-c", stuck], capture_output=True, text=True, timeout=120, check=False)
+    assert ended.returncode == 1
+    assert "Timeout" in ended.stderr and "threading.py" in ended.stderr
