@@ -158,7 +158,8 @@ class Failure:
             return "ended without a word (its guard did not report)"
         if self.report.signal:
             return f"killed by {self.report.signal}"
-        return f"exited with code {self.report.exit_code}"
+        cause = f" ({self.report.cause})" if self.report.cause else ""
+        return f"exited with code {self.report.exit_code}{cause}"
 
 
 @dataclass
@@ -484,6 +485,7 @@ class IncidentTracker:
             detail.signal = report.signal
             detail.log_tail.extend(list(report.log_tail)[-LOG_TAIL_LINES:])
             detail.restart_count = report.restart_count
+            detail.cause = report.cause
         text = (
             f"rank {culprit.rank} (pid {culprit.pid}) {culprit.how()} "
             f"{'(step unknown)' if incident.step is None else _after(incident.step)}; "

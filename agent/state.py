@@ -312,6 +312,8 @@ class NodeState:
             why = self._stopped.get(report.pid)
             status.state = telemetry_pb2.RANK_STATE_FAILED if why is None else telemetry_pb2.RANK_STATE_EXITED
             status.exit_reason = report.signal or f"exit code {report.exit_code}"
+            if report.cause:
+                status.exit_reason += f": {report.cause}"
             if why is not None:
                 status.exit_reason = f"stopped: {why}"
         if self.listener is not None:

@@ -348,10 +348,12 @@ def _exit_fields(report: worker_pb2.ExitReport, prefix: str) -> None:
 
 
 def trim_exit_report(report: worker_pb2.ExitReport) -> worker_pb2.ExitReport:
-    """The report with its log tail cut to :data:`MAX_LOG_LINES` lines (the first and last) of bounded length."""
+    """The report with its log tail cut to :data:`MAX_LOG_LINES` lines (the first and last) of bounded length, and
+    its cause to one such line."""
     trimmed = _trim_list(list(report.log_tail), MAX_LOG_LINES, MAX_LINE_BYTES)
     del report.log_tail[:]
     report.log_tail.extend(trimmed)
+    report.cause = _trim_text(report.cause, MAX_LINE_BYTES)
     return report
 
 

@@ -194,6 +194,8 @@ def _fault_view(event: telemetry_pb2.Event) -> FaultView:
         crash = event.crash
         code = crash.exit_code
         cause = crash.signal or (f"exit code {code}" if code else "")
+        if crash.cause:
+            cause = f"{cause}: {crash.cause}" if cause else crash.cause
         detect_seconds = crash.detect_seconds
         if step is None and crash.HasField("last_step"):
             step = crash.last_step

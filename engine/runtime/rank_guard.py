@@ -157,7 +157,7 @@ def describe_exit(code: int) -> tuple[int, str]:
     return code, ""
 
 
-def _report(code: int, pid: int, died: float, tail: list[str]) -> None:
+def _report(code: int, pid: int, died: float, tail: list[str], cause: str = "") -> None:
     # Imported here, not at the top: a guard whose rank exits cleanly never loads grpc.
     from megascope.engine.runtime.agent_link import AGENT_ADDRESS_ENV, AGENT_SECRET_ENV, secret_metadata
 
@@ -178,6 +178,7 @@ def _report(code: int, pid: int, died: float, tail: list[str]) -> None:
         wall_time=died,
         log_tail=tail,
         restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
+        cause=cause,
     )
     # Best effort: the agent may be gone too; the exit status still reaches torch elastic below.
     with contextlib.suppress(grpc.RpcError), grpc.insecure_channel(address) as channel:
@@ -485,7 +486,8 @@ def run_warm(argv: Sequence[str]) -> int:
             for stream in (out, err):
                 stream.marks.acquire(timeout=1.0)  # until the rank's last lines are copied (its traceback)
         if code != 0:
-            _report(code, pid, died, _tail(out, err))
+            # Here (our trainer, recovering in place) exit codes 75 and 76 are ours, and say why the rank left.
+            _report(code, pid, died, _tail(out, err), recovery_env.exit_cause(code))
         if message is None or not should_replace(code, replacements, time.monotonic() - started, bool(stopping)):
             _bound_the_ending()
             watch.finish(code)

@@ -34,6 +34,17 @@ STUCK_SURVIVOR_EXIT = 76
 then, leaves one blocked on a dead peer it stopped reading from): it leaves, and its guard replaces it like a dead
 rank; the replacement joins the generation being formed instead of opening a new one (engine/recovery.py)."""
 
+_EXIT_CAUSES = {
+    RECOVERY_FAILED_EXIT: "could not recover in place; the job restarts",
+    STUCK_SURVIVOR_EXIT: "left: never saw its collective fail after a peer was replaced; replaced in place",
+}
+
+
+def exit_cause(code: int) -> str:
+    """What exit ``code`` of a rank recovering in place means (for its exit report), or "" for any other code."""
+    return _EXIT_CAUSES.get(code, "")
+
+
 INPLACE, RESTART = "inplace", "restart"
 MODES = (INPLACE, RESTART)
 

@@ -150,6 +150,19 @@ async def test_the_agent_sees_the_replacement_attach_as_a_new_process_of_the_sam
     assert process.returncode == 0
 
 
+async def test_a_rank_that_could_not_recover_is_reported_with_what_its_exit_code_means(
+    agent: AgentServer, tmp_path: Path
+) -> None:
+    seen = _Seen()
+    agent.state.listener = seen  # type: ignore[assignment]
+    env = guard_env(MEGASCOPE_AGENT_ADDRESS=agent.worker_address, MEGASCOPE_AGENT_SECRET=agent.worker_secret)
+    process = await run_guard(tmp_path, "exit", str(recovery_env.RECOVERY_FAILED_EXIT), env=env)
+    await process.communicate()
+    [report] = seen.exits
+    assert report.exit_code == recovery_env.RECOVERY_FAILED_EXIT
+    assert report.cause == recovery_env.exit_cause(recovery_env.RECOVERY_FAILED_EXIT) != ""
+
+
 # --- under torchrun -----------------------------------------------------------------------------------------------
 
 

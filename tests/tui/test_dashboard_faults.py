@@ -87,6 +87,14 @@ def test_a_crash_and_its_restart_make_one_fault_with_detection_mttr_and_steps_lo
     )
 
 
+def test_a_crash_whose_exit_code_has_a_meaning_says_it() -> None:
+    model = model_with(A)
+    detail = telemetry_pb2.CrashDetail(exit_code=75, cause="could not recover in place; the job restarts")
+    model.ingest(A, batch(event(detail, NOW + 10, "node0", 2, 40)))
+    [fault] = model.faults()
+    assert fault.cause == "exit code 75: could not recover in place; the job restarts"
+
+
 def test_a_restart_that_arrives_before_its_crash_still_ends_it() -> None:
     model = model_with(A, B)
     model.ingest(A, batch(restart()))  # node0's back-fill came first

@@ -129,6 +129,18 @@ def test_a_ranks_own_failure_report_names_it_at_once_and_its_guards_report_wins(
     assert list(event.crash.log_tail) == ["the guard's tail"]
 
 
+def test_a_crash_event_says_what_the_exit_code_means_when_the_guard_told_it() -> None:
+    node = Node((0, 1))
+    node.steps(3)
+    report = node.report(1, exit_code=76)
+    report.cause = "left: never saw its collective fail after a peer was replaced; replaced in place"
+    node.tracker.rank_ended(1, node.pids[1])
+    node.tracker.exit_reported(report, from_guard=True)
+    event = only_event(node.tick())
+    assert event.crash.cause == report.cause
+    assert f"exited with code 76 ({report.cause})" in event.text
+
+
 def test_the_crash_event_keeps_the_end_of_the_log() -> None:
     node = Node((0,))
     node.steps(2)

@@ -246,7 +246,7 @@ class Event(_message.Message):
     def __init__(self, wall_time: _Optional[float] = ..., node: _Optional[str] = ..., kind: _Optional[str] = ..., severity: _Optional[_Union[Event.Severity, str]] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., text: _Optional[str] = ..., crash: _Optional[_Union[CrashDetail, _Mapping]] = ..., hang: _Optional[_Union[HangDetail, _Mapping]] = ..., restart: _Optional[_Union[RestartDetail, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointDetail, _Mapping]] = ..., resume: _Optional[_Union[ResumeDetail, _Mapping]] = ..., straggler: _Optional[_Union[StragglerDetail, _Mapping]] = ..., self_check: _Optional[_Union[SelfCheckDetail, _Mapping]] = ..., merge: _Optional[_Union[MergeDetail, _Mapping]] = ..., run: _Optional[_Union[RunDetail, _Mapping]] = ..., job: _Optional[_Union[JobDetail, _Mapping]] = ..., fault_injected: _Optional[_Union[FaultInjectedDetail, _Mapping]] = ..., agent_link: _Optional[_Union[AgentLinkDetail, _Mapping]] = ..., recovery: _Optional[_Union[RecoveryDetail, _Mapping]] = ...) -> None: ...
 
 class CrashDetail(_message.Message):
-    __slots__ = ("exit_code", "signal", "pid", "detect_seconds", "last_step", "log_tail", "restart_count")
+    __slots__ = ("exit_code", "signal", "pid", "detect_seconds", "last_step", "log_tail", "restart_count", "cause")
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
     SIGNAL_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
@@ -254,6 +254,7 @@ class CrashDetail(_message.Message):
     LAST_STEP_FIELD_NUMBER: _ClassVar[int]
     LOG_TAIL_FIELD_NUMBER: _ClassVar[int]
     RESTART_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CAUSE_FIELD_NUMBER: _ClassVar[int]
     exit_code: int
     signal: str
     pid: int
@@ -261,7 +262,8 @@ class CrashDetail(_message.Message):
     last_step: int
     log_tail: _containers.RepeatedScalarFieldContainer[str]
     restart_count: int
-    def __init__(self, exit_code: _Optional[int] = ..., signal: _Optional[str] = ..., pid: _Optional[int] = ..., detect_seconds: _Optional[float] = ..., last_step: _Optional[int] = ..., log_tail: _Optional[_Iterable[str]] = ..., restart_count: _Optional[int] = ...) -> None: ...
+    cause: str
+    def __init__(self, exit_code: _Optional[int] = ..., signal: _Optional[str] = ..., pid: _Optional[int] = ..., detect_seconds: _Optional[float] = ..., last_step: _Optional[int] = ..., log_tail: _Optional[_Iterable[str]] = ..., restart_count: _Optional[int] = ..., cause: _Optional[str] = ...) -> None: ...
 
 class HangDetail(_message.Message):
     __slots__ = ("verdict", "culprit_rank", "reason", "how", "detect_seconds", "last_step", "ranks_answered", "ranks_total")

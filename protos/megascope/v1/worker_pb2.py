@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from megascope.protos.megascope.v1 import telemetry_pb2 as megascope_dot_v1_dot_telemetry__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19megascope/v1/worker.proto\x12\x0cmegascope.v1\x1a\x1cmegascope/v1/telemetry.proto\"\x9a\x01\n\nExitReport\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\nlocal_rank\x18\x02 \x01(\x05\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x11\n\texit_code\x18\x04 \x01(\x05\x12\x0e\n\x06signal\x18\x05 \x01(\t\x12\x11\n\twall_time\x18\x06 \x01(\x01\x12\x10\n\x08log_tail\x18\x07 \x03(\t\x12\x15\n\rrestart_count\x18\x08 \x01(\x05\"=\n\x11ReportExitRequest\x12(\n\x06report\x18\x01 \x01(\x0b\x32\x18.megascope.v1.ExitReport\"\x14\n\x12ReportExitResponse\"\xbb\x01\n\x05Hello\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\nlocal_rank\x18\x02 \x01(\x05\x12\x12\n\nworld_size\x18\x03 \x01(\x05\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12\x0c\n\x04node\x18\x05 \x01(\t\x12\x15\n\rrestart_count\x18\x06 \x01(\x05\x12\x0e\n\x06run_id\x18\x07 \x01(\t\x12\x12\n\nstack_file\x18\x08 \x01(\t\x12&\n\x04role\x18\t \x01(\x0e\x32\x18.megascope.v1.WorkerRole\"\xa3\x01\n\x0fProcessProgress\x12\x14\n\x0coutput_lines\x18\x01 \x01(\x03\x12\x13\n\x0b\x63pu_seconds\x18\x02 \x01(\x01\x12\x11\n\twall_time\x18\x03 \x01(\x01\x12\x15\n\rrestart_count\x18\x04 \x01(\x05\x12$\n\x05lines\x18\x05 \x03(\x0b\x32\x15.megascope.v1.LogLine\x12\x15\n\rlines_dropped\x18\x06 \x01(\x03\"\xbb\x03\n\rAttachRequest\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x13.megascope.v1.HelloH\x00\x12/\n\x0bstep_report\x18\x02 \x01(\x0b\x32\x18.megascope.v1.StepReportH\x00\x12,\n\theartbeat\x18\x03 \x01(\x0b\x32\x17.megascope.v1.HeartbeatH\x00\x12$\n\x05\x65vent\x18\x04 \x01(\x0b\x32\x13.megascope.v1.EventH\x00\x12.\n\x08\x66inished\x18\x05 \x01(\x0b\x32\x1a.megascope.v1.RankFinishedH\x00\x12+\n\x07\x66\x61ilure\x18\x06 \x01(\x0b\x32\x18.megascope.v1.ExitReportH\x00\x12\x33\n\nself_check\x18\x07 \x01(\x0b\x32\x1d.megascope.v1.SelfCheckResultH\x00\x12/\n\x0b\x63ommand_ack\x18\x08 \x01(\x0b\x32\x18.megascope.v1.CommandAckH\x00\x12\x31\n\x08progress\x18\t \x01(\x0b\x32\x1d.megascope.v1.ProcessProgressH\x00\x42\t\n\x07payload\"3\n\x0cRankFinished\x12\r\n\x05steps\x18\x01 \x01(\x03\x12\x14\n\x0cparam_digest\x18\x02 \x01(\t\"@\n\x0fSelfCheckResult\x12-\n\x06\x64\x65tail\x18\x01 \x01(\x0b\x32\x1d.megascope.v1.SelfCheckDetail\"=\n\nCommandAck\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x0f\n\x07message\x18\x03 \x01(\t\"]\n\x07\x43ommand\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.megascope.v1.CommandKind\x12\x0c\n\x04step\x18\x04 \x01(\x03J\x04\x08\x03\x10\x04R\targuments\"*\n\x03\x41\x63k\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\"g\n\x0e\x41ttachResponse\x12 \n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x11.megascope.v1.AckH\x00\x12(\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x15.megascope.v1.CommandH\x00\x42\t\n\x07payload*V\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x14\n\x10WORKER_ROLE_RANK\x10\x01\x12\x15\n\x11WORKER_ROLE_GUARD\x10\x02*\x7f\n\x0b\x43ommandKind\x12\x1c\n\x18\x43OMMAND_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43OMMAND_KIND_CHECKPOINT\x10\x02\x12\x15\n\x11\x43OMMAND_KIND_STOP\x10\x03\"\x04\x08\x01\x10\x01*\x18\x43OMMAND_KIND_DUMP_STACKS2\xa9\x01\n\rWorkerService\x12G\n\x06\x41ttach\x12\x1b.megascope.v1.AttachRequest\x1a\x1c.megascope.v1.AttachResponse(\x01\x30\x01\x12O\n\nReportExit\x12\x1f.megascope.v1.ReportExitRequest\x1a .megascope.v1.ReportExitResponseB\x84\x01\n\x10\x64\x65v.megascope.v1B\x0bWorkerProtoP\x01Z-megascope.dev/gen/go/megascope/v1;megascopev1\xa2\x02\x03MXX\xaa\x02\x0cMegascope.V1\xca\x02\x0cMegascope\\V1\xea\x02\rMegascope::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19megascope/v1/worker.proto\x12\x0cmegascope.v1\x1a\x1cmegascope/v1/telemetry.proto\"\xa9\x01\n\nExitReport\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\nlocal_rank\x18\x02 \x01(\x05\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x11\n\texit_code\x18\x04 \x01(\x05\x12\x0e\n\x06signal\x18\x05 \x01(\t\x12\x11\n\twall_time\x18\x06 \x01(\x01\x12\x10\n\x08log_tail\x18\x07 \x03(\t\x12\x15\n\rrestart_count\x18\x08 \x01(\x05\x12\r\n\x05\x63\x61use\x18\t \x01(\t\"=\n\x11ReportExitRequest\x12(\n\x06report\x18\x01 \x01(\x0b\x32\x18.megascope.v1.ExitReport\"\x14\n\x12ReportExitResponse\"\xbb\x01\n\x05Hello\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\nlocal_rank\x18\x02 \x01(\x05\x12\x12\n\nworld_size\x18\x03 \x01(\x05\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12\x0c\n\x04node\x18\x05 \x01(\t\x12\x15\n\rrestart_count\x18\x06 \x01(\x05\x12\x0e\n\x06run_id\x18\x07 \x01(\t\x12\x12\n\nstack_file\x18\x08 \x01(\t\x12&\n\x04role\x18\t \x01(\x0e\x32\x18.megascope.v1.WorkerRole\"\xa3\x01\n\x0fProcessProgress\x12\x14\n\x0coutput_lines\x18\x01 \x01(\x03\x12\x13\n\x0b\x63pu_seconds\x18\x02 \x01(\x01\x12\x11\n\twall_time\x18\x03 \x01(\x01\x12\x15\n\rrestart_count\x18\x04 \x01(\x05\x12$\n\x05lines\x18\x05 \x03(\x0b\x32\x15.megascope.v1.LogLine\x12\x15\n\rlines_dropped\x18\x06 \x01(\x03\"\xbb\x03\n\rAttachRequest\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x13.megascope.v1.HelloH\x00\x12/\n\x0bstep_report\x18\x02 \x01(\x0b\x32\x18.megascope.v1.StepReportH\x00\x12,\n\theartbeat\x18\x03 \x01(\x0b\x32\x17.megascope.v1.HeartbeatH\x00\x12$\n\x05\x65vent\x18\x04 \x01(\x0b\x32\x13.megascope.v1.EventH\x00\x12.\n\x08\x66inished\x18\x05 \x01(\x0b\x32\x1a.megascope.v1.RankFinishedH\x00\x12+\n\x07\x66\x61ilure\x18\x06 \x01(\x0b\x32\x18.megascope.v1.ExitReportH\x00\x12\x33\n\nself_check\x18\x07 \x01(\x0b\x32\x1d.megascope.v1.SelfCheckResultH\x00\x12/\n\x0b\x63ommand_ack\x18\x08 \x01(\x0b\x32\x18.megascope.v1.CommandAckH\x00\x12\x31\n\x08progress\x18\t \x01(\x0b\x32\x1d.megascope.v1.ProcessProgressH\x00\x42\t\n\x07payload\"3\n\x0cRankFinished\x12\r\n\x05steps\x18\x01 \x01(\x03\x12\x14\n\x0cparam_digest\x18\x02 \x01(\t\"@\n\x0fSelfCheckResult\x12-\n\x06\x64\x65tail\x18\x01 \x01(\x0b\x32\x1d.megascope.v1.SelfCheckDetail\"=\n\nCommandAck\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x0f\n\x07message\x18\x03 \x01(\t\"]\n\x07\x43ommand\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.megascope.v1.CommandKind\x12\x0c\n\x04step\x18\x04 \x01(\x03J\x04\x08\x03\x10\x04R\targuments\"*\n\x03\x41\x63k\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\"g\n\x0e\x41ttachResponse\x12 \n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x11.megascope.v1.AckH\x00\x12(\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x15.megascope.v1.CommandH\x00\x42\t\n\x07payload*V\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x14\n\x10WORKER_ROLE_RANK\x10\x01\x12\x15\n\x11WORKER_ROLE_GUARD\x10\x02*\x7f\n\x0b\x43ommandKind\x12\x1c\n\x18\x43OMMAND_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43OMMAND_KIND_CHECKPOINT\x10\x02\x12\x15\n\x11\x43OMMAND_KIND_STOP\x10\x03\"\x04\x08\x01\x10\x01*\x18\x43OMMAND_KIND_DUMP_STACKS2\xa9\x01\n\rWorkerService\x12G\n\x06\x41ttach\x12\x1b.megascope.v1.AttachRequest\x1a\x1c.megascope.v1.AttachResponse(\x01\x30\x01\x12O\n\nReportExit\x12\x1f.megascope.v1.ReportExitRequest\x1a .megascope.v1.ReportExitResponseB\x84\x01\n\x10\x64\x65v.megascope.v1B\x0bWorkerProtoP\x01Z-megascope.dev/gen/go/megascope/v1;megascopev1\xa2\x02\x03MXX\xaa\x02\x0cMegascope.V1\xca\x02\x0cMegascope\\V1\xea\x02\rMegascope::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,34 +33,34 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'megascope.protos.megascope.
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\020dev.megascope.v1B\013WorkerProtoP\001Z-megascope.dev/gen/go/megascope/v1;megascopev1\242\002\003MXX\252\002\014Megascope.V1\312\002\014Megascope\\V1\352\002\rMegascope::V1'
-  _globals['_WORKERROLE']._serialized_start=1543
-  _globals['_WORKERROLE']._serialized_end=1629
-  _globals['_COMMANDKIND']._serialized_start=1631
-  _globals['_COMMANDKIND']._serialized_end=1758
+  _globals['_WORKERROLE']._serialized_start=1558
+  _globals['_WORKERROLE']._serialized_end=1644
+  _globals['_COMMANDKIND']._serialized_start=1646
+  _globals['_COMMANDKIND']._serialized_end=1773
   _globals['_EXITREPORT']._serialized_start=74
-  _globals['_EXITREPORT']._serialized_end=228
-  _globals['_REPORTEXITREQUEST']._serialized_start=230
-  _globals['_REPORTEXITREQUEST']._serialized_end=291
-  _globals['_REPORTEXITRESPONSE']._serialized_start=293
-  _globals['_REPORTEXITRESPONSE']._serialized_end=313
-  _globals['_HELLO']._serialized_start=316
-  _globals['_HELLO']._serialized_end=503
-  _globals['_PROCESSPROGRESS']._serialized_start=506
-  _globals['_PROCESSPROGRESS']._serialized_end=669
-  _globals['_ATTACHREQUEST']._serialized_start=672
-  _globals['_ATTACHREQUEST']._serialized_end=1115
-  _globals['_RANKFINISHED']._serialized_start=1117
-  _globals['_RANKFINISHED']._serialized_end=1168
-  _globals['_SELFCHECKRESULT']._serialized_start=1170
-  _globals['_SELFCHECKRESULT']._serialized_end=1234
-  _globals['_COMMANDACK']._serialized_start=1236
-  _globals['_COMMANDACK']._serialized_end=1297
-  _globals['_COMMAND']._serialized_start=1299
-  _globals['_COMMAND']._serialized_end=1392
-  _globals['_ACK']._serialized_start=1394
-  _globals['_ACK']._serialized_end=1436
-  _globals['_ATTACHRESPONSE']._serialized_start=1438
-  _globals['_ATTACHRESPONSE']._serialized_end=1541
-  _globals['_WORKERSERVICE']._serialized_start=1761
-  _globals['_WORKERSERVICE']._serialized_end=1930
+  _globals['_EXITREPORT']._serialized_end=243
+  _globals['_REPORTEXITREQUEST']._serialized_start=245
+  _globals['_REPORTEXITREQUEST']._serialized_end=306
+  _globals['_REPORTEXITRESPONSE']._serialized_start=308
+  _globals['_REPORTEXITRESPONSE']._serialized_end=328
+  _globals['_HELLO']._serialized_start=331
+  _globals['_HELLO']._serialized_end=518
+  _globals['_PROCESSPROGRESS']._serialized_start=521
+  _globals['_PROCESSPROGRESS']._serialized_end=684
+  _globals['_ATTACHREQUEST']._serialized_start=687
+  _globals['_ATTACHREQUEST']._serialized_end=1130
+  _globals['_RANKFINISHED']._serialized_start=1132
+  _globals['_RANKFINISHED']._serialized_end=1183
+  _globals['_SELFCHECKRESULT']._serialized_start=1185
+  _globals['_SELFCHECKRESULT']._serialized_end=1249
+  _globals['_COMMANDACK']._serialized_start=1251
+  _globals['_COMMANDACK']._serialized_end=1312
+  _globals['_COMMAND']._serialized_start=1314
+  _globals['_COMMAND']._serialized_end=1407
+  _globals['_ACK']._serialized_start=1409
+  _globals['_ACK']._serialized_end=1451
+  _globals['_ATTACHRESPONSE']._serialized_start=1453
+  _globals['_ATTACHRESPONSE']._serialized_end=1556
+  _globals['_WORKERSERVICE']._serialized_start=1776
+  _globals['_WORKERSERVICE']._serialized_end=1945
 # @@protoc_insertion_point(module_scope)

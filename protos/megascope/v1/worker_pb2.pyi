@@ -27,7 +27,7 @@ COMMAND_KIND_CHECKPOINT: CommandKind
 COMMAND_KIND_STOP: CommandKind
 
 class ExitReport(_message.Message):
-    __slots__ = ("rank", "local_rank", "pid", "exit_code", "signal", "wall_time", "log_tail", "restart_count")
+    __slots__ = ("rank", "local_rank", "pid", "exit_code", "signal", "wall_time", "log_tail", "restart_count", "cause")
     RANK_FIELD_NUMBER: _ClassVar[int]
     LOCAL_RANK_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class ExitReport(_message.Message):
     WALL_TIME_FIELD_NUMBER: _ClassVar[int]
     LOG_TAIL_FIELD_NUMBER: _ClassVar[int]
     RESTART_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CAUSE_FIELD_NUMBER: _ClassVar[int]
     rank: int
     local_rank: int
     pid: int
@@ -44,7 +45,8 @@ class ExitReport(_message.Message):
     wall_time: float
     log_tail: _containers.RepeatedScalarFieldContainer[str]
     restart_count: int
-    def __init__(self, rank: _Optional[int] = ..., local_rank: _Optional[int] = ..., pid: _Optional[int] = ..., exit_code: _Optional[int] = ..., signal: _Optional[str] = ..., wall_time: _Optional[float] = ..., log_tail: _Optional[_Iterable[str]] = ..., restart_count: _Optional[int] = ...) -> None: ...
+    cause: str
+    def __init__(self, rank: _Optional[int] = ..., local_rank: _Optional[int] = ..., pid: _Optional[int] = ..., exit_code: _Optional[int] = ..., signal: _Optional[str] = ..., wall_time: _Optional[float] = ..., log_tail: _Optional[_Iterable[str]] = ..., restart_count: _Optional[int] = ..., cause: _Optional[str] = ...) -> None: ...
 
 class ReportExitRequest(_message.Message):
     __slots__ = ("report",)
