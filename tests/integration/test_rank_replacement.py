@@ -127,13 +127,18 @@ async def _until(condition: Any, what: str) -> None:
         await asyncio.sleep(0.05)
 
 
-async def test_the_agent_sees_the_replacement_attach_as_a_new_process_of_the_same_rank(
-    agent: AgentServer, tmp_path: Path
-) -> None:
+async def guard_under(agent: AgentServer, directory: Path, *args: str) -> tuple[_Seen, asyncio.subprocess.Process]:
+    """A guard of rank 3 (the module run with ``args``) under ``agent``, and what the agent is told of it."""
     seen = _Seen()
     agent.state.listener = seen  # type: ignore[assignment]
     env = guard_env(MEGASCOPE_AGENT_ADDRESS=agent.worker_address, MEGASCOPE_AGENT_SECRET=agent.worker_secret)
-    process = await run_guard(tmp_path, "wait", env=env)
+    return seen, await run_guard(directory, *args, env=env)
+
+
+async def test_the_agent_sees_the_replacement_attach_as_a_new_process_of_the_same_rank(
+    agent: AgentServer, tmp_path: Path
+) -> None:
+    seen, process = await guard_under(agent, tmp_path, "wait")
     await _until(lambda: seen.guards, "the guard attached")
     first = seen.guards[0].pid
     os.kill(first, signal.SIGKILL)
@@ -153,10 +158,7 @@ async def test_the_agent_sees_the_replacement_attach_as_a_new_process_of_the_sam
 async def test_a_rank_that_could_not_recover_is_reported_with_what_its_exit_code_means(
     agent: AgentServer, tmp_path: Path
 ) -> None:
-    seen = _Seen()
-    agent.state.listener = seen  # type: ignore[assignment]
-    env = guard_env(MEGASCOPE_AGENT_ADDRESS=agent.worker_address, MEGASCOPE_AGENT_SECRET=agent.worker_secret)
-    process = await run_guard(tmp_path, "exit", str(recovery_env.RECOVERY_FAILED_EXIT), env=env)
+    seen, process = await guard_under(agent, tmp_path, "exit", str(recovery_env.RECOVERY_FAILED_EXIT))
     await process.communicate()
     [report] = seen.exits
     assert report.exit_code == recovery_env.RECOVERY_FAILED_EXIT
