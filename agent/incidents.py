@@ -83,6 +83,17 @@ _PEER_FAILURE_MARKERS = (
     "Socket Timeout",
 )
 
+_TRACEBACK = "Traceback (most recent call last)"
+
+
+def _how_it_ended(tail: list[str]) -> list[str]:
+    """The lines of ``tail`` that tell how the process ended: from its last Python traceback on, when it has one.
+    Earlier lines are its past, not its death: a rank that lived through a peer's failure (recovered in place, it
+    logged "Connection closed by peer") and later fails on its own is a culprit, not collateral."""
+    starts = [index for index, line in enumerate(tail) if line.startswith(_TRACEBACK)]
+    return tail[starts[-1] :] if starts else tail
+
+
 _Hang = telemetry_pb2.HangDetail
 _Restart = telemetry_pb2.RestartDetail
 
@@ -150,8 +161,8 @@ class Failure:
             return False
         if self.report.signal in _COLLATERAL_SIGNALS:
             return True
-        tail = "\n".join(self.report.log_tail)
-        return any(marker in tail for marker in _PEER_FAILURE_MARKERS)
+        ending = "\n".join(_how_it_ended(list(self.report.log_tail)))
+        return any(marker in ending for marker in _PEER_FAILURE_MARKERS)
 
     def how(self) -> str:
         if self.report is None:

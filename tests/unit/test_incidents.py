@@ -168,6 +168,26 @@ def test_a_node_whose_ranks_only_died_of_collateral_causes_says_a_peer_failed() 
     assert list(event.job.ranks) == [2, 3] and not event.HasField("rank")
 
 
+def test_a_rank_that_lived_through_a_peers_failure_and_then_fails_on_its_own_is_the_culprit() -> None:
+    node = Node((0, 1))
+    node.steps(5)
+    survived = "megascope: rank 1: a collective failed at step 3 (Connection closed by peer); recovering in place"
+    traceback = 'Traceback (most recent call last):\n  File "train.py", line 9\nRuntimeError: out of memory'
+    node.dies(1, exit_code=1, tail=f"{survived}\n{traceback}")
+    event = only_event(node.tick(CRASH_REPORT_WAIT_SECONDS))
+    assert event.kind == "crash" and event.rank == 1
+
+
+def test_a_traceback_that_ends_with_a_peers_failure_is_collateral() -> None:
+    node = Node((0, 1))
+    node.steps(5)
+    broken = 'Traceback (most recent call last):\n  File "train.py", line 9\nRuntimeError: Connection closed by peer'
+    node.dies(1, exit_code=1, tail=f"step 5 done\n{broken}", ago=0.1)  # first to go, but because of rank 0
+    node.dies(0, signal="SIGKILL")
+    event = only_event(node.tick(CRASH_REPORT_WAIT_SECONDS))
+    assert event.kind == "crash" and event.rank == 0 and "then rank 1 exited with code 1" in event.text
+
+
 def test_ranks_the_agent_stopped_and_ranks_that_finished_are_no_crash() -> None:
     node = Node((0, 1))
     node.steps(3)
