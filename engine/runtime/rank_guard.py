@@ -330,11 +330,11 @@ def _tail(out: _Stream, err: _Stream) -> list[str]:
 
 
 def _bound_the_ending() -> None:
-    """The rank has ended for good: from now on the guard only tells the agent (bounded waits, a few seconds) and
-    exits. Should gRPC still block it (closing a channel can deadlock against the GIL: grpc#42247, grpc#43421), a
-    guard that never exits would hide its rank's end from torch elastic forever, and the job would hang. So a watchdog
-    in C (faulthandler's, which needs no GIL) writes every thread's stack to stderr after :data:`ENDING_SECONDS` and
-    ends the process with exit code 1."""
+    """The rank has ended (for good, or until the caller cancels this to replace it): from now on the guard only
+    tells the agent (bounded waits, a few seconds) and exits. Should gRPC still block it (closing a channel can
+    deadlock against the GIL: grpc#42247, grpc#43421), a guard that never exits would hide its rank's end from torch
+    elastic forever, and the job would hang. So a watchdog in C (faulthandler's, which needs no GIL) writes every
+    thread's stack to stderr after :data:`ENDING_SECONDS` and ends the process with exit code 1."""
     faulthandler.dump_traceback_later(ENDING_SECONDS, exit=True, file=sys.stderr)
 
 
@@ -485,13 +485,14 @@ def run_warm(argv: Sequence[str]) -> int:
             code = message[2]
             for stream in (out, err):
                 stream.marks.acquire(timeout=1.0)  # until the rank's last lines are copied (its traceback)
+        _bound_the_ending()  # the report below may be the guard's last act, and must not hang it
         if code != 0:
             # Here (our trainer, recovering in place) exit codes 75 and 76 are ours, and say why the rank left.
             _report(code, pid, died, _tail(out, err), recovery_env.exit_cause(code))
         if message is None or not should_replace(code, replacements, time.monotonic() - started, bool(stopping)):
-            _bound_the_ending()
             watch.finish(code)
             break
+        faulthandler.cancel_dump_traceback_later()  # not the end: a replacement follows
         replacements += 1
         print(
             f"megascope rank guard: rank {rank} (pid {pid}) ended ({_describe(code)}): replacing it in place "
