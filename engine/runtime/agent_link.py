@@ -70,7 +70,8 @@ class AgentSink:
         self._capacity = capacity
         # One queue per connection attempt: a request generator of a dead stream may linger on gRPC's
         # thread, and must not take messages meant for the live one.
-        self._outbox: queue.Queue[worker_pb2.AttachRequest] = queue.Queue(maxsize=capacity)
+        self._outbox: queue.Queue[worker_pb2.AttachRequest | None] = queue.Queue(maxsize=capacity)
+        """What waits to be sent; a None is :meth:`close` waking the stream's generator to end it at once."""
         self._connected = threading.Event()
         self._closing = threading.Event()
         self._last_step = 0
@@ -121,12 +122,12 @@ class AgentSink:
         except queue.Full:
             self.dropped += 1
 
-    def _requests(self, outbox: queue.Queue[worker_pb2.AttachRequest]) -> Iterator[worker_pb2.AttachRequest]:
+    def _requests(self, outbox: queue.Queue[worker_pb2.AttachRequest | None]) -> Iterator[worker_pb2.AttachRequest]:
         # Runs on gRPC's thread: Hello first, then queued messages, a heartbeat whenever idle for a second.
         yield worker_pb2.AttachRequest(hello=self._hello)
         while outbox is self._outbox and (not self._closing.is_set() or not outbox.empty()):
             try:
-                yield outbox.get(timeout=_HEARTBEAT_SECONDS)
+                message = outbox.get(timeout=_HEARTBEAT_SECONDS)
             except queue.Empty:
                 if self._closing.is_set() or outbox is not self._outbox:
                     return
@@ -142,6 +143,9 @@ class AgentSink:
                         collectives_issued=self._collectives_issued() if self._collectives_issued else 0,
                     )
                 )
+                continue
+            if message is not None:
+                yield message
 
     def _run(self) -> None:
         backoff = _BACKOFF_START_SECONDS
@@ -174,10 +178,10 @@ class AgentSink:
     def _drain_outbox(self) -> None:
         while True:
             try:
-                self._outbox.get_nowait()
+                message = self._outbox.get_nowait()
             except queue.Empty:
                 return
-            self.dropped += 1
+            self.dropped += message is not None
 
     def close(self, timeout: float = 3.0) -> None:
         """Send what is queued (up to ``timeout``), end the stream and stop reconnecting."""
@@ -185,6 +189,10 @@ class AgentSink:
         while self._connected.is_set() and not self._outbox.empty() and time.monotonic() < deadline:
             time.sleep(0.02)
         self._closing.set()
+        # The stream's generator may be waiting up to a heartbeat (a second) for a message: wake it, so the stream
+        # ends now (a failing rank's exit, and with it its replacement, waits on this). A full outbox needs no wake.
+        with contextlib.suppress(queue.Full):
+            self._outbox.put_nowait(None)
         self._thread.join(timeout=max(0.1, deadline - time.monotonic()))
         call = self._call
         if call is not None:

@@ -8,13 +8,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
 from support import read_telemetry, run_megascope
-from support.agents import STAND_IN_RANKS, wait_until
+from support.agents import STAND_IN_RANKS, serving_agent, wait_until
 from support.wire import step_report
 
 from megascope.agent.server import AgentServer
 from megascope.agent.state import NodeState
 from megascope.dashboard.local_cluster import free_port
+from megascope.engine.runtime import agent_link
 from megascope.engine.runtime.agent_link import AGENT_ADDRESS_ENV, AgentSink
 from megascope.protos.megascope.v1 import telemetry_pb2, worker_pb2
 
@@ -50,6 +52,22 @@ async def test_sink_reconnects_when_the_agent_comes_back_on_its_port() -> None:
         await wait_until(lambda: not sink.connected)
     assert sink.connects == 2
     await asyncio.to_thread(sink.close, 0.5)
+
+
+async def test_close_sends_what_is_queued_and_ends_the_stream_without_waiting_for_a_heartbeat(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A failing rank exits (and its replacement starts) only once its sink is closed: the stream must end now, not
+    # when the idle stream's next heartbeat is due (an hour here; a second in real life).
+    monkeypatch.setattr(agent_link, "_HEARTBEAT_SECONDS", 3600.0)
+    async with serving_agent(launched=STAND_IN_RANKS) as server:
+        sink = AgentSink(server.worker_address, HELLO, secret=server.worker_secret)
+        await wait_until(lambda: sink.connected, timeout=30)
+        sink.write_step(step_report(0, 1, world_size=1))
+        started = time.monotonic()
+        await asyncio.to_thread(sink.close, 60.0)
+        assert time.monotonic() - started < 30.0  # waiting for the heartbeat would take the whole 60 s, then cancel
+        assert [r.step for r in server.state.step_reports] == [1]
 
 
 def test_training_finishes_when_the_agent_address_points_nowhere(tmp_path: Path) -> None:
