@@ -90,8 +90,12 @@ def _how_it_ended(tail: list[str]) -> list[str]:
     """The lines of ``tail`` that tell how the process ended: from its last Python traceback on, when it has one.
     Earlier lines are its past, not its death: a rank that lived through a peer's failure (recovered in place, it
     logged "Connection closed by peer") and later fails on its own is a culprit, not collateral."""
-    starts = [index for index, line in enumerate(tail) if line.startswith(_TRACEBACK)]
+    starts = [index for index, line in enumerate(tail) if _TRACEBACK in line]  # torchrun prefixes "[rank0]: "
     return tail[starts[-1] :] if starts else tail
+
+
+def _has_traceback(lines: list[str]) -> bool:
+    return any(_TRACEBACK in line for line in lines)
 
 
 _Hang = telemetry_pb2.HangDetail
@@ -156,13 +160,14 @@ class Failure:
 
     @property
     def collateral(self) -> bool:
-        """Died because the job was going down anyway: stopped by torch elastic, or a peer vanished."""
+        """Died because the job was going down anyway: a peer vanished, or torch elastic stopped it (unless it was
+        already dying of its own uncaught exception: a slow exit overtaken by the stop)."""
         if self.report is None:
             return False
-        if self.report.signal in _COLLATERAL_SIGNALS:
+        ending = _how_it_ended(list(self.report.log_tail))
+        if any(marker in line for line in ending for marker in _PEER_FAILURE_MARKERS):
             return True
-        ending = "\n".join(_how_it_ended(list(self.report.log_tail)))
-        return any(marker in ending for marker in _PEER_FAILURE_MARKERS)
+        return self.report.signal in _COLLATERAL_SIGNALS and not _has_traceback(ending)
 
     def how(self) -> str:
         if self.report is None:

@@ -118,7 +118,9 @@ def test_a_crash_is_named_with_its_rank_and_each_restart_is_counted_and_closes_i
         crashes = of_kind(found, "crash")
         assert [c.rank for c in crashes] == [1, 1], [e.text for e in found]
         for crash in crashes:
-            assert "exited with code 1" in crash.text and "step unknown" in crash.text, crash.text
+            # Its exception ends it; under load torch elastic's SIGTERM (the peer aborted first) may overtake its exit.
+            assert "exited with code 1" in crash.text or "killed by SIGTERM" in crash.text, crash.text
+            assert "step unknown" in crash.text, crash.text
             assert not crash.HasField("step") and not crash.crash.HasField("last_step")  # never a made-up step 0
             assert any("failed at step 5" in line for line in crash.crash.log_tail)
         assert [c.crash.restart_count for c in crashes] == [0, 1]

@@ -172,10 +172,22 @@ def test_a_rank_that_lived_through_a_peers_failure_and_then_fails_on_its_own_is_
     node = Node((0, 1))
     node.steps(5)
     survived = "megascope: rank 1: a collective failed at step 3 (Connection closed by peer); recovering in place"
-    traceback = 'Traceback (most recent call last):\n  File "train.py", line 9\nRuntimeError: out of memory'
+    traceback = '[rank1]: Traceback (most recent call last):\n[rank1]:   File "train.py"\n[rank1]: RuntimeError: OOM'
     node.dies(1, exit_code=1, tail=f"{survived}\n{traceback}")
     event = only_event(node.tick(CRASH_REPORT_WAIT_SECONDS))
     assert event.kind == "crash" and event.rank == 1
+
+
+def test_a_rank_stopped_by_torch_elastic_while_dying_of_its_own_exception_is_still_the_culprit() -> None:
+    # Rank 1 raised, and while its interpreter shut down (slowly), rank 0 aborted on the broken connection and torch
+    # elastic sent rank 1 SIGTERM: the signal ended it, its own error killed it.
+    node = Node((0, 1))
+    node.steps(5)
+    own = '[rank1]: Traceback (most recent call last):\n[rank1]:   File "train.py"\n[rank1]: RuntimeError: bad batch'
+    node.dies(0, signal="SIGABRT", tail="RuntimeError: [pair.cc:553] Connection closed by peer")
+    node.dies(1, signal="SIGTERM", tail=own)
+    event = only_event(node.tick(CRASH_REPORT_WAIT_SECONDS))
+    assert event.kind == "crash" and event.rank == 1 and "killed by SIGTERM" in event.text
 
 
 def test_a_traceback_that_ends_with_a_peers_failure_is_collateral() -> None:
