@@ -28,7 +28,7 @@ FLAGGED_BY_STEP = 30
 swings by about 25% (sigma), and the injected 1.3x rank's busy ratio drifts between 1.0 and 1.5 for stretches
 of several steps. The detector then needs more steps than on a quiet cluster before its noise-adapted bar is
 crossed: measured flag steps 10, 11, 12, 14, 17, 21, 25 at this batch size (12 to 30 at the default) for a 1.3x
-rank, and once, under the whole suite's load, no flag in 60 steps. So the test injects 1.5x: a straggler that is
+rank, and once, under the whole suite's load, only at step 38. So the test injects 1.5x: a straggler that is
 still realistic, and whose flag does not hang on the scheduler's luck."""
 
 
