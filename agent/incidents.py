@@ -86,16 +86,13 @@ _PEER_FAILURE_MARKERS = (
 _TRACEBACK = "Traceback (most recent call last)"
 
 
-def _how_it_ended(tail: list[str]) -> list[str]:
-    """The lines of ``tail`` that tell how the process ended: from its last Python traceback on, when it has one.
-    Earlier lines are its past, not its death: a rank that lived through a peer's failure (recovered in place, it
-    logged "Connection closed by peer") and later fails on its own is a culprit, not collateral."""
-    starts = [index for index, line in enumerate(tail) if _TRACEBACK in line]  # torchrun prefixes "[rank0]: "
-    return tail[starts[-1] :] if starts else tail
-
-
-def _has_traceback(lines: list[str]) -> bool:
-    return any(_TRACEBACK in line for line in lines)
+def _last_traceback(tail: list[str]) -> int | None:
+    """Where ``tail``'s last Python traceback starts (torchrun prefixes its lines "[rank0]: "); None without one.
+    The lines from there on tell how the process ended; earlier ones are its past: a rank that lived through a
+    peer's failure (recovered in place, it logged "Connection closed by peer") and later fails on its own is a
+    culprit, not collateral."""
+    starts = [index for index, line in enumerate(tail) if _TRACEBACK in line]
+    return starts[-1] if starts else None
 
 
 _Hang = telemetry_pb2.HangDetail
@@ -164,10 +161,12 @@ class Failure:
         already dying of its own uncaught exception: a slow exit overtaken by the stop)."""
         if self.report is None:
             return False
-        ending = _how_it_ended(list(self.report.log_tail))
+        tail = list(self.report.log_tail)
+        start = _last_traceback(tail)
+        ending = tail if start is None else tail[start:]
         if any(marker in line for line in ending for marker in _PEER_FAILURE_MARKERS):
             return True
-        return self.report.signal in _COLLATERAL_SIGNALS and not _has_traceback(ending)
+        return self.report.signal in _COLLATERAL_SIGNALS and start is None
 
     def how(self) -> str:
         if self.report is None:
